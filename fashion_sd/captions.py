@@ -1,0 +1,459 @@
+"""Kaggle ``styles.csv`` -> one caption per image, with a seeded, stratified train/val/test split.
+
+Pure pandas and Pillow: no TensorFlow import (only captions over CLIP's 77 tokens by a cheap bound
+load the real tokenizer). The real file's quirks are handled as ``docs/dataset.md`` describes them:
+unquoted commas in ``productDisplayName`` (22 lines), float years, the literal ``NA``, missing
+fields, ids without an image. Nothing is dropped silently: every row that does not reach the output
+is in :attr:`CaptionResult.dropped` with its line, stage and reason.
+
+Example:
+    >>> from fashion_sd.config import load_config
+    >>> cfg = load_config("configs/demo.yaml")
+    >>> result = build_captions("data/demo/styles.csv", cfg.captions, seed=cfg.seed)
+    >>> result.table.caption.iloc[0]
+    "an image of a 2011 Sports Summer Blue Men's T-Shirt"
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from fashion_sd import article_types, images, tokenizer
+from fashion_sd.files import atomic_path
+
+if TYPE_CHECKING:
+    from fashion_sd.config import CaptionsConfig
+
+STYLE_COLUMNS = ("id", "gender", "masterCategory", "subCategory", "articleType", "baseColour",
+                 "season", "year", "usage", "productDisplayName")
+# productDisplayName is free text the captions never use; every other column is needed.
+REQUIRED_COLUMNS = STYLE_COLUMNS[:-1]
+# Values that mean "unknown" in the wild; `NA` is how the catalogue writes a missing usage.
+MISSING_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "None", "none", "null", "NULL"})
+SPLITS = ("train", "val", "test")
+# Template fields derived from the source columns; source columns may be named directly as well.
+DERIVED_FIELDS = {"year": "year", "usage": "usage", "season": "season", "colour": "baseColour",
+                  "gender": "gender", "article": "articleType"}
+OUTPUT_COLUMNS = ("id", "image_path", "caption", "split")
+CATEGORY_COLUMNS = ("masterCategory", "subCategory", "articleType")
+PAPER_TEMPLATE = "an image of a {year} {usage} {season} {colour} {gender} {article}"
+
+
+class CaptionError(ValueError):
+    """Input the caption builder cannot use; the message names the file and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the real file
+
+
+def read_styles(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[int]]:
+    """Read ``styles.csv`` as it is: returns (rows, malformed rows, recovered line numbers).
+
+    Lines with more fields than the header are recovered by joining the extras back into the
+    last column (``productDisplayName`` is unquoted free text with commas in 22 real lines).
+    Lines with fewer fields cannot be placed and are returned as malformed, never shifted.
+    All values are strings with surrounding spaces removed; missing values are None.
+    The ``line`` column holds each row's line number in the file (the header is line 1).
+
+    Hand-written over the csv module rather than ``pandas.read_csv(on_bad_lines=callable)``,
+    because pandas passes the callable no line number and silently pads short lines.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionError(f"{path}: styles file not found (pass --styles PATH/styles.csv)")
+    rows, bad, recovered = [], [], []
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip() for h in next(reader, [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise CaptionError(
+                    f"{path}: missing required column(s) {', '.join(missing)}; found "
+                    f"{', '.join(header) or 'no header'}. Expected the Kaggle styles.csv header: "
+                    f"{','.join(STYLE_COLUMNS)}")
+            n = len(header)
+            for fields in reader:
+                line = reader.line_num
+                if not fields:
+                    continue  # blank line
+                if len(fields) > n:
+                    fields = fields[: n - 1] + [",".join(fields[n - 1:])]
+                    recovered.append(line)
+                elif len(fields) < n:
+                    bad.append({"line": line, "id": fields[0].strip(),
+                                "reason": f"malformed: {len(fields)} fields, expected {n}"})
+                    continue
+                rows.append([line, *fields])
+    except UnicodeDecodeError as exc:
+        raise CaptionError(f"{path}: not UTF-8 text ({exc}); re-save it as UTF-8") from None
+    df = pd.DataFrame(rows, columns=["line", *header], dtype=object)
+    for col in header:
+        values = df[col].str.strip()
+        df[col] = values.where(~values.isin(MISSING_TOKENS), None)
+    df["year"] = df["year"].map(_normalise_year)
+    return df, pd.DataFrame(bad, columns=["line", "id", "reason"]), recovered
+
+
+def _normalise_year(value: str | None) -> str | None:
+    """``'2011.0'`` -> ``'2011'`` (pandas wrote floats); anything not a whole number is missing."""
+    if value is None:
+        return None
+    try:
+        year = float(value)
+    except ValueError:
+        return None
+    return str(int(year)) if year.is_integer() else None
+
+
+# --------------------------------------------------------------------------------------------
+# Captions
+
+
+def possessive(gender: str) -> str:
+    """Men -> Men's, Women -> Women's, Boys -> Boys', Girls -> Girls'; Unisex stays Unisex."""
+    if gender == "Unisex":
+        return gender
+    return f"{gender}'" if gender.endswith("s") else f"{gender}'s"
+
+
+def template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+def template_errors(template: str) -> list[str]:
+    """Problems with a caption template, for config validation."""
+    try:
+        names = template_fields(template)
+    except ValueError as exc:
+        return [f"'captions.template' is not a valid template ({exc}); use {{field}} placeholders"]
+    known = set(DERIVED_FIELDS) | set(STYLE_COLUMNS)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        return [f"'captions.template' has unknown field(s) {', '.join('{%s}' % n for n in unknown)}"
+                f"; use {', '.join('{%s}' % n for n in dict.fromkeys([*DERIVED_FIELDS, *STYLE_COLUMNS[1:]]))}"]
+    if not names:
+        return ["'captions.template' has no {field}: every image would get the same caption"]
+    return []
+
+
+_ARTICLE = re.compile(r"\b(a|an|A|An)(\s+)([\w'-]+)")
+# Words that start with a vowel letter but a consonant sound, and the reverse.
+_CONSONANT_SOUND = ("uni", "use", "usu", "uti", "eu", "one", "once", "ufo")
+_VOWEL_SOUND = ("hour", "honest", "honour", "heir")
+
+
+def _an(word: str) -> bool:
+    w = word.lower()
+    if w[0].isdigit():
+        return w.startswith(("8", "11", "18"))  # an 8, an 11, an 18; a 2011
+    if w.startswith(_VOWEL_SOUND):
+        return True
+    return w[0] in "aeiou" and not w.startswith(_CONSONANT_SOUND)
+
+
+def fix_articles(text: str) -> str:
+    """Choose "a" or "an" by the next word, so "a Ethnic" (year missing) becomes "an Ethnic"."""
+    def repl(m: re.Match) -> str:
+        art = "an" if _an(m.group(3)) else "a"
+        return (art.capitalize() if m.group(1)[0] == "A" else art) + m.group(2) + m.group(3)
+
+    return _ARTICLE.sub(repl, text)
+
+
+def tidy(text: str) -> str:
+    """Collapse the gaps a missing field leaves, and spaces or commas it strands."""
+    text = " ".join(text.split())
+    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
+    text = re.sub(r"([,;:])(?=[,;:.!?]|$)", "", text)
+    return text.strip(" ,;:")
+
+
+def render_captions(df: pd.DataFrame, template: str) -> pd.Series:
+    """One caption per row of ``df`` (source columns) through ``template``; missing parts left out."""
+    names = template_fields(template)
+    values: dict[str, Any] = {}
+    for name in set(names):
+        col = DERIVED_FIELDS.get(name, name)
+        series = df[col]
+        if name == "gender":
+            series = series.map(possessive, na_action="ignore")
+        elif name == "article":
+            # One lookup per distinct type, so an unknown type warns once, not once per row.
+            table = {t: article_types.singular(t) for t in series.dropna().unique()}
+            series = series.map(table)
+        values[name] = series.where(series.notna(), "").tolist()
+    rows = [dict(zip(values, vals)) for vals in zip(*values.values())] if values else [{}] * len(df)
+    return pd.Series([fix_articles(tidy(template.format(**r))) for r in rows], index=df.index,
+                     dtype=object)
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting
+
+
+def allocate(n: int, fractions: tuple[float, ...]) -> list[int]:
+    """Split ``n`` items by ``fractions``: floors, then the leftovers by largest remainder.
+
+    Ties go to the earlier split, so train is served first. Sums to ``n`` exactly.
+    """
+    exact = [n * f for f in fractions]
+    counts = [int(np.floor(x)) for x in exact]
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def assign_splits(labels: pd.Series, fractions: tuple[float, float, float], min_count: int,
+                  rng: np.random.Generator) -> pd.Series:
+    """Seeded train/val/test for each row, stratified by ``labels`` where a class is large enough.
+
+    Classes with at least ``min_count`` rows are split on their own; the rare ones are pooled and
+    split together, so a class of 3 is not forced into 3 splits of 1.
+    """
+    out = pd.Series("", index=labels.index, dtype=object)
+    counts = labels.value_counts()
+    large = sorted(counts.index[counts >= min_count])
+    groups = [labels.index[labels == c] for c in large]
+    rare = labels.index[~labels.isin(large)]
+    if len(rare):
+        groups.append(rare)
+    for idx in groups:
+        idx = rng.permutation(np.asarray(idx))
+        start = 0
+        for name, k in zip(SPLITS, allocate(len(idx), fractions)):
+            out.loc[idx[start:start + k]] = name
+            start += k
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The whole build
+
+
+@dataclass
+class CaptionResult:
+    table: pd.DataFrame  # kept rows: id, image_path (absolute or None), caption, split, sources
+    dropped: pd.DataFrame  # line, id, stage, reason
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def sample_captions(self, k: int = 10, seed: int = 0) -> list[str]:
+        distinct = self.table.caption.drop_duplicates()
+        return distinct.sample(min(k, len(distinct)), random_state=seed).tolist()
+
+
+def _category_reason(row_values: dict[str, str | None], cfg: CaptionsConfig) -> str | None:
+    for col, allowed in cfg.include.items():
+        if allowed and row_values[col] not in allowed:
+            return f"{col} {row_values[col]!r} not in include list"
+    for col, banned in cfg.exclude.items():
+        if row_values[col] in banned:
+            return f"excluded {col} {row_values[col]}"
+    return None
+
+
+def build_captions(
+    styles: str | Path,
+    cfg: CaptionsConfig,
+    seed: int,
+    images_dir: str | Path | None = None,
+    progress=None,
+) -> CaptionResult:
+    """Read, filter, caption, check images (if ``images_dir``), sample and split.
+
+    ``progress`` wraps the image-check iterator (e.g. ``functools.partial(tqdm, total=n)``).
+    The same inputs and seed give the same result, row for row.
+    """
+    if errs := template_errors(cfg.template):
+        raise CaptionError("; ".join(errs))
+    df, malformed, recovered = read_styles(styles)
+    rows_read = len(df) + len(malformed)
+    dropped = [malformed.assign(stage="parse")]
+
+    def drop(mask: pd.Series, stage: str, reasons) -> None:
+        nonlocal df
+        gone = df.loc[mask, ["line", "id"]].assign(stage=stage, reason=reasons)
+        dropped.append(gone)
+        df = df.loc[~mask]
+
+    # ids: whole numbers, each once (the first occurrence wins).
+    ids = pd.to_numeric(df["id"], errors="coerce")
+    bad_id = ids.isna() | (ids % 1 != 0)
+    drop(bad_id, "parse", "invalid id")
+    df = df.assign(id=pd.to_numeric(df["id"]).astype("int64"))
+    dup = df["id"].duplicated()
+    drop(dup, "parse", "duplicate id")
+
+    # Filters: a caption needs a garment noun, and the configured categories.
+    drop(df["articleType"].isna(), "filter", "missing articleType")
+    reasons = pd.Series([_category_reason(r, cfg) for r in
+                         df[list(cfg.include) + list(cfg.exclude)].to_dict("records")],
+                        index=df.index, dtype=object) if (cfg.include or cfg.exclude) else None
+    if reasons is not None:
+        mask = reasons.notna()
+        drop(mask, "filter", reasons[mask])
+
+    df = df.assign(caption=render_captions(df, cfg.template))
+
+    # Sampling and image checks: walk a seeded permutation and keep the first `max_images` rows
+    # whose image is usable, so a sample of 850 never opens all 44k images.
+    sample_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    order = sample_rng.permutation(len(df)) if cfg.max_images else np.arange(len(df))
+    target = min(cfg.max_images or len(df), len(df))
+    paths: list[Path | None] = [None] * len(df)
+    if images_dir is not None:
+        index = images.index_folder(images_dir)
+        paths = [index.get(str(i)) for i in df["id"]]
+        paths = [p.resolve() if p is not None else None for p in paths]
+    keep: list[int] = []
+    rejected: dict[int, str] = {}
+    pos = 0
+    while len(keep) < target and pos < len(order):
+        chunk = order[pos: pos + (target - len(keep))]
+        pos += len(chunk)
+        if images_dir is None:
+            keep.extend(chunk.tolist())
+            continue
+        wrapped = None
+        if progress is not None:
+            wrapped = lambda it, n=len(chunk): progress(it, total=n)  # noqa: E731
+        results = images.check_images([paths[i] for i in chunk], cfg.image_workers, wrapped)
+        for i, reason in zip(chunk.tolist(), results):
+            (keep.append(i) if reason is None else rejected.__setitem__(i, reason))
+    positions = np.arange(len(df))
+    rej_mask = np.isin(positions, list(rejected))
+    dropped.append(df.iloc[rej_mask][["line", "id"]].assign(
+        stage="image", reason=[rejected[i] for i in positions[rej_mask]]))
+    sampled_out = len(df) - len(keep) - len(rejected)
+    kept = df.iloc[sorted(keep)].copy()
+    kept["image_path"] = [paths[i] for i in sorted(keep)]
+
+    s = cfg.split
+    kept["split"] = assign_splits(kept["articleType"], (s.train, s.val, s.test),
+                                  cfg.stratify_min_count, split_rng)
+    sources = [c for c in df.columns if c not in ("line", "id", "caption")]
+    table = kept[[*OUTPUT_COLUMNS, *sources]].reset_index(drop=True)
+    dropped_df = pd.concat(dropped, ignore_index=True)[["line", "id", "stage", "reason"]]
+    dropped_df = dropped_df.sort_values("line", kind="stable").reset_index(drop=True)
+
+    if table.empty:
+        raise CaptionError(
+            f"{styles}: no rows left after filtering ({_reason_text(dropped_df)}); "
+            "check captions.include / captions.exclude and the image folder")
+
+    long = tokenizer.over_limit(table.caption, cfg.max_tokens)
+    missing = {col: int(kept[col].isna().sum()) for col in DERIVED_FIELDS.values()}
+    summary = {
+        "rows_read": rows_read,
+        "recovered_lines": recovered,
+        "dropped_by_stage_reason": _counts(dropped_df),
+        "sampled_out": sampled_out,
+        "kept": len(table),
+        "per_split": {name: int((table.split == name).sum()) for name in SPLITS},
+        "distinct_captions": int(table.caption.nunique()),
+        "missing_fields_in_kept": {k: v for k, v in missing.items() if v},
+        "over_token_limit": long,
+    }
+    return CaptionResult(table, dropped_df, summary)
+
+
+def _counts(dropped: pd.DataFrame) -> dict[str, dict[str, int]]:
+    out: dict[str, Counter] = {}
+    for stage, reason in zip(dropped.stage, dropped.reason):
+        out.setdefault(stage, Counter())[_reason_key(reason)] += 1
+    return {stage: dict(c) for stage, c in out.items()}
+
+
+def _reason_key(reason: str) -> str:
+    # "truncated: image file is truncated (62 bytes not processed)" -> counted as "truncated"
+    head = reason.split(":", 1)[0]
+    return head if head in ("truncated", "unreadable") else reason
+
+
+def _reason_text(dropped: pd.DataFrame) -> str:
+    counts = _counts(dropped)
+    return "; ".join(f"{stage}: " + ", ".join(f"{r} {n}" for r, n in reasons.items())
+                     for stage, reasons in counts.items()) or "no rows in the file"
+
+
+def format_summary(summary: dict[str, Any], max_tokens: int = tokenizer.MAX_LENGTH) -> str:
+    """The summary as the lines a person reads on stdout."""
+    lines = [f"rows read: {summary['rows_read']}"]
+    rec = summary["recovered_lines"]
+    shown = ", ".join(map(str, rec[:10])) + (" ..." if len(rec) > 10 else "")
+    lines.append(f"recovered (commas in productDisplayName): {len(rec)}"
+                 + (f" (lines {shown})" if rec else ""))
+    titles = {"parse": "dropped while parsing", "filter": "filtered", "image": "rejected (images)"}
+    for stage in ("parse", "filter", "image"):
+        reasons = summary["dropped_by_stage_reason"].get(stage, {})
+        lines.append(f"{titles[stage]}: {sum(reasons.values())}")
+        lines.extend(f"  {reason}: {n}" for reason, n in sorted(reasons.items(), key=lambda x: -x[1]))
+    if summary["sampled_out"]:
+        lines.append(f"not sampled (captions.max_images): {summary['sampled_out']}")
+    split = summary["per_split"]
+    lines.append(f"kept: {summary['kept']} (train {split['train']}, val {split['val']}, "
+                 f"test {split['test']})")
+    lines.append(f"distinct captions: {summary['distinct_captions']}")
+    if summary["missing_fields_in_kept"]:
+        parts = ", ".join(f"{k} {v}" for k, v in summary["missing_fields_in_kept"].items())
+        lines.append(f"kept rows with a field left out of the caption: {parts}")
+    long = summary["over_token_limit"]
+    lines.append(f"captions over CLIP's {max_tokens} tokens (would be truncated): {len(long)}")
+    lines.extend(f"  {n} tokens: {text}" for text, n in list(long.items())[:5])
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def write_outputs(result: CaptionResult, out: str | Path) -> tuple[Path, Path]:
+    """Write ``out`` (captions) and ``rejected.csv`` beside it, each atomically.
+
+    ``image_path`` is written relative to the CSV's folder, so the folder can move with its
+    images; :func:`read_captions` resolves it back.
+    """
+    out = Path(out)
+    table = result.table.copy()
+    base = out.resolve().parent
+    table["image_path"] = [
+        "" if p is None else Path(_relpath(p, base)).as_posix() for p in table.image_path]
+    rejected = out.parent / "rejected.csv"
+    for frame, path in ((table, out), (result.dropped, rejected)):
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False, lineterminator="\n")
+    return out, rejected
+
+
+def _relpath(path: Path, base: Path) -> str:
+    try:
+        return os.path.relpath(path, base)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def read_captions(path: str | Path) -> pd.DataFrame:
+    """A ``captions.csv`` with ``image_path`` resolved against the CSV's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionError(f"{path}: captions file not found; build it with scripts/build_captions.py")
+    df = pd.read_csv(path, dtype={"caption": str, "image_path": str, "split": str},
+                     keep_default_na=False)
+    missing = [c for c in OUTPUT_COLUMNS if c not in df.columns]
+    if missing:
+        raise CaptionError(f"{path}: missing column(s) {', '.join(missing)}; rebuild it with "
+                           "scripts/build_captions.py")
+    df["image_path"] = [str((path.parent / p).resolve()) if p else "" for p in df.image_path]
+    return df

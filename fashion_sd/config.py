@@ -1,0 +1,391 @@
+"""One typed configuration for every part of fashion-sd.
+
+A run is described by a YAML file over the defaults below, plus ``--set section.key=value``
+overrides from the command line. :func:`load_config` validates everything once, before any heavy
+work, and raises one :class:`ConfigError` that lists every problem with its key and its file.
+The resolved config is saved beside every output (:meth:`Config.save`).
+
+Example:
+    >>> cfg = load_config("configs/demo.yaml", ["lora.rank=8"])
+    >>> cfg.lora.rank
+    8
+
+Relative paths in a config are relative to the working directory (the repository root for the
+shipped configs), as with any command-line tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from fashion_sd.captions import CATEGORY_COLUMNS, PAPER_TEMPLATE, template_errors
+from fashion_sd.files import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: every line names the key and where its value came from."""
+
+
+@dataclass
+class DataConfig:
+    styles: str = "data/demo/styles.csv"  # Kaggle styles.csv (10 columns)
+    images: str | None = "data/demo/images"  # folder of {id}.jpg; null: no image is opened
+    captions: str = "runs/demo/captions.csv"  # written by build_captions.py, read by training
+    resolution: int = 256  # training and sampling size in pixels, a multiple of 64
+    flip: bool = True  # random horizontal flip in training
+
+
+@dataclass
+class SplitConfig:
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+
+
+@dataclass
+class CaptionsConfig:
+    # Fields: {year} {usage} {season} {colour} {gender} (possessive) {article} (singular), and any
+    # source column by name, e.g. {subCategory}. Missing values are left out.
+    template: str = PAPER_TEMPLATE
+    max_images: int | None = None  # seeded sample of kept rows before splitting (paper: 850)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    # Article types with fewer rows are split together with the other rare types.
+    stratify_min_count: int = 10
+    # Keys are masterCategory, subCategory or articleType. An empty include list keeps everything.
+    include: dict[str, list[str]] = field(default_factory=dict)
+    exclude: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "masterCategory": ["Personal Care", "Free Items", "Home", "Sporting Goods"]
+        }
+    )
+    image_workers: int = 8  # threads that open images in parallel
+    max_tokens: int = 77  # CLIP's context length: longer captions are reported
+
+
+@dataclass
+class ModelConfig:
+    # pretrained | local:DIR | random | auto (auto: pretrained if reachable, else random; demo only)
+    weights: str = "pretrained"
+    cache_dir: str | None = None  # where downloads are cached; null: Keras' default (~/.keras)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 8.0
+    # Dense layers inside the U-Net's attention blocks (self- and cross-attention).
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "out_proj"])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    max_steps: int | None = None  # stop at this exact optimizer step (checkpoint written there)
+    batch_size: int = 3
+    learning_rate: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    grad_clip: float | None = 1.0  # global-norm clipping; null turns it off
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+    jit_compile: Union[bool, Literal["auto"]] = "auto"
+
+
+@dataclass
+class EvalConfig:
+    backend: Literal["tfhub", "keras", "auto"] = "tfhub"  # auto: demo only, may be untrained
+    num_images: int | None = None  # generated images per checkpoint; null: one per split image
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved config atomically; ``load_config(path)`` gives it back."""
+        return atomic_write_text(path, "# fashion-sd resolved config\n" + self.to_yaml())
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> typed values, collecting every problem with its key and source.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+_MISMATCH = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp``, or ``_MISMATCH``. Never guesses beyond what is stated below."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            out = _coerce(value, arg)
+            if out is not _MISMATCH:
+                return out
+        return _MISMATCH
+    if origin is Literal:
+        return value if value in typing.get_args(tp) else _MISMATCH
+    if tp is type(None):
+        return None if value is None else _MISMATCH
+    if tp is bool:
+        return value if isinstance(value, bool) else _MISMATCH
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _MISMATCH
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads YAML 1.1, where `5e-5` (no dot) is a string; accept it as the number it is.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _MISMATCH
+        return _MISMATCH
+    if tp is str:
+        return value if isinstance(value, str) else _MISMATCH
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return _MISMATCH
+        items = [_coerce(v, item_tp) for v in value]
+        return _MISMATCH if any(i is _MISMATCH for i in items) else items
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            return _MISMATCH
+        out = {}
+        for k, v in value.items():
+            ck, cv = _coerce(k, key_tp), _coerce(v, val_tp)
+            if ck is _MISMATCH or cv is _MISMATCH:
+                return _MISMATCH
+            out[ck] = cv
+        return out
+    raise TypeError(f"config type {tp!r} is not supported")  # a programming error, not user input
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. ``lora.rank``."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        key = prefix + name
+        keys.append(key)
+        if dataclasses.is_dataclass(tp):
+            keys.extend(valid_keys(tp, key + "."))
+    return keys
+
+
+def _unknown_key(key: str, source: str) -> str:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
+    if not close:  # a typo in the last part only: compare with siblings
+        section, _, leaf = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in valid_keys() if k.rpartition(".")[0] == section]
+        close = [f"{section}.{m}" if section else m
+                 for m in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{source}: unknown key '{key}'{hint}"
+
+
+def _apply(obj: Any, mapping: dict, source: str, prefix: str, errors: list[str],
+           sources: dict[str, str]) -> None:
+    """Set fields of dataclass ``obj`` from ``mapping``; a sub-mapping updates a nested section.
+
+    ``sources`` records where each key's value came from, for the messages of :func:`validate`.
+    """
+    types_ = _field_types(type(obj))
+    for name, value in mapping.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            errors.append(_unknown_key(key, source))
+            continue
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                errors.append(f"{source}: '{key}' must be a mapping of {', '.join(_field_types(tp))}"
+                              f", got {value!r}")
+                continue
+            _apply(getattr(obj, name), value, source, key + ".", errors, sources)
+            continue
+        coerced = _coerce(value, tp)
+        if coerced is _MISMATCH:
+            errors.append(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r}")
+            continue
+        if typing.get_origin(tp) is dict:
+            # Mappings merge key by key, so `--set captions.exclude.articleType=[Socks]` keeps the
+            # default masterCategory excludes; set a key to [] to clear it.
+            coerced = {**getattr(obj, name), **coerced}
+        setattr(obj, name, coerced)
+        sources.pop(key, None)  # re-insert, so the newest setting is last
+        sources[key] = source
+
+
+def _nest(key: str, value: Any) -> dict:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'train.learning_rate=1e-4'`` -> ``('train.learning_rate', 1e-4)``; values are YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set lora.rank=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then each ``key=value`` override; validated."""
+    cfg = Config()
+    errors: list[str] = []
+    sources: dict[str, str] = {}
+    source = str(path) if path is not None else "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found (the shipped ones are in configs/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        _apply(cfg, data, source, "", errors, sources)
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value), "--set", "", errors, sources)
+    for key, msg in validate(cfg):
+        # A section-level problem (the split's sum) names the last place one of its keys was set.
+        origin = sources.get(key) or next(
+            (src for k, src in reversed(sources.items()) if k.startswith(key + ".")), source)
+        errors.append(f"{origin}: {msg}")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Values that type-check but cannot run.
+
+_WEIGHTS = re.compile(r"^(pretrained|random|auto|local:.+)$")
+
+
+def validate(cfg: Config) -> list[tuple[str, str]]:
+    """Every impossible value in ``cfg`` as (key, "'key' ... how to fix")."""
+    errs: list[tuple[str, str]] = []
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            errs.append((key, f"'{key}' {msg}, got {_get(cfg, key)!r}"))
+
+    need(cfg.seed >= 0, "seed", "must be >= 0")
+    r = cfg.data.resolution
+    need(r > 0 and r % 64 == 0, "data.resolution",
+         "must be a positive multiple of 64 (the VAE downsamples by 8, the U-Net by 8 more)")
+    s = cfg.captions.split
+    for name in ("train", "val", "test"):
+        need(getattr(s, name) >= 0, f"captions.split.{name}", "must be >= 0")
+    need(s.train > 0, "captions.split.train", "must be > 0")
+    total = s.train + s.val + s.test
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        errs.append(("captions.split", f"'captions.split' fractions must sum to 1, got train {s.train} + val {s.val} "
+                    f"+ test {s.test} = {total:g}"))
+    errs.extend(("captions.template", e) for e in template_errors(cfg.captions.template))
+    need(cfg.captions.max_images is None or cfg.captions.max_images > 0,
+         "captions.max_images", "must be > 0 or null (all rows)")
+    need(cfg.captions.stratify_min_count >= 1, "captions.stratify_min_count", "must be >= 1")
+    need(cfg.captions.image_workers >= 1, "captions.image_workers", "must be >= 1")
+    need(cfg.captions.max_tokens >= 3, "captions.max_tokens", "must be >= 3")
+    for section in ("include", "exclude"):
+        for col in getattr(cfg.captions, section):
+            if col not in CATEGORY_COLUMNS:
+                errs.append((f"captions.{section}", f"'captions.{section}.{col}' is not a "
+                             f"category column; use one of {', '.join(CATEGORY_COLUMNS)}"))
+    need(bool(_WEIGHTS.match(cfg.model.weights)), "model.weights",
+         "must be pretrained, random, auto or local:DIR")
+    need(cfg.lora.rank > 0, "lora.rank", "must be > 0")
+    need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    need(len(cfg.lora.targets) > 0, "lora.targets", "must name at least one layer")
+    t = cfg.train
+    need(t.epochs > 0, "train.epochs", "must be > 0")
+    need(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
+    need(t.batch_size > 0, "train.batch_size", "must be > 0")
+    need(t.learning_rate > 0 and math.isfinite(t.learning_rate), "train.learning_rate",
+         "must be a positive number")
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(cfg.eval.num_images is None or cfg.eval.num_images > 0, "eval.num_images",
+         "must be > 0 or null")
+    need(bool(cfg.output.dir), "output.dir", "must not be empty")
+    return errs
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# The same two options on every script.
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--config", default=default, help="YAML config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override one key, e.g. --set lora.rank=8 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)

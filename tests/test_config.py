@@ -1,0 +1,147 @@
+import pytest
+import yaml
+
+from fashion_sd.config import Config, ConfigError, load_config, parse_override, valid_keys
+
+KEYS = ["seed", "data.styles", "data.images", "data.resolution", "captions.template",
+        "captions.max_images", "captions.split", "model.weights", "lora.rank", "lora.alpha",
+        "lora.targets", "train.epochs", "train.max_steps", "train.batch_size",
+        "train.learning_rate", "train.precision", "train.jit_compile", "eval.backend",
+        "eval.num_images", "output.dir"]
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def error_of(*args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(*args, **kwargs)
+    return str(info.value)
+
+
+def test_documented_keys_exist():
+    assert set(KEYS) <= set(valid_keys())
+
+
+def test_base_yaml_documents_the_defaults(root):
+    assert load_config(root / "configs/base.yaml") == Config()
+    # and it names every key, so it really is the documentation of the defaults
+    data = yaml.safe_load((root / "configs/base.yaml").read_text())
+    flat = {f"{s}.{k}" if isinstance(v, dict) else s
+            for s, v in data.items() for k in (v if isinstance(v, dict) else [None])}
+    assert {k for k in valid_keys() if k.count(".") == 1} <= flat
+
+
+def test_paper_best_is_the_papers_run(root):
+    cfg = load_config(root / "configs/paper_best.yaml")
+    assert (cfg.lora.rank, cfg.lora.alpha) == (4, 8.0)
+    assert (cfg.train.learning_rate, cfg.train.batch_size, cfg.train.epochs) == (5e-5, 3, 20)
+    assert (cfg.data.resolution, cfg.captions.max_images) == (256, 850)
+    assert cfg.train.precision.startswith("mixed_")
+
+
+def test_demo_is_small(root):
+    cfg = load_config(root / "configs/demo.yaml")
+    assert cfg.data.resolution == 64 and cfg.data.styles == "data/demo/styles.csv"
+    assert cfg.model.weights == "auto"
+
+
+def test_overrides_are_typed_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, "lora: {rank: 8}\n"), [
+        "train.learning_rate=1e-4", "lora.rank=16", "train.jit_compile=true",
+        "captions.split={train: 0.9, val: 0.05, test: 0.05}", "data.images=null",
+        "lora.targets=[to_q, to_v]", "train.max_steps=7"])
+    assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.lora.rank == 16  # the command line wins over the file
+    assert cfg.train.jit_compile is True
+    assert (cfg.captions.split.train, cfg.captions.split.test) == (0.9, 0.05)
+    assert cfg.data.images is None and cfg.lora.targets == ["to_q", "to_v"]
+    assert cfg.train.max_steps == 7
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    # PyYAML reads `5e-5` as a string (YAML 1.1); users write it that way all the time.
+    cfg = load_config(write(tmp_path, "train: {learning_rate: 5e-5}\n"))
+    assert cfg.train.learning_rate == 5e-5
+
+
+def test_mapping_overrides_merge_with_defaults():
+    cfg = load_config(None, ["captions.exclude.articleType=[Socks]"])
+    assert cfg.captions.exclude["articleType"] == ["Socks"]
+    assert "Personal Care" in cfg.captions.exclude["masterCategory"]
+
+
+def test_unknown_key_suggests_nearest_and_names_file(tmp_path):
+    p = write(tmp_path, "lora:\n  rnak: 4\n")
+    msg = error_of(p)
+    assert str(p) in msg and "'lora.rnak'" in msg and "did you mean 'lora.rank'" in msg
+    assert "did you mean 'train'" in error_of(None, ["trian.epochs=3"])
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("lora: {rank: four}", "lora.rank", "must be int"),
+    ("lora: {rank: 2.5}", "lora.rank", "must be int"),
+    ("train: {jit_compile: maybe}", "train.jit_compile", "must be bool | 'auto'"),
+    ("train: {precision: fp16}", "train.precision", "'mixed_float16'"),
+    ("data: {flip: 1}", "data.flip", "must be bool"),
+    ("lora: {targets: to_q}", "lora.targets", "must be list[str]"),
+    ("captions: {split: 0.8}", "captions.split", "must be a mapping"),
+    ("lora: {rank: 0}", "lora.rank", "must be > 0"),
+    ("lora: {rank: -2}", "lora.rank", "must be > 0"),
+    ("lora: {alpha: 0}", "lora.alpha", "must be > 0"),
+    ("data: {resolution: 100}", "data.resolution", "multiple of 64"),
+    ("data: {resolution: 0}", "data.resolution", "multiple of 64"),
+    ("train: {learning_rate: 0}", "train.learning_rate", "positive"),
+    ("train: {learning_rate: -1.0e-4}", "train.learning_rate", "positive"),
+    ("train: {batch_size: 0}", "train.batch_size", "must be > 0"),
+    ("train: {epochs: 0}", "train.epochs", "must be > 0"),
+    ("captions: {split: {train: 0.7, val: 0.1, test: 0.1}}", "captions.split", "sum to 1"),
+    ("captions: {split: {train: 1.1, val: -0.1, test: 0.0}}", "captions.split.val", ">= 0"),
+    ("captions: {max_images: 0}", "captions.max_images", "must be > 0"),
+    ("captions: {template: 'a {colr} {article}'}", "captions.template", "{colr}"),
+    ("captions: {template: 'a photo'}", "captions.template", "no {field}"),
+    ("captions: {exclude: {brand: [Nike]}}", "captions.exclude.brand", "not a category column"),
+    ("model: {weights: pretrianed}", "model.weights", "local:DIR"),
+    ("eval: {backend: torch}", "eval.backend", "'tfhub'"),
+])
+def test_each_bad_value_is_one_clear_error(tmp_path, text, key, expected):
+    p = write(tmp_path, text + "\n")
+    msg = error_of(p)
+    lines = msg.splitlines()[1:]
+    assert len(lines) == 1, msg
+    assert str(p) in lines[0] and f"'{key}" in lines[0] and expected in lines[0], msg
+
+
+def test_override_errors_name_the_command_line(tmp_path):
+    msg = error_of(write(tmp_path, "seed: 1\n"), ["data.resolution=65"])
+    assert "--set" in msg and "data.resolution" in msg
+
+
+def test_all_problems_reported_at_once():
+    msg = error_of(None, ["lora.rank=0", "train.learning_rate=-1", "lora.rnak=2"])
+    assert len(msg.splitlines()) == 4
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("lora: [1, 2]\n", "'lora' must be a mapping of rank, alpha, targets"),
+    ("- 1\n- 2\n", "mapping of sections"),
+    ("lora: {rank: [\n", "not valid YAML"),
+])
+def test_malformed_files(tmp_path, text, expected):
+    assert expected in error_of(write(tmp_path, text))
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    assert "not found" in error_of(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("lora.rank")
+
+
+def test_save_round_trips(tmp_path):
+    cfg = load_config(None, ["lora.rank=6", "captions.max_images=10", "data.images=null"])
+    path = cfg.save(tmp_path / "out" / "config.yaml")
+    assert load_config(path) == cfg
+    assert not list(path.parent.glob("*.tmp"))
