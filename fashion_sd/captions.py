@@ -285,6 +285,7 @@ def build_captions(
     def drop(mask: pd.Series, stage: str, reasons) -> None:
         nonlocal df
         gone = df.loc[mask, ["line", "id"]].assign(stage=stage, reason=reasons)
+        gone["id"] = gone["id"].astype(str)  # as written in the file, invalid ones included
         dropped.append(gone)
         df = df.loc[~mask]
 
@@ -298,10 +299,10 @@ def build_captions(
 
     # Filters: a caption needs a garment noun, and the configured categories.
     drop(df["articleType"].isna(), "filter", "missing articleType")
-    reasons = pd.Series([_category_reason(r, cfg) for r in
-                         df[list(cfg.include) + list(cfg.exclude)].to_dict("records")],
-                        index=df.index, dtype=object) if (cfg.include or cfg.exclude) else None
-    if reasons is not None:
+    columns = list(dict.fromkeys([*cfg.include, *cfg.exclude]))
+    if columns:
+        reasons = pd.Series([_category_reason(r, cfg) for r in df[columns].to_dict("records")],
+                            index=df.index, dtype=object)
         mask = reasons.notna()
         drop(mask, "filter", reasons[mask])
 
@@ -334,7 +335,7 @@ def build_captions(
             (keep.append(i) if reason is None else rejected.__setitem__(i, reason))
     positions = np.arange(len(df))
     rej_mask = np.isin(positions, list(rejected))
-    dropped.append(df.iloc[rej_mask][["line", "id"]].assign(
+    dropped.append(df.iloc[rej_mask][["line", "id"]].astype({"id": str}).assign(
         stage="image", reason=[rejected[i] for i in positions[rej_mask]]))
     sampled_out = len(df) - len(keep) - len(rejected)
     kept = df.iloc[sorted(keep)].copy()

@@ -274,11 +274,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set lora.rank=8")
+    key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
-    return key.strip(), value
+    except yaml.YAMLError:
+        value = raw  # every non-string value has a YAML form, so this was meant as text
+    if not isinstance(value, str) and value is not None and _accepts_str(key):
+        value = raw  # e.g. a template "{article} {productDisplayName}" reads as a YAML mapping
+    return key, value
+
+
+def _accepts_str(key: str) -> bool:
+    cls: Any = Config
+    for part in key.split("."):
+        hints = _field_types(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return False
+        cls = hints[part]
+    return not dataclasses.is_dataclass(cls) and _coerce("x", cls) is not _MISMATCH
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -145,3 +145,10 @@ def test_save_round_trips(tmp_path):
     path = cfg.save(tmp_path / "out" / "config.yaml")
     assert load_config(path) == cfg
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_text_overrides_stay_text():
+    cfg = load_config(None, ["captions.template={article} {productDisplayName}",
+                             "output.dir=runs/a: b", "model.weights=local:/tmp/w"])
+    assert cfg.captions.template == "{article} {productDisplayName}"
+    assert cfg.output.dir == "runs/a: b" and cfg.model.weights == "local:/tmp/w"
