@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import platform
+from fashion_sd.hardware import describe as _describe
 
 
 def describe() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.system()}"
+    d = _describe()
+    gpus = ", ".join(d["gpus"]) or "no GPU"
+    return f"{d['cpu']}, {d['cpu_count']} CPUs, {gpus}, Python {d['python']}"

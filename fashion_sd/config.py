@@ -30,6 +30,13 @@ from typing import Any, Literal, Union
 import yaml
 
 from fashion_sd.captions import CATEGORY_COLUMNS, PAPER_TEMPLATE, template_errors
+
+# The paper's test prompts.
+PAPER_PROMPTS = (
+    "an image of a 2011 Casual Fall White Men's Sweater",
+    "an image of a 2012 Casual Summer Grey Women's Dress",
+    "an image of a 2011 Sports Fall White Men's T-Shirt",
+)
 from fashion_sd.files import atomic_write_text
 
 
@@ -44,6 +51,7 @@ class DataConfig:
     captions: str = "runs/demo/captions.csv"  # written by build_captions.py, read by training
     resolution: int = 256  # training and sampling size in pixels, a multiple of 64
     flip: bool = True  # random horizontal flip in training
+    cache_dir: str = "runs/cache"  # encoder outputs, keyed by weights, resolution and data
 
 
 @dataclass
@@ -100,6 +108,15 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     jit_compile: Union[bool, Literal["auto"]] = "auto"
+    deterministic: bool = False  # TensorFlow op determinism (slower; exact resume on CPU)
+    keep_last: int = 3  # epoch checkpoints kept besides best and last
+    max_nonfinite: int = 20  # consecutive non-finite steps that stop the run
+    val_repeats: int = 4  # fixed timesteps per val image, so val loss compares across epochs
+    sample_every: int = 1  # epochs between sample grids; 0: none
+    sample_steps: int = 25  # sampler steps for those grids
+    sample_guidance: float = 7.5
+    sample_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    sample_prompts: list[str] = field(default_factory=lambda: list(PAPER_PROMPTS))
 
 
 @dataclass
@@ -376,6 +393,13 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
     need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(t.keep_last >= 0, "train.keep_last", "must be >= 0")
+    need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    need(t.val_repeats >= 1, "train.val_repeats", "must be >= 1")
+    need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
+    need(t.sample_steps >= 1, "train.sample_steps", "must be >= 1")
+    need(all(p.strip() for p in t.sample_prompts), "train.sample_prompts",
+         "must not contain empty prompts")
     need(cfg.eval.num_images is None or cfg.eval.num_images > 0, "eval.num_images",
          "must be > 0 or null")
     need(bool(cfg.output.dir), "output.dir", "must not be empty")

@@ -1,0 +1,173 @@
+"""What a run leaves behind, as Keras callbacks around ``fit``: step limits, checkpoints, history,
+plots and sample grids. They share one :class:`RunState`, the run's position and bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import pandas as pd
+
+from fashion_sd import lora, plots
+from fashion_sd.files import atomic_path
+from fashion_sd.trainer import save_train_state
+
+HISTORY_COLUMNS = ["epoch", "step", "loss", "val_loss", "lr", "skipped_steps", "seconds"]
+
+
+@dataclass
+class RunState:
+    out: Path
+    steps_per_epoch: int  # micro-batches per epoch
+    grad_accum: int
+    end_step: int  # micro-batch at which this run ends (epochs or train.max_steps)
+    total_steps: int  # micro-batches of all epochs
+    step: int = 0  # micro-batches done, over all sessions of the run
+    best_val: float = math.inf
+    elapsed: float = 0.0  # seconds of training in earlier sessions
+    history: list[dict] = field(default_factory=list)
+    stop_reason: str | None = None  # "max_steps" | "nonfinite" | None
+    session_start: float = field(default_factory=time.time)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def state_path(self) -> Path:
+        return self.checkpoints / "train_state.safetensors"
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    @property
+    def optimizer_step(self) -> int:
+        return self.step // self.grad_accum
+
+    @property
+    def epoch_complete(self) -> bool:
+        return self.step % self.steps_per_epoch == 0
+
+    @property
+    def seconds(self) -> float:
+        return self.elapsed + time.time() - self.session_start
+
+    def info(self) -> dict:
+        return {"step": self.step, "optimizer_step": self.optimizer_step,
+                "epoch": self.epoch_progress, "best_val": self.best_val,
+                "elapsed": self.seconds}
+
+
+class StepGuard(keras.callbacks.Callback):
+    """Counts steps; stops at the end step (train.max_steps) or after too many non-finite steps."""
+
+    def __init__(self, state: RunState, max_nonfinite: int):
+        super().__init__()
+        self.state, self.max_nonfinite = state, max_nonfinite
+
+    def on_train_batch_end(self, batch, logs=None):
+        st = self.state
+        st.step += 1
+        if int(self.model.nonfinite_streak.numpy()) >= self.max_nonfinite:
+            st.stop_reason = "nonfinite"
+            self.model.stop_training = True
+        elif st.step >= st.end_step:
+            if st.end_step < st.total_steps:
+                st.stop_reason = "max_steps"
+            self.model.stop_training = True
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """At each epoch end (and at train.max_steps): LoRA checkpoints, train state, history, plot.
+
+    ``checkpoints/epoch_XXX.lora.safetensors`` (the last ``keep_last``), ``best`` by val loss,
+    ``last`` (always the newest), and ``train_state.safetensors`` for --resume; each written
+    atomically, the train state last so it never points past what is on disk. After a run of
+    non-finite steps nothing is written: the previous checkpoint stays as it was.
+    """
+
+    def __init__(self, state: RunState, layers: dict, lora_meta: dict, keep_last: int, label: str):
+        super().__init__()
+        self.state, self.layers, self.meta = state, layers, lora_meta
+        self.keep_last, self.label = keep_last, label
+
+    def _save_lora(self, name: str) -> Path:
+        return lora.save_lora(self.state.checkpoints / name, self.layers, **self.meta,
+                              step=str(self.state.optimizer_step),
+                              epoch=f"{self.state.epoch_progress:.4f}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        st, logs = self.state, logs or {}
+        if st.stop_reason == "nonfinite":
+            return
+        if st.epoch_complete:
+            self._save_lora(f"epoch_{epoch + 1:03d}.lora.safetensors")
+            self._prune()
+        val = float(logs.get("val_loss", math.nan))
+        if math.isfinite(val) and val < st.best_val:
+            st.best_val = val
+            self._save_lora("best.lora.safetensors")
+        self._save_lora("last.lora.safetensors")
+        st.history.append({
+            "epoch": round(st.epoch_progress, 4), "step": st.optimizer_step,
+            "loss": float(logs.get("loss", math.nan)), "val_loss": val,
+            "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            "skipped_steps": int(self.model.skipped_steps.numpy()),
+            "seconds": round(st.seconds, 1)})
+        save_train_state(st.state_path, self.model, self.layers, st.info())
+        write_history(st.history, st.out / "history.csv")
+        plots.loss_curves(pd.DataFrame(st.history), st.out / "loss.png", self.label)
+
+    def _prune(self):
+        kept = sorted(self.state.checkpoints.glob("epoch_*.lora.safetensors"))
+        for old in kept[: max(0, len(kept) - self.keep_last)]:
+            old.unlink()
+
+
+class SampleGrids(keras.callbacks.Callback):
+    """``samples/epoch_XXX.png``: fixed prompts and seeds through the model being trained."""
+
+    def __init__(self, state: RunState, sampler, prompts, seeds, steps, guidance, every, label):
+        super().__init__()
+        self.state, self.sampler = state, sampler
+        self.prompts, self.seeds, self.steps, self.guidance = prompts, seeds, steps, guidance
+        self.every, self.label = every, label
+
+    def on_epoch_end(self, epoch, logs=None):
+        st = self.state
+        if st.stop_reason == "nonfinite" or not self.every:
+            return
+        last = st.step >= st.end_step or st.stop_reason is not None
+        if st.epoch_complete and ((epoch + 1) % self.every == 0 or last):
+            name = f"epoch_{epoch + 1:03d}.png"
+        elif last:
+            name = f"step_{st.optimizer_step:06d}.png"
+        else:
+            return
+        render_samples(self.sampler, self.prompts, self.seeds, self.steps, self.guidance,
+                       st.out / "samples" / name, self.label,
+                       f"epoch {st.epoch_progress:g}, step {st.optimizer_step}")
+
+
+def render_samples(sampler, prompts, seeds, steps, guidance, path, label, title) -> Path:
+    rows = [(p, sampler.generate(p, seeds, steps, guidance)) for p in prompts]
+    return plots.sample_grid(rows, path, label, f"{title} ({steps} sampler steps)",
+                             [f"seed {s}" for s in seeds])
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(tmp, index=False, lineterminator="\n")
+
+
+def read_history(path: Path, up_to_step: int) -> list[dict]:
+    """Rows of an earlier session, without any written after the train state it resumes from."""
+    if not path.is_file():
+        return []
+    df = pd.read_csv(path)
+    return df[df.step <= up_to_step].to_dict("records")

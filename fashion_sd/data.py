@@ -1,0 +1,309 @@
+"""From ``captions.csv`` to what a training step eats: images, caches of the frozen encoders, batches.
+
+The text encoder and the VAE are frozen, so their outputs are computed once and cached on disk:
+one context per distinct caption (the catalogue's 44k rows have 7k distinct captions) and the VAE
+posterior moments of each image and its mirror image. A training step then runs only the U-Net.
+A cache is keyed by the weights, the resolution and the exact data; a cache whose recorded key
+differs from what is asked is rebuilt, never reused.
+
+Batches are a pure function of (seed, step): the shuffle of each epoch, the flips, the timesteps
+and every noise draw. Resuming at step k therefore continues the very same stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageOps
+
+from fashion_sd.diffusion import TRAIN_TIMESTEPS
+from fashion_sd.files import atomic_path
+from fashion_sd.tokenizer import MAX_LENGTH
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+END_TOKEN = 49407  # CLIP's <|endoftext|>, which KerasCV also pads with
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def background_colour(img: Image.Image) -> tuple[int, ...]:
+    """The median colour of the image's one-pixel border: the studio backdrop in the catalogue."""
+    a = np.asarray(img)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    return tuple(int(v) for v in np.median(border, axis=0))
+
+
+def load_image(path: str | Path, resolution: int) -> np.ndarray:
+    """Decode any JPEG/PNG mode to RGB, pad to a square on its own background, resize: uint8 HWC.
+
+    Padding instead of the paper's centre crop keeps portrait garments whole (the paper reports
+    generated garments cut off at the frame). JPEGs are decoded at a reduced scale when they are
+    much larger than needed (the full catalogue's 1800x2400 photos).
+    """
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            im.draft("RGB", (resolution, resolution))
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        else:
+            rgb = im.convert("RGB")  # L, CMYK, P, I;16 ... all become RGB
+    square = ImageOps.pad(rgb, (resolution, resolution), method=Image.Resampling.BICUBIC,
+                          color=background_colour(rgb))
+    return np.asarray(square, dtype=np.uint8)
+
+
+def image_dataset(paths: list[str], resolution: int, batch_size: int) -> tf.data.Dataset:
+    """Batches of (image, mirrored image) in [-1, 1], decoded in parallel by tf.data."""
+    def decode(path):
+        img = tf.numpy_function(lambda p: load_image(p.decode(), resolution), [path], tf.uint8)
+        img = tf.reshape(img, (resolution, resolution, 3))
+        img = tf.cast(img, tf.float32) / 127.5 - 1.0
+        return tf.stack([img, tf.image.flip_left_right(img)])
+
+    return (tf.data.Dataset.from_tensor_slices(paths)
+            .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+
+
+def tokenize(captions: list[str], tokenizer) -> tuple[np.ndarray, list[str]]:
+    """CLIP token ids, (n, 77) int32, padded with the end token as KerasCV's sampler does.
+
+    Captions over 77 tokens are truncated (keeping the end token) and returned as the second value.
+    """
+    out = np.full((len(captions), MAX_LENGTH), END_TOKEN, dtype=np.int32)
+    truncated = []
+    for i, text in enumerate(captions):
+        ids = tokenizer.encode(text)
+        if len(ids) > MAX_LENGTH:
+            truncated.append(text)
+            ids = ids[: MAX_LENGTH - 1] + [END_TOKEN]
+        out[i, : len(ids)] = ids
+    return out, truncated
+
+
+def encode_text(text_encoder, tokens: np.ndarray, batch_size: int = 16, progress=None) -> np.ndarray:
+    """Contexts (n, 77, 768) float32 from token ids, in batches."""
+    positions = np.arange(MAX_LENGTH, dtype=np.int32)[None]
+    out = []
+    starts = range(0, len(tokens), batch_size)
+    for s in (progress(starts, "encoding captions") if progress else starts):
+        batch = tokens[s: s + batch_size]
+        ctx = text_encoder([batch, np.repeat(positions, len(batch), 0)], training=False)
+        out.append(np.asarray(ctx, dtype=np.float32))
+    return np.concatenate(out) if out else np.zeros((0, MAX_LENGTH, 768), np.float32)
+
+
+def vae_moments_model(image_encoder):
+    """KerasCV's ImageEncoder up to the 8 posterior channels (mean, log-variance), unscaled.
+
+    KerasCV's encoder returns only the scaled mean; training samples the posterior instead, as the
+    reference trainers do, and :func:`fashion_sd.diffusion.sample_latents` applies the 0.18215.
+    """
+    import keras
+
+    return keras.Model(image_encoder.inputs, image_encoder.layers[-2].output)
+
+
+def encode_images(image_encoder, paths: list[str], resolution: int, batch_size: int = 8,
+                  progress=None) -> np.ndarray:
+    """VAE posterior moments, (n, 2, h/8, w/8, 8) float32: each image and its mirror image."""
+    moments = vae_moments_model(image_encoder)
+    out = []
+    batches = image_dataset(paths, resolution, batch_size)
+    n = -(-len(paths) // batch_size)
+    for pair in (progress(batches, "encoding images", n) if progress else batches):
+        b = pair.shape[0]
+        flat = tf.reshape(pair, (b * 2, resolution, resolution, 3))
+        m = np.asarray(moments(flat, training=False), dtype=np.float32)
+        out.append(m.reshape(b, 2, *m.shape[1:]))
+    h = resolution // 8
+    return np.concatenate(out) if out else np.zeros((0, 2, h, h, 8), np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Caches
+
+
+def _file_id(path: str) -> list:
+    st = Path(path).stat()
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def cache_key(kind: str, weights_id: str, items: list, resolution: int | None = None) -> dict:
+    """What a cache depends on; its hash names the file, the whole of it is stored inside."""
+    return {"version": CACHE_VERSION, "kind": kind, "weights": weights_id,
+            "resolution": resolution, "items": items}
+
+
+def _key_path(folder: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / f"{key['kind']}-{digest}.npz"
+
+
+def cached(folder: str | Path, key: dict, compute) -> np.ndarray:
+    """The array for ``key`` from ``folder``, or ``compute()`` saved there (atomically).
+
+    A file is reused only if the key stored in it equals ``key`` exactly; otherwise (a changed
+    image, other weights, a hash collision, a damaged file) it is rebuilt.
+    """
+    path = _key_path(Path(folder), key)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if json.loads(str(z["key"])) == key:
+                    log.info("cache hit: %s", path)
+                    return z["data"]
+            log.warning("cache %s was made for other inputs: rebuilding it", path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
+            log.warning("cache %s is unreadable (%s): rebuilding it", path, exc)
+    data = compute()
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, data=data, key=np.array(json.dumps(key, sort_keys=True)))
+    return data
+
+
+@dataclass
+class EncodedData:
+    """Everything training needs from the frozen encoders, indexed by row of each split."""
+
+    moments: np.ndarray  # (n_images, 2, h, w, 8): VAE moments of each image, unflipped/flipped
+    contexts: np.ndarray  # (n_captions, 77, 768): one per distinct caption
+    caption_index: np.ndarray  # (n_images,) row -> context
+    splits: dict[str, np.ndarray]  # split name -> row numbers
+
+
+def encode_dataset(table, comps, cache_dir: str | Path, resolution: int, progress=None,
+                   batch_size: int = 8) -> EncodedData:
+    """Encode (or load from cache) the images and distinct captions of a captions table."""
+    if (table.image_path == "").any():
+        raise ValueError("captions.csv has rows without image_path; build it with --images")
+    paths = table.image_path.tolist()
+    distinct = sorted(set(table.caption))
+    index = {c: i for i, c in enumerate(distinct)}
+    weights_id = comps.source.id
+
+    def text():
+        tokens, truncated = tokenize(distinct, comps.tokenizer)
+        if truncated:
+            log.warning("%d caption(s) over %d tokens were truncated, e.g. %r",
+                        len(truncated), MAX_LENGTH, truncated[0])
+        return encode_text(comps.text_encoder, tokens, batch_size, progress)
+
+    contexts = cached(cache_dir, cache_key("text", weights_id, distinct), text)
+    moments = cached(cache_dir, cache_key("images", weights_id, [_file_id(p) for p in paths],
+                                          resolution),
+                     lambda: encode_images(comps.image_encoder, paths, resolution, batch_size,
+                                           progress))
+    splits = {name: np.flatnonzero((table.split == name).to_numpy()) for name in ("train", "val", "test")}
+    return EncodedData(moments, contexts, np.array([index[c] for c in table.caption]), splits)
+
+
+def tqdm_progress(iterable, desc, total=None):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, unit="batch")
+
+
+# --------------------------------------------------------------------------------------------
+# Batches as a function of (seed, step)
+
+
+def batch_plan(n: int, batch_size: int, seed: int, start_step: int, end_step: int,
+               flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers and flip bits, shape (steps, batch), for global steps [start, end).
+
+    Epoch e visits a fresh seeded permutation of the rows, ``n // batch_size`` batches of it (the
+    remainder waits for another epoch's shuffle, which keeps shapes static for XLA).
+    """
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{n} training images cannot fill one batch of {batch_size}; "
+                         "lower train.batch_size or add data")
+    rows, flips = [], []
+    for epoch in range(start_step // per_epoch, -(-end_step // per_epoch)):
+        perm = np.random.default_rng([seed, epoch]).permutation(n)[: per_epoch * batch_size]
+        bits = (np.random.default_rng([seed, epoch, 1]).integers(0, 2, n) if flip
+                else np.zeros(n, np.int64))
+        lo, hi = max(start_step - epoch * per_epoch, 0), min(end_step - epoch * per_epoch, per_epoch)
+        epoch_rows = perm.reshape(per_epoch, batch_size)[lo:hi]
+        rows.append(epoch_rows)
+        flips.append(bits[epoch_rows])
+    if not rows:
+        return np.zeros((0, batch_size), np.int64), np.zeros((0, batch_size), np.int64)
+    return np.concatenate(rows).astype(np.int64), np.concatenate(flips).astype(np.int64)
+
+
+def _noise(seed: int, stream: int, step, batch: int, latent_shape):
+    """Standard-normal VAE and diffusion noise and uniform timesteps for one step, stateless."""
+    s = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 4 + stream])
+    shape = tf.concat([[batch], latent_shape], 0)
+    vae_eps = tf.random.stateless_normal(shape, seed=s)
+    noise = tf.random.stateless_normal(shape, seed=s + [0, 1])
+    t = tf.random.stateless_uniform([batch], seed=s + [0, 2], minval=0, maxval=TRAIN_TIMESTEPS,
+                                    dtype=tf.int32)
+    return vae_eps, noise, t
+
+
+def train_dataset(data: EncodedData, batch_size: int, seed: int, start_step: int, end_step: int,
+                  flip: bool) -> tf.data.Dataset:
+    """Batches (dicts of moments, context, vae_eps, noise, timesteps) for global steps [start, end)."""
+    train_rows = data.splits["train"]
+    rows, flips = batch_plan(len(train_rows), batch_size, seed, start_step, end_step, flip)
+    rows = train_rows[rows]
+    latent_shape = data.moments.shape[2:4] + (4,)
+
+    def gather(r, f):
+        return data.moments[r, f], data.contexts[data.caption_index[r]]
+
+    def make(step, r, f):
+        m, c = tf.numpy_function(gather, [r, f], (tf.float32, tf.float32))
+        m = tf.reshape(m, (batch_size, *data.moments.shape[2:]))
+        c = tf.reshape(c, (batch_size, *data.contexts.shape[1:]))
+        vae_eps, noise, t = _noise(seed, 0, step, batch_size, latent_shape)
+        return {"moments": m, "context": c, "vae_eps": vae_eps, "noise": noise, "timesteps": t}
+
+    steps = np.arange(start_step, end_step, dtype=np.int64)
+    return (tf.data.Dataset.from_tensor_slices((steps, rows, flips))
+            .map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def val_dataset(data: EncodedData, batch_size: int, seed: int, repeats: int = 4) -> tf.data.Dataset | None:
+    """The val split with the same noise and timesteps at every epoch, so epochs compare.
+
+    Each image is scored at ``repeats`` timesteps spread over [0, 1000) (stratified, seeded),
+    which averages out most of the timestep lottery that made the paper's val curve noise.
+    """
+    rows = data.splits["val"]
+    if len(rows) == 0:
+        return None
+    rng = np.random.default_rng([seed, 2**31 - 1])
+    r = np.repeat(rows, repeats)
+    strata = np.tile(np.arange(repeats), len(rows))
+    t = ((strata + rng.random(len(r))) * TRAIN_TIMESTEPS / repeats).astype(np.int32)
+    m = data.moments[r, 0]
+    latent_shape = m.shape[1:3] + (4,)
+    vae_eps = rng.standard_normal((len(r), *latent_shape)).astype(np.float32)
+    noise = rng.standard_normal((len(r), *latent_shape)).astype(np.float32)
+    c = data.contexts[data.caption_index[r]]
+    return tf.data.Dataset.from_tensor_slices(
+        {"moments": m, "context": c, "vae_eps": vae_eps, "noise": noise, "timesteps": t}
+    ).batch(batch_size)

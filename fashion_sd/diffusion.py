@@ -1,0 +1,65 @@
+"""The numerics of denoising diffusion training, as small pure functions.
+
+Everything matches what KerasCV's Stable Diffusion sampler does at inference, so a LoRA trained
+here is trained for the sampler that will use it:
+
+- the noise schedule is SD's "scaled linear" one (``_ALPHAS_CUMPROD`` in KerasCV's constants),
+  not ``keras_cv...NoiseScheduler()``'s default linear 1e-4 -> 0.02, which does not match;
+- the timestep embedding is the sampler's ``_get_timestep_embedding`` (cos first, then sin),
+  vectorised over a batch of timesteps;
+- latents are VAE posterior samples scaled by 0.18215, the factor KerasCV's ``ImageEncoder``
+  applies to the posterior mean and its ``Decoder`` divides out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from keras import ops
+
+TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012
+LATENT_SCALE = 0.18215
+EMBEDDING_DIM = 320
+
+
+def alphas_cumprod(num_steps: int = TRAIN_TIMESTEPS, beta_start: float = BETA_START,
+                   beta_end: float = BETA_END) -> np.ndarray:
+    """:math:`\\bar\\alpha_t = \\prod_{s\\le t} (1-\\beta_s)`, betas linear in sqrt space (float64).
+
+    Ho et al. 2020, eq. 4; the "scaled_linear" schedule of Stable Diffusion v1.
+    """
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def timestep_embedding(timesteps, dim: int = EMBEDDING_DIM, max_period: float = 10000.0):
+    """Sinusoidal embeddings, shape (batch, dim): ``[cos(t f), sin(t f)]``, ``f_i = P^(-i/half)``.
+
+    Identical to KerasCV's ``StableDiffusion._get_timestep_embedding`` for each timestep, but for
+    a whole batch of different timesteps at once (the sampler embeds one scalar at a time).
+    """
+    half = dim // 2
+    freqs = ops.exp(-math.log(max_period) * ops.arange(0, half, dtype="float32") / half)
+    args = ops.cast(ops.reshape(timesteps, (-1, 1)), "float32") * ops.expand_dims(freqs, 0)
+    return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
+
+
+def add_noise(latents, noise, timesteps, alphas_cumprod_table):
+    """Sample :math:`x_t = \\sqrt{\\bar\\alpha_t} x_0 + \\sqrt{1-\\bar\\alpha_t}\\,\\epsilon`."""
+    a = ops.take(ops.cast(alphas_cumprod_table, latents.dtype), ops.cast(timesteps, "int32"))
+    a = ops.reshape(a, (-1, 1, 1, 1))
+    return ops.sqrt(a) * latents + ops.sqrt(1.0 - a) * noise
+
+
+def sample_latents(moments, eps):
+    """Draw a scaled latent from the VAE posterior given its 8-channel moments (mean, log-variance).
+
+    ``eps`` is standard normal noise shaped like the mean; ``eps = 0`` gives KerasCV's
+    ``ImageEncoder`` output (the mean, scaled). Log-variance is clipped to [-30, 20] as in the
+    reference VAE (``DiagonalGaussianDistribution``) so exp() cannot overflow.
+    """
+    mean, logvar = ops.split(moments, 2, axis=-1)
+    logvar = ops.clip(logvar, -30.0, 20.0)
+    return (mean + ops.exp(0.5 * logvar) * eps) * LATENT_SCALE

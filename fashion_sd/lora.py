@@ -1,0 +1,186 @@
+"""LoRA on the U-Net's attention projections, with Keras' own ``Dense.enable_lora``.
+
+Each ``SpatialTransformer`` of KerasCV's ``DiffusionModel`` holds a self-attention (``attn1``) and
+a cross-attention (``attn2``) block, each with four ``Dense`` projections: ``to_q``, ``to_k``,
+``to_v`` (no bias) and ``out_proj``. A projection is named ``st{i:02d}.attn{1,2}.{proj}`` with
+``i`` the transformer's position in the model's (topological) layer order: stable across
+processes, unlike Keras' auto-numbered layer names.
+
+``lora.targets`` entries match names by suffix: ``to_q`` selects all 32 query projections,
+``attn2.to_k`` only the cross-attention keys.
+
+A checkpoint (``.lora.safetensors``) holds only the LoRA matrices plus metadata; about 3 MB at
+rank 4. Keras' ``save_weights`` would instead write the whole merged model (3.4 GB).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from fashion_sd.files import atomic_path
+
+PROJECTIONS = ("to_q", "to_k", "to_v", "out_proj")
+FORMAT = "fashion-sd-lora"
+FORMAT_VERSION = "1"
+
+
+class LoraError(ValueError):
+    """A LoRA file or setting that does not fit the model; the message says how."""
+
+
+def attention_projections(model: keras.Model) -> dict[str, keras.layers.Dense]:
+    """Every attention projection of a model whose top-level layers include SpatialTransformers."""
+    from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
+
+    out = {}
+    transformers = [layer for layer in model.layers if isinstance(layer, SpatialTransformer)]
+    for i, st in enumerate(transformers):
+        block = st.transformer_block
+        for attn_name in ("attn1", "attn2"):
+            attn = getattr(block, attn_name)
+            for proj in PROJECTIONS:
+                out[f"st{i:02d}.{attn_name}.{proj}"] = getattr(attn, proj)
+    return out
+
+
+def select(projections: dict[str, keras.layers.Dense], targets: Iterable[str]):
+    """The projections whose names end with one of ``targets`` (matched at a dot boundary)."""
+    targets = list(targets)
+    chosen = {k: v for k, v in projections.items()
+              if any(k == t or k.endswith("." + t) for t in targets)}
+    unmatched = [t for t in targets
+                 if not any(k == t or k.endswith("." + t) for k in projections)]
+    if unmatched:
+        examples = ", ".join(list(PROJECTIONS) + ["attn1.to_q", "attn2.to_k", "st00.attn1.to_v"])
+        raise LoraError(f"lora.targets: {', '.join(map(repr, unmatched))} match no attention "
+                        f"projection; use names such as {examples}")
+    return chosen
+
+
+def lora_parameter_count(layers: dict[str, keras.layers.Dense], rank: int) -> int:
+    """rank * (fan_in + fan_out) per projection: the size of A (in x r) plus B (r x out)."""
+    return sum(rank * (int(d.kernel.shape[0]) + int(d.kernel.shape[1])) for d in layers.values())
+
+
+def apply_lora(model: keras.Model, rank: int, alpha: float, targets: Iterable[str]):
+    """Freeze ``model`` and train LoRA (A he-uniform, B zero) on the target projections only.
+
+    Load base weights before this: Keras' legacy .h5 loading counts variables per layer.
+    Returns the LoRA layers by name. Raises if anything else would train (checked by count).
+    """
+    layers = select(attention_projections(model), targets)
+    # Freezing variables rather than layers: a frozen parent layer would hide the LoRA
+    # variables too, and `enable_lora` only freezes the kernel, not out_proj's bias.
+    for v in model.trainable_weights:
+        v.trainable = False
+    for layer in layers.values():
+        layer.enable_lora(rank, lora_alpha=alpha)
+    expected = lora_parameter_count(layers, rank)
+    got = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    if got != expected:  # would mean Keras changed what enable_lora freezes
+        raise RuntimeError(f"{got} trainable parameters after enabling LoRA, expected {expected}")
+    return layers
+
+
+def lora_state(layers: dict[str, keras.layers.Dense]) -> dict[str, np.ndarray]:
+    state = {}
+    for key, layer in layers.items():
+        state[f"{key}.lora_a"] = np.asarray(layer.lora_kernel_a.numpy(), np.float32)
+        state[f"{key}.lora_b"] = np.asarray(layer.lora_kernel_b.numpy(), np.float32)
+    return state
+
+
+def save_lora(path: str | Path, layers: dict[str, keras.layers.Dense], rank: int, alpha: float,
+              targets: Iterable[str], **metadata) -> Path:
+    """Write the LoRA matrices and their metadata to a safetensors file, atomically."""
+    from safetensors.numpy import save_file
+
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": str(rank),
+            "alpha": repr(float(alpha)), "targets": json.dumps(list(targets)),
+            "layers": json.dumps(sorted(layers))}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    with atomic_path(path) as tmp:
+        save_file(lora_state(layers), str(tmp), metadata=meta)
+    return Path(path)
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and metadata of a LoRA checkpoint, after checking it is one."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"{path}: LoRA checkpoint not found")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "numpy") as fh:
+            meta = dict(fh.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraError(f"{path}: not a readable safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise LoraError(f"{path}: not a fashion-sd LoRA checkpoint (format "
+                        f"{meta.get('format')!r}); import other formats first")
+    return tensors, meta
+
+
+def lora_meta(meta: dict[str, str]) -> tuple[int, float, list[str]]:
+    return int(meta["rank"]), float(meta["alpha"]), json.loads(meta["targets"])
+
+
+def load_lora(path: str | Path, layers: dict[str, keras.layers.Dense]) -> dict[str, str]:
+    """Set the LoRA matrices of ``layers`` (LoRA enabled) from a checkpoint; returns its metadata.
+
+    The checkpoint's rank and layer set must equal the model's: a mismatch is an error that
+    names both, never a partial load.
+    """
+    tensors, meta = read_lora(path)
+    rank, _, targets = lora_meta(meta)
+    model_ranks = {layer.lora_rank for layer in layers.values()}
+    if model_ranks != {rank}:
+        raise LoraError(f"{path}: rank {rank}, but the model's LoRA has rank "
+                        f"{', '.join(map(str, sorted(model_ranks)))}; set lora.rank: {rank}")
+    file_layers = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    if file_layers != sorted(layers):
+        extra = sorted(set(file_layers) - set(layers))
+        missing = sorted(set(layers) - set(file_layers))
+        raise LoraError(
+            f"{path}: trained on targets {targets} ({len(file_layers)} layers), the model has "
+            f"{len(layers)} LoRA layers; set lora.targets: {json.dumps(targets)}"
+            + (f"; only in the file: {', '.join(extra[:4])}" if extra else "")
+            + (f"; only in the model: {', '.join(missing[:4])}" if missing else ""))
+    for key, layer in layers.items():
+        for name, var in (("lora_a", layer.lora_kernel_a), ("lora_b", layer.lora_kernel_b)):
+            value = tensors[f"{key}.{name}"]
+            if tuple(value.shape) != tuple(var.shape):
+                raise LoraError(f"{path}: {key}.{name} has shape {value.shape}, the model "
+                                f"expects {tuple(var.shape)} (another base model?)")
+            var.assign(value)
+    return meta
+
+
+def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0) -> dict[str, str]:
+    """Fold a LoRA checkpoint into the base kernels of ``model`` (LoRA not enabled) for inference:
+    ``W += strength * alpha / rank * A @ B``. Returns the checkpoint's metadata.
+    """
+    tensors, meta = read_lora(path)
+    rank, alpha, _ = lora_meta(meta)
+    projections = attention_projections(model)
+    scale = strength * alpha / rank
+    for key in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+        if key not in projections:
+            raise LoraError(f"{path}: layer {key} is not in this model")
+        layer = projections[key]
+        if layer.lora_enabled:
+            raise LoraError("merge_lora folds into plain kernels; build the model without LoRA")
+        delta = tensors[f"{key}.lora_a"].astype(np.float64) @ tensors[f"{key}.lora_b"]
+        kernel = layer.kernel
+        kernel.assign((kernel.numpy().astype(np.float64) + scale * delta).astype(np.float32))
+    return meta

@@ -1,0 +1,64 @@
+"""Figures a person opens: loss curves and sample grids (matplotlib, Agg, written atomically).
+
+Every figure carries the weights' label, so a grid made with random-init weights says so.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fashion_sd.files import atomic_path  # noqa: E402
+
+
+def _save(fig, path: str | Path, footer: str) -> Path:
+    # Below the figure: bbox_inches="tight" grows the canvas to include it.
+    fig.text(0.5, -0.01, textwrap.fill(footer, 70), ha="center", va="top", fontsize=8,
+             color="red" if "RANDOM" in footer else "dimgray")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def loss_curves(history, path: str | Path, label: str, title: str = "LoRA fine-tuning") -> Path:
+    """Train and validation loss against epoch (fractional for a run stopped mid-epoch)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(history["epoch"], history["loss"], "o-", label="train loss")
+    if "val_loss" in history and np.isfinite(np.asarray(history["val_loss"], float)).any():
+        ax.plot(history["epoch"], history["val_loss"], "s-", label="val loss (fixed noise)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE (epsilon)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path, label)
+
+
+def sample_grid(rows: list[tuple[str, np.ndarray]], path: str | Path, label: str,
+                title: str = "", col_titles: list[str] | None = None) -> Path:
+    """One row per prompt (title, images (n, H, W, 3) uint8), one column per seed."""
+    n_cols = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.4 * n_cols, 2.9 * len(rows)),
+                             squeeze=False)
+    for r, (prompt, images) in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(images[c])
+            if col_titles and c < len(col_titles):
+                ax.text(0.02, 0.02, col_titles[c], transform=ax.transAxes, fontsize=7,
+                        color="white", va="bottom",
+                        bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "lw": 0})
+        axes[r][0].set_title(textwrap.fill(prompt, 34 * n_cols), fontsize=8, loc="left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, label)

@@ -1,0 +1,228 @@
+"""A training run from a config: check inputs, build, cache, fit, and leave files behind.
+
+``output.dir`` receives ``config.yaml``, ``run.json``, ``history.csv``, ``loss.png``,
+``samples/``, ``checkpoints/`` and ``tensorboard/``. ``resume=True`` continues from
+``checkpoints/train_state.safetensors`` exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from fashion_sd import callbacks as cb
+from fashion_sd import data, hardware, lora, models
+from fashion_sd.captions import read_captions
+from fashion_sd.config import Config
+from fashion_sd.files import atomic_write_text
+from fashion_sd.generate import Sampler
+from fashion_sd.trainer import LoraTrainer, load_train_state, make_optimizer
+
+log = logging.getLogger(__name__)
+
+# What may change between a run and its --resume; anything else would make a different run.
+RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.keep_last", "train.max_nonfinite",
+                     "train.sample_every", "train.sample_steps", "train.sample_guidance",
+                     "train.sample_seeds", "train.sample_prompts", "train.jit_compile",
+                     "data.cache_dir", "model.cache_dir", "output.dir")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or had to stop; the message says why and what to do."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("include", "exclude"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: Path, cfg: Config) -> None:
+    old = _flat(_load_yaml(saved))
+    new = _flat(cfg.to_dict())
+    diffs = [f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    if diffs:
+        raise TrainingError(f"--resume with a config that differs from {saved}:\n  "
+                            + "\n  ".join(diffs) + "\nresume with the run's own config, or start a "
+                            "new run in another output.dir")
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def write_run_json(out: Path, cfg: Config, source: models.WeightsSource, extra: dict) -> None:
+    record = {"config": cfg.to_dict(), "weights": source.to_dict(),
+              "random_init": source.is_random, "versions": hardware.versions(),
+              "machine": hardware.describe(), **extra}
+    atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=str) + "\n")
+
+
+RUN_OUTPUTS = ("checkpoints", "samples", "tensorboard", "history.csv", "loss.png", "run.json",
+               "config.yaml")
+
+
+def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.tqdm_progress,
+          verbose: int = 1, build=models.build_components) -> dict:
+    """Run (or resume) the training that ``cfg`` describes; returns the summary in run.json.
+
+    ``fresh`` deletes an earlier run's outputs in output.dir first (never other files there).
+    ``build(source, resolution)`` makes the components (tests pass small ones).
+    """
+    t_start = time.time()
+    out = Path(cfg.output.dir)
+    state_path = out / "checkpoints" / "train_state.safetensors"
+    if fresh:
+        for name in RUN_OUTPUTS:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    # ---- inputs first: nothing heavy happens before these pass
+    if resume and not state_path.is_file():
+        raise TrainingError(f"--resume: {state_path} not found; nothing to resume in {out}")
+    if not resume and state_path.is_file():
+        raise TrainingError(f"{out} already holds a run ({state_path}); continue it with --resume "
+                            "or set output.dir to a new folder")
+    if resume:
+        check_resume_config(out / "config.yaml", cfg)
+    table = read_captions(cfg.data.captions)
+    n_train = int((table.split == "train").sum())
+    if n_train < cfg.train.batch_size:
+        raise TrainingError(f"{cfg.data.captions}: {n_train} training rows cannot fill one batch of "
+                            f"train.batch_size={cfg.train.batch_size}")
+    if (table.image_path == "").any():
+        raise TrainingError(f"{cfg.data.captions}: rows without image_path; rebuild it with "
+                            "scripts/build_captions.py --images DIR")
+    missing = [p for p in table.image_path if not Path(p).is_file()]
+    if missing:
+        raise TrainingError(f"{cfg.data.captions}: {len(missing)} image(s) not found, e.g. "
+                            f"{missing[0]}; rebuild the captions or fix data.images")
+    source = models.resolve_weights(cfg.model.weights, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
+
+    precision = hardware.resolve_precision(cfg.train.precision)
+    jit = hardware.resolve_jit(cfg.train.jit_compile)
+    strategy = hardware.strategy()
+    replicas = strategy.num_replicas_in_sync
+    if cfg.train.batch_size % replicas:
+        raise TrainingError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
+                            f"{replicas} GPUs it is split over")
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(cfg.seed)
+    keras.mixed_precision.set_dtype_policy(precision)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        cfg.save(out / "config.yaml")
+    print(f"weights: {source.label}\nprecision: {precision}, XLA: {jit}, replicas: {replicas}")
+
+    # ---- frozen encoders once, through the cache
+    with warnings.catch_warnings():
+        # At 64 px the U-Net's innermost attention sees one token; Keras warns about its softmax.
+        warnings.filterwarnings("ignore", message="You are using a softmax over axis -1")
+        with strategy.scope():
+            comps = build(source, cfg.data.resolution)
+        encoded = data.encode_dataset(table, comps, cfg.data.cache_dir, cfg.data.resolution, progress)
+        comps.image_encoder = None  # not needed past the cache
+        with strategy.scope():
+            layers = lora.apply_lora(comps.diffusion_model, cfg.lora.rank, cfg.lora.alpha,
+                                     cfg.lora.targets)
+            trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
+            print(f"trainable LoRA parameters: {trainable:,} "
+                  f"({len(layers)} projections, rank {cfg.lora.rank})")
+            spe = n_train // cfg.train.batch_size
+            total = cfg.train.epochs * spe
+            end = min(total, cfg.train.max_steps * cfg.train.grad_accum) if cfg.train.max_steps else total
+            trainer = LoraTrainer(comps.diffusion_model)
+            trainer.compile(
+                optimizer=make_optimizer(cfg.train.learning_rate, total, cfg.train.warmup_steps,
+                                         cfg.train.weight_decay, cfg.train.grad_clip,
+                                         cfg.train.grad_accum, precision, replicas),
+                jit_compile=jit)
+            trainer.optimizer.build(trainer.trainable_variables)
+
+        state = cb.RunState(out, spe, cfg.train.grad_accum, end, total)
+        if resume:
+            info = load_train_state(state_path, trainer, layers)
+            state.step, state.best_val = info["step"], info["best_val"]
+            state.elapsed = info["elapsed"]
+            state.history = cb.read_history(out / "history.csv", state.optimizer_step)
+            print(f"resuming at step {state.optimizer_step} (epoch {state.epoch_progress:g})")
+        extra = {"status": "running", "trainable_parameters": trainable, "precision": precision,
+                 "jit_compile": jit, "replicas": replicas, "steps_per_epoch": spe,
+                 "train_images": n_train, "distinct_captions": int(len(encoded.contexts))}
+        write_run_json(out, cfg, source, extra)
+        if state.step >= end:
+            print(f"nothing to do: the run already reached step {state.optimizer_step}")
+            return extra
+
+        # ---- fit: a partial first epoch when resuming mid-epoch, then whole epochs
+        lora_meta = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.targets,
+                     "base_weights": source.id, "random_init": str(source.is_random).lower(),
+                     "caption_template": cfg.captions.template,
+                     "resolution": str(cfg.data.resolution)}
+        if jit:
+            comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
+        callbacks = [
+            cb.StepGuard(state, cfg.train.max_nonfinite),
+            cb.Checkpointer(state, layers, lora_meta, cfg.train.keep_last, source.label),
+            cb.SampleGrids(state, Sampler(comps), cfg.train.sample_prompts, cfg.train.sample_seeds,
+                           cfg.train.sample_steps, cfg.train.sample_guidance,
+                           cfg.train.sample_every, source.label),
+            keras.callbacks.TensorBoard(str(out / "tensorboard")),
+        ]
+        val = data.val_dataset(encoded, cfg.train.batch_size, cfg.seed, cfg.train.val_repeats)
+        epochs = -(-end // spe)
+        first_epoch, offset = divmod(state.step, spe)
+        segments = []
+        if offset:
+            segments.append((first_epoch, first_epoch + 1, spe - offset))
+            first_epoch += 1
+        if first_epoch < epochs:
+            segments.append((first_epoch, epochs, spe))
+        for initial, stop, steps in segments:
+            if state.stop_reason:
+                break
+            start = state.step
+            ds = data.train_dataset(encoded, cfg.train.batch_size, cfg.seed, start,
+                                    min(end, start + (stop - initial) * steps), cfg.data.flip)
+            trainer.fit(ds, epochs=stop, initial_epoch=initial, steps_per_epoch=steps,
+                        validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=False)
+
+    last = state.history[-1] if state.history else {}
+    summary = {**extra, "status": "finished" if state.step >= end else "stopped",
+               "stop_reason": state.stop_reason, "step": state.optimizer_step,
+               "epoch": state.epoch_progress, "final_loss": last.get("loss"),
+               "final_val_loss": last.get("val_loss"),
+               "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
+               "skipped_steps": int(trainer.skipped_steps.numpy()),
+               "seconds_this_session": round(time.time() - t_start, 1)}
+    write_run_json(out, cfg, source, summary)
+    if state.stop_reason == "nonfinite":
+        raise TrainingError(
+            f"stopped at step {state.optimizer_step}: {cfg.train.max_nonfinite} non-finite losses "
+            f"in a row. The last checkpoint ({out / 'checkpoints' / 'last.lora.safetensors'}) is "
+            "intact. Lower train.learning_rate, or use train.precision: float32.")
+    return summary
+
+
+def summary_line(summary: dict, out: str) -> str:
+    val = summary.get("final_val_loss")
+    val_text = f", val {val:.4f}" if val is not None and math.isfinite(val) else ""
+    return (f"{summary['status']}: step {summary['step']} (epoch {summary['epoch']:g}), loss "
+            f"{summary['final_loss']:.4f}{val_text}, {summary['skipped_steps']} skipped steps, "
+            f"{summary['seconds_this_session']:.0f} s -> {out}")
+

@@ -1,0 +1,24 @@
+"""A denoiser small enough for unit tests, built from KerasCV's own SpatialTransformer.
+
+It has the U-Net's interface ([latent, timestep_embedding, context] -> noise) and two attention
+blocks, so LoRA discovery, the trainer, checkpoints and resume run on it in seconds.
+"""
+
+import keras
+
+CONTEXT = (77, 768)
+
+
+def tiny_unet(latent: int = 8, channels: int = 32, name: str = "tiny_unet") -> keras.Model:
+    from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
+
+    latent_in = keras.Input((latent, latent, 4), name="latent")
+    t_in = keras.Input((320,), name="timestep_embedding")
+    c_in = keras.Input(CONTEXT, name="context")
+    t = keras.layers.Reshape((1, 1, channels))(keras.layers.Dense(channels)(t_in))
+    x = keras.layers.Conv2D(channels, 3, padding="same")(latent_in)
+    x = keras.layers.Add()([x, t])
+    x = SpatialTransformer(2, channels // 2)([x, c_in])
+    x = SpatialTransformer(2, channels // 2)([x, c_in])
+    out = keras.layers.Conv2D(4, 3, padding="same")(x)
+    return keras.Model([latent_in, t_in, c_in], out, name=name)
