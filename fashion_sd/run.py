@@ -203,7 +203,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
                         validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=False)
 
     last = state.history[-1] if state.history else {}
-    summary = {**extra, "status": "finished" if state.step >= end else "stopped",
+    summary = {**extra, "status": "finished" if state.step >= total else "stopped",
                "stop_reason": state.stop_reason, "step": state.optimizer_step,
                "epoch": state.epoch_progress, "final_loss": last.get("loss"),
                "final_val_loss": last.get("val_loss"),

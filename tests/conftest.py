@@ -32,3 +32,31 @@ def root() -> Path:
 @pytest.fixture
 def demo_dir() -> Path:
     return DEMO
+
+
+@pytest.fixture(scope="session")
+def demo_captions(tmp_path_factory) -> Path:
+    """captions.csv for the bundled sample, built once per session."""
+    from fashion_sd import captions
+    from fashion_sd.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    result = captions.build_captions(DEMO / "styles.csv", cfg.captions, cfg.seed, DEMO / "images")
+    out, _ = captions.write_outputs(result, tmp_path_factory.mktemp("captions") / "captions.csv")
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_parts():
+    """KerasCV's real text encoder, VAE encoder and decoder at 64 px, random init, built once."""
+    import keras
+
+    from fashion_sd.models import build_component
+
+    keras.utils.set_random_seed(0)
+    return {name: build_component(name, 64) for name in ("text_encoder", "image_encoder", "decoder")}
+
+
+@pytest.fixture(scope="session")
+def encoder_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("encoder-cache")

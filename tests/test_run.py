@@ -1,0 +1,175 @@
+"""Whole training runs (train() as train.py calls it) with a tiny U-Net and KerasCV's real
+encoders: outputs, resume equivalence, refusals, non-finite stops, weights errors."""
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.numpy import load_file
+from tiny import tiny_unet
+
+from conftest import ROOT
+from fashion_sd import data, models, run
+from fashion_sd.config import load_config
+from fashion_sd.run import TrainingError
+
+
+@pytest.fixture
+def build(small_parts):
+    def make(source, resolution):
+        return models.Components(source, resolution, diffusion_model=tiny_unet(resolution // 8),
+                                 **small_parts)
+    return make
+
+
+def config(tmp_path, demo_captions, encoder_cache, *overrides, name="run"):
+    return load_config(ROOT / "configs/demo.yaml", [
+        f"data.captions={demo_captions}", f"data.cache_dir={encoder_cache}",
+        f"output.dir={tmp_path / name}", "model.weights=random", "train.batch_size=4",
+        "train.sample_every=0", "train.deterministic=true", "train.epochs=2", *overrides])
+
+
+def train(cfg, build, **kw):
+    return run.train(cfg, progress=None, verbose=0, build=build, **kw)
+
+
+def test_a_run_leaves_everything_behind(tmp_path, demo_captions, encoder_cache, build):
+    cfg = config(tmp_path, demo_captions, encoder_cache, "train.sample_every=1",
+                 "train.sample_steps=2", "train.keep_last=1")
+    summary = train(cfg, build)
+    out = tmp_path / "run"
+    assert summary["status"] == "finished" and summary["step"] == 16 and summary["epoch"] == 2
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "best.lora.safetensors", "epoch_002.lora.safetensors", "last.lora.safetensors",
+        "train_state.safetensors"]
+    hist = pd.read_csv(out / "history.csv")
+    assert list(hist.columns) == ["epoch", "step", "loss", "val_loss", "lr", "skipped_steps", "seconds"]
+    assert hist.epoch.tolist() == [1.0, 2.0] and hist.step.tolist() == [8, 16]
+    assert np.isfinite(hist.val_loss).all() and (hist.skipped_steps == 0).all()
+    for name in ("loss.png", "samples/epoch_001.png", "samples/epoch_002.png", "config.yaml"):
+        assert (out / name).stat().st_size > 1000, name
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    record = json.loads((out / "run.json").read_text())
+    assert record["random_init"] is True and record["weights"]["kind"] == "random"
+    assert record["trainable_parameters"] == 2 * 4 * ((32 + 32) * 6 + (768 + 32) * 2)
+    assert record["status"] == "finished" and record["train_images"] == 35
+    assert set(record["versions"]) >= {"tensorflow", "keras", "keras-cv"}
+    assert load_config(out / "config.yaml") == cfg
+    meta = run.lora.read_lora(ck / "last.lora.safetensors")[1]
+    assert meta["base_weights"] == "random-init(seed=42)" and meta["random_init"] == "true"
+    assert meta["caption_template"] == cfg.captions.template and meta["step"] == "16"
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, demo_captions, encoder_cache, build):
+    train(config(tmp_path, demo_captions, encoder_cache, name="straight"), build)
+    first = train(config(tmp_path, demo_captions, encoder_cache, "train.max_steps=5",
+                         name="resumed"), build)
+    assert first["status"] == "stopped" and first["stop_reason"] == "max_steps"
+    assert first["step"] == 5
+    out = tmp_path / "resumed"
+    assert run.lora.read_lora(out / "checkpoints/last.lora.safetensors")[1]["step"] == "5"
+    assert not list((out / "checkpoints").glob("epoch_*"))  # no epoch finished yet
+    second = train(config(tmp_path, demo_captions, encoder_cache, name="resumed"), build,
+                   resume=True)
+    assert second["status"] == "finished" and second["step"] == 16
+    a = load_file(str(tmp_path / "straight/checkpoints/last.lora.safetensors"))
+    b = load_file(str(out / "checkpoints/last.lora.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert pd.read_csv(out / "history.csv").epoch.tolist() == [0.625, 1.0, 2.0]
+    # resuming a finished run does nothing
+    again = train(config(tmp_path, demo_captions, encoder_cache, name="resumed"), build, resume=True)
+    assert again["status"] == "running" and "step" not in again
+
+
+def test_refusals_before_any_work(tmp_path, demo_captions, encoder_cache, build):
+    cfg = config(tmp_path, demo_captions, encoder_cache, "train.max_steps=1")
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(cfg, build, resume=True)
+    train(cfg, build)
+    with pytest.raises(TrainingError, match="already holds a run.*--resume"):
+        train(cfg, build)
+    changed = config(tmp_path, demo_captions, encoder_cache, "lora.rank=8")
+    with pytest.raises(TrainingError, match="lora.rank: was 4, now 8"):
+        train(changed, build, resume=True)
+    summary = train(cfg, build, fresh=True)  # --fresh starts over
+    assert summary["step"] == 1
+    few = config(tmp_path, demo_captions, encoder_cache, "train.batch_size=64", name="few")
+    with pytest.raises(TrainingError, match="35 training rows cannot fill one batch"):
+        train(few, build)
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(
+        tmp_path, demo_captions, encoder_cache, build, monkeypatch):
+    cfg = config(tmp_path, demo_captions, encoder_cache, "train.epochs=1")
+    train(cfg, build)
+    ck = tmp_path / "run/checkpoints"
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    real = data.train_dataset
+
+    def poisoned(*args, **kwargs):
+        return real(*args, **kwargs).map(lambda b: {**b, "moments": b["moments"] * np.nan})
+
+    monkeypatch.setattr(data, "train_dataset", poisoned)
+    cfg2 = config(tmp_path, demo_captions, encoder_cache, "train.epochs=2", "train.max_nonfinite=3")
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row.*last.lora.safetensors"):
+        train(cfg2, build, resume=True)
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+    record = json.loads((tmp_path / "run/run.json").read_text())
+    assert record["stop_reason"] == "nonfinite" and record["skipped_steps"] == 3
+
+
+def test_pretrained_offline_fails_at_start(tmp_path, demo_captions, encoder_cache, monkeypatch):
+    def offline(*a, **k):
+        raise Exception("URL fetch failure: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    built = []
+    cfg = config(tmp_path, demo_captions, encoder_cache, "model.weights=pretrained")
+    with pytest.raises(models.WeightsError, match="kcv_diffusion_model.h5.*local:DIR"):
+        run.train(cfg, progress=None, verbose=0, build=lambda *a: built.append(a))
+    assert not built
+    with pytest.warns(UserWarning, match="RANDOM-INIT"):
+        source = models.resolve_weights("auto")
+    assert source.is_random and "RANDOM" in source.label
+
+
+def test_local_weights_folder_errors(tmp_path):
+    with pytest.raises(models.WeightsError, match="folder not found"):
+        models.resolve_weights(f"local:{tmp_path / 'none'}")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "kcv_encoder.h5").write_bytes(b"x")
+    with pytest.raises(models.WeightsError, match="missing kcv_diffusion_model.weights.h5"):
+        models.resolve_weights(f"local:{tmp_path / 'w'}")
+
+
+def test_small_components_save_and_load_back(tmp_path, small_parts):
+    source = models.WeightsSource("random", "random", id="random-init(seed=0)")
+    comps = models.Components(source, 64, **small_parts)
+    models.save_components(comps, tmp_path / "w")
+    files = models.find_local(tmp_path / "w", ("text_encoder", "image_encoder", "decoder"))
+    assert json.loads((tmp_path / "w/source.json").read_text())["components"]["decoder"] == \
+        "kcv_decoder.weights.h5"
+    keras.utils.set_random_seed(123)  # other random weights, then overwritten by the files
+    for name, path in files.items():
+        loaded = models.build_component(name, 64, path)
+        for a, b in zip(small_parts[name].weights, loaded.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_train_script_errors(tmp_path):
+    def script(*args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), *args],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    bad = script("--config", str(ROOT / "configs/demo.yaml"), "--set", "lora.rank=0")
+    assert bad.returncode == 2 and "'lora.rank' must be > 0" in bad.stderr
+    missing = script("--config", str(ROOT / "configs/demo.yaml"),
+                     "--set", f"data.captions={tmp_path / 'nope.csv'}")
+    assert missing.returncode == 1 and "captions file not found" in missing.stderr
