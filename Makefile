@@ -11,6 +11,8 @@ setup: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+# The FID tests compare with pytorch-fid's function, read from its source: --no-deps, torch is never needed.
+	$(BIN)/python -m pip install --quiet --no-deps pytorch-fid==0.3.0
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

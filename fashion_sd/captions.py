@@ -199,6 +199,31 @@ def render_captions(df: pd.DataFrame, template: str) -> pd.Series:
                      dtype=object)
 
 
+def caption_from_attributes(template: str = PAPER_TEMPLATE, **attributes: str | None) -> str:
+    """A caption from garment attributes, through the same rules as the training captions.
+
+    Keys are template fields or source columns: ``year, usage, season, colour, gender, article``
+    (``article`` as the catalogue spells it, e.g. ``Sweaters``). Missing ones are left out.
+
+    >>> caption_from_attributes(year="2011", usage="Casual", season="Fall", colour="White",
+    ...                         gender="Men", article="Sweaters")
+    "an image of a 2011 Casual Fall White Men's Sweater"
+    """
+    if errs := template_errors(template):
+        raise CaptionError("; ".join(errs))
+    row = {col: None for col in STYLE_COLUMNS}
+    for key, value in attributes.items():
+        col = DERIVED_FIELDS.get(key, key)
+        if col not in row:
+            raise CaptionError(f"unknown attribute {key!r}; use {', '.join(DERIVED_FIELDS)}")
+        row[col] = None if value is None or str(value).strip() in MISSING_TOKENS else str(value).strip()
+    if row["year"] is not None:
+        row["year"] = _normalise_year(row["year"])
+    if not row["articleType"]:
+        raise CaptionError("an article type is needed to name the garment (e.g. --article Tshirts)")
+    return render_captions(pd.DataFrame([row]), template).iloc[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Splitting
 

@@ -122,7 +122,14 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     backend: Literal["tfhub", "keras", "auto"] = "tfhub"  # auto: demo only, may be untrained
+    inception_weights: str | None = None  # local TF-Hub module folder or Keras weights file
     num_images: int | None = None  # generated images per checkpoint; null: one per split image
+    split: Literal["train", "val", "test"] = "test"
+    steps: int = 50  # sampler steps (the paper: 50)
+    guidance: float = 7.5
+    batch_size: int = 4
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
 
 
 @dataclass
@@ -402,6 +409,8 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
          "must not contain empty prompts")
     need(cfg.eval.num_images is None or cfg.eval.num_images > 0, "eval.num_images",
          "must be > 0 or null")
+    for key in ("steps", "batch_size", "kid_subsets", "kid_subset_size"):
+        need(getattr(cfg.eval, key) >= 1, f"eval.{key}", "must be >= 1")
     need(bool(cfg.output.dir), "output.dir", "must not be empty")
     return errs
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 
 import keras
@@ -65,3 +66,82 @@ class Sampler:
                 context, negative_prompt=negative_prompt, batch_size=len(seeds),
                 num_steps=steps, unconditional_guidance_scale=guidance,
                 diffusion_noise=self.initial_noise(seeds))
+
+
+# --------------------------------------------------------------------------------------------
+# A generation job: base model + optional LoRA -> PNGs, a contact sheet and a JSON sidecar.
+
+
+def check_lora(path, source_id: str | None = None) -> dict:
+    """Read a LoRA checkpoint's metadata before any model is built; warn on another base."""
+    from fashion_sd.lora import read_lora
+
+    _, meta = read_lora(path)
+    if source_id is not None and meta.get("base_weights") not in (None, source_id):
+        log.warning("%s was trained on base weights %s; generating with %s", path,
+                    meta.get("base_weights"), source_id)
+    return meta
+
+
+def load_sampler(weights: str, resolution: int, lora_path=None, cache_dir=None, seed: int = 0,
+                 strength: float = 1.0) -> tuple[Sampler, dict]:
+    """Build text encoder, U-Net and decoder, fold in the LoRA (fast inference), make a sampler.
+
+    Returns the sampler and a record of what was used (weights source, LoRA metadata).
+    """
+    from fashion_sd import lora, models
+
+    if resolution % 64:
+        raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
+    meta = check_lora(lora_path) if lora_path else None
+    source = models.resolve_weights(weights, ("text_encoder", "diffusion_model", "decoder"),
+                                    cache_dir, seed)
+    if meta is not None:
+        check_lora(lora_path, source.id)
+    keras.utils.set_random_seed(seed)  # random-init weights, when asked for, are reproducible
+    comps = models.build_components(source, resolution, ("text_encoder", "diffusion_model", "decoder"))
+    if lora_path:
+        lora.merge_lora(comps.diffusion_model, lora_path, strength)
+    record = {"weights": source.to_dict(), "random_init": source.is_random, "label": source.label,
+              "lora": str(lora_path) if lora_path else None, "lora_metadata": meta,
+              "lora_strength": strength if lora_path else None, "resolution": resolution}
+    return Sampler(comps), record
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:03d}_s{seed}.png"
+
+
+def generate_to_folder(sampler: Sampler, prompts: list[str], seeds: list[int], out, steps: int,
+                       guidance: float, record: dict, batch_size: int = 4,
+                       negative_prompt: str | None = None, progress=None) -> dict:
+    """Every prompt with every seed into ``out``: PNGs, ``contact_sheet.png``, ``generate.json``."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from fashion_sd import plots
+    from fashion_sd.files import atomic_path, atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(not p.strip() for p in prompts) or not prompts:
+        raise ValueError("empty prompt: give --prompt TEXT, --prompts-file or garment attributes")
+    rows, files = [], []
+    jobs = [(i, p) for i, p in enumerate(prompts)]
+    for i, prompt in (progress(jobs, "prompts") if progress else jobs):
+        images = np.concatenate([
+            sampler.generate(prompt, seeds[s: s + batch_size], steps, guidance, negative_prompt)
+            for s in range(0, len(seeds), batch_size)])
+        for seed, img in zip(seeds, images):
+            path = out / image_name(i, seed)
+            with atomic_path(path) as tmp:
+                Image.fromarray(img).save(tmp, format="PNG")
+            files.append({"prompt_index": i, "prompt": prompt, "seed": seed, "file": path.name})
+        rows.append((prompt, images))
+    plots.sample_grid(rows, out / "contact_sheet.png", record["label"],
+                      f"{steps} steps, guidance {guidance}", [f"seed {s}" for s in seeds])
+    sidecar = {**record, "prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance,
+               "negative_prompt": negative_prompt, "images": files}
+    atomic_write_text(out / "generate.json", json.dumps(sidecar, indent=2, default=str) + "\n")
+    return sidecar

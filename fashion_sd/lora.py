@@ -182,5 +182,8 @@ def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0) -> d
             raise LoraError("merge_lora folds into plain kernels; build the model without LoRA")
         delta = tensors[f"{key}.lora_a"].astype(np.float64) @ tensors[f"{key}.lora_b"]
         kernel = layer.kernel
+        if delta.shape != tuple(kernel.shape):
+            raise LoraError(f"{path}: {key} is {delta.shape[0]}x{delta.shape[1]}, the model's "
+                            f"kernel is {tuple(kernel.shape)} (made for another base model?)")
         kernel.assign((kernel.numpy().astype(np.float64) + scale * delta).astype(np.float32))
     return meta

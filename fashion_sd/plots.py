@@ -19,8 +19,9 @@ from fashion_sd.files import atomic_path  # noqa: E402
 
 def _save(fig, path: str | Path, footer: str) -> Path:
     # Below the figure: bbox_inches="tight" grows the canvas to include it.
+    alarming = "RANDOM" in footer or "NOT COMPARABLE" in footer
     fig.text(0.5, -0.01, textwrap.fill(footer, 70), ha="center", va="top", fontsize=8,
-             color="red" if "RANDOM" in footer else "dimgray")
+             color="red" if alarming else "dimgray")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -60,5 +61,26 @@ def sample_grid(rows: list[tuple[str, np.ndarray]], path: str | Path, label: str
         axes[r][0].set_title(textwrap.fill(prompt, 34 * n_cols), fontsize=8, loc="left")
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, label)
+
+
+def metric_curves(table, path: str | Path, label: str) -> Path:
+    """FID and KID against epoch for the checkpoints; the base model as a dashed line."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    base = table[table.checkpoint == "base"]
+    runs = table[table.checkpoint != "base"].sort_values("epoch")
+    x = runs.epoch.where(runs.epoch.notna(), other=np.arange(len(runs)))
+    for ax, col, err, name in ((axes[0], "fid", None, "FID"), (axes[1], "kid_mean", "kid_std", "KID")):
+        if len(runs):
+            ax.errorbar(x, runs[col], yerr=None if err is None else runs[err], fmt="o-",
+                        capsize=3, label="LoRA checkpoints")
+        if len(base):
+            ax.axhline(float(base[col].iloc[0]), ls="--", color="gray", label="base model")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("FID and KID against held-out images (lower is better)")
     fig.tight_layout()
     return _save(fig, path, label)

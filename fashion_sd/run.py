@@ -73,8 +73,8 @@ def write_run_json(out: Path, cfg: Config, source: models.WeightsSource, extra: 
     atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=str) + "\n")
 
 
-RUN_OUTPUTS = ("checkpoints", "samples", "tensorboard", "history.csv", "loss.png", "run.json",
-               "config.yaml")
+RUN_OUTPUTS = ("checkpoints", "samples", "tensorboard", "eval", "history.csv", "loss.png",
+               "run.json", "config.yaml")
 
 
 def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.tqdm_progress,

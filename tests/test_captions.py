@@ -313,3 +313,18 @@ def test_captions_over_77_tokens_are_reported(tmp_path):
     assert list(long) == [f"T-Shirt {long_name}"] and long[f"T-Shirt {long_name}"] > 77
     assert "captions over CLIP's 77 tokens (would be truncated): 1" in \
         captions.format_summary(r.summary)
+
+
+def test_caption_from_attributes_matches_training_captions():
+    from fashion_sd.captions import caption_from_attributes
+
+    assert caption_from_attributes(year="2011", usage="Casual", season="Fall", colour="White",
+                                   gender="Men", article="Sweaters") == \
+        "an image of a 2011 Casual Fall White Men's Sweater"
+    assert caption_from_attributes(year="2012.0", usage="NA", colour="Grey", gender="Women",
+                                   article="Dresses") == "an image of a 2012 Grey Women's Dress"
+    assert caption_from_attributes(usage="Ethnic", article="Kurtas") == "an image of an Ethnic Kurta"
+    with pytest.raises(CaptionError, match="article type is needed"):
+        caption_from_attributes(year="2011")
+    with pytest.raises(CaptionError, match="unknown attribute 'brand'"):
+        caption_from_attributes(brand="Nike", article="Tshirts")

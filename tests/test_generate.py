@@ -40,3 +40,78 @@ def test_long_prompt_is_truncated_with_a_warning(sampler, caplog):
     long = " ".join(["extraordinarily"] * 60)
     sampler.generate(long, [0], steps=1)
     assert "prompt over 77 tokens truncated" in caplog.text
+
+
+def test_generate_to_folder(sampler, tmp_path):
+    import json
+
+    from fashion_sd.generate import generate_to_folder
+
+    record = {"label": sampler.comps.source.label, "weights": sampler.comps.source.to_dict()}
+    side = generate_to_folder(sampler, ["an image of a Men's T-Shirt", "an image of a Women's Dress"],
+                              [3, 4, 5], tmp_path, steps=2, guidance=7.5, record=record, batch_size=2)
+    names = sorted(p.name for p in tmp_path.glob("p*_s*.png"))
+    assert names == ["p000_s3.png", "p000_s4.png", "p000_s5.png", "p001_s3.png", "p001_s4.png",
+                     "p001_s5.png"]
+    assert (tmp_path / "contact_sheet.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "generate.json").read_text())
+    assert saved["steps"] == 2 and saved["seeds"] == [3, 4, 5] and len(saved["images"]) == 6
+    assert saved == json.loads(json.dumps(side, default=str))
+    again = tmp_path / "again"
+    generate_to_folder(sampler, ["an image of a Men's T-Shirt"], [3, 4, 5], again, 2, 7.5, record,
+                       batch_size=2)  # same seed, same settings: the same file, byte for byte
+    assert (again / "p000_s4.png").read_bytes() == (tmp_path / "p000_s4.png").read_bytes()
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate_to_folder(sampler, [" "], [0], tmp_path / "x", 2, 7.5, record)
+
+
+def test_incompatible_lora_is_refused(tmp_path):
+    from fashion_sd import lora
+
+    layers = lora.apply_lora(tiny_unet(8, channels=64), 2, 2.0, ["to_q"])
+    path = lora.save_lora(tmp_path / "wide.lora.safetensors", layers, 2, 2.0, ["to_q"])
+    with pytest.raises(lora.LoraError, match="made for another base model"):
+        lora.merge_lora(tiny_unet(8, channels=32), path)
+
+
+def test_generate_script_input_errors(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def script(*args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts/generate.py"),
+                               "--config", str(ROOT / "configs/demo.yaml"), "--out", str(tmp_path),
+                               *args], capture_output=True, text=True, timeout=300)
+
+    r = script("--prompt", "a shirt", "--lora", str(tmp_path / "none.lora.safetensors"))
+    assert r.returncode == 2 and "file not found" in r.stderr
+    r = script("--prompt", "a shirt", "--resolution", "100")
+    assert r.returncode == 2 and "multiple of 64" in r.stderr
+    r = script("--prompt", "  ")
+    assert r.returncode == 2 and "empty" in r.stderr
+    r = script()
+    assert r.returncode == 2 and "no prompt" in r.stderr
+    bad = tmp_path / "bad.lora.safetensors"
+    bad.write_bytes(b"junk")
+    r = script("--prompt", "a shirt", "--lora", str(bad))
+    assert r.returncode == 1 and "not a readable safetensors" in r.stderr
+
+
+def test_attribute_prompts():
+    import argparse
+
+    from conftest import ROOT  # noqa: F401
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts/generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = argparse.Namespace(prompt=["a first prompt"], prompts_file=None, year="2011",
+                              usage="Casual", season="Fall", colour="White", gender="Men",
+                              article="Sweaters")
+    from fashion_sd.captions import PAPER_TEMPLATE
+
+    assert mod.prompts_from_args(args, PAPER_TEMPLATE) == [
+        "a first prompt", "an image of a 2011 Casual Fall White Men's Sweater"]

@@ -173,3 +173,24 @@ def test_train_script_errors(tmp_path):
     missing = script("--config", str(ROOT / "configs/demo.yaml"),
                      "--set", f"data.captions={tmp_path / 'nope.csv'}")
     assert missing.returncode == 1 and "captions file not found" in missing.stderr
+
+
+def test_kerascv_published_h5_layout_loads(tmp_path, small_parts):
+    """`local:DIR` with KerasCV's legacy .h5 names, written in their (Keras 2) layout."""
+    import h5py
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    folder = tmp_path / "published"
+    folder.mkdir()
+    for name in ("text_encoder", "image_encoder", "decoder"):
+        with h5py.File(folder / models.WEIGHT_FILES[name].name, "w") as f:
+            save_weights_to_hdf5_group(f, small_parts[name])
+    files = models.find_local(folder, ("text_encoder", "image_encoder", "decoder"))
+    assert files["decoder"].name == "kcv_decoder.h5"
+    keras.utils.set_random_seed(321)
+    loaded = models.build_component("decoder", 64, files["decoder"])
+    for a, b in zip(small_parts["decoder"].weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    (folder / "kcv_decoder.h5").write_bytes(b"broken")
+    with pytest.raises(models.WeightsError, match="kcv_decoder.h5: cannot load it into KerasCV's Decoder"):
+        models.build_component("decoder", 64, folder / "kcv_decoder.h5")
