@@ -12,8 +12,6 @@ and every noise draw. Resuming at step k therefore continues the very same strea
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -23,13 +21,12 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps
 
+from fashion_sd.cache import cache_key, cached, file_id
 from fashion_sd.diffusion import TRAIN_TIMESTEPS
-from fashion_sd.files import atomic_path
 from fashion_sd.tokenizer import MAX_LENGTH
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
 END_TOKEN = 49407  # CLIP's <|endoftext|>, which KerasCV also pads with
 
 
@@ -44,15 +41,18 @@ def background_colour(img: Image.Image) -> tuple[int, ...]:
     return tuple(int(v) for v in np.median(border, axis=0))
 
 
-def load_image(path: str | Path, resolution: int) -> np.ndarray:
+def load_image(path: str | Path, resolution: int | None) -> np.ndarray:
     """Decode any JPEG/PNG mode to RGB, pad to a square on its own background, resize: uint8 HWC.
 
     Padding instead of the paper's centre crop keeps portrait garments whole (the paper reports
     generated garments cut off at the frame). JPEGs are decoded at a reduced scale when they are
-    much larger than needed (the full catalogue's 1800x2400 photos).
+    much larger than needed (the full catalogue's 1800x2400 photos). ``resolution=None`` pads at
+    the image's own size (its longer side) and does not resample.
     """
     with Image.open(path) as im:
-        if im.format == "JPEG":
+        if resolution is None:
+            resolution = max(im.size)
+        elif im.format == "JPEG":
             im.draft("RGB", (resolution, resolution))
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
@@ -138,48 +138,6 @@ def encode_images(image_encoder, paths: list[str], resolution: int, batch_size: 
     return np.concatenate(out) if out else np.zeros((0, 2, h, h, 8), np.float32)
 
 
-# --------------------------------------------------------------------------------------------
-# Caches
-
-
-def _file_id(path: str) -> list:
-    st = Path(path).stat()
-    return [path, st.st_size, st.st_mtime_ns]
-
-
-def cache_key(kind: str, weights_id: str, items: list, resolution: int | None = None) -> dict:
-    """What a cache depends on; its hash names the file, the whole of it is stored inside."""
-    return {"version": CACHE_VERSION, "kind": kind, "weights": weights_id,
-            "resolution": resolution, "items": items}
-
-
-def _key_path(folder: Path, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return folder / f"{key['kind']}-{digest}.npz"
-
-
-def cached(folder: str | Path, key: dict, compute) -> np.ndarray:
-    """The array for ``key`` from ``folder``, or ``compute()`` saved there (atomically).
-
-    A file is reused only if the key stored in it equals ``key`` exactly; otherwise (a changed
-    image, other weights, a hash collision, a damaged file) it is rebuilt.
-    """
-    path = _key_path(Path(folder), key)
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if json.loads(str(z["key"])) == key:
-                    log.info("cache hit: %s", path)
-                    return z["data"]
-            log.warning("cache %s was made for other inputs: rebuilding it", path)
-        except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
-            log.warning("cache %s is unreadable (%s): rebuilding it", path, exc)
-    data = compute()
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, data=data, key=np.array(json.dumps(key, sort_keys=True)))
-    return data
-
-
 @dataclass
 class EncodedData:
     """Everything training needs from the frozen encoders, indexed by row of each split."""
@@ -208,7 +166,7 @@ def encode_dataset(table, comps, cache_dir: str | Path, resolution: int, progres
         return encode_text(comps.text_encoder, tokens, batch_size, progress)
 
     contexts = cached(cache_dir, cache_key("text", weights_id, distinct), text)
-    moments = cached(cache_dir, cache_key("images", weights_id, [_file_id(p) for p in paths],
+    moments = cached(cache_dir, cache_key("images", weights_id, [file_id(p) for p in paths],
                                           resolution),
                      lambda: encode_images(comps.image_encoder, paths, resolution, batch_size,
                                            progress))

@@ -54,15 +54,6 @@ def find_checkpoints(spec: str | Path) -> list[Path]:
     return found
 
 
-def load_real(path: str) -> np.ndarray:
-    """A real image padded to a square on its own background at its own size (as in training)."""
-    from fashion_sd.data import load_image
-
-    with Image.open(path) as im:
-        side = max(im.size)
-    return load_image(path, side)
-
-
 @dataclass
 class Plan:
     prompts: list[str]  # one per generated image
@@ -161,11 +152,16 @@ def _name(path: Path) -> str:
 
 def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_images: int | None = None,
              split: str | None = None, force: bool = False, extractor=None, progress=None,
-             out: str | Path | None = None) -> pd.DataFrame:
-    """Score the base model and/or checkpoints; returns the whole fid.csv table."""
-    from fashion_sd import data, lora, models
+             out: str | Path | None = None, build=None) -> pd.DataFrame:
+    """Score the base model and/or checkpoints; returns the whole fid.csv table.
+
+    ``extractor`` and ``build(source, resolution)`` replace the Inception network and the
+    Stable Diffusion components (tests pass small ones).
+    """
+    from fashion_sd import lora, models
     from fashion_sd.generate import Sampler
-    from fashion_sd.metrics import cached_stats, load_extractor, warn_if_biased
+    from fashion_sd.metrics import (cached_stats, load_extractor, real_image_features, stats_key,
+                                    warn_if_biased)
 
     split = split or cfg.eval.split
     paths = find_checkpoints(checkpoints) if checkpoints else []
@@ -189,10 +185,9 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
               "(--force recomputes)")
         return table.reset_index(drop=True)
 
-    key = {"kind": "real-stats", "images": [data._file_id(p) for p in plan.real_paths],
-           "backend": extractor.name, "preprocessing": extractor.preprocessing}
+    key = stats_key(plan.real_paths, extractor.name, extractor.preprocessing)
     real = cached_stats(Path(cfg.data.cache_dir), key,
-                        lambda: extractor([load_real(p) for p in plan.real_paths]))
+                        lambda: real_image_features(extractor, plan.real_paths, progress=progress))
     warn_if_biased(len(plan.real_paths), len(plan.prompts))
 
     source = models.resolve_weights(cfg.model.weights, ("text_encoder", "diffusion_model", "decoder"),
@@ -200,8 +195,9 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
-    comps = models.build_components(source, cfg.data.resolution,
-                                    ("text_encoder", "diffusion_model", "decoder"))
+    build = build or (lambda src, res: models.build_components(
+        src, res, ("text_encoder", "diffusion_model", "decoder")))
+    comps = build(source, cfg.data.resolution)
     projections = lora.attention_projections(comps.diffusion_model)
     base_kernels = {k: d.kernel.numpy() for k, d in projections.items()}
     sampler = Sampler(comps)
@@ -217,7 +213,7 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
         images = generate_for(sampler, plan, cfg.eval.batch_size, out / "images" / name, progress)
         scores = score(extractor(images), real, cfg)
         rows.append({"checkpoint": name, "epoch": float(meta["epoch"]) if "epoch" in meta else math.nan,
-                     "step": int(meta["step"]) if "step" in meta else None, **scores,
+                     "step": float(meta["step"]) if "step" in meta else math.nan, **scores,
                      "n_real": len(plan.real_paths), "n_generated": len(images),
                      "backend": extractor.name, "comparable": extractor.comparable,
                      "weights_source": source.id, "settings": plan.settings_id})

@@ -30,7 +30,8 @@ def _source_file() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ReferenceMissing(
             f"{PACKAGE} is not installed: run `make test` (it installs it), or "
-            f"`.venv/bin/python -m pip install --no-deps {PACKAGE}` (--no-deps: it would pull torch)")
+            f"`.venv/bin/python -m pip install --no-deps {PACKAGE}` (without --no-deps it would "
+            f"pull torch)")
     path = Path(next(iter(spec.submodule_search_locations))) / "fid_score.py"
     if not path.is_file():
         raise ReferenceMissing(f"{path} not found: reinstall {PACKAGE} with `make test`")
@@ -45,7 +46,8 @@ def load_reference():
     if len(defs) != 1:
         raise ReferenceMissing(f"{path} has no top-level {_FUNCTION}(); expected {PACKAGE}")
     namespace = {"np": np, "linalg": scipy.linalg}
-    exec(compile(ast.Module(body=defs, type_ignores=[]), str(path), "exec"), namespace)  # noqa: S102
+    code = compile(ast.Module(body=defs, type_ignores=[]), str(path), "exec")
+    exec(code, namespace)  # noqa: S102 - the installed package's own source
     return namespace[_FUNCTION]
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashion_sd import data
+from fashion_sd import cache, data
 
 
 def portrait(path, fmt="JPEG", mode="RGB", bg=(255, 255, 255)):
@@ -88,24 +88,24 @@ def test_cache_is_keyed_and_never_reused_for_other_inputs(tmp_path):
             return np.full((2,), v, np.float32)
         return f
 
-    key = data.cache_key("images", "w1", [data._file_id(str(img))], 64)
-    assert data.cached(tmp_path / "c", key, compute(1.0)).tolist() == [1.0, 1.0]
-    assert data.cached(tmp_path / "c", key, compute(2.0)).tolist() == [1.0, 1.0]  # hit
+    key = cache.cache_key("images", "w1", [cache.file_id(str(img))], 64)
+    assert cache.cached(tmp_path / "c", key, compute(1.0)).tolist() == [1.0, 1.0]
+    assert cache.cached(tmp_path / "c", key, compute(2.0)).tolist() == [1.0, 1.0]  # hit
     assert calls == [1.0]
-    for other in (data.cache_key("images", "w2", key["items"], 64),
-                  data.cache_key("images", "w1", key["items"], 128)):
-        assert data.cached(tmp_path / "c", other, compute(3.0)).tolist() == [3.0, 3.0]
+    for other in (cache.cache_key("images", "w2", key["items"], 64),
+                  cache.cache_key("images", "w1", key["items"], 128)):
+        assert cache.cached(tmp_path / "c", other, compute(3.0)).tolist() == [3.0, 3.0]
     # the same image file, changed on disk: a new key, a rebuild
     os.utime(img, ns=(1, 1))
-    changed = data.cache_key("images", "w1", [data._file_id(str(img))], 64)
+    changed = cache.cache_key("images", "w1", [cache.file_id(str(img))], 64)
     assert changed != key
-    assert data.cached(tmp_path / "c", changed, compute(4.0)).tolist() == [4.0, 4.0]
+    assert cache.cached(tmp_path / "c", changed, compute(4.0)).tolist() == [4.0, 4.0]
     # a file whose stored key differs (collision, tampering) is rebuilt, not trusted
-    path = data._key_path(tmp_path / "c", key)
+    path = cache.key_path(tmp_path / "c", key)
     np.savez(open(path, "wb"), data=np.zeros(2), key=np.array('{"other": 1}'))
-    assert data.cached(tmp_path / "c", key, compute(5.0)).tolist() == [5.0, 5.0]
+    assert cache.cached(tmp_path / "c", key, compute(5.0)).tolist() == [5.0, 5.0]
     path.write_bytes(b"garbage")
-    assert data.cached(tmp_path / "c", key, compute(6.0)).tolist() == [6.0, 6.0]
+    assert cache.cached(tmp_path / "c", key, compute(6.0)).tolist() == [6.0, 6.0]
     assert calls == [1.0, 3.0, 3.0, 4.0, 5.0, 6.0]
 
 

@@ -15,7 +15,7 @@ from fashion_sd.metrics.fid import (
     mmd2_unbiased,
     polynomial_kernel,
     stats_key,
-    warn_if_few_images,
+    warn_if_biased,
 )
 
 _INCEPTION = ("FeatureExtractor", "InceptionUnavailable", "PREPROCESSING", "TFHUB_HANDLE",
@@ -24,7 +24,7 @@ _INCEPTION = ("FeatureExtractor", "InceptionUnavailable", "PREPROCESSING", "TFHU
 
 __all__ = ["FID_MIN_IMAGES", "SmallSampleWarning", "cached_stats", "feature_stats",
            "frechet_distance", "kid", "mmd2_unbiased", "polynomial_kernel", "stats_key",
-           "warn_if_few_images", *_INCEPTION]
+           "warn_if_biased", *_INCEPTION]
 
 
 def __getattr__(name: str):

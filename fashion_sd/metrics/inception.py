@@ -67,14 +67,15 @@ def preprocess(images) -> tf.Tensor:
 
 
 def load_real_image(path: str | Path) -> np.ndarray:
-    """A real image as training sees it before resizing: RGB, padded to a square on its own
-    background colour at its own size (no crop), uint8 (s, s, 3) with s its longer side."""
+    """A real image framed as training frames it: uint8 (s, s, 3), s its longer side.
+
+    Decoded to RGB and padded to a square on its own background colour, never cropped, by the
+    training loader (:func:`fashion_sd.data.load_image`), but kept at its own size: the one
+    resize is the extractor's, to 299.
+    """
     from fashion_sd.data import load_image  # noqa: PLC0415 - one decoder for training and FID
 
-    with Image.open(path) as im:
-        side = max(im.size)
-    # At the image's own size ImageOps.pad only pads: PIL's resize to the same size is a copy.
-    return load_image(path, side)
+    return load_image(path, None)
 
 
 def real_image_features(extractor: FeatureExtractor, paths, batch_size: int | None = None,
@@ -163,13 +164,14 @@ def _load_tfhub(handle: str) -> FeatureExtractor:
     # width is checked on every call.
     if callable(module):
         fn = module
-    elif getattr(module, "signatures", None):
-        sig = module.signatures.get("default") or next(iter(module.signatures.values()))
-        (input_name,) = sig.structured_input_signature[1]
-        fn = lambda x: sig(**{input_name: x})  # noqa: E731
-    else:
-        raise InceptionUnavailable(f"{handle} is neither callable nor has signatures: not the "
-                                   f"TF-GAN FID Inception module\n{_tfhub_help()}")
+    else:  # a TF1-format module: only signatures, called with keyword tensors
+        sigs = getattr(module, "signatures", None) or {}
+        sig = sigs.get("default") or next(iter(sigs.values()), None)
+        inputs = list(sig.structured_input_signature[1]) if sig is not None else []
+        if len(inputs) != 1:
+            raise InceptionUnavailable(f"{handle} is not callable and has no one-input signature: "
+                                       f"not the TF-GAN FID Inception module\n{_tfhub_help()}")
+        fn = lambda x: sig(**{inputs[0]: x})  # noqa: E731
 
     def model(x):
         out = fn(x)
@@ -187,13 +189,13 @@ def _load_tfhub(handle: str) -> FeatureExtractor:
 def _tfhub_help() -> str:
     return (f"Download {TFHUB_HANDLE}?tf-hub-format=compressed (a .tar.gz) on a machine with "
             f"internet, unpack it into a folder and pass that folder as the weights "
-            f"(load_extractor('tfhub', weights=DIR)); or run once online: TF-Hub caches modules "
+            f"(eval.inception_weights: DIR); or run once online: TF-Hub caches modules "
             f"in $TFHUB_CACHE_DIR (default: tfhub_modules in the system temp folder).")
 
 
 def _load_keras(weights: str | None) -> FeatureExtractor:
     help_ = (f"Download {KERAS_WEIGHTS_URL} into ~/.keras/models/ (where Keras looks first) or "
-             f"pass the file's path as the weights (load_extractor('keras', weights=FILE)).")
+             f"pass the file's path as the weights (eval.inception_weights: FILE).")
     if weights is not None and not Path(weights).expanduser().is_file():
         raise InceptionUnavailable(f"Keras InceptionV3 weights file {weights} not found. {help_}")
     try:
