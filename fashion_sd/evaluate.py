@@ -128,8 +128,8 @@ def write_tables(df: pd.DataFrame, out: Path, label: str) -> None:
     for i, r in df.iterrows():
         mark = " **best**" if i == best else ""
         epoch = "" if pd.isna(r.epoch) else f"{r.epoch:g}"
-        lines.append(f"| {r.checkpoint}{mark} | {epoch} | {r.fid:.2f} | "
-                     f"{1e3 * r.kid_mean:.2f} ± {1e3 * r.kid_std:.2f} | {r.n_real} | {r.n_generated} |")
+        lines.append(f"| {r.checkpoint}{mark} | {epoch} | {r.fid:.4g} | "
+                     f"{1e3 * r.kid_mean:.4g} ± {1e3 * r.kid_std:.2g} | {r.n_real} | {r.n_generated} |")
     notes = [f"\nBackend: {df.backend.iloc[0]}. Weights: {df.weights_source.iloc[0]}."]
     if not comparable:
         notes.append("**NOT COMPARABLE**: features from an untrained Inception network; these "

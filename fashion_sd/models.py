@@ -30,6 +30,11 @@ from fashion_sd.tokenizer import MAX_LENGTH, clip_tokenizer
 
 log = logging.getLogger(__name__)
 
+# At 64 px the U-Net's innermost self-attention sees one token (a 1x1 latent) and Keras warns
+# that its softmax is constant: expected there, and noise in every log otherwise.
+warnings.filterwarnings("ignore", message="You are using a softmax over axis -1",
+                        category=UserWarning)
+
 _HF = "https://huggingface.co/fchollet/stable-diffusion/resolve/main/"
 
 

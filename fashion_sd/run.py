@@ -12,7 +12,6 @@ import logging
 import math
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import keras
@@ -130,77 +129,74 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
     print(f"weights: {source.label}\nprecision: {precision}, XLA: {jit}, replicas: {replicas}")
 
     # ---- frozen encoders once, through the cache
-    with warnings.catch_warnings():
-        # At 64 px the U-Net's innermost attention sees one token; Keras warns about its softmax.
-        warnings.filterwarnings("ignore", message="You are using a softmax over axis -1")
-        with strategy.scope():
-            comps = build(source, cfg.data.resolution)
-        encoded = data.encode_dataset(table, comps, cfg.data.cache_dir, cfg.data.resolution, progress)
-        comps.image_encoder = None  # not needed past the cache
-        with strategy.scope():
-            layers = lora.apply_lora(comps.diffusion_model, cfg.lora.rank, cfg.lora.alpha,
-                                     cfg.lora.targets)
-            trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
-            print(f"trainable LoRA parameters: {trainable:,} "
-                  f"({len(layers)} projections, rank {cfg.lora.rank})")
-            spe = n_train // cfg.train.batch_size
-            total = cfg.train.epochs * spe
-            end = min(total, cfg.train.max_steps * cfg.train.grad_accum) if cfg.train.max_steps else total
-            trainer = LoraTrainer(comps.diffusion_model)
-            trainer.compile(
-                optimizer=make_optimizer(cfg.train.learning_rate, total, cfg.train.warmup_steps,
-                                         cfg.train.weight_decay, cfg.train.grad_clip,
-                                         cfg.train.grad_accum, precision, replicas),
-                jit_compile=jit)
-            trainer.optimizer.build(trainer.trainable_variables)
+    with strategy.scope():
+        comps = build(source, cfg.data.resolution)
+    encoded = data.encode_dataset(table, comps, cfg.data.cache_dir, cfg.data.resolution, progress)
+    comps.image_encoder = None  # not needed past the cache
+    with strategy.scope():
+        layers = lora.apply_lora(comps.diffusion_model, cfg.lora.rank, cfg.lora.alpha,
+                                 cfg.lora.targets)
+        trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
+        print(f"trainable LoRA parameters: {trainable:,} "
+              f"({len(layers)} projections, rank {cfg.lora.rank})")
+        spe = n_train // cfg.train.batch_size
+        total = cfg.train.epochs * spe
+        end = min(total, cfg.train.max_steps * cfg.train.grad_accum) if cfg.train.max_steps else total
+        trainer = LoraTrainer(comps.diffusion_model)
+        trainer.compile(
+            optimizer=make_optimizer(cfg.train.learning_rate, total, cfg.train.warmup_steps,
+                                     cfg.train.weight_decay, cfg.train.grad_clip,
+                                     cfg.train.grad_accum, precision, replicas),
+            jit_compile=jit)
+        trainer.optimizer.build(trainer.trainable_variables)
 
-        state = cb.RunState(out, spe, cfg.train.grad_accum, end, total)
-        if resume:
-            info = load_train_state(state_path, trainer, layers)
-            state.step, state.best_val = info["step"], info["best_val"]
-            state.elapsed = info["elapsed"]
-            state.history = cb.read_history(out / "history.csv", state.optimizer_step)
-            print(f"resuming at step {state.optimizer_step} (epoch {state.epoch_progress:g})")
-        extra = {"status": "running", "trainable_parameters": trainable, "precision": precision,
-                 "jit_compile": jit, "replicas": replicas, "steps_per_epoch": spe,
-                 "train_images": n_train, "distinct_captions": int(len(encoded.contexts))}
-        write_run_json(out, cfg, source, extra)
-        if state.step >= end:
-            print(f"nothing to do: the run already reached step {state.optimizer_step}")
-            return extra
+    state = cb.RunState(out, spe, cfg.train.grad_accum, end, total)
+    if resume:
+        info = load_train_state(state_path, trainer, layers)
+        state.step, state.best_val = info["step"], info["best_val"]
+        state.elapsed = info["elapsed"]
+        state.history = cb.read_history(out / "history.csv", state.optimizer_step)
+        print(f"resuming at step {state.optimizer_step} (epoch {state.epoch_progress:g})")
+    extra = {"status": "running", "trainable_parameters": trainable, "precision": precision,
+             "jit_compile": jit, "replicas": replicas, "steps_per_epoch": spe,
+             "train_images": n_train, "distinct_captions": int(len(encoded.contexts))}
+    write_run_json(out, cfg, source, extra)
+    if state.step >= end:
+        print(f"nothing to do: the run already reached step {state.optimizer_step}")
+        return extra
 
-        # ---- fit: a partial first epoch when resuming mid-epoch, then whole epochs
-        lora_meta = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.targets,
-                     "base_weights": source.id, "random_init": str(source.is_random).lower(),
-                     "caption_template": cfg.captions.template,
-                     "resolution": str(cfg.data.resolution)}
-        if jit:
-            comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
-        callbacks = [
-            cb.StepGuard(state, cfg.train.max_nonfinite),
-            cb.Checkpointer(state, layers, lora_meta, cfg.train.keep_last, source.label),
-            cb.SampleGrids(state, Sampler(comps), cfg.train.sample_prompts, cfg.train.sample_seeds,
-                           cfg.train.sample_steps, cfg.train.sample_guidance,
-                           cfg.train.sample_every, source.label),
-            keras.callbacks.TensorBoard(str(out / "tensorboard")),
-        ]
-        val = data.val_dataset(encoded, cfg.train.batch_size, cfg.seed, cfg.train.val_repeats)
-        epochs = -(-end // spe)
-        first_epoch, offset = divmod(state.step, spe)
-        segments = []
-        if offset:
-            segments.append((first_epoch, first_epoch + 1, spe - offset))
-            first_epoch += 1
-        if first_epoch < epochs:
-            segments.append((first_epoch, epochs, spe))
-        for initial, stop, steps in segments:
-            if state.stop_reason:
-                break
-            start = state.step
-            ds = data.train_dataset(encoded, cfg.train.batch_size, cfg.seed, start,
-                                    min(end, start + (stop - initial) * steps), cfg.data.flip)
-            trainer.fit(ds, epochs=stop, initial_epoch=initial, steps_per_epoch=steps,
-                        validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=False)
+    # ---- fit: a partial first epoch when resuming mid-epoch, then whole epochs
+    lora_meta = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.targets,
+                 "base_weights": source.id, "random_init": str(source.is_random).lower(),
+                 "caption_template": cfg.captions.template,
+                 "resolution": str(cfg.data.resolution)}
+    if jit:
+        comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
+    callbacks = [
+        cb.StepGuard(state, cfg.train.max_nonfinite),
+        cb.Checkpointer(state, layers, lora_meta, cfg.train.keep_last, source.label),
+        cb.SampleGrids(state, Sampler(comps), cfg.train.sample_prompts, cfg.train.sample_seeds,
+                       cfg.train.sample_steps, cfg.train.sample_guidance,
+                       cfg.train.sample_every, source.label),
+        keras.callbacks.TensorBoard(str(out / "tensorboard")),
+    ]
+    val = data.val_dataset(encoded, cfg.train.batch_size, cfg.seed, cfg.train.val_repeats)
+    epochs = -(-end // spe)
+    first_epoch, offset = divmod(state.step, spe)
+    segments = []
+    if offset:
+        segments.append((first_epoch, first_epoch + 1, spe - offset))
+        first_epoch += 1
+    if first_epoch < epochs:
+        segments.append((first_epoch, epochs, spe))
+    for initial, stop, steps in segments:
+        if state.stop_reason:
+            break
+        start = state.step
+        ds = data.train_dataset(encoded, cfg.train.batch_size, cfg.seed, start,
+                                min(end, start + (stop - initial) * steps), cfg.data.flip)
+        trainer.fit(ds, epochs=stop, initial_epoch=initial, steps_per_epoch=steps,
+                    validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=False)
 
     last = state.history[-1] if state.history else {}
     summary = {**extra, "status": "finished" if state.step >= total else "stopped",
