@@ -84,3 +84,51 @@ def metric_curves(table, path: str | Path, label: str) -> Path:
     fig.suptitle("FID and KID against held-out images (lower is better)")
     fig.tight_layout()
     return _save(fig, path, label)
+
+
+def sweep_figures(results, out: str | Path, label: str) -> list[Path]:
+    """The paper's Figs 7-9 as pictures: best FID (and KID) by rank, learning rate, batch size.
+
+    Each line joins runs that share the other two settings, so a line shows one factor's effect.
+    """
+    made = []
+    done = results[results.best_fid.notna()] if "best_fid" in results else results.iloc[:0]
+    for param, title, log in (("rank", "LoRA rank", False), ("learning_rate", "learning rate", True),
+                              ("batch_size", "batch size", False)):
+        others = [p for p in ("rank", "learning_rate", "batch_size") if p != param]
+        groups = [(key, g) for key, g in done.groupby(others) if g[param].nunique() > 1]
+        if not groups:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for key, g in groups:
+            g = g.sort_values(param)
+            tag = ", ".join(f"{o}={v:g}" for o, v in zip(others, key))
+            axes[0].plot(g[param], g.best_fid, "o-", label=tag)
+            axes[1].plot(g[param], g.best_kid, "o-", label=tag)
+        for ax, name in zip(axes, ("best FID", "best KID")):
+            ax.set_xlabel(title)
+            ax.set_ylabel(name)
+            if log:
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"best FID and KID by {title} (lower is better)")
+        fig.tight_layout()
+        made.append(_save(fig, Path(out) / f"fid_by_{param}.png", label))
+    return made
+
+
+def all_loss_curves(histories: dict, path: str | Path, label: str) -> Path:
+    """Every run's train (solid) and val (dashed) loss in one figure, the paper's Fig 12."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, h) in enumerate(sorted(histories.items())):
+        colour = f"C{i % 10}"
+        ax.plot(h.epoch, h.loss, "-", color=colour, label=f"{name} train")
+        if h.val_loss.notna().any():
+            ax.plot(h.epoch, h.val_loss, "--", color=colour, label=f"{name} val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE (epsilon)")
+    ax.set_title("loss curves of every run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path, label)

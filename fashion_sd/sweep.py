@@ -1,0 +1,329 @@
+"""A study as one command: a base config, a list or grid of overrides, and for each run training
+then evaluation, collected into one results table and the paper's figures.
+
+Each run is its own process (``scripts/train.py``, ``scripts/evaluate_fid.py``), so a run that
+crashes or runs out of memory is recorded as failed and the sweep goes on, and memory does not
+pile up across runs. A run that already finished is skipped; one that was interrupted resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from fashion_sd import paper, plots
+from fashion_sd.config import ConfigError, load_config
+from fashion_sd.files import atomic_path, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = {"lora.rank": "r", "lora.alpha": "a", "train.learning_rate": "lr", "train.batch_size": "bs",
+         "train.epochs": "ep", "lora.targets": "t", "data.resolution": "px"}
+SWEEP_KEYS = {"base", "output", "set", "runs", "grid", "evaluate", "include_base", "search",
+              "objective"}
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot run; the message names the file and the key or run."""
+
+
+@dataclass
+class Sweep:
+    source: Path
+    base: Path  # the config each run starts from
+    output: Path  # one folder per run below it
+    set: list[str] = field(default_factory=list)  # overrides for every run
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    evaluate: bool = True
+    include_base: bool = False
+    search: dict[str, Any] = field(default_factory=dict)  # the space for --tuner
+    objective: str = "val_loss"  # or "kid_mean" for --tuner
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "-".join(map(str, value))
+    return str(value)
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+    """``{lora.rank: 4, train.learning_rate: 5e-5}`` -> ``r4_lr5e-05``; stable and readable."""
+    parts = [f"{SHORT.get(k, k.rsplit('.', 1)[-1])}{_fmt(v)}" for k, v in overrides.items()]
+    name = "_".join(parts) or "base"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
+
+
+def overrides_list(overrides: dict[str, Any]) -> list[str]:
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file: every run's config is loaded (and so validated) up front."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"{path}: sweep file not found (see configs/sweep_*.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(data) - SWEEP_KEYS)
+    if unknown:
+        raise SweepError(f"{path}: unknown key(s) {', '.join(unknown)}; use {', '.join(sorted(SWEEP_KEYS))}")
+    if "base" not in data:
+        raise SweepError(f"{path}: 'base' (the config every run starts from) is required")
+    base = (path.parent / data["base"]).resolve() if not Path(data["base"]).is_absolute() else Path(data["base"])
+    runs = [dict(r) for r in data.get("runs") or []]
+    grid = data.get("grid") or {}
+    if grid:
+        keys = list(grid)
+        runs += [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    if not runs and not data.get("search"):
+        raise SweepError(f"{path}: no runs: give 'runs' (a list of overrides), 'grid' or 'search'")
+    sweep = Sweep(path, base, Path(data.get("output") or f"runs/{path.stem}"),
+                  [str(s) for s in data.get("set") or []], runs, bool(data.get("evaluate", True)),
+                  bool(data.get("include_base", False)), dict(data.get("search") or {}),
+                  str(data.get("objective", "val_loss")))
+    if sweep.objective not in ("val_loss", "kid_mean"):
+        raise SweepError(f"{path}: 'objective' must be val_loss or kid_mean, got {sweep.objective!r}")
+    names = [run_name(r) for r in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SweepError(f"{path}: runs repeat: {', '.join(dupes)}")
+    for run in runs:
+        try:
+            config_for(sweep, run)
+        except ConfigError as exc:
+            raise SweepError(f"{path}: run {run_name(run)}: {exc}") from None
+    for key, spec in sweep.search.items():
+        ok = isinstance(spec, dict) and ("choices" in spec or {"min", "max"} <= set(spec))
+        if not ok:
+            raise SweepError(f"{path}: search.{key}: give {{choices: [...]}} or {{min: .., max: .., "
+                             "log: true}")
+        probe = spec["choices"][0] if "choices" in spec else spec["min"]
+        try:
+            config_for(sweep, {key: probe})
+        except ConfigError as exc:
+            raise SweepError(f"{path}: search.{key}: {exc}") from None
+    return sweep
+
+
+def config_for(sweep: Sweep, run: dict[str, Any]):
+    return load_config(sweep.base, [*sweep.set, *overrides_list(run),
+                                    f"output.dir={sweep.output / run_name(run)}"])
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def _status(out: Path) -> str | None:
+    try:
+        return json.loads((out / "run.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _call(args: list[str], log: Path) -> int:
+    """Run a script, its output teed to the console and appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        fh.write(f"\n$ {' '.join(args)}\n")
+        fh.flush()
+        proc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, cwd=Path.cwd())
+    return proc.returncode
+
+
+def execute(sweep: Sweep, run: dict[str, Any], python: str = sys.executable) -> dict:
+    """Train (or skip or resume) and evaluate one run; never raises for a failing run."""
+    name = run_name(run)
+    out = sweep.output / name
+    sets = [*sweep.set, *overrides_list(run), f"output.dir={out}"]
+    config_args = ["--config", str(sweep.base)] + [a for s in sets for a in ("--set", s)]
+    log = out / "sweep.log"
+    t0 = time.time()
+    status = _status(out)
+    if status == "finished":
+        print(f"[{name}] finished earlier: training skipped")
+    else:
+        mode = ["--resume"] if (out / "checkpoints" / "train_state.safetensors").is_file() else []
+        print(f"[{name}] training{' (resuming)' if mode else ''}; log: {log}", flush=True)
+        rc = _call([python, str(ROOT / "scripts/train.py"), *config_args, *mode], log)
+        if rc != 0:
+            return {"run": name, "status": "failed", "error": _tail(log), "seconds": time.time() - t0}
+    if sweep.evaluate:
+        print(f"[{name}] evaluating", flush=True)
+        args = [python, str(ROOT / "scripts/evaluate_fid.py"), *config_args,
+                "--checkpoints", str(out / "checkpoints")]
+        if sweep.include_base:
+            args.append("--include-base")
+        if _call(args, log) != 0:
+            return {"run": name, "status": "failed", "error": "evaluation: " + _tail(log),
+                    "seconds": time.time() - t0}
+    return {"run": name, "status": "finished", "error": "", "seconds": time.time() - t0}
+
+
+def _tail(log: Path) -> str:
+    lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+def row_for(sweep: Sweep, run: dict[str, Any], outcome: dict | None = None) -> dict:
+    """One results row from what a run left on disk."""
+    name = run_name(run)
+    out = sweep.output / name
+    cfg = config_for(sweep, run)
+    row: dict[str, Any] = {"run": name, **{k: _fmt(v) for k, v in run.items()},
+                           "rank": cfg.lora.rank, "learning_rate": cfg.train.learning_rate,
+                           "batch_size": cfg.train.batch_size,
+                           "status": (outcome or {}).get("status") or _status(out) or "not run",
+                           "error": (outcome or {}).get("error", "")}
+    if (out / "history.csv").is_file():
+        hist = pd.read_csv(out / "history.csv")
+        if len(hist):
+            row.update(final_loss=hist.loss.iloc[-1], final_val_loss=hist.val_loss.iloc[-1],
+                       train_seconds=hist.seconds.iloc[-1])
+    if (out / "run.json").is_file():
+        record = json.loads((out / "run.json").read_text())
+        row["trainable_parameters"] = record.get("trainable_parameters")
+        row["weights"] = record.get("weights", {}).get("id")
+    fid_csv = out / "eval" / "fid.csv"
+    if fid_csv.is_file():
+        fid = pd.read_csv(fid_csv)
+        fid = fid[fid.checkpoint != "base"]
+        if len(fid):
+            best, best_kid = fid.loc[fid.fid.idxmin()], fid.loc[fid.kid_mean.idxmin()]
+            row.update(best_fid=best.fid, best_fid_epoch=best.epoch, best_kid=best_kid.kid_mean,
+                       best_kid_epoch=best_kid.epoch, comparable=bool(fid.comparable.all()),
+                       n_generated=int(best.n_generated))
+    row["paper_fid"] = paper.reported_fid(cfg.lora.rank, cfg.train.learning_rate,
+                                          cfg.train.batch_size)
+    return row
+
+
+RESULT_COLUMNS = ["run", "rank", "learning_rate", "batch_size", "status", "final_loss",
+                  "final_val_loss", "best_fid", "best_fid_epoch", "best_kid", "best_kid_epoch",
+                  "paper_fid", "trainable_parameters", "train_seconds", "comparable", "weights",
+                  "error"]
+
+
+def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | None = None) -> pd.DataFrame:
+    """results.csv, results.md (best row marked), the FID-by-setting plots and all loss curves.
+
+    The best row has the lowest ``best_by`` (default: best FID, else final val loss).
+    """
+    df = pd.DataFrame(rows)
+    for col in RESULT_COLUMNS:
+        if col not in df:
+            df[col] = math.nan
+    df = df[RESULT_COLUMNS + [c for c in df.columns if c not in RESULT_COLUMNS]]
+    key = best_by or ("best_fid" if df.best_fid.notna().any() else "final_val_loss")
+    best = df[key].idxmin() if df[key].notna().any() else None
+    df["best"] = [i == best for i in df.index]
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "results.csv") as tmp:
+        df.to_csv(tmp, index=False, lineterminator="\n")
+    lines = ["| run | rank | lr | batch | status | train loss | val loss | best FID (epoch) | "
+             "best KID (epoch) | paper FID | trainable | seconds |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+
+    def num(v, fmt="{:.4g}"):
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    for i, r in df.iterrows():
+        mark = " **best**" if r.best else ""
+        lines.append(
+            f"| {r.run}{mark} | {r['rank']} | {r.learning_rate:g} | {r.batch_size} | {r.status} | "
+            f"{num(r.final_loss)} | {num(r.final_val_loss)} | "
+            f"{num(r.best_fid)}{' (' + num(r.best_fid_epoch, '{:g}') + ')' if num(r.best_fid) else ''} | "
+            f"{num(r.best_kid)}{' (' + num(r.best_kid_epoch, '{:g}') + ')' if num(r.best_kid) else ''} | "
+            f"{r.paper_fid if isinstance(r.paper_fid, str) else ''} | "
+            f"{num(r.trainable_parameters, '{:,.0f}')} | {num(r.train_seconds, '{:.0f}')} |")
+    notes = [f"Best row: lowest {key.replace('_', ' ')}."]
+    if df.comparable.notna().any() and not df.comparable.fillna(True).all():
+        notes.append("**NOT COMPARABLE**: FID/KID from an untrained Inception (demo mode).")
+    notes.append("The paper's FIDs come from 3 test vs 3 generated images: context, not targets.")
+    failed = df[df.status == "failed"]
+    notes += [f"- {r.run} failed: {r.error}" for _, r in failed.iterrows()]
+    atomic_write_text(out / "results.md", "# Sweep results\n\n" + "\n".join(lines) + "\n\n"
+                      + "\n\n".join(notes) + "\n")
+    plots.sweep_figures(df, out, label)
+    histories = {r.run: pd.read_csv(out / r.run / "history.csv") for _, r in df.iterrows()
+                 if (out / r.run / "history.csv").is_file()}
+    if histories:
+        plots.all_loss_curves(histories, out / "loss_curves.png", label)
+    return df
+
+
+def run_sweep(sweep: Sweep, only: list[str] | None = None) -> pd.DataFrame:
+    rows = []
+    for run in sweep.runs:
+        name = run_name(run)
+        if only and name not in only:
+            continue
+        outcome = execute(sweep, run)
+        print(f"[{name}] {outcome['status']}" + (f": {outcome['error']}" if outcome["error"] else ""),
+              flush=True)
+        rows.append(row_for(sweep, run, outcome))
+        write_results(rows, sweep.output, _label(rows))  # after every run: a partial table too
+    return write_results(rows, sweep.output, _label(rows))
+
+
+def _label(rows: list[dict]) -> str:
+    weights = {r.get("weights") for r in rows if r.get("weights")}
+    text = ", ".join(sorted(weights)) or "weights unknown"
+    return f"RANDOM-INIT weights ({text})" if any("random" in w for w in weights) else f"weights: {text}"
+
+
+# --------------------------------------------------------------------------------------------
+# Searching the same space with KerasTuner (the paper's stated future work)
+
+
+def tune(sweep: Sweep, kind: str, max_trials: int, seed: int = 0) -> pd.DataFrame:
+    """Random or Bayesian search over ``sweep.search``; every trial is an ordinary sweep run."""
+    import keras_tuner as kt
+
+    if not sweep.search:
+        raise SweepError(f"{sweep.source}: --tuner needs a 'search' space (key: {{choices: [...]}} "
+                         "or {min: ..., max: ..., log: true})")
+    rows: list[dict] = []
+    column = "best_kid" if sweep.objective == "kid_mean" else "final_val_loss"
+    base_cls = {"random": kt.RandomSearch, "bayesian": kt.BayesianOptimization}[kind]
+
+    class SweepTuner(base_cls):
+        def run_trial(self, trial, *args, **kwargs):
+            hp = trial.hyperparameters
+            run = {}
+            for key, spec in sweep.search.items():
+                if "choices" in spec:
+                    run[key] = hp.Choice(key, list(spec["choices"]))
+                else:
+                    run[key] = hp.Float(key, float(spec["min"]), float(spec["max"]),
+                                        sampling="log" if spec.get("log") else "linear")
+            outcome = execute(sweep, run)
+            row = row_for(sweep, run, outcome)
+            row["trial"] = f"{kind} {trial.trial_id}"
+            rows.append(row)
+            write_results(rows, sweep.output, _label(rows), column)
+            value = row.get(column)
+            if outcome["status"] != "finished" or value is None or not math.isfinite(value):
+                raise kt.errors.FailedTrialError(f"run {row['run']}: {outcome['error'] or 'no ' + sweep.objective}")
+            return {sweep.objective: float(value)}
+
+    tuner = SweepTuner(objective=kt.Objective(sweep.objective, "min"), max_trials=max_trials,
+                       seed=seed, directory=str(sweep.output), project_name=f"tuner_{kind}",
+                       overwrite=False, max_consecutive_failed_trials=max_trials)
+    tuner.search()
+    return write_results(rows, sweep.output, _label(rows), column)
