@@ -8,6 +8,7 @@ already scored with the same settings is skipped unless ``force``.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from PIL import Image
 from fashion_sd import plots
 from fashion_sd.captions import read_captions
 from fashion_sd.config import Config
-from fashion_sd.files import atomic_path
+from fashion_sd.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ def find_checkpoints(spec: str | Path) -> list[Path]:
     elif path.is_file():
         found = [path]
     else:
-        found = sorted(Path().glob(spec)) if not path.is_absolute() else sorted(
-            Path(path.anchor).glob(str(path.relative_to(path.anchor))))
+        found = sorted(Path(p) for p in glob.glob(spec))
     found = [p for p in found if p.name.endswith(".safetensors") and "train_state" not in p.name]
     if not found:
         raise EvaluationError(f"--checkpoints {spec}: no .lora.safetensors checkpoint found")
@@ -138,8 +138,6 @@ def write_tables(df: pd.DataFrame, out: Path, label: str) -> None:
     if int(df.n_real.min()) < 2048 or int(df.n_generated.min()) < 2048:
         notes.append("Fewer than 2048 images: FID is biased upwards at this size; compare KID, "
                      "which is unbiased.")
-    from fashion_sd.files import atomic_write_text
-
     atomic_write_text(out / "fid.md", "# FID / KID per checkpoint\n\n" + "\n".join(lines)
                       + "\n" + "\n\n".join(notes) + "\n")
     plots.metric_curves(df, out / "fid.png", label if comparable else
