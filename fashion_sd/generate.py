@@ -72,15 +72,11 @@ class Sampler:
 # A generation job: base model + optional LoRA -> PNGs, a contact sheet and a JSON sidecar.
 
 
-def check_lora(path, source_id: str | None = None) -> dict:
-    """Read a LoRA checkpoint's metadata before any model is built; warn on another base."""
+def check_lora(path) -> dict:
+    """A LoRA checkpoint's metadata, read (and so checked) before any model is built."""
     from fashion_sd.lora import read_lora
 
-    _, meta = read_lora(path)
-    if source_id is not None and meta.get("base_weights") not in (None, source_id):
-        log.warning("%s was trained on base weights %s; generating with %s", path,
-                    meta.get("base_weights"), source_id)
-    return meta
+    return read_lora(path)[1]
 
 
 def load_sampler(weights: str, resolution: int, lora_path=None, cache_dir=None, seed: int = 0,
@@ -96,8 +92,9 @@ def load_sampler(weights: str, resolution: int, lora_path=None, cache_dir=None, 
     meta = check_lora(lora_path) if lora_path else None
     source = models.resolve_weights(weights, ("text_encoder", "diffusion_model", "decoder"),
                                     cache_dir, seed)
-    if meta is not None:
-        check_lora(lora_path, source.id)
+    if meta is not None and meta.get("base_weights") not in (None, source.id):
+        log.warning("%s was trained on base weights %s; generating with %s", lora_path,
+                    meta.get("base_weights"), source.id)
     keras.utils.set_random_seed(seed)  # random-init weights, when asked for, are reproducible
     comps = models.build_components(source, resolution, ("text_encoder", "diffusion_model", "decoder"))
     if lora_path:

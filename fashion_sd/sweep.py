@@ -68,8 +68,11 @@ def overrides_list(overrides: dict[str, Any]) -> list[str]:
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and check a sweep file: every run's config is loaded (and so validated) up front."""
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
+    """Read and check a sweep file: every run's config is loaded (and so validated) up front.
+
+    ``overrides`` (``key=value``, from ``--set``) apply to every run, after the file's ``set``.
+    """
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"{path}: sweep file not found (see configs/sweep_*.yaml)")
@@ -88,7 +91,8 @@ def load_sweep(path: str | Path) -> Sweep:
     if not runs and not data.get("search"):
         raise SweepError(f"{path}: no runs: give 'runs' (a list of overrides), 'grid' or 'search'")
     sweep = Sweep(path, base, Path(data.get("output") or f"runs/{path.stem}"),
-                  [str(s) for s in data.get("set") or []], runs, bool(data.get("evaluate", True)),
+                  [*(str(s) for s in data.get("set") or []), *overrides], runs,
+                  bool(data.get("evaluate", True)),
                   bool(data.get("include_base", False)), dict(data.get("search") or {}),
                   str(data.get("objective", "val_loss")))
     if sweep.objective not in ("val_loss", "kid_mean"):

@@ -3,7 +3,7 @@
 
   python scripts/sweep.py --config configs/sweep_demo.yaml            # tiny, CPU, minutes
   python scripts/sweep.py --config configs/sweep_paper.yaml           # the paper's 12 runs
-  python scripts/sweep.py --config configs/sweep_paper.yaml --only r4_lr5e-05_bs3
+  python scripts/sweep.py --config configs/sweep_paper.yaml --only r4_lr5e-05_bs3 --set train.epochs=5
   python scripts/sweep.py --config configs/sweep_paper.yaml --tuner bayesian --max-trials 10
 
 Writes OUTPUT/results.csv, results.md, fid_by_{rank,learning_rate,batch_size}.png and
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a sweep file (configs/sweep_*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in every run, e.g. --set train.epochs=5")
     parser.add_argument("--only", action="append", help="run only this run name (repeatable)")
     parser.add_argument("--tuner", choices=["random", "bayesian"],
                         help="search the file's 'search' space with KerasTuner instead")
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="check the file and list the runs")
     args = parser.parse_args(argv)
     try:
-        sweep = sw.load_sweep(args.config)
+        sweep = sw.load_sweep(args.config, args.overrides)
         names = [sw.run_name(r) for r in sweep.runs]
         unknown = sorted(set(args.only or []) - set(names))
         if unknown:

@@ -23,6 +23,10 @@ def test_shipped_sweeps_load():
     demo = sw.load_sweep(ROOT / "configs/sweep_demo.yaml")
     assert [sw.run_name(r) for r in demo.runs] == ["r2", "r4"]
     assert sw.config_for(demo, demo.runs[0]).train.max_steps == 2
+    longer = sw.load_sweep(ROOT / "configs/sweep_demo.yaml", ["train.max_steps=5"])
+    assert sw.config_for(longer, longer.runs[1]).train.max_steps == 5
+    with pytest.raises(sw.SweepError, match="(?s)run r2.*'lora.alpha' must be > 0"):
+        sw.load_sweep(ROOT / "configs/sweep_demo.yaml", ["lora.alpha=0"])
 
 
 def test_run_names():
