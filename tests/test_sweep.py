@@ -139,3 +139,18 @@ def test_tuner_searches_the_space_through_ordinary_runs(tmp_path, monkeypatch):
     assert df.trial.tolist() == ["random 0", "random 1", "random 2"]
     assert df.loc[df.best, "final_val_loss"].item() == df.final_val_loss.min()
     assert (s.output / "results.md").is_file()
+
+
+def test_finished_runs_are_skipped(tmp_path, monkeypatch):
+    s = sw.Sweep(tmp_path / "s.yaml", ROOT / "configs/demo.yaml", tmp_path / "out",
+                 runs=[{"lora.rank": 2}], evaluate=False)
+    fake_run(s.output, "r2", [1.0], [5.0], [0.1], status="finished")
+    monkeypatch.setattr(sw, "_call", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    assert sw.execute(s, {"lora.rank": 2})["status"] == "finished"
+    calls = []
+    monkeypatch.setattr(sw, "_call", lambda args, log: calls.append(args) or 0)
+    fake_run(s.output, "r4", [1.0], [5.0], [0.1], status="stopped")
+    (s.output / "r4/checkpoints").mkdir()
+    (s.output / "r4/checkpoints/train_state.safetensors").write_bytes(b"x")
+    sw.execute(s, {"lora.rank": 4})
+    assert calls and calls[0][-1] == "--resume"  # an interrupted run continues
