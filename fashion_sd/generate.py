@@ -109,16 +109,47 @@ def image_name(prompt_index: int, seed: int) -> str:
     return f"p{prompt_index:03d}_s{seed}.png"
 
 
-def generate_to_folder(sampler: Sampler, prompts: list[str], seeds: list[int], out, steps: int,
-                       guidance: float, record: dict, batch_size: int = 4,
-                       negative_prompt: str | None = None, progress=None) -> dict:
-    """Every prompt with every seed into ``out``: PNGs, ``contact_sheet.png``, ``generate.json``."""
-    from pathlib import Path
+PNG_KEY = "fashion-sd"  # the PNG text chunk holding an image's settings as JSON
 
+
+def save_png(path, image: np.ndarray, settings: dict) -> None:
+    """Write ``image`` atomically with its generation settings in PNG text metadata."""
+    from PIL import Image, PngImagePlugin
+
+    from fashion_sd.files import atomic_path
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, json.dumps(settings, default=str))
+    info.add_text("prompt", str(settings.get("prompt", "")))  # readable in any image viewer
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+
+
+def read_png_settings(path) -> dict:
+    """The settings :func:`save_png` stored, to reproduce an image exactly."""
     from PIL import Image
 
+    with Image.open(path) as im:
+        text = getattr(im, "text", {}) or {}
+    if PNG_KEY not in text:
+        raise ValueError(f"{path}: no fashion-sd settings in this PNG (only images written by "
+                         "scripts/generate.py carry them)")
+    return json.loads(text[PNG_KEY])
+
+
+def generate_to_folder(sampler: Sampler, prompts: list[str], seeds: list[int], out, steps: int,
+                       guidance: float, record: dict, batch_size: int = 4,
+                       negative_prompt: str | None = None, progress=None, keep=None) -> dict:
+    """Every prompt with every seed into ``out``: PNGs, ``contact_sheet.png``, ``generate.json``.
+
+    Each PNG records its settings and the seeds batched with it (float rounding depends on the
+    batch), so ``--from-png`` regenerates that batch and keeps the one image, pixel for pixel.
+    ``keep`` limits the seeds whose images are saved.
+    """
+    from pathlib import Path
+
     from fashion_sd import plots
-    from fashion_sd.files import atomic_path, atomic_write_text
+    from fashion_sd.files import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,18 +158,26 @@ def generate_to_folder(sampler: Sampler, prompts: list[str], seeds: list[int], o
     rows, files = [], []
     jobs = [(i, p) for i, p in enumerate(prompts)]
     for i, prompt in (progress(jobs, "prompts") if progress else jobs):
-        images = np.concatenate([
-            sampler.generate(prompt, seeds[s: s + batch_size], steps, guidance, negative_prompt)
-            for s in range(0, len(seeds), batch_size)])
-        for seed, img in zip(seeds, images):
+        batches = [seeds[s: s + batch_size] for s in range(0, len(seeds), batch_size)]
+        images = np.concatenate([sampler.generate(prompt, b, steps, guidance, negative_prompt)
+                                 for b in batches])
+        batch_of = {seed: b for b in batches for seed in b}
+        kept = [(seed, img) for seed, img in zip(seeds, images) if keep is None or seed in keep]
+        images = np.stack([img for _, img in kept])
+        for seed, img in kept:
             path = out / image_name(i, seed)
-            with atomic_path(path) as tmp:
-                Image.fromarray(img).save(tmp, format="PNG")
+            save_png(path, img, {
+                "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+                "steps": steps, "guidance": guidance, "resolution": record.get("resolution"),
+                "weights": record.get("weights", {}).get("requested"),
+                "weights_id": record.get("weights", {}).get("id"), "lora": record.get("lora"),
+                "lora_strength": record.get("lora_strength"), "batch_seeds": batch_of[seed]})
             files.append({"prompt_index": i, "prompt": prompt, "seed": seed, "file": path.name})
         rows.append((prompt, images))
+    shown = [s for s in seeds if keep is None or s in keep]
     plots.sample_grid(rows, out / "contact_sheet.png", record["label"],
-                      f"{steps} steps, guidance {guidance}", [f"seed {s}" for s in seeds])
-    sidecar = {**record, "prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance,
+                      f"{steps} steps, guidance {guidance}", [f"seed {s}" for s in shown])
+    sidecar = {**record, "prompts": prompts, "seeds": shown, "steps": steps, "guidance": guidance,
                "negative_prompt": negative_prompt, "images": files}
     atomic_write_text(out / "generate.json", json.dumps(sidecar, indent=2, default=str) + "\n")
     return sidecar

@@ -45,6 +45,30 @@ def prompts_from_args(args, template: str) -> list[str]:
     return prompts
 
 
+def apply_png_settings(args, cfg) -> None:
+    """Take prompt, seed, steps, guidance, resolution, weights and LoRA from a generated PNG."""
+    from fashion_sd.generate import read_png_settings
+
+    if not Path(args.from_png).is_file():
+        raise ConfigError(f"--from-png {args.from_png}: file not found")
+    try:
+        s = read_png_settings(args.from_png)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    args.prompt, args.prompts_file = [s["prompt"]], None
+    for name in ATTRIBUTES:
+        setattr(args, name, None)
+    # The image's whole batch is regenerated (float rounding depends on it); only it is kept.
+    args.batch_seeds = s.get("batch_seeds") or [s["seed"]]
+    args.keep = [s["seed"]]
+    args.steps, args.guidance = s["steps"], s["guidance"]
+    args.batch_size = len(args.batch_seeds)
+    args.negative_prompt, args.resolution = s.get("negative_prompt"), s.get("resolution")
+    args.lora, args.lora_strength = s.get("lora"), s.get("lora_strength") or 1.0
+    if s.get("weights"):
+        cfg.model.weights = s["weights"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,11 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--resolution", type=int, help="pixels (default: data.resolution)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--from-png", metavar="FILE",
+                        help="reproduce an image written by this script: its prompt, seed, steps, "
+                             "guidance, resolution, weights and LoRA come from the PNG's metadata")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
+        if args.from_png:
+            apply_png_settings(args, cfg)
         prompts = prompts_from_args(args, cfg.captions.template)
         resolution = args.resolution or cfg.data.resolution
         if resolution <= 0 or resolution % 64:
@@ -89,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     except (LoraError, WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    seeds = list(range(args.seed, args.seed + args.num_images))
+    seeds = getattr(args, "batch_seeds", None) or list(range(args.seed, args.seed + args.num_images))
     sidecar = generate_to_folder(sampler, prompts, seeds, args.out, args.steps, args.guidance,
-                                 record, args.batch_size, args.negative_prompt, tqdm_progress)
+                                 record, args.batch_size, args.negative_prompt, tqdm_progress,
+                                 keep=getattr(args, "keep", None))
     print(f"{len(sidecar['images'])} images for {len(prompts)} prompt(s) -> {args.out} "
           f"({record['label']})")
     return 0

@@ -97,6 +97,13 @@ def test_generate_script_input_errors(tmp_path):
     bad.write_bytes(b"junk")
     r = script("--prompt", "a shirt", "--lora", str(bad))
     assert r.returncode == 1 and "not a readable safetensors" in r.stderr
+    r = script("--from-png", str(tmp_path / "none.png"))
+    assert r.returncode == 2 and "--from-png" in r.stderr and "not found" in r.stderr
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    r = script("--from-png", str(tmp_path / "plain.png"))
+    assert r.returncode == 2 and "no fashion-sd settings" in r.stderr
 
 
 def test_attribute_prompts():
@@ -115,3 +122,45 @@ def test_attribute_prompts():
 
     assert mod.prompts_from_args(args, PAPER_TEMPLATE) == [
         "a first prompt", "an image of a 2011 Casual Fall White Men's Sweater"]
+
+
+def test_png_metadata_reproduces_the_image(sampler, tmp_path):
+    from PIL import Image
+
+    from fashion_sd.generate import generate_to_folder, read_png_settings
+
+    record = {"label": "x", "weights": {"requested": "random", "id": "random-init(seed=0)"},
+              "lora": None, "lora_strength": None, "resolution": 64}
+    generate_to_folder(sampler, ["an image of a 2011 Casual Fall White Men's Sweater"], [7],
+                       tmp_path / "a", steps=2, guidance=5.0, record=record,
+                       negative_prompt="blurry")
+    png = tmp_path / "a" / "p000_s7.png"
+    s = read_png_settings(png)
+    assert s == {"prompt": "an image of a 2011 Casual Fall White Men's Sweater",
+                 "negative_prompt": "blurry", "seed": 7, "steps": 2, "guidance": 5.0,
+                 "resolution": 64, "weights": "random", "weights_id": "random-init(seed=0)",
+                 "lora": None, "lora_strength": None, "batch_seeds": [7]}
+    again = sampler.generate(s["prompt"], [s["seed"]], s["steps"], s["guidance"], s["negative_prompt"])
+    np.testing.assert_array_equal(again[0], np.asarray(Image.open(png)))
+    plain = tmp_path / "plain.png"
+    Image.fromarray(again[0]).save(plain)
+    with pytest.raises(ValueError, match="no fashion-sd settings"):
+        read_png_settings(plain)
+
+
+def test_from_png_keeps_one_image_of_its_batch(sampler, tmp_path):
+    from PIL import Image
+
+    from fashion_sd.generate import generate_to_folder, read_png_settings
+
+    record = {"label": "x", "weights": {"requested": "random"}}
+    generate_to_folder(sampler, ["an image of a Women's Dress"], [1, 2, 3], tmp_path / "a", 2, 7.5,
+                       record, batch_size=2)
+    s = read_png_settings(tmp_path / "a" / "p000_s2.png")
+    assert s["batch_seeds"] == [1, 2]
+    side = generate_to_folder(sampler, [s["prompt"]], s["batch_seeds"], tmp_path / "b", 2, 7.5,
+                              record, batch_size=2, keep=[2])
+    assert [f["file"] for f in side["images"]] == ["p000_s2.png"]
+    assert not (tmp_path / "b" / "p000_s1.png").exists()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b" / "p000_s2.png")),
+                                  np.asarray(Image.open(tmp_path / "a" / "p000_s2.png")))
