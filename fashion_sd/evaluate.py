@@ -148,6 +148,11 @@ def _name(path: Path) -> str:
     return path.name.removesuffix(".safetensors").removesuffix(".lora")
 
 
+def _key_name(model) -> str:
+    """The fid.csv name of a model: ``base`` or the checkpoint's file stem."""
+    return model if model == BASE else _name(model)
+
+
 def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_images: int | None = None,
              split: str | None = None, force: bool = False, extractor=None, progress=None,
              out: str | Path | None = None, build=None) -> pd.DataFrame:
@@ -174,10 +179,10 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
 
     previous = pd.read_csv(out / "fid.csv") if (out / "fid.csv").is_file() else pd.DataFrame(columns=COLUMNS)
     done = set(zip(previous.checkpoint, previous.settings)) if not force else set()
-    todo = ([BASE] if include_base else []) + paths
-    todo = [m for m in todo if (m if m == BASE else _name(m), plan.settings_id) not in done]
-    table = previous[[(c, s) not in {(m if m == BASE else _name(m), plan.settings_id) for m in todo}
-                      for c, s in zip(previous.checkpoint, previous.settings)]]
+    wanted = ([BASE] if include_base else []) + paths
+    todo = [m for m in wanted if (_key_name(m), plan.settings_id) not in done]
+    redo = {(_key_name(m), plan.settings_id) for m in todo}  # rows replaced by this call
+    table = previous[[key not in redo for key in zip(previous.checkpoint, previous.settings)]]
     if not todo:
         print(f"every model is already scored with these settings in {out / 'fid.csv'} "
               "(--force recomputes)")
@@ -201,7 +206,7 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
     sampler = Sampler(comps)
     rows = []
     for model in todo:
-        name = model if model == BASE else _name(model)
+        name = _key_name(model)
         for k, d in projections.items():  # back to the base weights, then fold this LoRA in
             d.kernel.assign(base_kernels[k])
         meta = {}

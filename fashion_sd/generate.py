@@ -72,13 +72,6 @@ class Sampler:
 # A generation job: base model + optional LoRA -> PNGs, a contact sheet and a JSON sidecar.
 
 
-def check_lora(path) -> dict:
-    """A LoRA checkpoint's metadata, read (and so checked) before any model is built."""
-    from fashion_sd.lora import read_lora
-
-    return read_lora(path)[1]
-
-
 def load_sampler(weights: str, resolution: int, lora_path=None, cache_dir=None, seed: int = 0,
                  strength: float = 1.0) -> tuple[Sampler, dict]:
     """Build text encoder, U-Net and decoder, fold in the LoRA (fast inference), make a sampler.
@@ -89,7 +82,7 @@ def load_sampler(weights: str, resolution: int, lora_path=None, cache_dir=None, 
 
     if resolution % 64:
         raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
-    meta = check_lora(lora_path) if lora_path else None
+    meta = lora.read_lora(lora_path)[1] if lora_path else None  # checked before any build
     source = models.resolve_weights(weights, ("text_encoder", "diffusion_model", "decoder"),
                                     cache_dir, seed)
     if meta is not None and meta.get("base_weights") not in (None, source.id):
