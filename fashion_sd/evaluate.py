@@ -201,17 +201,16 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
     build = build or (lambda src, res: models.build_components(
         src, res, ("text_encoder", "diffusion_model", "decoder")))
     comps = build(source, cfg.data.resolution)
-    projections = lora.attention_projections(comps.diffusion_model)
-    base_kernels = {k: d.kernel.numpy() for k, d in projections.items()}
+    swap = lora.LoraSwap()
     sampler = Sampler(comps)
     rows = []
     for model in todo:
         name = _key_name(model)
-        for k, d in projections.items():  # back to the base weights, then fold this LoRA in
-            d.kernel.assign(base_kernels[k])
+        swap.reset()  # back to the base weights, then fold this LoRA in
         meta = {}
         if model != BASE:
-            meta = lora.merge_lora(comps.diffusion_model, model)
+            deltas, meta = lora.lora_deltas(model, comps.diffusion_model)
+            swap.apply(deltas)
         print(f"scoring {name} ({len(plan.prompts)} images, {plan.settings['steps']} steps)")
         images = generate_for(sampler, plan, cfg.eval.batch_size, out / "images" / name, progress)
         scores = score(extractor(images), real, cfg)

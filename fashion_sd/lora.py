@@ -166,24 +166,58 @@ def load_lora(path: str | Path, layers: dict[str, keras.layers.Dense]) -> dict[s
     return meta
 
 
-def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0) -> dict[str, str]:
-    """Fold a LoRA checkpoint into the base kernels of ``model`` (LoRA not enabled) for inference:
-    ``W += strength * alpha / rank * A @ B``. Returns the checkpoint's metadata.
+def lora_deltas(path: str | Path, model: keras.Model):
+    """The weight changes a LoRA checkpoint makes to ``model`` (LoRA not enabled), unapplied.
+
+    Returns ``[(kernel variable, alpha / rank * A @ B)]`` and the checkpoint's metadata, after
+    checking every layer and shape, so a caller can apply them at any strength and undo them.
     """
     tensors, meta = read_lora(path)
     rank, alpha, _ = lora_meta(meta)
     projections = attention_projections(model)
-    scale = strength * alpha / rank
+    out = []
     for key in sorted({k.rsplit(".", 1)[0] for k in tensors}):
         if key not in projections:
             raise LoraError(f"{path}: layer {key} is not in this model")
         layer = projections[key]
         if layer.lora_enabled:
-            raise LoraError("merge_lora folds into plain kernels; build the model without LoRA")
+            raise LoraError("merging folds into plain kernels; build the model without LoRA")
         delta = tensors[f"{key}.lora_a"].astype(np.float64) @ tensors[f"{key}.lora_b"]
-        kernel = layer.kernel
-        if delta.shape != tuple(kernel.shape):
+        if delta.shape != tuple(layer.kernel.shape):
             raise LoraError(f"{path}: {key} is {delta.shape[0]}x{delta.shape[1]}, the model's "
-                            f"kernel is {tuple(kernel.shape)} (made for another base model?)")
-        kernel.assign((kernel.numpy().astype(np.float64) + scale * delta).astype(np.float32))
+                            f"kernel is {tuple(layer.kernel.shape)} (made for another base model?)")
+        out.append((layer.kernel, alpha / rank * delta))
+    return out, meta
+
+
+def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0) -> dict[str, str]:
+    """Fold a LoRA checkpoint into the base kernels of ``model`` (LoRA not enabled) for inference:
+    ``W += strength * alpha / rank * A @ B``. Returns the checkpoint's metadata.
+    """
+    deltas, meta = lora_deltas(path, model)
+    for kernel, delta in deltas:
+        kernel.assign((kernel.numpy().astype(np.float64) + strength * delta).astype(np.float32))
     return meta
+
+
+class LoraSwap:
+    """One LoRA at a time on plain kernels, at any strength, undone exactly.
+
+    The app and the evaluator switch checkpoints and strengths on one loaded model; keeping the
+    base value of every touched kernel makes each switch exact instead of accumulating rounding.
+    """
+
+    def __init__(self):
+        self._base: dict[int, tuple] = {}
+
+    def apply(self, deltas, strength: float = 1.0) -> None:
+        self.reset()
+        for var, delta in deltas:
+            base = var.numpy()
+            self._base[id(var)] = (var, base)
+            var.assign((base.astype(np.float64) + strength * delta).astype(base.dtype))
+
+    def reset(self) -> None:
+        for var, base in self._base.values():
+            var.assign(base)
+        self._base.clear()

@@ -1,0 +1,1 @@
+"""Bridges to the diffusers / CompVis / kohya world. Needs no torch unless a function says so."""
