@@ -3,10 +3,25 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-test browser demo app test clean
 
 setup: $(STAMP)
+
+# Tests also need the interop extra (torch, diffusers: the peers our conversions are proven
+# against) and a real browser for the assistant's end-to-end test.
+setup-test: $(TEST_STAMP) browser
+
+$(TEST_STAMP): $(STAMP) requirements-interop.txt
+	$(BIN)/python -m pip install --quiet -r requirements-interop.txt
+	touch $(TEST_STAMP)
+
+# Debian's Chromium and its WebDriver (root, or sudo, installs them once).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
 
 $(STAMP): requirements.txt pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +39,11 @@ demo: setup
 	$(BIN)/python scripts/train.py --config configs/demo.yaml --fresh
 	$(BIN)/python scripts/evaluate_fid.py --config configs/demo.yaml --checkpoints runs/demo/checkpoints --include-base
 
-test: setup
+# The assistant on the demo run (after `make demo`): open http://127.0.0.1:7860
+app: setup
+	$(BIN)/python scripts/app.py --config configs/demo.yaml --run runs/demo
+
+test: setup-test
 	$(BIN)/python -m pytest
 
 clean:
