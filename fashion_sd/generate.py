@@ -58,14 +58,41 @@ class Sampler:
             [keras.random.normal((1, h, h, 4), seed=int(s)) for s in seeds], axis=0)
 
     def generate(self, prompt: str, seeds: list[int], steps: int = 50, guidance: float = 7.5,
-                 negative_prompt: str | None = None) -> np.ndarray:
-        """uint8 images (len(seeds), H, W, 3) for one prompt."""
+                 negative_prompt: str | None = None, on_step=None) -> np.ndarray:
+        """uint8 images (len(seeds), H, W, 3) for one prompt.
+
+        ``on_step(done, total)`` is called after each sampling step (the app's progress bar).
+        """
         context = self.encode(prompt)
-        with contextlib.redirect_stdout(io.StringIO()):  # KerasCV's per-call progress bar
-            return self.sd.generate_image(
-                context, negative_prompt=negative_prompt, batch_size=len(seeds),
-                num_steps=steps, unconditional_guidance_scale=guidance,
-                diffusion_noise=self.initial_noise(seeds))
+        unet = self.sd._diffusion_model
+        if on_step is not None:
+            self.sd._diffusion_model = _StepCounter(unet, steps, on_step)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # KerasCV's per-call progress bar
+                return self.sd.generate_image(
+                    context, negative_prompt=negative_prompt, batch_size=len(seeds),
+                    num_steps=steps, unconditional_guidance_scale=guidance,
+                    diffusion_noise=self.initial_noise(seeds))
+        finally:
+            self.sd._diffusion_model = unet
+
+
+class _StepCounter:
+    """The U-Net as KerasCV's sampling loop sees it, reporting each finished step.
+
+    KerasCV's loop only reports to its own console progress bar; it calls the U-Net twice a step
+    (unconditional, then conditional), so every second call ends a step.
+    """
+
+    def __init__(self, unet, steps: int, on_step):
+        self.unet, self.steps, self.on_step, self.calls = unet, steps, on_step, 0
+
+    def predict_on_batch(self, inputs):
+        out = self.unet.predict_on_batch(inputs)
+        self.calls += 1
+        if self.calls % 2 == 0:
+            self.on_step(self.calls // 2, self.steps)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
