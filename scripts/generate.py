@@ -67,6 +67,8 @@ def apply_png_settings(args, cfg) -> None:
     args.lora, args.lora_strength = s.get("lora"), s.get("lora_strength") or 1.0
     if s.get("weights"):
         cfg.model.weights = s["weights"]
+    if s.get("model_seed") is not None:  # the seed that random-init weights were drawn with
+        cfg.seed = int(s["model_seed"])
 
 
 def main(argv: list[str] | None = None) -> int:
