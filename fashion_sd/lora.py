@@ -11,6 +11,11 @@ processes, unlike Keras' auto-numbered layer names.
 
 A checkpoint (``.lora.safetensors``) holds only the LoRA matrices plus metadata; about 3 MB at
 rank 4. Keras' ``save_weights`` would instead write the whole merged model (3.4 GB).
+
+A checkpoint imported from kohya or diffusers (``scripts/convert.py import-lora``) may also hold
+text-encoder layers, ``te{i:02d}.{q_proj,k_proj,v_proj,out_proj,fc1,fc2}`` for the i-th layer of
+KerasCV's ``TextEncoder``, and per-layer alphas (metadata ``layer_alpha``); generation and merging
+apply those too, training does not train them.
 """
 
 from __future__ import annotations
@@ -166,38 +171,93 @@ def load_lora(path: str | Path, layers: dict[str, keras.layers.Dense]) -> dict[s
     return meta
 
 
-def lora_deltas(path: str | Path, model: keras.Model):
+TEXT_ENCODER_PROJECTIONS = {"q_proj": ("clip_attn", "q_proj"), "k_proj": ("clip_attn", "k_proj"),
+                            "v_proj": ("clip_attn", "v_proj"), "out_proj": ("clip_attn", "out_proj"),
+                            "fc1": (None, "fc1"), "fc2": (None, "fc2")}
+
+
+def text_encoder_projections(text_encoder: keras.Model) -> dict[str, keras.layers.Dense]:
+    """The Dense layers of KerasCV's TextEncoder a LoRA may change, named ``te{i:02d}.{proj}``."""
+    from keras_cv.src.models.stable_diffusion.text_encoder import CLIPEncoderLayer
+
+    out = {}
+    blocks = [layer for layer in text_encoder.layers if isinstance(layer, CLIPEncoderLayer)]
+    for i, block in enumerate(blocks):  # each feeds the next, so this is their depth order
+        for name, (parent, attr) in TEXT_ENCODER_PROJECTIONS.items():
+            out[f"te{i:02d}.{name}"] = getattr(getattr(block, parent) if parent else block, attr)
+    return out
+
+
+def is_text_encoder_layer(key: str) -> bool:
+    return key.startswith("te")
+
+
+def layer_scale(meta: dict[str, str], key: str, rank: int) -> float:
+    """alpha / rank of one layer: the file's alpha, or its per-layer alpha where they differ."""
+    per_layer = json.loads(meta["layer_alpha"]) if "layer_alpha" in meta else {}
+    return float(per_layer.get(key, meta["alpha"])) / rank
+
+
+def lora_deltas(path: str | Path, model: keras.Model, text_encoder: keras.Model | None = None):
     """The weight changes a LoRA checkpoint makes to ``model`` (LoRA not enabled), unapplied.
 
     Returns ``[(kernel variable, alpha / rank * A @ B)]`` and the checkpoint's metadata, after
     checking every layer and shape, so a caller can apply them at any strength and undo them.
+    Text-encoder layers (imported LoRAs) change ``text_encoder``, which must then be given.
     """
     tensors, meta = read_lora(path)
-    rank, alpha, _ = lora_meta(meta)
+    keys = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    te_keys = [k for k in keys if is_text_encoder_layer(k)]
+    if te_keys and text_encoder is None:
+        raise LoraError(f"{path}: has {len(te_keys)} text-encoder layers ({te_keys[0]}, ...); pass "
+                        "the text encoder too (text_encoder=...) so they are applied")
     projections = attention_projections(model)
+    if te_keys:
+        projections.update(text_encoder_projections(text_encoder))
     out = []
-    for key in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+    for key in keys:
         if key not in projections:
             raise LoraError(f"{path}: layer {key} is not in this model")
         layer = projections[key]
         if layer.lora_enabled:
             raise LoraError("merging folds into plain kernels; build the model without LoRA")
-        delta = tensors[f"{key}.lora_a"].astype(np.float64) @ tensors[f"{key}.lora_b"]
+        a, b = tensors[f"{key}.lora_a"], tensors[f"{key}.lora_b"]
+        delta = a.astype(np.float64) @ b
         if delta.shape != tuple(layer.kernel.shape):
             raise LoraError(f"{path}: {key} is {delta.shape[0]}x{delta.shape[1]}, the model's "
                             f"kernel is {tuple(layer.kernel.shape)} (made for another base model?)")
-        out.append((layer.kernel, alpha / rank * delta))
+        out.append((layer.kernel, layer_scale(meta, key, a.shape[1]) * delta))
     return out, meta
 
 
-def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0) -> dict[str, str]:
+def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0,
+               text_encoder: keras.Model | None = None) -> dict[str, str]:
     """Fold a LoRA checkpoint into the base kernels of ``model`` (LoRA not enabled) for inference:
-    ``W += strength * alpha / rank * A @ B``. Returns the checkpoint's metadata.
+    ``W += strength * alpha / rank * A @ B``; text-encoder layers go into ``text_encoder``.
+    Returns the checkpoint's metadata.
     """
-    deltas, meta = lora_deltas(path, model)
+    deltas, meta = lora_deltas(path, model, text_encoder=text_encoder)
     for kernel, delta in deltas:
         kernel.assign((kernel.numpy().astype(np.float64) + strength * delta).astype(np.float32))
     return meta
+
+
+def init_from(path: str | Path, layers: dict[str, keras.layers.Dense], alpha: float) -> dict[str, str]:
+    """Start training from a LoRA checkpoint (``lora.init_from``): its A and B become the start.
+
+    Rank, targets and alpha must be the run's own, or the run would continue a different function
+    than the file describes; text-encoder layers cannot be trained here, so they are an error.
+    """
+    tensors, meta = read_lora(path)
+    te = sorted({k.rsplit(".", 1)[0] for k in tensors if is_text_encoder_layer(k)})
+    if te:
+        raise LoraError(f"lora.init_from: {path} has {len(te)} text-encoder layers ({te[0]}, ...); "
+                        "training here trains U-Net layers only. Start from a U-Net-only LoRA")
+    if "layer_alpha" in meta or not np.isclose(float(meta["alpha"]), alpha):
+        raise LoraError(f"lora.init_from: {path} has alpha {meta['alpha']}"
+                        + (" (differing per layer)" if "layer_alpha" in meta else "")
+                        + f", the run has lora.alpha {alpha}; set lora.alpha: {float(meta['alpha'])}")
+    return load_lora(path, layers)
 
 
 class LoraSwap:

@@ -186,8 +186,8 @@ def _open_folder(path: Path, ema: bool) -> Source:
             for n in t.keys():
                 if n.endswith("position_ids"):
                     skipped["position ids (a buffer: 0..76)"].append(n)
-                else:
-                    names[n] = n
+                else:  # transformers >= 5.6 saves CLIPTextModel without the text_model. level
+                    names[K.compvis_clip_key(n)] = n
             parts[comp] = Renamed(t, names)
         else:
             parts[comp] = Renamed(t, {n: n for n in t.keys()})

@@ -1,0 +1,326 @@
+"""LoRA files in the formats other tools read: kohya (A1111, ComfyUI) and diffusers (PEFT).
+
+All three formats hold the same two matrices per projection and differ in names, orientation and
+where alpha lives (the effect is ``W += alpha / rank * up @ down`` in torch's (out, in) layout):
+
+============  ======================================  ==================  =========================
+format        names                                   matrices            alpha
+============  ======================================  ==================  =========================
+fashion-sd    ``st00.attn1.to_q.lora_a`` / ``lora_b``  A (in, r), B (r,    metadata ``alpha``
+                                                      out): Keras layout
+kohya         ``lora_unet_down_blocks_0_attentions_0  ``lora_down`` (r,   an ``.alpha`` tensor per
+              _transformer_blocks_0_attn1_to_q``       in), ``lora_up``    module (absent: = rank)
+                                                      (out, r)
+diffusers     ``unet.down_blocks.0.attentions.0.      ``lora_A`` (r, in), metadata
+              transformer_blocks.0.attn1.to_q``        ``lora_B`` (out, r) ``lora_adapter_metadata``
+                                                                          (absent: = rank)
+============  ======================================  ==================  =========================
+
+Text-encoder parts (``lora_te_...``, ``text_encoder....``) map onto KerasCV's TextEncoder as
+``te00.q_proj`` ... ``te11.fc2``. Only LoRA on Linear layers that fashion-sd can apply is accepted:
+the U-Net's attention projections and the text encoder's attention and MLP. Convolution LoRA
+(LoCon), LyCORIS kinds (LoHa, LoKr, DoRA, ...) and LoRA on other U-Net layers are refused by name.
+Conversion is a transpose and a rename, so import then export returns the same tensors bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from fashion_sd.files import atomic_path
+from fashion_sd.interop.kerascv import unet_block_names
+from fashion_sd.interop.keys import UNET_BLOCKS, _rename
+from fashion_sd.interop.tensors import InteropError, SafetensorsFile, load_pickle, sha256
+
+FORMATS = ("kohya", "diffusers")
+UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "out_proj": "to_out.0"}
+TE_PROJ = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+           "out_proj": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+TE_LAYERS = 12
+LYCORIS_MARKERS = ("hada_", "lokr_", "oft_", "dora_scale", "lora_mid", ".diff", "on_input",
+                   "boft_", "glora_", ".w_norm", ".b_norm")
+
+
+def unet_modules() -> dict[str, str]:
+    """fashion-sd layer name -> diffusers module path, for every U-Net attention projection."""
+    out = {}
+    for i, block in enumerate(unet_block_names()["st"]):
+        for a in (1, 2):
+            for ours, theirs in UNET_PROJ.items():
+                out[f"st{i:02d}.attn{a}.{ours}"] = f"{block}.transformer_blocks.0.attn{a}.{theirs}"
+    return out
+
+
+def te_modules() -> dict[str, str]:
+    """fashion-sd layer name -> transformers CLIPTextModel module path."""
+    return {f"te{i:02d}.{ours}": f"text_model.encoder.layers.{i}.{theirs}"
+            for i in range(TE_LAYERS) for ours, theirs in TE_PROJ.items()}
+
+
+def is_text_encoder_layer(name: str) -> bool:
+    return name.startswith("te")
+
+
+def _kohya_names() -> dict[str, str]:
+    """kohya module name -> fashion-sd layer; U-Net blocks under diffusers' and CompVis' names."""
+    out = {}
+    for ours, module in unet_modules().items():
+        out["lora_unet_" + module.replace(".", "_")] = ours
+        compvis = _rename(module, UNET_BLOCKS, False)  # older A1111-era files use these
+        out["lora_unet_" + compvis.replace(".", "_")] = ours
+    for ours, module in te_modules().items():
+        out["lora_te_" + module.replace(".", "_")] = ours
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading any supported file into {layer: (down (r, in), up (out, r), alpha)}
+
+
+def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    if not path.is_file():
+        raise InteropError(f"{path}: LoRA file not found")
+    if path.suffix == ".safetensors":
+        f = SafetensorsFile(path)
+        return {k: f[k] for k in f.keys()}, f.metadata
+    return load_pickle(path), {}
+
+
+def _refuse_kinds(path: Path, keys) -> None:
+    lyco = sorted(k for k in keys if any(m in k for m in LYCORIS_MARKERS))
+    if lyco:
+        raise InteropError(f"{path}: LyCORIS/DoRA tensors ({', '.join(lyco[:4])}"
+                           + (" ..." if len(lyco) > 4 else "") + "); fashion-sd applies plain LoRA "
+                           "only. Convert it to a plain LoRA (e.g. kohya's extract/resize scripts)")
+    if any(k.startswith(("lora_te1_", "lora_te2_")) or ".text_encoder_2." in k
+           or k.startswith("text_encoder_2.") for k in keys):
+        raise InteropError(f"{path}: an SDXL LoRA (two text encoders); fashion-sd is SD 1.x only")
+
+
+def _pairs_kohya(path, tensors):
+    names = _kohya_names()
+    out, unknown = {}, set()
+    modules = {k.split(".", 1)[0] for k in tensors}
+    for m in sorted(modules):
+        down, up = tensors.get(f"{m}.lora_down.weight"), tensors.get(f"{m}.lora_up.weight")
+        extra = {k for k in tensors if k.split(".", 1)[0] == m} - {
+            f"{m}.lora_down.weight", f"{m}.lora_up.weight", f"{m}.alpha"}
+        if m not in names or down is None or up is None or extra or down.ndim != 2:
+            unknown.add(m)
+            continue
+        alpha = float(tensors[f"{m}.alpha"]) if f"{m}.alpha" in tensors else float(down.shape[0])
+        out[names[m]] = (down, up, alpha)
+    return out, unknown
+
+
+def _pairs_diffusers(path, tensors, meta):
+    mods = {**{"unet." + v: k for k, v in unet_modules().items()},
+            **{"text_encoder." + v: k for k, v in te_modules().items()}}
+    # transformers >= 5.6 names CLIPTextModel's modules without the text_model. level
+    mods.update({"text_encoder." + v[len("text_model."):]: k for k, v in te_modules().items()})
+    adapter = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else {}
+    pattern = re.compile(r"^(.*)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
+    groups, unknown = {}, set()
+    for k in tensors:
+        m = pattern.match(k)
+        if k.endswith(".alpha"):
+            continue
+        if not m:
+            unknown.add(k)
+            continue
+        module = m.group(1)
+        if module.startswith("base_model.model."):  # a bare PEFT adapter of the U-Net
+            module = "unet." + module[len("base_model.model."):]
+        groups.setdefault(module, {})["down" if m.group(2) in ("lora_A", "lora.down") else "up"] = tensors[k]
+    out = {}
+    for module, mats in groups.items():
+        if module not in mods or set(mats) != {"down", "up"} or mats["down"].ndim != 2:
+            unknown.add(module)
+            continue
+        part = module.split(".", 1)[0]
+        rank = mats["down"].shape[0]
+        inner = module[len(part) + 1:]
+        if f"{module}.alpha" in tensors:
+            alpha = float(tensors[f"{module}.alpha"])
+        else:
+            alpha_pattern = adapter.get(f"{part}.alpha_pattern") or {}
+            alpha = next((float(v) for p, v in alpha_pattern.items() if inner.endswith(p)), None)
+            if alpha is None:
+                alpha = float(adapter.get(f"{part}.lora_alpha", rank))
+        out[mods[module]] = (mats["down"], mats["up"], alpha)
+    return out, unknown
+
+
+def read_foreign_lora(path: str | Path) -> tuple[dict, str, dict]:
+    """A kohya or diffusers LoRA file as ``{layer: (down, up, alpha)}``, its format and metadata."""
+    path = Path(path)
+    tensors, meta = _read(path)
+    if meta.get("format") == "fashion-sd-lora":
+        raise InteropError(f"{path}: already a fashion-sd LoRA checkpoint; use it as it is")
+    _refuse_kinds(path, tensors)
+    if not tensors:
+        raise InteropError(f"{path}: no tensors")
+    if all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors):
+        fmt = "kohya"
+        pairs, unknown = _pairs_kohya(path, tensors)
+    elif any(".lora_A." in k or ".lora.down." in k for k in tensors):
+        fmt = "diffusers"
+        pairs, unknown = _pairs_diffusers(path, tensors, meta)
+    else:
+        raise InteropError(f"{path}: neither kohya (lora_unet_*.lora_down.weight) nor diffusers "
+                           f"(unet.*.lora_A.weight) LoRA keys, e.g. {next(iter(tensors))}")
+    if unknown:
+        conv = sorted(u for u in unknown if any(
+            np.ndim(v) == 4 for k, v in tensors.items() if k.startswith(u + ".")))
+        kind = ("convolution LoRA (LoCon) on " + ", ".join(conv[:3]) + "; " if conv else "")
+        raise InteropError(
+            f"{path}: {len(unknown)} LoRA modules fashion-sd cannot apply: {kind}"
+            f"{', '.join(sorted(unknown)[:5])}" + (" ..." if len(unknown) > 5 else "")
+            + ". fashion-sd applies LoRA to the U-Net's attention to_q/to_k/to_v/to_out and the "
+            "text encoder's attention and MLP only")
+    for layer, (down, up, _) in pairs.items():
+        if up.shape[1] != down.shape[0]:
+            raise InteropError(f"{path}: {layer}: lora_up {up.shape} and lora_down {down.shape} "
+                               "disagree on the rank")
+    return pairs, fmt, meta
+
+
+def targets_of(layers) -> list[str]:
+    """The shortest ``lora.targets`` list that selects exactly these U-Net layers."""
+    layers = set(layers)
+    n = len(unet_block_names()["st"])
+    out = []
+    for proj in UNET_PROJ:
+        both = all(f"st{i:02d}.attn{a}.{proj}" in layers for i in range(n) for a in (1, 2))
+        if both:
+            out.append(proj)
+            continue
+        for a in (1, 2):
+            full = [f"st{i:02d}.attn{a}.{proj}" for i in range(n)]
+            if all(x in layers for x in full):
+                out.append(f"attn{a}.{proj}")
+            else:
+                out += [x for x in full if x in layers]
+    return out
+
+
+def import_lora(path: str | Path, out: str | Path) -> dict:
+    """A kohya or diffusers LoRA file -> a fashion-sd LoRA checkpoint at ``out``; returns its metadata.
+
+    Rank and alpha come from the file. Where modules differ in alpha, each module's alpha is kept
+    in the metadata (``layer_alpha``), so the effect is unchanged.
+    """
+    from safetensors.numpy import save_file
+
+    from fashion_sd import lora
+
+    path = Path(path)
+    pairs, fmt, src_meta = read_foreign_lora(path)
+    ranks = Counter(int(d.shape[0]) for d, _, _ in pairs.values())
+    alphas = Counter(a for _, _, a in pairs.values())
+    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    tensors = {}
+    for layer, (down, up, _) in sorted(pairs.items()):
+        # Keras' Dense computes x @ (W + s A B) with W (in, out): A = down^T, B = up^T.
+        tensors[f"{layer}.lora_a"] = np.ascontiguousarray(down.T.astype(np.float32))
+        tensors[f"{layer}.lora_b"] = np.ascontiguousarray(up.T.astype(np.float32))
+    unet_layers = sorted(k for k in pairs if not is_text_encoder_layer(k))
+    meta = {"format": lora.FORMAT, "format_version": lora.FORMAT_VERSION, "rank": str(rank),
+            "alpha": repr(float(alpha)), "targets": json.dumps(targets_of(unet_layers)),
+            "layers": json.dumps(sorted(pairs)), "imported_from": path.name,
+            "imported_format": fmt, "imported_sha256": sha256(path),
+            "source_dtype": str(next(iter(pairs.values()))[0].dtype)}
+    if len(alphas) > 1:
+        meta["layer_alpha"] = json.dumps({k: a for k, (_, _, a) in sorted(pairs.items())})
+    for key in ("ss_sd_model_name", "ss_output_name", "ss_network_dim", "ss_network_alpha"):
+        if key in src_meta:
+            meta["source_" + key] = src_meta[key]
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def layer_alpha(meta: dict[str, str], layer: str) -> float:
+    per_layer = json.loads(meta["layer_alpha"]) if "layer_alpha" in meta else {}
+    return float(per_layer.get(layer, meta["alpha"]))
+
+
+def export_lora(ckpt: str | Path, fmt: str, out: str | Path) -> Path:
+    """A fashion-sd LoRA checkpoint as a kohya or diffusers file that other tools load.
+
+    kohya: ``lora_down``/``lora_up``/``alpha`` per module and ``ss_*`` metadata (A1111, ComfyUI,
+    kohya's scripts). diffusers: ``lora_A``/``lora_B`` with rank and alpha in
+    ``lora_adapter_metadata``, read by ``pipe.load_lora_weights`` and ``unet.load_lora_adapter``.
+    """
+    from safetensors.numpy import save_file
+
+    from fashion_sd import lora
+
+    if fmt not in FORMATS:
+        raise InteropError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    tensors, meta = lora.read_lora(ckpt)
+    layers = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    modules = {**unet_modules(), **te_modules()}
+    unknown = [x for x in layers if x not in modules]
+    if unknown:
+        raise InteropError(f"{ckpt}: layers {', '.join(unknown[:4])} have no SD 1.x module name "
+                           "(a checkpoint of the tiny test model?)")
+    out_t, out_meta = {}, {}
+    rank = int(meta["rank"])
+    if fmt == "kohya":
+        for x in layers:
+            name = ("lora_te_" if is_text_encoder_layer(x) else "lora_unet_") + modules[x].replace(".", "_")
+            out_t[f"{name}.lora_down.weight"] = np.ascontiguousarray(tensors[f"{x}.lora_a"].T)
+            out_t[f"{name}.lora_up.weight"] = np.ascontiguousarray(tensors[f"{x}.lora_b"].T)
+            out_t[f"{name}.alpha"] = np.asarray(layer_alpha(meta, x), np.float32)
+        out_meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                    "ss_network_alpha": meta["alpha"], "ss_base_model_version": "sd_v1",
+                    "ss_v2": "False", "ss_output_name": Path(out).name.split(".")[0],
+                    "ss_sd_model_name": meta.get("base_weights", ""),
+                    "ss_training_comment": "fashion-sd LoRA (KerasCV), exported by scripts/convert.py",
+                    "modelspec.architecture": "stable-diffusion-v1/lora"}
+    else:
+        adapter = {}
+        for part, prefix, picked in (("unet", "unet.", [x for x in layers if not is_text_encoder_layer(x)]),
+                                     ("text_encoder", "text_encoder.", [x for x in layers if is_text_encoder_layer(x)])):
+            if not picked:
+                continue
+            for x in picked:
+                out_t[f"{prefix}{modules[x]}.lora_A.weight"] = np.ascontiguousarray(tensors[f"{x}.lora_a"].T)
+                out_t[f"{prefix}{modules[x]}.lora_B.weight"] = np.ascontiguousarray(tensors[f"{x}.lora_b"].T)
+            ranks = {x: int(tensors[f"{x}.lora_a"].shape[1]) for x in picked}
+            alphas = {x: layer_alpha(meta, x) for x in picked}
+            base_alpha = float(meta["alpha"])
+            # PEFT matches target names as suffixes; without "text_model." they match CLIPTextModel
+            # both before transformers 5.6 and after, when it lost that level.
+            adapter.update({f"{part}.r": rank, f"{part}.lora_alpha": base_alpha,
+                            f"{part}.target_modules": sorted(_peft_name(modules[x]) for x in picked),
+                            # PEFT matches pattern keys as module-name suffixes
+                            f"{part}.rank_pattern": {_peft_name(modules[x]): r
+                                                     for x, r in ranks.items() if r != rank},
+                            f"{part}.alpha_pattern": {_peft_name(modules[x]): a
+                                                      for x, a in alphas.items() if a != base_alpha}})
+        out_meta = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True)}
+    with atomic_path(out) as tmp:
+        save_file(out_t, str(tmp), metadata=out_meta)
+    return Path(out)
+
+
+def _peft_name(module: str) -> str:
+    return module[len("text_model."):] if module.startswith("text_model.") else module
+
+
+def export_name(ckpt: str | Path, fmt: str) -> Path:
+    """Where :func:`export_lora` output goes beside a checkpoint: ``best.kohya.safetensors``."""
+    ckpt = Path(ckpt)
+    stem = ckpt.name[: -len(".lora.safetensors")] if ckpt.name.endswith(".lora.safetensors") else ckpt.stem
+    return ckpt.with_name(f"{stem}.{fmt}.safetensors")
