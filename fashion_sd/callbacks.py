@@ -88,18 +88,26 @@ class Checkpointer(keras.callbacks.Callback):
     ``checkpoints/epoch_XXX.lora.safetensors`` (the last ``keep_last``), ``best`` by val loss,
     ``last`` (always the newest), and ``train_state.safetensors`` for --resume; each written
     atomically, the train state last so it never points past what is on disk. After a run of
-    non-finite steps nothing is written: the previous checkpoint stays as it was.
+    non-finite steps nothing is written: the previous checkpoint stays as it was. ``export``
+    formats (``output.export``) are written beside each checkpoint, e.g. ``best.kohya.safetensors``.
     """
 
-    def __init__(self, state: RunState, layers: dict, lora_meta: dict, keep_last: int, label: str):
+    def __init__(self, state: RunState, layers: dict, lora_meta: dict, keep_last: int, label: str,
+                 export=()):
         super().__init__()
         self.state, self.layers, self.meta = state, layers, lora_meta
-        self.keep_last, self.label = keep_last, label
+        self.keep_last, self.label, self.export = keep_last, label, tuple(export)
 
     def _save_lora(self, name: str) -> Path:
-        return lora.save_lora(self.state.checkpoints / name, self.layers, **self.meta,
+        path = lora.save_lora(self.state.checkpoints / name, self.layers, **self.meta,
                               step=str(self.state.optimizer_step),
                               epoch=f"{self.state.epoch_progress:.4f}")
+        if self.export:
+            from fashion_sd.interop.lora_formats import export_lora, export_name
+
+            for fmt in self.export:
+                export_lora(path, fmt, export_name(path, fmt))
+        return path
 
     def on_epoch_end(self, epoch, logs=None):
         st, logs = self.state, logs or {}
@@ -127,6 +135,9 @@ class Checkpointer(keras.callbacks.Callback):
         kept = sorted(self.state.checkpoints.glob("epoch_*.lora.safetensors"))
         for old in kept[: max(0, len(kept) - self.keep_last)]:
             old.unlink()
+            stem = old.name[: -len(".lora.safetensors")]
+            for fmt in ("kohya", "diffusers"):  # its exports go with it
+                old.with_name(f"{stem}.{fmt}.safetensors").unlink(missing_ok=True)
 
 
 class SampleGrids(keras.callbacks.Callback):

@@ -94,6 +94,9 @@ class LoraConfig:
     alpha: float = 8.0
     # Dense layers inside the U-Net's attention blocks (self- and cross-attention).
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "out_proj"])
+    # A LoRA checkpoint to start training from (e.g. one made by scripts/convert.py import-lora);
+    # its rank, alpha and targets must be these. null: start from zero (B = 0).
+    init_from: str | None = None
 
 
 @dataclass
@@ -135,6 +138,9 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
+    # Also write each LoRA checkpoint in these formats beside it (best.kohya.safetensors, ...):
+    # kohya for AUTOMATIC1111 / ComfyUI, diffusers for load_lora_weights.
+    export: list[Literal["kohya", "diffusers"]] = field(default_factory=list)
 
 
 @dataclass
@@ -390,6 +396,8 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     need(cfg.lora.rank > 0, "lora.rank", "must be > 0")
     need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
     need(len(cfg.lora.targets) > 0, "lora.targets", "must name at least one layer")
+    need(cfg.lora.init_from is None or bool(cfg.lora.init_from.strip()), "lora.init_from",
+         "must be a LoRA checkpoint path or null")
     t = cfg.train
     need(t.epochs > 0, "train.epochs", "must be > 0")
     need(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
@@ -412,6 +420,8 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     for key in ("steps", "batch_size", "kid_subsets", "kid_subset_size"):
         need(getattr(cfg.eval, key) >= 1, f"eval.{key}", "must be >= 1")
     need(bool(cfg.output.dir), "output.dir", "must not be empty")
+    need(len(set(cfg.output.export)) == len(cfg.output.export), "output.export",
+         "must not repeat a format")
     return errs
 
 

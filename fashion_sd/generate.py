@@ -118,7 +118,8 @@ def load_sampler(weights: str, resolution: int, lora_path=None, cache_dir=None, 
     keras.utils.set_random_seed(seed)  # random-init weights, when asked for, are reproducible
     comps = models.build_components(source, resolution, ("text_encoder", "diffusion_model", "decoder"))
     if lora_path:
-        lora.merge_lora(comps.diffusion_model, lora_path, strength)
+        # text_encoder: LoRAs imported from kohya/diffusers may change the text encoder too
+        lora.merge_lora(comps.diffusion_model, lora_path, strength, text_encoder=comps.text_encoder)
     record = {"weights": source.to_dict(), "random_init": source.is_random, "label": source.label,
               "lora": str(lora_path) if lora_path else None, "lora_metadata": meta,
               "lora_strength": strength if lora_path else None, "resolution": resolution}

@@ -242,22 +242,37 @@ def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0,
     return meta
 
 
-def init_from(path: str | Path, layers: dict[str, keras.layers.Dense], alpha: float) -> dict[str, str]:
-    """Start training from a LoRA checkpoint (``lora.init_from``): its A and B become the start.
+def check_init_from(path: str | Path, rank: int, alpha: float) -> dict[str, str]:
+    """Why ``lora.init_from`` cannot start this run, as a LoraError; else the file's metadata.
 
-    Rank, targets and alpha must be the run's own, or the run would continue a different function
-    than the file describes; text-encoder layers cannot be trained here, so they are an error.
+    Rank and alpha must be the run's own, or training would continue a different function than
+    the file describes; text-encoder layers cannot be trained here, so they are an error too.
+    Needs no model, so a run checks this before any heavy work.
     """
     tensors, meta = read_lora(path)
     te = sorted({k.rsplit(".", 1)[0] for k in tensors if is_text_encoder_layer(k)})
     if te:
         raise LoraError(f"lora.init_from: {path} has {len(te)} text-encoder layers ({te[0]}, ...); "
                         "training here trains U-Net layers only. Start from a U-Net-only LoRA")
+    ranks = {int(v.shape[1]) for k, v in tensors.items() if k.endswith(".lora_a")}
+    if ranks != {rank}:
+        raise LoraError(f"lora.init_from: {path} has rank {', '.join(map(str, sorted(ranks)))}, "
+                        f"the run has lora.rank {rank}; set lora.rank: {int(meta['rank'])}")
     if "layer_alpha" in meta or not np.isclose(float(meta["alpha"]), alpha):
         raise LoraError(f"lora.init_from: {path} has alpha {meta['alpha']}"
                         + (" (differing per layer)" if "layer_alpha" in meta else "")
                         + f", the run has lora.alpha {alpha}; set lora.alpha: {float(meta['alpha'])}")
-    return load_lora(path, layers)
+    return meta
+
+
+def init_from(path: str | Path, layers: dict[str, keras.layers.Dense], rank: int,
+              alpha: float) -> dict[str, str]:
+    """Start training from a LoRA checkpoint (``lora.init_from``): its A and B become the start."""
+    check_init_from(path, rank, alpha)
+    try:
+        return load_lora(path, layers)
+    except LoraError as exc:
+        raise LoraError(f"lora.init_from: {exc}") from None
 
 
 class LoraSwap:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.keep_last", "train.max_nonfinite",
                      "train.sample_every", "train.sample_steps", "train.sample_guidance",
                      "train.sample_seeds", "train.sample_prompts", "train.jit_compile",
-                     "data.cache_dir", "model.cache_dir", "output.dir")
+                     "data.cache_dir", "model.cache_dir", "output.dir", "output.export")
 
 
 class TrainingError(RuntimeError):
@@ -110,6 +110,12 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
     if missing:
         raise TrainingError(f"{cfg.data.captions}: {len(missing)} image(s) not found, e.g. "
                             f"{missing[0]}; rebuild the captions or fix data.images")
+    init_meta = None
+    if cfg.lora.init_from and not resume:  # checked now; loaded once the LoRA layers exist
+        try:
+            init_meta = lora.check_init_from(cfg.lora.init_from, cfg.lora.rank, cfg.lora.alpha)
+        except lora.LoraError as exc:
+            raise TrainingError(str(exc)) from None
     source = models.resolve_weights(cfg.model.weights, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
 
     precision = hardware.resolve_precision(cfg.train.precision)
@@ -136,6 +142,12 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
     with strategy.scope():
         layers = lora.apply_lora(comps.diffusion_model, cfg.lora.rank, cfg.lora.alpha,
                                  cfg.lora.targets)
+        if init_meta is not None:
+            try:
+                lora.init_from(cfg.lora.init_from, layers, cfg.lora.rank, cfg.lora.alpha)
+            except lora.LoraError as exc:
+                raise TrainingError(str(exc)) from None
+            print(f"LoRA starts from {cfg.lora.init_from}")
         trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
         print(f"trainable LoRA parameters: {trainable:,} "
               f"({len(layers)} projections, rank {cfg.lora.rank})")
@@ -170,11 +182,14 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
                  "base_weights": source.id, "random_init": str(source.is_random).lower(),
                  "caption_template": cfg.captions.template,
                  "resolution": str(cfg.data.resolution)}
+    if cfg.lora.init_from:
+        lora_meta["init_from"] = str(cfg.lora.init_from)
     if jit:
         comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
     callbacks = [
         cb.StepGuard(state, cfg.train.max_nonfinite),
-        cb.Checkpointer(state, layers, lora_meta, cfg.train.keep_last, source.label),
+        cb.Checkpointer(state, layers, lora_meta, cfg.train.keep_last, source.label,
+                        cfg.output.export),
         cb.SampleGrids(state, Sampler(comps), cfg.train.sample_prompts, cfg.train.sample_seeds,
                        cfg.train.sample_steps, cfg.train.sample_guidance,
                        cfg.train.sample_every, source.label),
