@@ -139,12 +139,16 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
                 prompt_note = gr.Markdown(elem_id="prompt-note")
                 negative = gr.Textbox(label="Negative prompt", placeholder="what to avoid")
                 with gr.Row():
+                    # Custom values pass Gradio so that checkpoints written after start can be
+                    # asked for; Assistant.find_checkpoint accepts only names of listed files.
                     checkpoint = gr.Dropdown(choices=ckpt_choices, value=ckpt_default,
-                                             label="Model", elem_id="checkpoint", scale=4)
+                                             label="Model", elem_id="checkpoint", scale=4,
+                                             allow_custom_value=True)
                     rescan_button = gr.Button("↻", scale=0, min_width=40)
                 strength = gr.Slider(*LIMITS["strength"], value=1.0, step=0.05,
                                      label="LoRA strength (no effect on the base model)")
-                num_images = gr.Slider(*LIMITS["num_images"], value=4, step=1, label="Variations")
+                num_images = gr.Slider(*LIMITS["num_images"], value=4, step=1, label="Variations",
+                                       elem_id="variations")
                 seed = gr.Number(value=0, precision=0, label="Seed (variations use seed, seed+1, …)",
                                  elem_id="seed")
                 with gr.Accordion("Advanced", open=False):
@@ -173,16 +177,25 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
         for control in [*pickers, free_text, replace]:
             control.change(preview, [*pickers, free_text, replace], [prompt, prompt_note],
                            queue=False, **private)
-        go.click(generate, inputs, [results, status], api_name="generate", **model) \
+        # The page validates beside each field first; scripts get the same checks as errors
+        # from the function itself (a failed validator only reaches them as a bare HTTP 400).
+        go.click(generate, inputs, [results, status], api_name="page_generate", **model,
+                 **private) \
             .then(history, None, past, **private)
-        same.click(generate, inputs, [results, status], **model, **private) \
+        api_only = gr.Button(visible="hidden")
+        api_only.click(generate, inputs, [results, status], api_name="generate",
+                       concurrency_limit=1, concurrency_id="model")
+        same.click(generate, inputs, [results, status], api_name="page_same_seed", **model,
+                   **private) \
             .then(history, None, past, **private)
         new.click(lambda: random.randrange(2**31), None, seed, queue=False, **private) \
-            .then(generate, inputs, [results, status], **model, **private) \
+            .then(generate, inputs, [results, status], api_name="page_new_seeds", **model,
+                  **private) \
             .then(history, None, past, **private)
-        compare_button.click(compare, inputs, [comparison, status], api_name="compare", **model) \
+        compare_button.click(compare, inputs, [comparison, status], **model, **private) \
             .then(history, None, past, **private)
         rescan_button.click(rescan, None, checkpoint, **private)
+        app.load(preview, [*pickers, free_text, replace], [prompt, prompt_note], **private)
         app.load(history, None, past, **private)
         app.load(rescan, None, checkpoint, **private)
     app.queue(max_size=queue_size, default_concurrency_limit=1)
