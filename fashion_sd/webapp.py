@@ -102,9 +102,10 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
         result = _run(lambda cb: assistant.generate(req, on_step=cb), progress)
         for note in result.warnings:
             gr.Warning(note)
+        seeds = (f"seed {result.seeds[0]}" if len(result.seeds) == 1
+                 else f"seeds {result.seeds[0]}–{result.seeds[-1]}")
         return _gallery_items([result]), (
-            f"{len(result.paths)} image(s), seeds {result.seeds[0]}–{result.seeds[-1]}, "
-            f"saved in `{assistant.gallery.folder}`")
+            f"{len(result.paths)} image(s), {seeds}, saved in `{assistant.gallery.folder}`")
 
     def compare(prompt, seed, num_images, steps, negative_prompt, guidance, checkpoint, strength,
                 progress=gr.Progress()):
@@ -163,13 +164,15 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
                 compare_button = gr.Button("Compare with the base model", elem_id="compare")
             with gr.Column(scale=3):
                 status = gr.Markdown(elem_id="status")
-                results = gr.Gallery(label="Images", columns=4, height="auto",
+                results = gr.Gallery(label="Images", columns=4, height=420, object_fit="contain",
+                                     preview=False,
                                      buttons=["download", "fullscreen"], elem_id="results")
                 comparison = gr.Gallery(label="Base model | chosen checkpoint", columns=2,
-                                        height="auto", elem_id="comparison")
+                                        height=260, object_fit="contain", preview=False,
+                                        elem_id="comparison")
         with gr.Accordion("Gallery: every image made here (kept across restarts)", open=True):
-            past = gr.Gallery(columns=8, height="auto", buttons=["download", "fullscreen"],
-                              elem_id="history")
+            past = gr.Gallery(columns=8, height=240, object_fit="contain", preview=False,
+                              buttons=["download", "fullscreen"], elem_id="history")
 
         inputs = [prompt, seed, num_images, steps, negative, guidance, checkpoint, strength]
         model = {"concurrency_limit": 1, "concurrency_id": "model", "validator": validate}

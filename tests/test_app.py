@@ -138,6 +138,8 @@ def test_designer_generates_in_a_real_browser(served, tmp_path):
         images = results.find_elements(By.TAG_NAME, "img")
         assert images and all(img.get_attribute("naturalWidth") != "0" for img in images)
         wait.until(lambda d: "seed 11" in d.find_element(By.ID, "history").text)
+        driver.set_window_size(1400, 1500)
+        driver.execute_script("window.scrollTo(0, 0)")
         shot = tmp_path / "assistant.png"
         driver.save_screenshot(str(shot))
         if os.environ.get("FASHION_SD_SCREENSHOT"):  # how docs/assistant.png is made

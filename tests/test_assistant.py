@@ -173,3 +173,39 @@ def test_gallery_keeps_images_and_settings_across_restarts(tmp_path):
     assert caption_of(items[0][1]) == "seed 2 · epoch_001 ×0.5"
     assert caption_of({"seed": 4, "checkpoint": BASE, "lora_strength": None}) == "seed 4 · base"
     assert json.loads(Image.open(paths[0]).text["fashion-sd"])["seed"] == 0
+
+
+def _app_script(*args):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    return subprocess.run([sys.executable, str(ROOT / "scripts/app.py"), "--config",
+                           str(ROOT / "configs/demo.yaml"), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_app_command_line_is_checked_before_any_model_is_built(tmp_path):
+    r = _app_script("--run", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and "--run" in r.stderr and "no such folder" in r.stderr
+    r = _app_script("--lora", str(tmp_path / "none.lora.safetensors"))
+    assert r.returncode == 2 and "none.lora.safetensors: LoRA checkpoint not found" in r.stderr
+    r = _app_script("--auth", "just-a-name")
+    assert r.returncode == 2 and "--auth must be USER:PASS" in r.stderr
+    r = _app_script("--port", "70000")
+    assert r.returncode == 2 and "--port 70000" in r.stderr
+    assert "building" not in r.stderr
+
+
+def test_auth_can_come_from_a_file(tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("app_script", ROOT / "scripts/app.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "auth").write_text("ana:s3cr:et\n")
+    assert mod.parse_auth(f"@{tmp_path / 'auth'}") == ("ana", "s3cr:et")
+    assert mod.parse_auth("bo:pw") == ("bo", "pw") and mod.parse_auth(None) is None
