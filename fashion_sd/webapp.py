@@ -52,6 +52,12 @@ def _gallery_items(results) -> list[tuple[str, str]]:
     return [(str(path), caption_of(s)) for r in results for path, s in zip(r.paths, r.settings)]
 
 
+def _thumbnails(columns: int, height: int) -> dict:
+    """A gallery of small squares with their captions; one image does not fill the width."""
+    return {"columns": columns, "height": height, "object_fit": "contain", "preview": False,
+            "fit_columns": False, "buttons": ["download", "download_all", "fullscreen"]}
+
+
 def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
     cfg = assistant.cfg
     template = cfg.captions.template
@@ -164,15 +170,11 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
                 compare_button = gr.Button("Compare with the base model", elem_id="compare")
             with gr.Column(scale=3):
                 status = gr.Markdown(elem_id="status")
-                results = gr.Gallery(label="Images", columns=4, height=420, object_fit="contain",
-                                     preview=False,
-                                     buttons=["download", "fullscreen"], elem_id="results")
-                comparison = gr.Gallery(label="Base model | chosen checkpoint", columns=2,
-                                        height=260, object_fit="contain", preview=False,
-                                        elem_id="comparison")
+                results = gr.Gallery(label="Images", elem_id="results", **_thumbnails(4, 420))
+                comparison = gr.Gallery(label="Base model | chosen checkpoint",
+                                        elem_id="comparison", **_thumbnails(2, 260))
         with gr.Accordion("Gallery: every image made here (kept across restarts)", open=True):
-            past = gr.Gallery(columns=8, height=240, object_fit="contain", preview=False,
-                              buttons=["download", "fullscreen"], elem_id="history")
+            past = gr.Gallery(elem_id="history", **_thumbnails(8, 240))
 
         inputs = [prompt, seed, num_images, steps, negative, guidance, checkpoint, strength]
         model = {"concurrency_limit": 1, "concurrency_id": "model", "validator": validate}
