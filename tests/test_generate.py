@@ -17,6 +17,15 @@ def sampler(small_parts):
     return Sampler(models.Components(source, 64, diffusion_model=tiny_unet(8), **small_parts))
 
 
+def test_progress_is_reported_after_every_sampling_step(sampler):
+    prompt = "an image of a Women's Dress"
+    calls = []
+    with_progress = sampler.generate(prompt, [3], steps=4, on_step=lambda *a: calls.append(a))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    np.testing.assert_array_equal(with_progress, sampler.generate(prompt, [3], steps=4))
+    assert sampler.sd._diffusion_model is sampler.comps.diffusion_model  # put back
+
+
 def test_same_seed_same_pixels(sampler):
     prompt = "an image of a 2011 Casual Fall White Men's Sweater"
     a = sampler.generate(prompt, [0, 1], steps=3)
