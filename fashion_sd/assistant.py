@@ -353,7 +353,8 @@ class Assistant:
         else:
             deltas = self._deltas.get(key[0])
             if deltas is None:
-                deltas, _ = lora.lora_deltas(ckpt.path, self.comps.diffusion_model)
+                deltas, _ = lora.lora_deltas(ckpt.path, self.comps.diffusion_model,
+                                             text_encoder=self.comps.text_encoder)
                 self._deltas = {key[0]: deltas}  # one LoRA's changes kept: memory stays flat
             self.swap.apply(deltas, strength)
         self._active = key
