@@ -8,8 +8,6 @@ they cannot drift apart; the inverse is what the tests hand to diffusers' own si
 
 from __future__ import annotations
 
-import numpy as np
-
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -132,16 +130,16 @@ def diffusers_vae_key(key: str) -> str:
 
 
 def to_compvis(unet: dict | None = None, vae: dict | None = None,
-               text_encoder: dict | None = None) -> dict[str, np.ndarray]:
-    """diffusers state dicts -> one CompVis-layout state dict (the single-file format)."""
+               text_encoder: dict | None = None) -> dict:
+    """diffusers state dicts (numpy or torch) -> one CompVis-layout state dict (a single file)."""
     out = {}
     for sd, blocks, prefix in ((unet, UNET_BLOCKS, UNET_PREFIX), (vae, VAE_BLOCKS, VAE_PREFIX)):
         for k, v in (sd or {}).items():
             name = _rename(k, blocks, False)
             if name is None:
                 raise KeyError(f"{k}: no CompVis name for this diffusers tensor")
-            if ".mid.attn_1." in name and name.endswith("weight") and np.ndim(v) == 2:
-                v = np.asarray(v)[:, :, None, None]  # CompVis' VAE attention uses 1x1 convs
+            if ".mid.attn_1." in name and name.endswith("weight") and len(v.shape) == 2:
+                v = v.reshape(tuple(v.shape) + (1, 1))  # CompVis' VAE attention uses 1x1 convs
             out[prefix + name] = v
     for k, v in (text_encoder or {}).items():
         out[CLIP_PREFIX + k] = v
