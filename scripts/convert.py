@@ -61,7 +61,8 @@ def check_paths(args) -> None:
     if args.command in ("import-lora", "export-lora") and out.is_dir():
         raise IsADirectoryError(f"--out {out}: is a folder; give a file name such as "
                                 + ("x.lora.safetensors" if args.command == "import-lora" else "x.safetensors"))
-    if args.command == "merge" and Path(args.weights[len("local:"):]).resolve() == out.resolve():
+    if (args.command == "merge" and args.weights.startswith("local:")
+            and Path(args.weights[len("local:"):]).resolve() == out.resolve()):
         raise ValueError(f"--out {out}: the same folder as --weights; merged files would replace "
                          "the base model. Give another folder")
 

@@ -89,6 +89,19 @@ def test_decoder_from_bf16_diffusers_folder_equals_source(small_parts, tmp_path)
         np.testing.assert_array_equal(ours.numpy(), expected)
 
 
+def test_one_bad_component_means_no_file_is_written(small_parts, tmp_path):
+    state = {**kerascv.state_dict(kerascv.decoder_targets(small_parts["decoder"])),
+             **kerascv.state_dict(kerascv.image_encoder_targets(small_parts["image_encoder"]))}
+    state.pop("decoder.conv_out.bias")  # the decoder is bad; the encoder, converted first, is fine
+    (tmp_path / "sd" / "vae").mkdir(parents=True)
+    save_file(state, str(tmp_path / "sd/vae/diffusion_pytorch_model.safetensors"))
+    with pytest.raises(InteropError, match=r"sd \(decoder\): .*1 missing: decoder.conv_out.bias"):
+        import_model(tmp_path / "sd", tmp_path / "out", built={
+            "decoder": models.build_component("decoder", 64),
+            "image_encoder": models.build_component("image_encoder", 64)})
+    assert not (tmp_path / "out").exists()
+
+
 def test_unmapped_missing_and_misshaped_tensors_are_listed_together(small_parts):
     state = kerascv.state_dict(kerascv.decoder_targets(small_parts["decoder"]))
     state.pop("decoder.conv_in.bias")

@@ -272,13 +272,10 @@ class DictSource:
         return np.asarray(self.tensors[name])
 
 
-def assign(targets: list[Target], source, where: str) -> None:
-    """Fill every target from ``source`` (keys / shape / getitem), using each tensor exactly once.
-
-    Unmapped, missing and mis-shaped tensors are collected and raised together from the names and
-    shapes alone, before anything is read or assigned, so a wrong file never leaves a
-    half-converted model.
-    """
+def check(targets: list[Target], source, where: str) -> None:
+    """Raise if ``source`` (keys / shape / getitem) does not fill ``targets`` with each tensor
+    exactly once: unmapped, missing and mis-shaped tensors are listed together. Reads only names
+    and shapes, so every component of a file is checked before anything is converted."""
     names = set(source.keys())
     wanted = [t.source for t in targets]
     if len(set(wanted)) != len(wanted):  # a bug in this mapping, not in the file
@@ -300,6 +297,12 @@ def assign(targets: list[Target], source, where: str) -> None:
                         + (" ..." if len(shaped) > 4 else ""))
     if problems:
         raise InteropError(f"{where}: tensors do not match SD 1.x: " + "; ".join(problems))
+
+
+def assign(targets: list[Target], source, where: str) -> None:
+    """Fill every target from ``source`` after :func:`check`, so a wrong file never leaves a
+    half-converted model."""
+    check(targets, source, where)
     for t in targets:
         t.variable.assign(np.asarray(to_keras(t.kind, source[t.source]), np.float32))
 

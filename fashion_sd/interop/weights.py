@@ -49,20 +49,22 @@ def import_model(path: str | Path, out: str | Path, ema: bool = False, built: di
         raise InteropError(f"{out}: exists and is not a folder")
     present = [c for c in models.COMPONENTS if c in src.parts]
     absent = [c for c in models.COMPONENTS if c not in src.parts]
-    built = dict(built or {})
+    built = {**{n: models.build_component(n, BUILD_RESOLUTION) for n in present
+                if n not in (built or {})}, **(built or {})}
+    targets = {n: kerascv.TARGETS[n](built[n]) for n in present}
+    for name in present:  # every component checked before any file is written
+        kerascv.check(targets[name], src.parts[name], f"{src.path} ({name})")
     written, dtypes = {}, {}
     for name in present:
-        model = built.get(name) or models.build_component(name, BUILD_RESOLUTION)
         part = src.parts[name]
-        kerascv.assign(kerascv.TARGETS[name](model), part, f"{src.path} ({name})")
+        kerascv.assign(targets[name], part, f"{src.path} ({name})")
         out.mkdir(parents=True, exist_ok=True)
         target = out / models.WEIGHT_FILES[name].keras3_name
-        save_weights(model, target)
+        save_weights(built[name], target)
         log.info("%s -> %s", name, target)
         written[name] = target.name
         dtypes[name] = sorted(part.dtypes())
-        if name not in built:
-            del model
+    del built, targets
     summary = {
         "origin": {"kind": "imported", "path": str(Path(path).resolve()), "layout": src.layout,
                    "ema": ema,
@@ -76,12 +78,13 @@ def import_model(path: str | Path, out: str | Path, ema: bool = False, built: di
 
 
 def merge_model(weights: str, lora_path: str | Path, out: str | Path, strength: float = 1.0,
-                cache_dir: str | None = None) -> dict:
+                cache_dir: str | None = None, built: dict | None = None) -> dict:
     """Base weights (``model.weights`` syntax) with a LoRA folded in, as KerasCV files in ``out``.
 
     The U-Net (and the text encoder, when the LoRA has parts for it) get
     ``W + strength * alpha / rank * A @ B``; the VAE is copied as it is. Generation from ``out``
-    then needs no LoRA step.
+    then needs no LoRA step. ``built`` as in :func:`import_model`: components to load the base
+    weights into instead of building new ones (they hold the merged weights afterwards).
     """
     from fashion_sd import lora
 
@@ -90,7 +93,15 @@ def merge_model(weights: str, lora_path: str | Path, out: str | Path, strength: 
     if source.is_random:
         raise InteropError("merge: --weights random has nothing to merge into; give local:DIR or "
                            "pretrained")
-    comps = models.build_components(source, BUILD_RESOLUTION)
+    if built:
+        for name, model in built.items():
+            model.load_weights(str(source.files[name]))
+        rest = [c for c in models.COMPONENTS if c not in built]
+        comps = models.build_components(source, BUILD_RESOLUTION, rest)
+        for name, model in built.items():
+            setattr(comps, name, model)
+    else:
+        comps = models.build_components(source, BUILD_RESOLUTION)
     lora.merge_lora(comps.diffusion_model, lora_path, strength, text_encoder=comps.text_encoder)
     models.save_components(comps, out)
     record = json.loads((Path(out) / "source.json").read_text())
