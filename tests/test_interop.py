@@ -325,6 +325,24 @@ def test_a_ckpt_pickle_with_vae_and_text_encoder_only(peer, kcv, tmp_path):
     agree("decoder (.ckpt)", kcv_outputs(kcv, peer, ["decoder"])["decoder"], peer.ref["decoder"])
 
 
+def test_a_diffusers_folder_of_bin_files(small_parts, tmp_path):
+    """Older diffusers folders hold torch pickles (.bin), read with weights_only=True."""
+    from fashion_sd.interop import kerascv
+
+    state = {**kerascv.state_dict(kerascv.decoder_targets(small_parts["decoder"])),
+             **kerascv.state_dict(kerascv.image_encoder_targets(small_parts["image_encoder"]))}
+    (tmp_path / "sd" / "vae").mkdir(parents=True)
+    torch.save({k: torch.from_numpy(v).half() for k, v in state.items()},
+               tmp_path / "sd/vae/diffusion_pytorch_model.bin")
+    built = {n: models.build_component(n, 64) for n in ("image_encoder", "decoder")}
+    summary = import_model(tmp_path / "sd", tmp_path / "out", built=built)
+    assert summary["origin"]["sha256"].keys() == {"vae/diffusion_pytorch_model.bin"}
+    assert summary["source_dtypes"]["decoder"] == ["float16"]
+    for name, model in built.items():
+        for ours, theirs in zip(model.weights, small_parts[name].weights):
+            np.testing.assert_array_equal(ours.numpy(), theirs.numpy().astype(np.float16).astype(np.float32))
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("this pickle ran code",))
