@@ -207,8 +207,11 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
     return app
 
 
-def launch(app: gr.Blocks, assistant: Assistant, host: str = "127.0.0.1", port: int = 7860,
+def launch(app: gr.Blocks, assistant: Assistant, host: str = "127.0.0.1", port: int | None = None,
            share: bool = False, auth: tuple[str, str] | None = None, **kwargs):
-    """Serve ``app``; only the gallery folder is served from disk besides Gradio's own files."""
+    """Serve ``app``; only the gallery folder is served from disk besides Gradio's own files.
+
+    ``port`` None takes the first free one from 7860 (a notebook cell can run twice).
+    """
     return app.launch(server_name=host, server_port=port, share=share, auth=auth,
                       allowed_paths=[str(assistant.gallery.folder.resolve())], **kwargs)

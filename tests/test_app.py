@@ -196,6 +196,19 @@ def test_strength_changes_without_reloading_and_undoes_exactly(served):
         a.comps.diffusion_model.weights)  # the same model object throughout
 
 
+def test_compare_shows_base_and_checkpoint_for_one_seed(served):
+    from fashion_sd.assistant import Request
+
+    a = served.assistant
+    base, tuned = a.compare(Request(PROMPT, seed=8, num_images=3, steps=2,
+                                    checkpoint="epoch_001", strength=1.0))
+    assert base.seeds == tuned.seeds == [8]
+    assert [s["checkpoint"] for s in base.settings + tuned.settings] == ["base", "epoch_001"]
+    (alone,) = a.generate(Request(PROMPT, seed=8, steps=2, checkpoint="base")).paths
+    np.testing.assert_array_equal(_pixels(base.paths[0]), _pixels(alone))
+    assert not np.array_equal(_pixels(tuned.paths[0]), _pixels(alone))
+
+
 def test_from_png_reproduces_an_app_image(served, tmp_path):
     from fashion_sd.assistant import Request
     from fashion_sd.generate import read_png_settings
@@ -267,3 +280,26 @@ def test_a_full_queue_answers_busy(served):
     served_ok = [a for a in answers if not isinstance(a, Exception)]
     assert busy and served_ok
     assert all("full" in str(e).lower() for e in busy), busy
+
+
+def test_auth_protects_a_shared_app(served):
+    from gradio_client import Client
+
+    from fashion_sd.webapp import build_app, launch
+
+    app = build_app(served.assistant)
+    port = _free_port()
+    launch(app, served.assistant, port=port, auth=("ana", "s3cret"), prevent_thread_lock=True,
+           quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        with pytest.raises(Exception):
+            Client(url, verbose=False).predict(prompt=PROMPT, seed=1, num_images=1, steps=1,
+                                               api_name="/generate")
+        with pytest.raises(Exception):
+            Client(url, auth=("ana", "wrong"), verbose=False)
+        images, _ = Client(url, auth=("ana", "s3cret"), verbose=False).predict(
+            prompt=PROMPT, seed=1, num_images=1, steps=1, checkpoint="base", api_name="/generate")
+        assert images[0]["caption"] == "seed 1 · base"
+    finally:
+        app.close()

@@ -51,7 +51,7 @@ def test_notebooks_run_in_demo_mode(tmp_path):
                  STEPS=2, EXTRA=sets[:3], APP_RUN=str(run))
     side = json.loads((gen / "generate.json").read_text())
     assert side["lora"].endswith("last.lora.safetensors") and len(side["prompts"]) == 3
-    printed = "".join(o.get("text", "") for c in nb["cells"] for o in c.get("outputs", []))
+    printed = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "assistant at http://127.0.0.1:" in printed and "'last'" in printed  # the app opened
 
     sweep = yaml.safe_load((ROOT / "configs/sweep_demo.yaml").read_text())
