@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -124,7 +125,10 @@ def peer(tmp_path_factory):
     del p.unet, p.vae, p.text_encoder, te_sd
     gc.collect()
     p.single_file_mismatches = read_single_file_with_diffusers(p)
-    return p
+    yield p
+    shutil.rmtree(root)  # 7 GB; pytest would keep it for three runs
+
+
 
 
 def clip_text_model():
@@ -276,7 +280,8 @@ def scramble(model, seed=0):
 def imported(peer, kcv, tmp_path_factory):
     out = tmp_path_factory.mktemp("imported")
     summary = import_model(peer.folder, out, built=kcv)
-    return out, summary
+    yield out, summary
+    shutil.rmtree(out)
 
 
 def test_a_diffusers_folder_imports_to_the_same_outputs(peer, kcv, imported):
@@ -314,6 +319,7 @@ def test_a_compvis_single_file_is_what_diffusers_single_file_loader_reads(peer, 
     ours = kcv_outputs(kcv, peer)
     for name in ("unet", "text_encoder", "image_encoder", "decoder"):
         agree(f"{name} (single file)", ours[name], peer.ref[name])
+    shutil.rmtree(tmp_path / "out")
 
 
 def test_a_ckpt_pickle_with_vae_and_text_encoder_only(peer, kcv, tmp_path):
@@ -425,3 +431,4 @@ def test_merge_equals_unmerged(peer, kcv, imported, kcv_with_lora, tmp_path):
         r = rel(ours[name], unmerged[name])
         print(f"\n{name}: merged vs unmerged max |diff| / max = {r:.1e}")
         assert r <= 1e-5
+    shutil.rmtree(tmp_path / "merged")
