@@ -209,7 +209,8 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
         swap.reset()  # back to the base weights, then fold this LoRA in
         meta = {}
         if model != BASE:
-            deltas, meta = lora.lora_deltas(model, comps.diffusion_model)
+            deltas, meta = lora.lora_deltas(model, comps.diffusion_model,
+                                            text_encoder=comps.text_encoder)
             swap.apply(deltas)
         print(f"scoring {name} ({len(plan.prompts)} images, {plan.settings['steps']} steps)")
         images = generate_for(sampler, plan, cfg.eval.batch_size, out / "images" / name, progress)
