@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# With the interop extra installed, torch's triton (which carries its own LLVM) loads before
+# anything else: diffusers importing it after TensorFlow in one pytest process segfaults.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
