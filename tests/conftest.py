@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,9 @@ import pytest
 from PIL import Image
 
 # With the interop extra installed, torch's triton (which carries its own LLVM) loads before
-# anything else: diffusers importing it after TensorFlow in one pytest process segfaults.
-if importlib.util.find_spec("triton") is not None:
+# anything else: diffusers importing it after TensorFlow in one pytest process segfaults. A helper
+# script that imported TensorFlow first (tests/mirrored_check.py) never needs triton: skip it there.
+if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not None:
     import triton  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
