@@ -174,6 +174,20 @@ def _inside(path: Path, folder: Path) -> bool:
     return True
 
 
+def _name(path: Path) -> str:
+    return path.name.removesuffix(".lora.safetensors")
+
+
+def checkpoint_files(run_dir: str | Path | None, extra=()) -> list[Path]:
+    """The LoRA files the app may serve: those under the run (no link leading out) and ``extra``."""
+    files = []
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        files = [p for p in sorted((run_dir / "checkpoints").glob("*.lora.safetensors"))
+                 if _inside(p, run_dir)]
+    return files + [Path(p) for p in extra]
+
+
 def list_checkpoints(run_dir: str | Path | None, extra=()) -> list[Checkpoint]:
     """The base model, then every LoRA checkpoint of the run, with epoch, val loss and the
     FID/KID that ``evaluate_fid.py`` measured; the best one marked (lowest FID where scored,
@@ -183,12 +197,8 @@ def list_checkpoints(run_dir: str | Path | None, extra=()) -> list[Checkpoint]:
     from safetensors import safe_open
 
     rows = [Checkpoint(BASE, None)]
-    files = []
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        folder = run_dir / "checkpoints"
-        files = [p for p in sorted(folder.glob("*.lora.safetensors")) if _inside(p, run_dir)]
-    files += [Path(p) for p in extra]
+    files = checkpoint_files(run_dir, extra)
+    run_dir = Path(run_dir) if run_dir is not None else None
     history = _table(run_dir / "history.csv") if run_dir else None
     scores = _table(run_dir / "eval" / "fid.csv") if run_dir else None
     for path in files:
@@ -197,8 +207,7 @@ def list_checkpoints(run_dir: str | Path | None, extra=()) -> list[Checkpoint]:
                 meta = dict(fh.metadata() or {})
         except Exception:  # an unreadable file is listed as such and fails when chosen
             meta = {}
-        name = path.name.removesuffix(".lora.safetensors")
-        ckpt = Checkpoint(name, path)
+        ckpt = Checkpoint(_name(path), path)
         if "epoch" in meta:
             ckpt.epoch = float(meta["epoch"])
         if "step" in meta:
@@ -336,10 +345,15 @@ class Assistant:
         return list_checkpoints(self.run_dir, self.extra_loras)
 
     def find_checkpoint(self, name: str) -> Checkpoint:
-        """A checkpoint by its listed name; anything else is refused (never a path)."""
-        for ckpt in self.checkpoints():
-            if ckpt.name == name:
-                return ckpt
+        """A checkpoint by its listed name; anything else is refused (never a path).
+
+        Looks at file names only: a request needs no scores, history or LoRA metadata.
+        """
+        if name == BASE:
+            return Checkpoint(BASE, None)
+        for path in checkpoint_files(self.run_dir, self.extra_loras):
+            if _name(path) == name:
+                return Checkpoint(name, path)
         raise RequestError("checkpoint", f"no checkpoint named {name!r} in this run")
 
     def _use(self, ckpt: Checkpoint, strength: float) -> None:

@@ -79,8 +79,7 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
         try:
             prompt_warnings(prompt, tokenizer)
             check_settings(num_images, steps, guidance, strength, seed)
-            if checkpoint not in {c.name for c in assistant.checkpoints()}:
-                raise RequestError("checkpoint", f"no checkpoint named {checkpoint!r} in this run")
+            assistant.find_checkpoint(checkpoint or BASE)
         except RequestError as exc:
             verdict[exc.field] = gr.validate(False, str(exc))
         return [verdict[name] for name in API_INPUTS]
