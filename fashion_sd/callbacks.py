@@ -135,9 +135,10 @@ class Checkpointer(keras.callbacks.Callback):
         kept = sorted(self.state.checkpoints.glob("epoch_*.lora.safetensors"))
         for old in kept[: max(0, len(kept) - self.keep_last)]:
             old.unlink()
-            stem = old.name[: -len(".lora.safetensors")]
-            for fmt in ("kohya", "diffusers"):  # its exports go with it
-                old.with_name(f"{stem}.{fmt}.safetensors").unlink(missing_ok=True)
+            from fashion_sd.interop.lora_formats import FORMATS, export_name
+
+            for fmt in FORMATS:  # its exports go with it
+                export_name(old, fmt).unlink(missing_ok=True)
 
 
 class SampleGrids(keras.callbacks.Callback):
