@@ -25,10 +25,18 @@ def file_id(path: str) -> list:
     return [path, st.st_size, st.st_mtime_ns]
 
 
-def cache_key(kind: str, weights_id: str, items: list, resolution: int | None = None) -> dict:
-    """What a cache depends on; its hash names the file, the whole of it is stored inside."""
-    return {"version": CACHE_VERSION, "kind": kind, "weights": weights_id,
-            "resolution": resolution, "items": items}
+def cache_key(kind: str, weights_id: str, items: list, resolution: int | None = None,
+              dtype: str | None = None) -> dict:
+    """What a cache depends on; its hash names the file, the whole of it is stored inside.
+
+    ``dtype`` is the compute dtype of the encoder that made it: bfloat16 encodings differ from
+    float32 ones, so a run in one precision never reuses the other's.
+    """
+    key = {"version": CACHE_VERSION, "kind": kind, "weights": weights_id,
+           "resolution": resolution, "items": items}
+    if dtype is not None:
+        key["dtype"] = dtype
+    return key
 
 
 def key_path(folder: Path, key: dict) -> Path:

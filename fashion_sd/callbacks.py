@@ -14,9 +14,12 @@ import pandas as pd
 
 from fashion_sd import lora, plots
 from fashion_sd.files import atomic_path
-from fashion_sd.trainer import save_train_state
+from fashion_sd.trainer import loss_scale, save_train_state
 
-HISTORY_COLUMNS = ["epoch", "step", "loss", "val_loss", "lr", "skipped_steps", "seconds"]
+# skipped_steps: non-finite losses or gradients (never applied); overflow_steps: float16 steps
+# the loss-scale optimizer skipped; loss_scale: its scale (empty without float16).
+HISTORY_COLUMNS = ["epoch", "step", "loss", "val_loss", "lr", "skipped_steps", "overflow_steps",
+                   "loss_scale", "seconds"]
 
 
 @dataclass
@@ -30,7 +33,7 @@ class RunState:
     best_val: float = math.inf
     elapsed: float = 0.0  # seconds of training in earlier sessions
     history: list[dict] = field(default_factory=list)
-    stop_reason: str | None = None  # "max_steps" | "nonfinite" | None
+    stop_reason: str | None = None  # "max_steps" | "nonfinite" | "loss_scale" | None
     session_start: float = field(default_factory=time.time)
 
     @property
@@ -63,18 +66,26 @@ class RunState:
                 "elapsed": self.seconds}
 
 
-class StepGuard(keras.callbacks.Callback):
-    """Counts steps; stops at the end step (train.max_steps) or after too many non-finite steps."""
+FAILURES = ("nonfinite", "loss_scale")  # stop reasons after which nothing more is written
 
-    def __init__(self, state: RunState, max_nonfinite: int):
+
+class StepGuard(keras.callbacks.Callback):
+    """Counts steps; stops at the end step (train.max_steps), after ``max_nonfinite`` non-finite
+    losses in a row, or when the float16 loss scale falls below ``min_loss_scale``."""
+
+    def __init__(self, state: RunState, max_nonfinite: int, min_loss_scale: float = 1.0):
         super().__init__()
-        self.state, self.max_nonfinite = state, max_nonfinite
+        self.state, self.max_nonfinite, self.min_loss_scale = state, max_nonfinite, min_loss_scale
 
     def on_train_batch_end(self, batch, logs=None):
         st = self.state
         st.step += 1
+        scale = loss_scale(self.model.optimizer)
         if int(self.model.nonfinite_streak.numpy()) >= self.max_nonfinite:
             st.stop_reason = "nonfinite"
+            self.model.stop_training = True
+        elif scale is not None and scale < self.min_loss_scale:
+            st.stop_reason = "loss_scale"
             self.model.stop_training = True
         elif st.step >= st.end_step:
             if st.end_step < st.total_steps:
@@ -111,7 +122,7 @@ class Checkpointer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         st, logs = self.state, logs or {}
-        if st.stop_reason == "nonfinite":
+        if st.stop_reason in FAILURES:
             return
         if st.epoch_complete:
             self._save_lora(f"epoch_{epoch + 1:03d}.lora.safetensors")
@@ -126,6 +137,8 @@ class Checkpointer(keras.callbacks.Callback):
             "loss": float(logs.get("loss", math.nan)), "val_loss": val,
             "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
             "skipped_steps": int(self.model.skipped_steps.numpy()),
+            "overflow_steps": int(self.model.overflow_steps.numpy()),
+            "loss_scale": loss_scale(self.model.optimizer),
             "seconds": round(st.seconds, 1)})
         save_train_state(st.state_path, self.model, self.layers, st.info())
         write_history(st.history, st.out / "history.csv")
@@ -152,7 +165,7 @@ class SampleGrids(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         st = self.state
-        if st.stop_reason == "nonfinite" or not self.every:
+        if st.stop_reason in FAILURES or not self.every:
             return
         last = st.step >= st.end_step or st.stop_reason is not None
         if st.epoch_complete and ((epoch + 1) % self.every == 0 or last):

@@ -86,6 +86,9 @@ class ModelConfig:
     # pretrained | local:DIR | random | auto (auto: pretrained if reachable, else random; demo only)
     weights: str = "pretrained"
     cache_dir: str | None = None  # where downloads are cached; null: Keras' default (~/.keras)
+    # How the U-Net computes attention: keras.ops.dot_product_attention (fused: the backend's
+    # fused kernel) or KerasCV's reshape + two dots + softmax; same weights, same function.
+    attention: Literal["fused", "kerascv"] = "fused"
 
 
 @dataclass
@@ -97,6 +100,9 @@ class LoraConfig:
     # A LoRA checkpoint to start training from (e.g. one made by scripts/convert.py import-lora);
     # its rank, alpha and targets must be these. null: start from zero (B = 0).
     init_from: str | None = None
+    # separate: x W + s (x A) B, no weight gradient for the frozen W (PEFT's form, the fast one);
+    # merged: Keras' enable_lora kernel x (W + s A B). Same function; for benchmarks.
+    form: Literal["separate", "merged"] = "separate"
 
 
 @dataclass
@@ -113,7 +119,10 @@ class TrainConfig:
     jit_compile: Union[bool, Literal["auto"]] = "auto"
     deterministic: bool = False  # TensorFlow op determinism (slower; exact resume on CPU)
     keep_last: int = 3  # epoch checkpoints kept besides best and last
-    max_nonfinite: int = 20  # consecutive non-finite steps that stop the run
+    max_nonfinite: int = 20  # consecutive non-finite (unscaled) losses that stop the run
+    # float16: the run stops when the dynamic loss scale falls below this (gradients would
+    # underflow silently); overflow skips themselves are routine and never stop a run.
+    min_loss_scale: float = 1.0
     val_repeats: int = 4  # fixed timesteps per val image, so val loss compares across epochs
     sample_every: int = 1  # epochs between sample grids; 0: none
     sample_steps: int = 25  # sampler steps for those grids
@@ -410,6 +419,11 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     need(t.keep_last >= 0, "train.keep_last", "must be >= 0")
     need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    need(t.min_loss_scale > 0 and math.isfinite(t.min_loss_scale), "train.min_loss_scale",
+         "must be a positive number")
+    need(not (t.jit_compile is True and t.deterministic), "train.jit_compile",
+         "true cannot hold with train.deterministic: true (Keras runs op-deterministic steps "
+         "without XLA); set train.jit_compile: auto or false, or train.deterministic: false")
     need(t.val_repeats >= 1, "train.val_repeats", "must be >= 1")
     need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
     need(t.sample_steps >= 1, "train.sample_steps", "must be >= 1")

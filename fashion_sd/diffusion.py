@@ -9,6 +9,10 @@ here is trained for the sampler that will use it:
   vectorised over a batch of timesteps;
 - latents are VAE posterior samples scaled by 0.18215, the factor KerasCV's ``ImageEncoder``
   applies to the posterior mean and its ``Decoder`` divides out.
+
+All of it runs in float32 whatever the dtype policy: in bfloat16, alpha-bar(0) = 0.99915 rounds
+to 1.0 and t = 0 and 1 would get no noise while the target is still the noise. Only the U-Net
+runs in the compute dtype.
 """
 
 from __future__ import annotations
@@ -47,10 +51,15 @@ def timestep_embedding(timesteps, dim: int = EMBEDDING_DIM, max_period: float = 
 
 
 def add_noise(latents, noise, timesteps, alphas_cumprod_table):
-    """Sample :math:`x_t = \\sqrt{\\bar\\alpha_t} x_0 + \\sqrt{1-\\bar\\alpha_t}\\,\\epsilon`."""
-    a = ops.take(ops.cast(alphas_cumprod_table, latents.dtype), ops.cast(timesteps, "int32"))
+    """Sample :math:`x_t = \\sqrt{\\bar\\alpha_t} x_0 + \\sqrt{1-\\bar\\alpha_t}\\,\\epsilon`, in float32."""
+    a = ops.take(ops.cast(alphas_cumprod_table, "float32"), ops.cast(timesteps, "int32"))
     a = ops.reshape(a, (-1, 1, 1, 1))
-    return ops.sqrt(a) * latents + ops.sqrt(1.0 - a) * noise
+    return ops.sqrt(a) * ops.cast(latents, "float32") + ops.sqrt(1.0 - a) * ops.cast(noise, "float32")
+
+
+def epsilon_loss(pred, noise):
+    """The "simple" loss of Ho et al. 2020: mean squared error to the noise, in float32."""
+    return ops.mean(ops.square(ops.cast(pred, "float32") - ops.cast(noise, "float32")))
 
 
 def sample_latents(moments, eps):
@@ -60,6 +69,7 @@ def sample_latents(moments, eps):
     ``ImageEncoder`` output (the mean, scaled). Log-variance is clipped to [-30, 20] as in the
     reference VAE (``DiagonalGaussianDistribution``) so exp() cannot overflow.
     """
-    mean, logvar = ops.split(moments, 2, axis=-1)
+    mean, logvar = ops.split(ops.cast(moments, "float32"), 2, axis=-1)
+    eps = ops.cast(eps, "float32")
     logvar = ops.clip(logvar, -30.0, 20.0)
     return (mean + ops.exp(0.5 * logvar) * eps) * LATENT_SCALE

@@ -64,9 +64,9 @@ class Sampler:
         ``on_step(done, total)`` is called after each sampling step (the app's progress bar).
         """
         context = self.encode(prompt)
-        unet = self.sd._diffusion_model
-        if on_step is not None:
-            self.sd._diffusion_model = _StepCounter(unet, steps, on_step)
+        unet, decoder = self.sd._diffusion_model, self.sd._decoder
+        self.sd._diffusion_model = _Float32Outputs(unet, steps, on_step)
+        self.sd._decoder = _Float32Outputs(decoder)
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # KerasCV's per-call progress bar
                 return self.sd.generate_image(
@@ -74,23 +74,26 @@ class Sampler:
                     num_steps=steps, unconditional_guidance_scale=guidance,
                     diffusion_noise=self.initial_noise(seeds))
         finally:
-            self.sd._diffusion_model = unet
+            self.sd._diffusion_model, self.sd._decoder = unet, decoder
 
 
-class _StepCounter:
-    """The U-Net as KerasCV's sampling loop sees it, reporting each finished step.
+class _Float32Outputs:
+    """A model as KerasCV's sampling loop sees it: outputs in float32, each finished step reported.
 
-    KerasCV's loop only reports to its own console progress bar; it calls the U-Net twice a step
-    (unconditional, then conditional), so every second call ends a step.
+    Under a mixed policy the U-Net returns bfloat16 or float16 arrays, and KerasCV's loop does
+    the guidance ``u + g (c - u)`` and the DDIM update in the dtype it gets; in bfloat16 (8 bits
+    of mantissa) that rounds every step. Cast here, the loop runs in float32 (its starting noise
+    is float32). KerasCV's loop only reports to its own console progress bar; it calls the U-Net
+    twice a step (unconditional, then conditional), so every second call ends a step.
     """
 
-    def __init__(self, unet, steps: int, on_step):
-        self.unet, self.steps, self.on_step, self.calls = unet, steps, on_step, 0
+    def __init__(self, model, steps: int = 0, on_step=None):
+        self.model, self.steps, self.on_step, self.calls = model, steps, on_step, 0
 
     def predict_on_batch(self, inputs):
-        out = self.unet.predict_on_batch(inputs)
+        out = np.asarray(self.model.predict_on_batch(inputs), dtype=np.float32)
         self.calls += 1
-        if self.calls % 2 == 0:
+        if self.on_step is not None and self.calls % 2 == 0:
             self.on_step(self.calls // 2, self.steps)
         return out
 

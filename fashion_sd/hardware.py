@@ -31,9 +31,25 @@ def resolve_precision(setting: str) -> str:
     return "mixed_bfloat16" if cc >= (8, 0) else "mixed_float16"
 
 
-def resolve_jit(setting) -> bool:
-    """``auto``: XLA on GPUs; off on CPUs, where a LoRA step was measured 2.5x slower with it."""
-    return bool(gpus()) if setting == "auto" else bool(setting)
+def resolve_jit(setting, replicas: int = 1, deterministic: bool = False) -> tuple[bool, str]:
+    """Whether training uses XLA, and why (recorded in run.json).
+
+    ``auto``: XLA on one GPU. Off on CPUs, where a LoRA step was measured 2.5x slower with it;
+    off with several replicas, where the trainer's cross-replica skip (``merge_call`` + ``cond``)
+    has not been proven compiled; off with ``train.deterministic``, under which Keras itself runs
+    TensorFlow without XLA (op determinism is not supported by every XLA kernel).
+    """
+    if deterministic:
+        return False, ("train.deterministic: Keras turns XLA off under TensorFlow op "
+                       "determinism")
+    if setting != "auto":
+        return bool(setting), f"train.jit_compile: {str(bool(setting)).lower()}"
+    if not gpus():
+        return False, "auto: no GPU (on CPUs XLA made a LoRA step 2.5x slower)"
+    if replicas > 1:
+        return False, (f"auto: {replicas} replicas; the cross-replica skip of non-finite steps "
+                       "is not proven under XLA (set train.jit_compile: true to try it)")
+    return True, "auto: one GPU"
 
 
 def strategy():

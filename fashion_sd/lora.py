@@ -1,4 +1,5 @@
-"""LoRA on the U-Net's attention projections, with Keras' own ``Dense.enable_lora``.
+"""LoRA on the U-Net's attention projections: Keras' own ``Dense.enable_lora`` makes the matrices,
+:mod:`fashion_sd.attention` computes them as a separate low-rank branch (see there for why).
 
 Each ``SpatialTransformer`` of KerasCV's ``DiffusionModel`` holds a self-attention (``attn1``) and
 a cross-attention (``attn2``) block, each with four ``Dense`` projections: ``to_q``, ``to_k``,
@@ -72,12 +73,17 @@ def lora_parameter_count(layers: dict[str, keras.layers.Dense], rank: int) -> in
     return sum(rank * (int(d.kernel.shape[0]) + int(d.kernel.shape[1])) for d in layers.values())
 
 
-def apply_lora(model: keras.Model, rank: int, alpha: float, targets: Iterable[str]):
+def apply_lora(model: keras.Model, rank: int, alpha: float, targets: Iterable[str],
+               form: str = "separate"):
     """Freeze ``model`` and train LoRA (A he-uniform, B zero) on the target projections only.
 
+    ``form``: ``separate`` computes ``x W + s (x A) B`` (no weight gradient for the frozen W),
+    ``merged`` Keras' ``x (W + s A B)``; both hold the same variables and give the same function.
     Load base weights before this: Keras' legacy .h5 loading counts variables per layer.
     Returns the LoRA layers by name. Raises if anything else would train (checked by count).
     """
+    from fashion_sd.attention import use_lora_form
+
     layers = select(attention_projections(model), targets)
     # Freezing variables rather than layers: a frozen parent layer would hide the LoRA
     # variables too, and `enable_lora` only freezes the kernel, not out_proj's bias.
@@ -85,6 +91,7 @@ def apply_lora(model: keras.Model, rank: int, alpha: float, targets: Iterable[st
         v.trainable = False
     for layer in layers.values():
         layer.enable_lora(rank, lora_alpha=alpha)
+        use_lora_form(layer, form)
     expected = lora_parameter_count(layers, rank)
     got = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
     if got != expected:  # would mean Keras changed what enable_lora freezes

@@ -197,12 +197,20 @@ class Components:
         return clip_tokenizer()
 
 
-def build_component(name: str, resolution: int, path: Path | None = None) -> keras.Model:
-    """One KerasCV component, with weights from ``path`` or left at random init."""
+def build_component(name: str, resolution: int, path: Path | None = None,
+                    attention: str = "fused") -> keras.Model:
+    """One KerasCV component, with weights from ``path`` or left at random init.
+
+    The U-Net computes its attention as ``attention`` says (:mod:`fashion_sd.attention`):
+    ``fused`` (default) or KerasCV's own; the weights are the same either way.
+    """
     from keras_cv.models.stable_diffusion import DiffusionModel, Decoder, ImageEncoder, TextEncoder
 
     if name == "diffusion_model":
+        from fashion_sd.attention import set_attention
+
         model = DiffusionModel(resolution, resolution, MAX_LENGTH, download_weights=False)
+        set_attention(model, attention)
     elif name == "text_encoder":
         model = TextEncoder(MAX_LENGTH, download_weights=False)
     elif name == "image_encoder":

@@ -17,8 +17,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from fashion_sd import attention, data, hardware, lora, models
 from fashion_sd import callbacks as cb
-from fashion_sd import data, hardware, lora, models
 from fashion_sd.captions import read_captions
 from fashion_sd.config import Config
 from fashion_sd.files import atomic_write_text
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.keep_last", "train.max_nonfinite",
                      "train.sample_every", "train.sample_steps", "train.sample_guidance",
                      "train.sample_seeds", "train.sample_prompts", "train.jit_compile",
-                     "data.cache_dir", "model.cache_dir", "output.dir", "output.export")
+                     "train.min_loss_scale", "model.attention", "lora.form", "data.cache_dir", "model.cache_dir", "output.dir", "output.export")
 
 
 class TrainingError(RuntimeError):
@@ -119,9 +119,10 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
     source = models.resolve_weights(cfg.model.weights, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
 
     precision = hardware.resolve_precision(cfg.train.precision)
-    jit = hardware.resolve_jit(cfg.train.jit_compile)
     strategy = hardware.strategy()
     replicas = strategy.num_replicas_in_sync
+    jit, jit_reason = hardware.resolve_jit(cfg.train.jit_compile, replicas,
+                                           cfg.train.deterministic)
     if cfg.train.batch_size % replicas:
         raise TrainingError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
                             f"{replicas} GPUs it is split over")
@@ -132,16 +133,18 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         cfg.save(out / "config.yaml")
-    print(f"weights: {source.label}\nprecision: {precision}, XLA: {jit}, replicas: {replicas}")
+    print(f"weights: {source.label}\nprecision: {precision}, XLA: {jit} ({jit_reason}), "
+          f"replicas: {replicas}")
 
     # ---- frozen encoders once, through the cache
     with strategy.scope():
         comps = build(source, cfg.data.resolution)
+    attention.set_attention(comps.diffusion_model, cfg.model.attention)
     encoded = data.encode_dataset(table, comps, cfg.data.cache_dir, cfg.data.resolution, progress)
     comps.image_encoder = None  # not needed past the cache
     with strategy.scope():
         layers = lora.apply_lora(comps.diffusion_model, cfg.lora.rank, cfg.lora.alpha,
-                                 cfg.lora.targets)
+                                 cfg.lora.targets, cfg.lora.form)
         if init_meta is not None:
             try:
                 lora.init_from(cfg.lora.init_from, layers, cfg.lora.rank, cfg.lora.alpha)
@@ -156,7 +159,8 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
         end = min(total, cfg.train.max_steps * cfg.train.grad_accum) if cfg.train.max_steps else total
         trainer = LoraTrainer(comps.diffusion_model)
         trainer.compile(
-            optimizer=make_optimizer(cfg.train.learning_rate, total, cfg.train.warmup_steps,
+            optimizer=make_optimizer(cfg.train.learning_rate, max(1, total // cfg.train.grad_accum),
+                                     cfg.train.warmup_steps,
                                      cfg.train.weight_decay, cfg.train.grad_clip,
                                      cfg.train.grad_accum, precision, replicas),
             jit_compile=jit)
@@ -169,8 +173,12 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
         state.elapsed = info["elapsed"]
         state.history = cb.read_history(out / "history.csv", state.optimizer_step)
         print(f"resuming at step {state.optimizer_step} (epoch {state.epoch_progress:g})")
+    # What actually runs: Keras may still turn XLA off (e.g. a layer that does not support it).
     extra = {"status": "running", "trainable_parameters": trainable, "precision": precision,
-             "jit_compile": jit, "replicas": replicas, "steps_per_epoch": spe,
+             "jit_compile": bool(trainer.jit_compile), "jit_reason": jit_reason
+             if bool(trainer.jit_compile) == jit else f"{jit_reason}; Keras turned it off",
+             "attention": cfg.model.attention, "lora_form": cfg.lora.form,
+             "loss_scaling": precision == "mixed_float16", "replicas": replicas, "steps_per_epoch": spe,
              "train_images": n_train, "distinct_captions": int(len(encoded.contexts))}
     write_run_json(out, cfg, source, extra)
     if state.step >= end:
@@ -187,7 +195,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
     if jit:
         comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
     callbacks = [
-        cb.StepGuard(state, cfg.train.max_nonfinite),
+        cb.StepGuard(state, cfg.train.max_nonfinite, cfg.train.min_loss_scale),
         cb.Checkpointer(state, layers, lora_meta, cfg.train.keep_last, source.label,
                         cfg.output.export),
         cb.SampleGrids(state, Sampler(comps), cfg.train.sample_prompts, cfg.train.sample_seeds,
@@ -220,6 +228,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
                "final_val_loss": last.get("val_loss"),
                "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
                "skipped_steps": int(trainer.skipped_steps.numpy()),
+               "overflow_steps": int(trainer.overflow_steps.numpy()),
                "seconds_this_session": round(time.time() - t_start, 1)}
     write_run_json(out, cfg, source, summary)
     if state.stop_reason == "nonfinite":
@@ -227,6 +236,14 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
             f"stopped at step {state.optimizer_step}: {cfg.train.max_nonfinite} non-finite losses "
             f"in a row. The last checkpoint ({out / 'checkpoints' / 'last.lora.safetensors'}) is "
             "intact. Lower train.learning_rate, or use train.precision: float32.")
+    if state.stop_reason == "loss_scale":
+        raise TrainingError(
+            f"stopped at step {state.optimizer_step}: the float16 loss scale fell below "
+            f"train.min_loss_scale={cfg.train.min_loss_scale:g} ({summary['overflow_steps']} "
+            "overflow steps): gradients overflow float16 even unscaled, and smaller scales would "
+            f"let them underflow silently. The last checkpoint "
+            f"({out / 'checkpoints' / 'last.lora.safetensors'}) is intact. Use train.precision: "
+            "mixed_bfloat16 (Ampere or newer) or float32, or lower train.learning_rate.")
     return summary
 
 

@@ -2,8 +2,8 @@
 
 Per step: draw a latent from the cached VAE posterior, noise it at a random timestep, let the
 U-Net (LoRA enabled, all else frozen) predict the noise, minimise the MSE (Ho et al. 2020, the
-"simple" loss with the epsilon target). AdamW with warm-up and cosine decay, global-norm
-clipping and gradient accumulation are Keras' own optimizer features.
+"simple" loss with the epsilon target). AdamW, global-norm clipping and gradient accumulation are
+Keras' own optimizer features; the warm-up + cosine schedule counts optimizer steps.
 """
 
 from __future__ import annotations
@@ -20,23 +20,49 @@ from fashion_sd import diffusion
 from fashion_sd.files import atomic_path
 
 
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to ``learning_rate`` over ``warmup_steps``, then cosine decay to 0 at
+    ``total_steps``; all counted in optimizer steps.
+
+    Written here rather than Keras' ``CosineDecay(warmup_target=...)`` for two reasons: Keras
+    evaluates a schedule at micro-batch iterations (``optimizer._iterations``) even with gradient
+    accumulation, so warm-up and ``train.max_steps`` would count different things; and its first
+    warm-up step has learning rate 0, a wasted step. Here optimizer step ``k`` (0-based) warms up
+    at ``learning_rate * (k + 1) / warmup_steps``.
+    """
+
+    def __init__(self, learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                 grad_accum: int = 1):
+        self.learning_rate, self.total_steps = float(learning_rate), int(total_steps)
+        self.warmup_steps, self.grad_accum = int(warmup_steps), int(grad_accum)
+
+    def __call__(self, iteration):
+        k = ops.cast(ops.floor_divide(ops.cast(iteration, "int64"), self.grad_accum), "float32")
+        lr, w = self.learning_rate, float(self.warmup_steps)
+        span = float(max(1, self.total_steps - self.warmup_steps))
+        progress = ops.clip((k - w) / span, 0.0, 1.0)
+        cosine = 0.5 * lr * (1.0 + ops.cos(np.pi * progress))
+        if not self.warmup_steps:
+            return cosine
+        return ops.where(k < w, lr * (k + 1.0) / w, cosine)
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "grad_accum": self.grad_accum}
+
+
 def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int, weight_decay: float,
                    grad_clip: float | None, grad_accum: int, precision: str, replicas: int = 1):
-    """AdamW on a warm-up + cosine schedule; loss scaling for float16.
+    """AdamW on a warm-up + cosine schedule (``total_steps`` and ``warmup_steps`` in optimizer
+    steps); loss scaling for float16.
 
-    Steps count micro-batches: Keras evaluates the schedule at every call of ``apply``.
     With several replicas the gradients reach ``apply`` already averaged and divided by the
     replica count (see :meth:`LoraTrainer.train_step`), so the clipping threshold is divided too:
     ``clip(g / n, c / n) = clip(g, c) / n``, and Keras' cross-replica sum then gives ``clip(g, c)``.
     """
-    decay_steps = max(1, total_steps - warmup_steps)
-    if warmup_steps:
-        schedule = keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps, warmup_target=learning_rate, warmup_steps=warmup_steps)
-    else:
-        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     opt = keras.optimizers.AdamW(
-        learning_rate=schedule, weight_decay=weight_decay,
+        learning_rate=WarmupCosine(learning_rate, total_steps, warmup_steps, grad_accum),
+        weight_decay=weight_decay,
         global_clipnorm=None if grad_clip is None else grad_clip / replicas,
         gradient_accumulation_steps=grad_accum if grad_accum > 1 else None)
     if precision == "mixed_float16":
@@ -44,40 +70,58 @@ def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int, we
     return opt
 
 
+def loss_scale(optimizer) -> float | None:
+    """The float16 loss scale now, or None when the optimizer does not scale the loss."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return float(ops.convert_to_numpy(optimizer.dynamic_scale))
+    return None
+
+
 class LoraTrainer(keras.Model):
     """Wraps the U-Net; ``fit`` on dict batches: moments, context, vae_eps, noise, timesteps.
 
-    A dict, because Keras reads a tuple as (x, y, sample_weight).
+    A dict, because Keras reads a tuple as (x, y, sample_weight). The trainer itself runs in
+    float32 whatever the global policy (Keras would otherwise cast its float inputs to the
+    compute dtype before ``call``): noising, timestep embedding and loss are float32, only the
+    U-Net computes in bfloat16 or float16.
     """
 
     def __init__(self, unet: keras.Model, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(dtype="float32", **kwargs)
         self.unet = unet
         self.alphas_cumprod = np.asarray(diffusion.alphas_cumprod(), np.float32)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         # Counters that survive epochs (Keras resets metrics each epoch); saved in the train state.
-        self.skipped_steps = self.add_weight(shape=(), dtype="int64", initializer="zeros",
-                                             trainable=False, name="skipped_steps",
-                                             aggregation="only_first_replica")
-        self.nonfinite_streak = self.add_weight(shape=(), dtype="int64", initializer="zeros",
-                                                trainable=False, name="nonfinite_streak",
-                                                aggregation="only_first_replica")
+        # skipped_steps: steps with a non-finite (unscaled) loss or gradient, never applied;
+        # overflow_steps: float16 steps whose scaled gradients overflowed (the loss-scale
+        # optimizer skipped them and halved the scale); routine, so not part of the streak.
+        counter = dict(shape=(), dtype="int64", initializer="zeros", trainable=False,
+                       aggregation="only_first_replica")
+        self.skipped_steps = self.add_weight(name="skipped_steps", **counter)
+        self.overflow_steps = self.add_weight(name="overflow_steps", **counter)
+        self.nonfinite_streak = self.add_weight(name="nonfinite_streak", **counter)
 
     @property
     def metrics(self):
         return [self.loss_tracker]
 
     def call(self, batch, training=False):
-        """The U-Net's noise prediction for a batch: sample latents, add noise, predict it."""
+        """The U-Net's noise prediction for a batch, with what it is scored against.
+
+        Returns float32 ``pred`` (the U-Net's output), ``target`` (the noise) and ``noisy``
+        (x_t, the U-Net's latent input).
+        """
         t = batch["timesteps"]
         latents = diffusion.sample_latents(batch["moments"], batch["vae_eps"])
-        noisy = diffusion.add_noise(latents, batch["noise"], t, self.alphas_cumprod)
+        target = ops.cast(batch["noise"], "float32")
+        noisy = diffusion.add_noise(latents, target, t, self.alphas_cumprod)
         pred = self.unet([noisy, diffusion.timestep_embedding(t), batch["context"]],
                          training=training)
-        return ops.cast(pred, "float32")
+        return {"pred": ops.cast(pred, "float32"), "target": target, "noisy": noisy}
 
     def _loss(self, batch, training: bool):
-        return ops.mean(ops.square(self(batch, training=training) - batch["noise"]))
+        out = self(batch, training=training)
+        return diffusion.epsilon_loss(out["pred"], out["target"])
 
     def train_step(self, data):
         ctx = tf.distribute.get_replica_context()
@@ -95,22 +139,28 @@ class LoraTrainer(keras.Model):
             loss_all = ctx.all_reduce("mean", loss)
         else:
             loss_all = loss
-        finite = tf.logical_and(tf.math.is_finite(loss_all),
-                                tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
+        loss_ok = tf.math.is_finite(loss_all)
+        grads_ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            # float16 overflow is routine: the loss-scale optimizer skips those steps itself.
-            self.optimizer.apply(grads, variables)
-            finite = tf.math.is_finite(loss_all)
+            # Overflowing scaled gradients are the loss-scale optimizer's business: it skips the
+            # step and halves the scale. A non-finite *unscaled* loss is not an overflow (no
+            # scale would help), so it is skipped here, the scale left alone, and counted.
+            finite = loss_ok
+            overflow = tf.logical_and(loss_ok, tf.logical_not(grads_ok))
         else:
-            self._apply_if(finite, grads, variables, ctx, replicas)
+            finite = tf.logical_and(loss_ok, grads_ok)
+            overflow = tf.constant(False)
+        self._apply_if(finite, grads, variables, ctx, replicas)
         bad = tf.cast(tf.logical_not(finite), "int64")
         self.skipped_steps.assign_add(bad)
+        self.overflow_steps.assign_add(tf.cast(overflow, "int64"))
         self.nonfinite_streak.assign((self.nonfinite_streak + bad) * bad)
-        self.loss_tracker.update_state(tf.where(finite, loss, 0.0), sample_weight=tf.cast(finite, "float32"))
+        self.loss_tracker.update_state(tf.where(finite, loss, 0.0),
+                                       sample_weight=tf.cast(finite, "float32"))
         return {"loss": self.loss_tracker.result()}
 
     def _apply_if(self, finite, grads, variables, ctx, replicas):
-        """Apply the update only for finite gradients: a real skip (no moments, no decay)."""
+        """Apply the update only when ``finite``: a real skip (no moments, no decay)."""
         if replicas == 1:
             tf.cond(finite, lambda: self.optimizer.apply(grads, variables) or tf.constant(True),
                     lambda: tf.constant(False))
@@ -151,6 +201,7 @@ def save_train_state(path: str | Path, trainer: LoraTrainer, lora_layers: dict, 
     trainer.optimizer.save_own_variables(store)
     tensors.update({f"optimizer/{k}": np.asarray(v) for k, v in store.items()})
     tensors["trainer/skipped_steps"] = np.asarray(trainer.skipped_steps.numpy())
+    tensors["trainer/overflow_steps"] = np.asarray(trainer.overflow_steps.numpy())
     tensors["trainer/nonfinite_streak"] = np.asarray(trainer.nonfinite_streak.numpy())
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"info": json.dumps(info)})
@@ -174,5 +225,7 @@ def load_train_state(path: str | Path, trainer: LoraTrainer, lora_layers: dict) 
                          "train.grad_accum/precision than the run that wrote it")
     trainer.optimizer.load_own_variables(store)
     trainer.skipped_steps.assign(tensors["trainer/skipped_steps"])
+    # train states written before overflow counting began have no such counter
+    trainer.overflow_steps.assign(tensors.get("trainer/overflow_steps", np.int64(0)))
     trainer.nonfinite_streak.assign(tensors["trainer/nonfinite_streak"])
     return info

@@ -21,9 +21,16 @@ def test_auto_precision(monkeypatch, gpus, cc, expected):
 
 def test_auto_jit(monkeypatch):
     monkeypatch.setattr(hardware, "gpus", lambda: [])
-    assert hardware.resolve_jit("auto") is False and hardware.resolve_jit(True) is True
+    assert hardware.resolve_jit("auto")[0] is False and hardware.resolve_jit(True)[0] is True
     monkeypatch.setattr(hardware, "gpus", lambda: ["gpu0"])
-    assert hardware.resolve_jit("auto") is True and hardware.resolve_jit(False) is False
+    assert hardware.resolve_jit("auto")[0] is True and hardware.resolve_jit(False)[0] is False
+    # several GPUs: auto leaves XLA off and says why; an explicit true is honoured
+    on, why = hardware.resolve_jit("auto", replicas=2)
+    assert on is False and "2 replicas" in why
+    assert hardware.resolve_jit(True, replicas=2)[0] is True
+    # Keras runs op-deterministic TensorFlow without XLA: say so instead of claiming XLA
+    on, why = hardware.resolve_jit("auto", deterministic=True)
+    assert on is False and "deterministic" in why
 
 
 def test_describe_and_versions():

@@ -85,8 +85,9 @@ def test_gradient_accumulation_equals_a_larger_batch():
     acc.fit(batches(n=4, batch=2), epochs=1, verbose=0, shuffle=False)
     sb, sa = snapshot(lb), snapshot(la)
     for k in sb:
-        # Adam divides by |g| + 1e-7: float rounding of tiny gradients moves updates by < 1e-7
-        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7)
+        # Adam divides by |g| + 1e-7: for a gradient element near 1e-7 float rounding moves
+        # that element's update (1e-3 at this learning rate) by up to a few 1e-7
+        np.testing.assert_allclose(sa[k], sb[k], rtol=1e-5, atol=1e-6)
     assert int(acc.optimizer.iterations.numpy()) == 1
 
 

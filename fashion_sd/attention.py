@@ -1,0 +1,130 @@
+"""The U-Net's attention computed the fast way: fused attention and LoRA as a separate branch.
+
+This module imports only ``keras`` (no TensorFlow, no keras_cv), so the same code runs under
+Keras' JAX or torch backend on a machine without TensorFlow (the lent GPU machine has none).
+It works on any layer shaped like KerasCV's ``CrossAttention`` (``to_q``, ``to_k``, ``to_v``,
+``out_proj``, ``num_heads``, ``head_size``, ``scale``) and on any Keras ``Dense``.
+
+Both swaps replace a layer's ``call`` on the instance and nothing else: the variables, their
+names, their order and every weights file stay exactly as they were, so checkpoints, interop
+mappings and ``load_weights`` are untouched. Undo either swap and KerasCV's or Keras' own
+``call`` is back.
+
+Why not Keras' ``Dense.enable_lora`` alone: it returns ``W + (alpha / r) A B`` from the
+``kernel`` property, so autodiff forms the full weight gradient ``x^T dy`` of every frozen
+projection each step (128 of them in the U-Net) and a new merged kernel per projection, only
+to project that gradient onto A and B. ``x W + b + s (x A) B`` (PEFT's form, and the PyTorch
+trainers') never touches a gradient of W. We still let ``enable_lora`` create A and B (its
+initialisers, names and freezing of W are what checkpoints and interop expect); only the
+forward computation is ours.
+"""
+
+from __future__ import annotations
+
+import types
+
+import keras
+from keras import ops
+
+ATTENTION = ("fused", "kerascv")
+LORA_FORMS = ("separate", "merged")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def lora_dense(x, kernel, a, b, scale: float, bias=None):
+    """``x W + b + scale (x A) B``: the frozen projection plus the low-rank branch.
+
+    Runs in ``x``'s dtype (the compute dtype); float32 A and B are cast to it, so their
+    gradients come back float32 through the cast.
+    """
+    dtype = x.dtype
+    y = ops.matmul(x, ops.cast(kernel, dtype))
+    low = ops.matmul(ops.matmul(x, ops.cast(a, dtype)), ops.cast(b, dtype))
+    y = y + ops.cast(scale, dtype) * low
+    if bias is not None:
+        y = y + ops.cast(bias, dtype)
+    return y
+
+
+def merged_lora_dense(x, kernel, a, b, scale: float, bias=None):
+    """``x (W + scale A B) + b``: the form of Keras' ``enable_lora``, for comparison."""
+    dtype = x.dtype
+    w = ops.cast(kernel, dtype) + ops.cast(scale, dtype) * ops.matmul(ops.cast(a, dtype),
+                                                                      ops.cast(b, dtype))
+    y = ops.matmul(x, w)
+    return y if bias is None else y + ops.cast(bias, dtype)
+
+
+def multi_head_attention(q, k, v, num_heads: int, head_size: int, scale: float):
+    """softmax(q k^T * scale) v per head, for (batch, tokens, heads * head_size) inputs.
+
+    ``keras.ops.dot_product_attention`` picks the backend's fused kernel where it has one
+    (cuDNN / flash attention on GPUs, XLA's attention otherwise).
+    """
+    shape = lambda t: (-1, t.shape[1], num_heads, head_size)  # noqa: E731
+    out = ops.dot_product_attention(ops.reshape(q, shape(q)), ops.reshape(k, shape(k)),
+                                    ops.reshape(v, shape(v)), scale=scale)
+    return ops.reshape(out, (-1, q.shape[1], num_heads * head_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Swapping a layer's computation, keeping its weights
+
+
+def _lora_branch_call(self, inputs, training=None):
+    # ``_kernel`` is Dense's stored (frozen) kernel; ``self.kernel`` would be the merged one.
+    x = lora_dense(inputs, self._kernel, self.lora_kernel_a, self.lora_kernel_b,
+                   self.lora_alpha / self.lora_rank, self.bias)
+    return x if self.activation is None else self.activation(x)
+
+
+def use_lora_form(dense, form: str = "separate") -> None:
+    """Compute an ``enable_lora``'d Dense as a separate branch (``separate``) or as Keras' merged
+    kernel (``merged``)."""
+    if form not in LORA_FORMS:
+        raise ValueError(f"LoRA form {form!r}: use one of {', '.join(LORA_FORMS)}")
+    if not getattr(dense, "lora_enabled", False):
+        raise ValueError(f"{dense.name}: enable LoRA on it first (Dense.enable_lora)")
+    if getattr(dense, "quantization_mode", None):
+        raise ValueError(f"{dense.name}: the LoRA branch is for float kernels, not quantized ones")
+    if form == "separate":
+        dense.call = types.MethodType(_lora_branch_call, dense)
+    else:
+        dense.__dict__.pop("call", None)
+
+
+def _fused_attention_call(self, inputs, context=None):
+    if context is None:
+        context = inputs
+    q, k, v = self.to_q(inputs), self.to_k(context), self.to_v(context)
+    out = multi_head_attention(q, k, v, self.num_heads, self.head_size, self.scale)
+    return self.out_proj(out)
+
+
+def use_attention(layer, mode: str = "fused") -> None:
+    """Compute a KerasCV-style attention layer with ``keras.ops.dot_product_attention``
+    (``fused``) or with its own reshape + two dots + softmax (``kerascv``)."""
+    if mode not in ATTENTION:
+        raise ValueError(f"model.attention: {mode!r}: use one of {', '.join(ATTENTION)}")
+    if mode == "fused":
+        layer.call = types.MethodType(_fused_attention_call, layer)
+    else:
+        layer.__dict__.pop("call", None)
+
+
+def attention_layers(model: keras.Model) -> list:
+    """Every layer of ``model`` that looks like KerasCV's CrossAttention, in traversal order."""
+    names = ("to_q", "to_k", "to_v", "out_proj", "num_heads", "head_size", "scale")
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if all(hasattr(layer, n) for n in names)]
+
+
+def set_attention(model: keras.Model, mode: str = "fused") -> int:
+    """Apply :func:`use_attention` to every attention layer of ``model``; returns their number."""
+    layers = attention_layers(model)
+    for layer in layers:
+        use_attention(layer, mode)
+    return len(layers)
