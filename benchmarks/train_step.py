@@ -1,11 +1,15 @@
-"""Seconds per LoRA training step and peak memory: cached encoders vs encoders every step.
+"""Seconds per LoRA training step and peak memory, one axis at a time against a baseline.
 
     python benchmarks/train_step.py [--resolutions 64 256] [--batch 1] [--steps 3]
+        [--precision float32] [--attention fused] [--lora separate] [--encoders]
 
-"cached" is this trainer: the text encoder and VAE ran once beforehand, a step runs only the
-U-Net. "uncached" runs the frozen text encoder and VAE encoder inside every step, as the paper's
-code (keras-io's fine-tuning example) does. Each configuration runs in its own process, so the
-peak resident memory printed is its own. Random-init weights: speed does not depend on them.
+The baseline is the given ``--precision``, ``--attention`` and ``--lora`` form with cached
+encoders; each other configuration changes one of them: float32 <-> mixed_bfloat16, fused
+(``keras.ops.dot_product_attention``) <-> KerasCV's attention, a separate LoRA branch <-> Keras'
+merged ``enable_lora`` kernel, and with ``--encoders`` the frozen text encoder and VAE run inside
+every step (the paper's code, keras-io's fine-tuning example) instead of once beforehand.
+Each configuration runs in its own process, so the peak resident memory printed is its own.
+Random-init weights: speed does not depend on them. XLA as ``train.jit_compile: auto`` picks.
 """
 
 from __future__ import annotations
@@ -22,24 +26,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure(resolution: int, cached: bool, batch: int, steps: int) -> dict:
+def measure(resolution: int, cached: bool, batch: int, steps: int, precision: str = "float32",
+            attention: str = "fused", lora_form: str = "separate") -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from fashion_sd import data, diffusion, hardware, lora, models
+    from fashion_sd import data, hardware, lora, models
+    from fashion_sd.attention import set_attention
     from fashion_sd.trainer import LoraTrainer, make_optimizer
 
     keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_dtype_policy(precision)
     source = models.WeightsSource("random", "random", id="random-init(seed=0)")
-    comps = models.build_components(source, resolution)
-    layers = lora.apply_lora(comps.diffusion_model, 4, 8.0, ["to_q", "to_k", "to_v", "out_proj"])
+    which = ("diffusion_model",) if cached else ("diffusion_model", "text_encoder", "image_encoder")
+    comps = models.build_components(source, resolution, which)
+    set_attention(comps.diffusion_model, attention)
+    layers = lora.apply_lora(comps.diffusion_model, 4, 8.0, ["to_q", "to_k", "to_v", "out_proj"],
+                             lora_form)
     rng = np.random.default_rng(0)
     h = resolution // 8
     noise = dict(vae_eps=rng.standard_normal((batch, h, h, 4)).astype("float32"),
                  noise=rng.standard_normal((batch, h, h, 4)).astype("float32"),
                  timesteps=rng.integers(0, 1000, batch).astype("int32"))
-    jit = hardware.resolve_jit("auto")
+    jit = hardware.resolve_jit("auto")[0]
 
     if cached:
         batch_data = dict(moments=rng.standard_normal((batch, h, h, 8)).astype("float32"),
@@ -62,7 +72,7 @@ def measure(resolution: int, cached: bool, batch: int, steps: int) -> dict:
         batch_data = dict(images=rng.uniform(-1, 1, (batch, resolution, resolution, 3)).astype("float32"),
                           tokens=tokens, **noise)
         trainer = EncodeEveryStep(comps.diffusion_model)
-    trainer.compile(optimizer=make_optimizer(1e-4, 1000, 0, 0.01, 1.0, 1, "float32"), jit_compile=jit)
+    trainer.compile(optimizer=make_optimizer(1e-4, 1000, 0, 0.01, 1.0, 1, precision), jit_compile=jit)
     ds = tf.data.Dataset.from_tensors(batch_data).repeat()
     it = iter(ds)
     t0 = time.perf_counter()
@@ -72,9 +82,15 @@ def measure(resolution: int, cached: bool, batch: int, steps: int) -> dict:
     trainer.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
     per_step = (time.perf_counter() - t0) / steps
     del it
-    return {"resolution": resolution, "cached": cached, "batch": batch, "seconds_per_step": per_step,
+    return {"resolution": resolution, "cached": cached, "batch": batch, "precision": precision,
+            "attention": attention, "lora": lora_form, "seconds_per_step": per_step,
             "first_call_seconds": first, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "xla": jit, "trainable": lora.lora_parameter_count(layers, 4)}
+
+
+def label(cfg: dict) -> str:
+    return (f"{cfg['precision']:<14} {cfg['attention']:<7} LoRA {cfg['lora']:<8} "
+            f"{'cached' if cfg['cached'] else 'uncached'}")
 
 
 def main() -> None:
@@ -82,32 +98,48 @@ def main() -> None:
     ap.add_argument("--resolutions", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # "res,cached": run one configuration
+    ap.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"])
+    ap.add_argument("--attention", default="fused", choices=["fused", "kerascv"])
+    ap.add_argument("--lora", default="separate", choices=["separate", "merged"])
+    ap.add_argument("--encoders", action="store_true",
+                    help="also time the encoders run in every step (the paper's code)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # a JSON configuration: run only that
     args = ap.parse_args()
     if args.one:
-        res, cached = args.one.split(",")
-        print(json.dumps(measure(int(res), cached == "1", args.batch, args.steps)))
+        cfg = json.loads(args.one)
+        print(json.dumps(measure(cfg["resolution"], cfg["cached"], args.batch, args.steps,
+                                 cfg["precision"], cfg["attention"], cfg["lora"])))
         return
     from benchmarks._machine import describe
 
+    base = {"precision": args.precision, "attention": args.attention, "lora": args.lora,
+            "cached": True}
+    other = {"precision": {"float32": "mixed_bfloat16", "mixed_bfloat16": "float32"},
+             "attention": {"fused": "kerascv", "kerascv": "fused"},
+             "lora": {"separate": "merged", "merged": "separate"}}
+    variants = [{**base, axis: other[axis][base[axis]]} for axis in other]
+    if args.encoders:
+        variants.append({**base, "cached": False})
     print(f"machine: {describe()}")
-    print(f"batch {args.batch}, {args.steps} timed steps after one traced step, float32")
-    results = {}
+    print(f"batch {args.batch}, {args.steps} timed steps after one traced step; baseline: "
+          f"{label(base)}")
     for res in args.resolutions:
-        for cached in (True, False):
-            out = subprocess.run([sys.executable, __file__, "--one", f"{res},{int(cached)}",
+        results = []
+        for cfg in [base, *variants]:
+            out = subprocess.run([sys.executable, __file__, "--one", json.dumps({**cfg, "resolution": res}),
                                   "--batch", str(args.batch), "--steps", str(args.steps)],
                                  capture_output=True, text=True)
             if out.returncode:
                 sys.exit(out.stderr[-2000:])
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            results[(res, cached)] = r
-            print(f"{res:>4} px {'cached  ' if cached else 'uncached'}: {r['seconds_per_step']:.2f} s/step, "
-                  f"first call {r['first_call_seconds']:.0f} s, peak RSS {r['peak_rss_gb']:.1f} GB",
-                  flush=True)
-        c, u = results[(res, True)], results[(res, False)]
-        print(f"{res:>4} px ratio uncached/cached: {u['seconds_per_step'] / c['seconds_per_step']:.2f}x time, "
-              f"{u['peak_rss_gb'] / c['peak_rss_gb']:.2f}x peak memory", flush=True)
+            results.append(r)
+            print(f"{res:>4} px {label(cfg)}: {r['seconds_per_step']:.2f} s/step, first call "
+                  f"{r['first_call_seconds']:.0f} s, peak RSS {r['peak_rss_gb']:.1f} GB", flush=True)
+        b = results[0]
+        for cfg, r in zip(variants, results[1:]):
+            print(f"{res:>4} px ratio {label(cfg)} / baseline: "
+                  f"{r['seconds_per_step'] / b['seconds_per_step']:.2f}x time, "
+                  f"{r['peak_rss_gb'] / b['peak_rss_gb']:.2f}x peak memory", flush=True)
 
 
 if __name__ == "__main__":

@@ -281,4 +281,4 @@ def val_dataset(data: EncodedData, batch_size: int, seed: int, repeats: int = 4)
 
     index = np.arange(len(r), dtype=np.int64)
     return (tf.data.Dataset.from_tensor_slices((index, r, t)).batch(batch_size)
-            .map(make, deterministic=True))
+            .map(make))

@@ -81,8 +81,24 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
     """Run (or resume) the training that ``cfg`` describes; returns the summary in run.json.
 
     ``fresh`` deletes an earlier run's outputs in output.dir first (never other files there).
-    ``build(source, resolution)`` makes the components (tests pass small ones).
+    ``build(source, resolution)`` makes the components (tests pass small ones). The run sets
+    Keras' global dtype policy and TensorFlow's op determinism as its config says, and puts the
+    caller's back when it ends (a notebook may generate or train again in the same process).
     """
+    # TensorFlow's public API can only switch determinism on; Keras reads the same private flag.
+    from tensorflow.python.framework import config as tf_config
+
+    policy = keras.mixed_precision.dtype_policy()
+    deterministic = tf_config.is_op_determinism_enabled()
+    try:
+        return _train(cfg, resume, fresh, progress, verbose, build)
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
+        if not deterministic:
+            tf_config.disable_op_determinism()
+
+
+def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
     t_start = time.time()
     out = Path(cfg.output.dir)
     state_path = out / "checkpoints" / "train_state.safetensors"

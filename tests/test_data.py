@@ -93,7 +93,9 @@ def test_cache_is_keyed_and_never_reused_for_other_inputs(tmp_path):
     assert cache.cached(tmp_path / "c", key, compute(2.0)).tolist() == [1.0, 1.0]  # hit
     assert calls == [1.0]
     for other in (cache.cache_key("images", "w2", key["items"], 64),
-                  cache.cache_key("images", "w1", key["items"], 128)):
+                  cache.cache_key("images", "w1", key["items"], 128),
+                  # bf16 encoders' outputs are another cache than float32 ones
+                  cache.cache_key("images", "w1", key["items"], 64, dtype="bfloat16")):
         assert cache.cached(tmp_path / "c", other, compute(3.0)).tolist() == [3.0, 3.0]
     # the same image file, changed on disk: a new key, a rebuild
     os.utime(img, ns=(1, 1))
@@ -106,7 +108,7 @@ def test_cache_is_keyed_and_never_reused_for_other_inputs(tmp_path):
     assert cache.cached(tmp_path / "c", key, compute(5.0)).tolist() == [5.0, 5.0]
     path.write_bytes(b"garbage")
     assert cache.cached(tmp_path / "c", key, compute(6.0)).tolist() == [6.0, 6.0]
-    assert calls == [1.0, 3.0, 3.0, 4.0, 5.0, 6.0]
+    assert calls == [1.0, 3.0, 3.0, 3.0, 4.0, 5.0, 6.0]
 
 
 def test_batch_plan_is_a_function_of_seed_and_step():
@@ -156,3 +158,19 @@ def test_val_set_is_the_same_every_time():
     assert len(t) == 12 and sorted(t[:4] // 250) == [0, 1, 2, 3]  # stratified over [0, 1000)
     enc.splits["val"] = np.array([], int)
     assert data.val_dataset(enc, 4, 1) is None
+
+
+def test_val_batches_gather_each_rows_own_encodings():
+    enc = encoded()
+    batches = list(data.val_dataset(enc, 5, seed=1, repeats=3))
+    rows = np.repeat(enc.splits["val"], 3)
+    m = np.concatenate([b["moments"].numpy() for b in batches])
+    c = np.concatenate([b["context"].numpy() for b in batches])
+    np.testing.assert_array_equal(m, enc.moments[rows, 0])
+    np.testing.assert_array_equal(c, enc.contexts[enc.caption_index[rows]])
+    noise = np.concatenate([b["noise"].numpy() for b in batches])
+    assert noise.shape == (9, 8, 8, 4) and abs(noise.std() - 1) < 0.1
+    assert len({noise[i].tobytes() for i in range(9)}) == 9  # every sample its own draw
+    # the batch size changes the batching, not any sample's noise
+    again = np.concatenate([b["noise"].numpy() for b in data.val_dataset(enc, 2, 1, 3)])
+    np.testing.assert_array_equal(again, noise)

@@ -274,3 +274,16 @@ def test_warmup_and_cosine_count_optimizer_steps():
         assert float(s2(2 * k)) == float(s2(2 * k + 1)) == pytest.approx(float(s1(k)))
     assert float(s1(0)) > 0  # the first warm-up step trains
     assert float(tr.WarmupCosine(lr, total)(0)) == pytest.approx(lr)
+
+
+def test_attention_module_imports_only_keras(root):
+    # It must run where there is no TensorFlow (Keras' JAX backend on the GPU machine).
+    import ast
+    import sys
+
+    tree = ast.parse((root / "fashion_sd" / "attention.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported - set(sys.stdlib_module_names) == {"keras"}, imported

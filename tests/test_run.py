@@ -48,9 +48,11 @@ def test_a_run_leaves_everything_behind(tmp_path, demo_captions, encoder_cache, 
         "best.lora.safetensors", "epoch_002.lora.safetensors", "last.lora.safetensors",
         "train_state.safetensors"]
     hist = pd.read_csv(out / "history.csv")
-    assert list(hist.columns) == ["epoch", "step", "loss", "val_loss", "lr", "skipped_steps", "seconds"]
+    assert list(hist.columns) == ["epoch", "step", "loss", "val_loss", "lr", "skipped_steps",
+                                  "overflow_steps", "loss_scale", "seconds"]
     assert hist.epoch.tolist() == [1.0, 2.0] and hist.step.tolist() == [8, 16]
     assert np.isfinite(hist.val_loss).all() and (hist.skipped_steps == 0).all()
+    assert (hist.overflow_steps == 0).all() and hist.loss_scale.isna().all()  # float32: no scaling
     for name in ("loss.png", "samples/epoch_001.png", "samples/epoch_002.png", "config.yaml"):
         assert (out / name).stat().st_size > 1000, name
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
@@ -58,6 +60,10 @@ def test_a_run_leaves_everything_behind(tmp_path, demo_captions, encoder_cache, 
     assert record["random_init"] is True and record["weights"]["kind"] == "random"
     assert record["trainable_parameters"] == 2 * 4 * ((32 + 32) * 6 + (768 + 32) * 2)
     assert record["status"] == "finished" and record["train_images"] == 35
+    # what actually ran, and why XLA is off here
+    assert (record["precision"], record["jit_compile"]) == ("float32", False)
+    assert "deterministic" in record["jit_reason"]  # Keras runs it without XLA; not "XLA: on"
+    assert (record["attention"], record["lora_form"], record["loss_scaling"]) == ("fused", "separate", False)
     assert set(record["versions"]) >= {"tensorflow", "keras", "keras-cv"}
     assert load_config(out / "config.yaml") == cfg
     meta = run.lora.read_lora(ck / "last.lora.safetensors")[1]
@@ -194,3 +200,24 @@ def test_kerascv_published_h5_layout_loads(tmp_path, small_parts):
     (folder / "kcv_decoder.h5").write_bytes(b"broken")
     with pytest.raises(models.WeightsError, match="kcv_decoder.h5: cannot load it into KerasCV's Decoder"):
         models.build_component("decoder", 64, folder / "kcv_decoder.h5")
+
+
+def test_fp16_loss_scale_floor_stops_the_run_with_its_reason(tmp_path, demo_captions, encoder_cache,
+                                                             build):
+    import keras
+
+    # Keras starts the scale at 2^15: a floor above it stops the run at its first step.
+    cfg = config(tmp_path, demo_captions, encoder_cache, "train.precision=mixed_float16",
+                 "train.min_loss_scale=1e9", "train.sample_every=0")
+    with pytest.raises(run.TrainingError, match=r"loss scale fell below train.min_loss_scale"):
+        train(cfg, build)
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # the caller's policy is back
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["stop_reason"] == "loss_scale" and record["loss_scaling"] is True
+    assert record["precision"] == "mixed_float16" and record["step"] == 1
+    assert not (tmp_path / "run" / "checkpoints" / "last.lora.safetensors").exists()
+
+
+def test_xla_with_determinism_is_refused_before_any_work(tmp_path, demo_captions, encoder_cache):
+    with pytest.raises(Exception, match="'train.jit_compile' true cannot hold with train.deterministic"):
+        config(tmp_path, demo_captions, encoder_cache, "train.jit_compile=true")

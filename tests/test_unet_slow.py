@@ -81,3 +81,57 @@ def test_end_to_end_from_a_weights_folder(tmp_path, demo_captions):
     assert (out / "samples/step_000002.png").is_file()
     assert (out / "checkpoints/last.lora.safetensors").stat().st_size > 3.0e6
     assert np.isfinite(summary["final_loss"])
+
+
+def test_fused_attention_equals_kerascv_on_the_real_unet():
+    from fashion_sd import attention
+
+    model = unet()  # built with the fused attention, the default
+    rng = np.random.default_rng(2)
+    x = [rng.standard_normal((2, 8, 8, 4)).astype("float32"),
+         rng.standard_normal((2, 320)).astype("float32"),
+         rng.standard_normal((2, 77, 768)).astype("float32")]
+    fused = np.asarray(model(x))
+    assert attention.set_attention(model, "kerascv") == 32  # 16 transformers x (self, cross)
+    ref = np.asarray(model(x))
+    rel = np.abs(fused - ref).max() / np.abs(ref).max()
+    assert rel < 1e-5, rel
+
+
+def test_xla_step_equals_non_xla_on_the_real_unet():
+    """One LoRA step (plain SGD, so the update is the gradient) with and without XLA: the same
+    loss to rel 1e-5, the same update to 1e-3 of its largest element (XLA fuses and reorders
+    float32 sums over 860M weights' activations)."""
+    import tensorflow as tf
+
+    from fashion_sd import trainer as tr
+
+    model = unet()
+    layers = lora.apply_lora(model, 4, 8.0, TARGETS)
+    rng = np.random.default_rng(3)
+    for layer in layers.values():  # B != 0, so A gets gradients too
+        layer.lora_kernel_b.assign(rng.standard_normal(layer.lora_kernel_b.shape).astype("float32") * 0.01)
+    start = lora.lora_state(layers)
+    batch = {"moments": rng.standard_normal((1, 8, 8, 8)).astype("float32"),
+             "context": rng.standard_normal((1, 77, 768)).astype("float32"),
+             "vae_eps": rng.standard_normal((1, 8, 8, 4)).astype("float32"),
+             "noise": rng.standard_normal((1, 8, 8, 4)).astype("float32"),
+             "timesteps": np.array([300], "int32")}
+    results = {}
+    for jit in (False, True):
+        for key, layer in layers.items():
+            layer.lora_kernel_a.assign(start[f"{key}.lora_a"])
+            layer.lora_kernel_b.assign(start[f"{key}.lora_b"])
+        trainer = tr.LoraTrainer(model)
+        trainer.compile(optimizer=keras.optimizers.SGD(1.0), jit_compile=jit)
+        h = trainer.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0)
+        assert bool(trainer.jit_compile) is jit
+        after = lora.lora_state(layers)
+        results[jit] = (h.history["loss"][0],
+                        np.concatenate([(after[k] - start[k]).ravel() for k in sorted(start)]))
+        del trainer
+        gc.collect()
+    (loss0, d0), (loss1, d1) = results[False], results[True]
+    assert abs(loss1 - loss0) <= 1e-5 * abs(loss0)
+    assert np.abs(d0).max() > 0
+    assert np.abs(d1 - d0).max() <= 1e-3 * np.abs(d0).max(), np.abs(d1 - d0).max() / np.abs(d0).max()
