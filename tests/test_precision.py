@@ -287,3 +287,23 @@ def test_attention_module_imports_only_keras(root):
     imported |= {n.module.split(".")[0] for n in ast.walk(tree)
                  if isinstance(n, ast.ImportFrom) and n.module}
     assert imported - set(sys.stdlib_module_names) == {"keras"}, imported
+
+
+def test_sampler_loop_gets_float32_from_a_bf16_unet():
+    # KerasCV's loop does guidance and the DDIM update in the dtype the U-Net returns.
+    from fashion_sd.generate import _Float32Outputs
+
+    with policy("mixed_bfloat16"):
+        keras.utils.set_random_seed(0)
+        unet = tiny_unet()
+    rng = np.random.default_rng(0)
+    inputs = {"latent": rng.standard_normal((1, 8, 8, 4)).astype("float32"),
+              "timestep_embedding": rng.standard_normal((1, 320)).astype("float32"),
+              "context": rng.standard_normal((1, 77, 768)).astype("float32")}
+    raw = unet.predict_on_batch(inputs)
+    assert np.asarray(raw).dtype != np.float32  # what KerasCV would compute with
+    steps = []
+    wrapped = _Float32Outputs(unet, 3, lambda *a: steps.append(a))
+    out = [wrapped.predict_on_batch(inputs) for _ in range(2)]
+    assert all(o.dtype == np.float32 for o in out) and steps == [(1, 3)]
+    np.testing.assert_array_equal(out[0], np.asarray(raw, np.float32))
