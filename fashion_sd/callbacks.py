@@ -18,6 +18,8 @@ from fashion_sd.trainer import loss_scale, save_train_state
 
 # skipped_steps: non-finite losses or gradients (never applied); overflow_steps: float16 steps
 # the loss-scale optimizer skipped; loss_scale: its scale (empty without float16).
+# What the train state's schedule counts; states without it counted micro-batches.
+SCHEDULE = "optimizer_steps"
 HISTORY_COLUMNS = ["epoch", "step", "loss", "val_loss", "lr", "skipped_steps", "overflow_steps",
                    "loss_scale", "seconds"]
 
@@ -63,7 +65,7 @@ class RunState:
     def info(self) -> dict:
         return {"step": self.step, "optimizer_step": self.optimizer_step,
                 "epoch": self.epoch_progress, "best_val": self.best_val,
-                "elapsed": self.seconds}
+                "elapsed": self.seconds, "schedule": SCHEDULE}
 
 
 FAILURES = ("nonfinite", "loss_scale")  # stop reasons after which nothing more is written

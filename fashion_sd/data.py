@@ -272,8 +272,9 @@ def val_dataset(data: EncodedData, batch_size: int, seed: int, repeats: int = 4)
         m, c = tf.numpy_function(gather, [rr], (tf.float32, tf.float32))
         m = tf.reshape(m, (n, *data.moments.shape[2:]))
         c = tf.reshape(c, (n, *data.contexts.shape[1:]))
-        # Stream 3 of each sample's own key: train batches use stream 0 of their step's key.
-        seeds = tf.stack([tf.fill([n], tf.cast(seed, tf.int64)), i * 4 + 3], axis=1)
+        # Each sample's own key, [seed, -8 (i + 1)] (+0, +1 below): negative, so never one of
+        # the train stream's keys [seed, 4 step + k], k = 0..2.
+        seeds = tf.stack([tf.fill([n], tf.cast(seed, tf.int64)), -8 * (i + 1)], axis=1)
         draw = lambda s, k: tf.random.stateless_normal(latent_shape, seed=s + [0, k])  # noqa: E731
         vae_eps = tf.map_fn(lambda s: draw(s, 0), seeds, fn_output_signature=tf.float32)
         noise = tf.map_fn(lambda s: draw(s, 1), seeds, fn_output_signature=tf.float32)

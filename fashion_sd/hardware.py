@@ -47,8 +47,9 @@ def resolve_jit(setting, replicas: int = 1, deterministic: bool = False) -> tupl
     if not gpus():
         return False, "auto: no GPU (on CPUs XLA made a LoRA step 2.5x slower)"
     if replicas > 1:
-        return False, (f"auto: {replicas} replicas; the cross-replica skip of non-finite steps "
-                       "is not proven under XLA (set train.jit_compile: true to try it)")
+        return False, (f"auto: {replicas} replicas; the trainer's cross-replica skip of "
+                       "non-finite steps uses merge_call, which TensorFlow forbids inside "
+                       "XLA-compiled replica functions")
     return True, "auto: one GPU"
 
 

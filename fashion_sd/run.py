@@ -139,6 +139,10 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
     replicas = strategy.num_replicas_in_sync
     jit, jit_reason = hardware.resolve_jit(cfg.train.jit_compile, replicas,
                                            cfg.train.deterministic)
+    if jit and replicas > 1:
+        raise TrainingError(f"train.jit_compile: true with {replicas} replicas: the trainer's "
+                            "cross-replica skip of non-finite steps uses merge_call, which "
+                            "TensorFlow forbids under XLA; set train.jit_compile: auto or false")
     if cfg.train.batch_size % replicas:
         raise TrainingError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
                             f"{replicas} GPUs it is split over")
@@ -189,6 +193,11 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         state.elapsed = info["elapsed"]
         state.history = cb.read_history(out / "history.csv", state.optimizer_step)
         print(f"resuming at step {state.optimizer_step} (epoch {state.epoch_progress:g})")
+        if info.get("schedule") != cb.SCHEDULE:
+            log.warning("%s was written before the learning-rate schedule counted optimizer steps "
+                        "(warm-up and decay counted micro-batches with train.grad_accum > 1, and "
+                        "the first warm-up step had rate 0); the rest of this run follows the "
+                        "new schedule, and its val loss draws other noise", state_path)
     # What actually runs: Keras may still turn XLA off (e.g. a layer that does not support it).
     extra = {"status": "running", "trainable_parameters": trainable, "precision": precision,
              "jit_compile": bool(trainer.jit_compile), "jit_reason": jit_reason
