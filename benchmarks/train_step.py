@@ -35,6 +35,7 @@ def measure(resolution: int, cached: bool, batch: int, steps: int, precision: st
 
     from fashion_sd import data, hardware, lora, models
     from fashion_sd.attention import set_attention
+    from fashion_sd.config import LoraConfig, TrainConfig
     from fashion_sd.trainer import LoraTrainer, make_optimizer
 
     keras.utils.set_random_seed(0)
@@ -43,8 +44,7 @@ def measure(resolution: int, cached: bool, batch: int, steps: int, precision: st
     which = ("diffusion_model",) if cached else ("diffusion_model", "text_encoder", "image_encoder")
     comps = models.build_components(source, resolution, which)
     set_attention(comps.diffusion_model, attention)
-    layers = lora.apply_lora(comps.diffusion_model, 4, 8.0, ["to_q", "to_k", "to_v", "out_proj"],
-                             lora_form)
+    layers = lora.apply_lora(comps.diffusion_model, LoraConfig(rank=4, alpha=8.0, form=lora_form))
     rng = np.random.default_rng(0)
     h = resolution // 8
     noise = dict(vae_eps=rng.standard_normal((batch, h, h, 4)).astype("float32"),
@@ -73,7 +73,8 @@ def measure(resolution: int, cached: bool, batch: int, steps: int, precision: st
         batch_data = dict(images=rng.uniform(-1, 1, (batch, resolution, resolution, 3)).astype("float32"),
                           tokens=tokens, **noise)
         trainer = EncodeEveryStep(comps.diffusion_model)
-    trainer.compile(optimizer=make_optimizer(1e-4, 1000, 0, 0.01, 1.0, 1, precision), jit_compile=jit)
+    trainer.compile(optimizer=make_optimizer(TrainConfig(learning_rate=1e-4), 1000, precision),
+                    jit_compile=jit)
     ds = tf.data.Dataset.from_tensors(batch_data).repeat()
     it = iter(ds)
     t0 = time.perf_counter()

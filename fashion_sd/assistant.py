@@ -18,16 +18,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fashion_sd.captions import DERIVED_FIELDS, MISSING_TOKENS, CaptionError, caption_from_attributes
+from fashion_sd.captions import (
+    DERIVED_FIELDS,
+    MISSING_TOKENS,
+    CaptionError,
+    caption_from_attributes,
+)
+from fashion_sd.errors import FashionSDError
+from fashion_sd.image_settings import ImageSettings
+from fashion_sd.rundir import RunDir, checkpoint_name
 
 # The pickers, in the order the caption names them.
 ATTRIBUTES = ("year", "usage", "season", "colour", "gender", "article")
 LIMITS = {"num_images": (1, 8), "steps": (1, 150), "guidance": (0.0, 30.0), "strength": (0.0, 1.5)}
 BASE = "base"
-COMPONENTS = ("text_encoder", "diffusion_model", "decoder")
 
 
-class RequestError(ValueError):
+class RequestError(FashionSDError, ValueError):
     """A request the page should answer with a message beside a field, not a stack trace.
 
     ``field`` names the input the message belongs to.
@@ -174,17 +181,12 @@ def _inside(path: Path, folder: Path) -> bool:
     return True
 
 
-def _name(path: Path) -> str:
-    return path.name.removesuffix(".lora.safetensors")
-
-
 def checkpoint_files(run_dir: str | Path | None, extra=()) -> list[Path]:
     """The LoRA files the app may serve: those under the run (no link leading out) and ``extra``."""
     files = []
     if run_dir is not None:
         run_dir = Path(run_dir)
-        files = [p for p in sorted((run_dir / "checkpoints").glob("*.lora.safetensors"))
-                 if _inside(p, run_dir)]
+        files = [p for p in RunDir(run_dir).all_checkpoints() if _inside(p, run_dir)]
     return files + [Path(p) for p in extra]
 
 
@@ -198,16 +200,16 @@ def list_checkpoints(run_dir: str | Path | None, extra=()) -> list[Checkpoint]:
 
     rows = [Checkpoint(BASE, None)]
     files = checkpoint_files(run_dir, extra)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    history = _table(run_dir / "history.csv") if run_dir else None
-    scores = _table(run_dir / "eval" / "fid.csv") if run_dir else None
+    run = RunDir(run_dir) if run_dir is not None else None
+    history = run.read_history() if run else None
+    scores = run.read_scores() if run else None
     for path in files:
         try:
             with safe_open(str(path), "numpy") as fh:
                 meta = dict(fh.metadata() or {})
         except Exception:  # an unreadable file is listed as such and fails when chosen
             meta = {}
-        ckpt = Checkpoint(_name(path), path)
+        ckpt = Checkpoint(checkpoint_name(path), path)
         if "epoch" in meta:
             ckpt.epoch = float(meta["epoch"])
         if "step" in meta:
@@ -235,13 +237,6 @@ def list_checkpoints(run_dir: str | Path | None, extra=()) -> list[Checkpoint]:
     return rows
 
 
-def _table(path: Path) -> pd.DataFrame | None:
-    try:
-        return pd.read_csv(path) if path.is_file() else None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError):
-        return None
-
-
 # --------------------------------------------------------------------------------------------
 # The gallery: every image with its settings, on disk
 
@@ -255,24 +250,22 @@ class Gallery:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
-    def save(self, image: np.ndarray, settings: dict) -> Path:
-        from fashion_sd.generate import save_png
-
+    def save(self, image: np.ndarray, settings: ImageSettings | dict) -> Path:
+        if isinstance(settings, dict):
+            settings = ImageSettings.from_dict(settings)
         with self._lock:  # a unique name even for two images in the same nanosecond
             stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
             # No text a user typed reaches the file name: the checkpoint name is from our list.
-            path = self.folder / f"{stamp}_{settings.get('checkpoint', BASE)}_s{settings['seed']}.png"
-            save_png(path, image, settings)
+            path = self.folder / f"{stamp}_{settings.checkpoint or BASE}_s{settings.seed}.png"
+            settings.save_png(path, image)
         return path
 
     def items(self, limit: int = 200) -> list[tuple[Path, dict]]:
         """Newest first; files without readable settings are left out."""
-        from fashion_sd.generate import read_png_settings
-
         out = []
         for path in sorted(self.folder.glob("*.png"), reverse=True)[:limit]:
             try:
-                out.append((path, read_png_settings(path)))
+                out.append((path, ImageSettings.read_png(path).to_dict()))
             except (ValueError, OSError, json.JSONDecodeError):
                 continue
         return out
@@ -317,20 +310,15 @@ class Assistant:
     """
 
     def __init__(self, cfg, run_dir=None, extra_loras=(), build=None):
-        import keras
-
-        from fashion_sd import lora, models
-        from fashion_sd.generate import Sampler
+        from fashion_sd import lora
+        from fashion_sd.generate import build_sampler, resolve_inference_weights
 
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir else None
         self.extra_loras = [Path(p) for p in extra_loras]
-        self.source = models.resolve_weights(cfg.model.weights, COMPONENTS, cfg.model.cache_dir,
-                                             cfg.seed)
-        keras.utils.set_random_seed(cfg.seed)  # random-init weights, when asked for, reproducible
-        build = build or (lambda src, res: models.build_components(src, res, COMPONENTS))
-        self.comps = build(self.source, cfg.data.resolution)
-        self.sampler = Sampler(self.comps)
+        self.source = resolve_inference_weights(cfg.model.weights, cfg.model.cache_dir, cfg.seed)
+        self.sampler = build_sampler(self.source, cfg.data.resolution, cfg.seed, build)
+        self.comps = self.sampler.comps
         self.swap = lora.LoraSwap()
         self._active: tuple[str | None, float] = (None, 0.0)
         self._deltas: dict[str, list] = {}  # path -> weight changes, computed once per file
@@ -352,7 +340,7 @@ class Assistant:
         if name == BASE:
             return Checkpoint(BASE, None)
         for path in checkpoint_files(self.run_dir, self.extra_loras):
-            if _name(path) == name:
+            if checkpoint_name(path) == name:
                 return Checkpoint(name, path)
         raise RequestError("checkpoint", f"no checkpoint named {name!r} in this run")
 
@@ -392,19 +380,19 @@ class Assistant:
                                            checked["guidance"], negative, on_step=on_step)
         result = Result([], seeds, warnings=warnings)
         for seed, image in zip(seeds, images):
-            settings = {
-                "prompt": req.prompt, "negative_prompt": negative, "seed": seed,
-                "steps": checked["steps"], "guidance": checked["guidance"],
-                "resolution": self.comps.resolution,
+            settings = ImageSettings(
+                prompt=req.prompt, negative_prompt=negative, seed=seed,
+                steps=checked["steps"], guidance=checked["guidance"],
+                resolution=self.comps.resolution,
                 # what --from-png rebuilds: a random init is only reproduced as "random"
-                "weights": "random" if self.source.is_random else self.source.requested,
-                "weights_id": self.source.id, "model_seed": self.cfg.seed,
-                "random_init": self.source.is_random, "checkpoint": ckpt.name,
-                "lora": None if ckpt.path is None else str(Path(ckpt.path).resolve()),
-                "lora_strength": strength if ckpt.path is not None else None,
-                "batch_seeds": seeds, "made_by": "fashion-sd assistant"}
+                weights="random" if self.source.is_random else self.source.requested,
+                weights_id=self.source.id, model_seed=self.cfg.seed,
+                random_init=self.source.is_random, checkpoint=ckpt.name,
+                lora=None if ckpt.path is None else str(Path(ckpt.path).resolve()),
+                lora_strength=strength if ckpt.path is not None else None,
+                batch_seeds=seeds, made_by="fashion-sd assistant")
             result.paths.append(self.gallery.save(image, settings))
-            result.settings.append(settings)
+            result.settings.append(settings.to_dict())
         return result
 
     def compare(self, req: Request, on_step=None) -> tuple[Result, Result]:

@@ -13,7 +13,9 @@ import keras
 import pandas as pd
 
 from fashion_sd import lora, plots
+from fashion_sd.config import Config, TrainConfig
 from fashion_sd.files import atomic_path
+from fashion_sd.rundir import BEST, LAST, RunDir
 from fashion_sd.trainer import loss_scale, save_train_state
 
 # skipped_steps: non-finite losses or gradients (never applied); overflow_steps: float16 steps
@@ -39,12 +41,8 @@ class RunState:
     session_start: float = field(default_factory=time.time)
 
     @property
-    def checkpoints(self) -> Path:
-        return self.out / "checkpoints"
-
-    @property
-    def state_path(self) -> Path:
-        return self.checkpoints / "train_state.safetensors"
+    def run(self) -> RunDir:
+        return RunDir(self.out)
 
     @property
     def epoch_progress(self) -> float:
@@ -98,28 +96,28 @@ class StepGuard(keras.callbacks.Callback):
 class Checkpointer(keras.callbacks.Callback):
     """At each epoch end (and at train.max_steps): LoRA checkpoints, train state, history, plot.
 
-    ``checkpoints/epoch_XXX.lora.safetensors`` (the last ``keep_last``), ``best`` by val loss,
-    ``last`` (always the newest), and ``train_state.safetensors`` for --resume; each written
+    An epoch checkpoint (the last ``keep_last`` kept), ``best`` by val loss, ``last`` (always the
+    newest), and the train state for --resume (names: :class:`RunDir`); each written
     atomically, the train state last so it never points past what is on disk. After a run of
     non-finite steps nothing is written: the previous checkpoint stays as it was. ``export``
     formats (``output.export``) are written beside each checkpoint, e.g. ``best.kohya.safetensors``.
     """
 
-    def __init__(self, state: RunState, layers: dict, lora_meta: dict, keep_last: int, label: str,
-                 export=()):
+    def __init__(self, state: RunState, layers: dict, cfg: Config, metadata: dict, label: str):
         super().__init__()
-        self.state, self.layers, self.meta = state, layers, lora_meta
-        self.keep_last, self.label, self.export = keep_last, label, tuple(export)
+        self.state, self.layers, self.spec, self.meta = state, layers, cfg.lora, metadata
+        self.keep_last, self.label = cfg.train.keep_last, label
+        self.export = tuple(cfg.output.export)
 
     def _save_lora(self, name: str) -> Path:
-        path = lora.save_lora(self.state.checkpoints / name, self.layers, **self.meta,
+        path = lora.save_lora(self.state.run.checkpoint(name), self.layers, self.spec, **self.meta,
                               step=str(self.state.optimizer_step),
                               epoch=f"{self.state.epoch_progress:.4f}")
         if self.export:
-            from fashion_sd.interop.lora_formats import export_lora, export_name
+            from fashion_sd.interop.lora_formats import export_lora
 
-            for fmt in self.export:
-                export_lora(path, fmt, export_name(path, fmt))
+            for fmt, target in zip(self.export, self.state.run.exports(path, self.export)):
+                export_lora(path, fmt, target)
         return path
 
     def on_epoch_end(self, epoch, logs=None):
@@ -127,13 +125,13 @@ class Checkpointer(keras.callbacks.Callback):
         if st.stop_reason in FAILURES:
             return
         if st.epoch_complete:
-            self._save_lora(f"epoch_{epoch + 1:03d}.lora.safetensors")
+            self._save_lora(RunDir.epoch_name(epoch + 1))
             self._prune()
         val = float(logs.get("val_loss", math.nan))
         if math.isfinite(val) and val < st.best_val:
             st.best_val = val
-            self._save_lora("best.lora.safetensors")
-        self._save_lora("last.lora.safetensors")
+            self._save_lora(BEST)
+        self._save_lora(LAST)
         st.history.append({
             "epoch": round(st.epoch_progress, 4), "step": st.optimizer_step,
             "loss": float(logs.get("loss", math.nan)), "val_loss": val,
@@ -142,42 +140,42 @@ class Checkpointer(keras.callbacks.Callback):
             "overflow_steps": int(self.model.overflow_steps.numpy()),
             "loss_scale": loss_scale(self.model.optimizer),
             "seconds": round(st.seconds, 1)})
-        save_train_state(st.state_path, self.model, self.layers, st.info())
-        write_history(st.history, st.out / "history.csv")
-        plots.loss_curves(pd.DataFrame(st.history), st.out / "loss.png", self.label)
+        save_train_state(st.run.train_state, self.model, self.layers, st.info())
+        write_history(st.history, st.run.history)
+        plots.loss_curves(pd.DataFrame(st.history), st.run.loss_plot, self.label)
 
     def _prune(self):
-        kept = sorted(self.state.checkpoints.glob("epoch_*.lora.safetensors"))
+        from fashion_sd.interop.lora_formats import FORMATS
+
+        run = self.state.run
+        kept = run.epoch_checkpoints()
         for old in kept[: max(0, len(kept) - self.keep_last)]:
             old.unlink()
-            from fashion_sd.interop.lora_formats import FORMATS, export_name
-
-            for fmt in FORMATS:  # its exports go with it
-                export_name(old, fmt).unlink(missing_ok=True)
+            for export in run.exports(old, FORMATS):  # its exports go with it
+                export.unlink(missing_ok=True)
 
 
 class SampleGrids(keras.callbacks.Callback):
-    """``samples/epoch_XXX.png``: fixed prompts and seeds through the model being trained."""
+    """Sample grids (:meth:`RunDir.samples_at_epoch`): fixed prompts and seeds through the model
+    being trained."""
 
-    def __init__(self, state: RunState, sampler, prompts, seeds, steps, guidance, every, label):
+    def __init__(self, state: RunState, sampler, train: TrainConfig, label: str):
         super().__init__()
-        self.state, self.sampler = state, sampler
-        self.prompts, self.seeds, self.steps, self.guidance = prompts, seeds, steps, guidance
-        self.every, self.label = every, label
+        self.state, self.sampler, self.train, self.label = state, sampler, train, label
 
     def on_epoch_end(self, epoch, logs=None):
-        st = self.state
-        if st.stop_reason in FAILURES or not self.every:
+        st, t = self.state, self.train
+        if st.stop_reason in FAILURES or not t.sample_every:
             return
         last = st.step >= st.end_step or st.stop_reason is not None
-        if st.epoch_complete and ((epoch + 1) % self.every == 0 or last):
-            name = f"epoch_{epoch + 1:03d}.png"
+        if st.epoch_complete and ((epoch + 1) % t.sample_every == 0 or last):
+            path = st.run.samples_at_epoch(epoch + 1)
         elif last:
-            name = f"step_{st.optimizer_step:06d}.png"
+            path = st.run.samples_at_step(st.optimizer_step)
         else:
             return
-        render_samples(self.sampler, self.prompts, self.seeds, self.steps, self.guidance,
-                       st.out / "samples" / name, self.label,
+        render_samples(self.sampler, t.sample_prompts, t.sample_seeds, t.sample_steps,
+                       t.sample_guidance, path, self.label,
                        f"epoch {st.epoch_progress:g}, step {st.optimizer_step}")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,27 +28,29 @@ import numpy as np
 import pandas as pd
 
 from fashion_sd import article_types, images, tokenizer
+from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path
+from fashion_sd.template import (  # noqa: F401 - captions' vocabulary, re-exported
+    CATEGORY_COLUMNS,
+    DERIVED_FIELDS,
+    PAPER_TEMPLATE,
+    STYLE_COLUMNS,
+    template_errors,
+    template_fields,
+)
 
 if TYPE_CHECKING:
     from fashion_sd.config import CaptionsConfig
 
-STYLE_COLUMNS = ("id", "gender", "masterCategory", "subCategory", "articleType", "baseColour",
-                 "season", "year", "usage", "productDisplayName")
 # productDisplayName is free text the captions never use; every other column is needed.
 REQUIRED_COLUMNS = STYLE_COLUMNS[:-1]
 # Values that mean "unknown" in the wild; `NA` is how the catalogue writes a missing usage.
 MISSING_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "None", "none", "null", "NULL"})
 SPLITS = ("train", "val", "test")
-# Template fields derived from the source columns; source columns may be named directly as well.
-DERIVED_FIELDS = {"year": "year", "usage": "usage", "season": "season", "colour": "baseColour",
-                  "gender": "gender", "article": "articleType"}
 OUTPUT_COLUMNS = ("id", "image_path", "caption", "split")
-CATEGORY_COLUMNS = ("masterCategory", "subCategory", "articleType")
-PAPER_TEMPLATE = "an image of a {year} {usage} {season} {colour} {gender} {article}"
 
 
-class CaptionError(ValueError):
+class CaptionError(FashionSDError, ValueError):
     """Input the caption builder cannot use; the message names the file and what to do."""
 
 
@@ -126,26 +127,6 @@ def possessive(gender: str) -> str:
     if gender == "Unisex":
         return gender
     return f"{gender}'" if gender.endswith("s") else f"{gender}'s"
-
-
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-
-
-def template_errors(template: str) -> list[str]:
-    """Problems with a caption template, for config validation."""
-    try:
-        names = template_fields(template)
-    except ValueError as exc:
-        return [f"'captions.template' is not a valid template ({exc}); use {{field}} placeholders"]
-    known = set(DERIVED_FIELDS) | set(STYLE_COLUMNS)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        return [f"'captions.template' has unknown field(s) {', '.join('{%s}' % n for n in unknown)}"
-                f"; use {', '.join('{%s}' % n for n in dict.fromkeys([*DERIVED_FIELDS, *STYLE_COLUMNS[1:]]))}"]
-    if not names:
-        return ["'captions.template' has no {field}: every image would get the same caption"]
-    return []
 
 
 _ARTICLE = re.compile(r"\b(a|an|A|An)(\s+)([\w'-]+)")

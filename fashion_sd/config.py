@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -29,18 +30,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from fashion_sd.captions import CATEGORY_COLUMNS, PAPER_TEMPLATE, template_errors
-
-# The paper's test prompts.
-PAPER_PROMPTS = (
-    "an image of a 2011 Casual Fall White Men's Sweater",
-    "an image of a 2012 Casual Summer Grey Women's Dress",
-    "an image of a 2011 Sports Fall White Men's T-Shirt",
-)
+from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
+from fashion_sd.paper import PAPER_PROMPTS
+from fashion_sd.template import CATEGORY_COLUMNS, PAPER_TEMPLATE, template_errors
 
 
-class ConfigError(ValueError):
+class ConfigError(FashionSDError, ValueError):
     """A config that cannot run: every line names the key and where its value came from."""
 
 
@@ -103,6 +99,17 @@ class LoraConfig:
     # separate: x W + s (x A) B, no weight gradient for the frozen W (PEFT's form, the fast one);
     # merged: Keras' enable_lora kernel x (W + s A B). Same function; for benchmarks.
     form: Literal["separate", "merged"] = "separate"
+
+    def to_meta(self) -> dict[str, str]:
+        """What a LoRA file's metadata says of this section (safetensors metadata are strings)."""
+        return {"rank": str(self.rank), "alpha": repr(float(self.alpha)),
+                "targets": json.dumps(list(self.targets))}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, str]) -> LoraConfig:
+        """The rank, alpha and targets a LoRA file was made with (:meth:`to_meta`'s inverse)."""
+        return cls(rank=int(meta["rank"]), alpha=float(meta["alpha"]),
+                   targets=json.loads(meta["targets"]))
 
 
 @dataclass

@@ -13,56 +13,23 @@ and every noise draw. Resuming at step k therefore continues the very same strea
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, ImageOps
 
 from fashion_sd.cache import cache_key, cached, file_id
 from fashion_sd.diffusion import TRAIN_TIMESTEPS
-from fashion_sd.tokenizer import MAX_LENGTH
+from fashion_sd.images import background_colour, load_image  # noqa: F401 - re-exported
+from fashion_sd.progress import tqdm_progress  # noqa: F401 - re-exported
+from fashion_sd.tokenizer import END_TOKEN, MAX_LENGTH, tokenize  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-END_TOKEN = 49407  # CLIP's <|endoftext|>, which KerasCV also pads with
-
 
 # --------------------------------------------------------------------------------------------
-# Images
-
-
-def background_colour(img: Image.Image) -> tuple[int, ...]:
-    """The median colour of the image's one-pixel border: the studio backdrop in the catalogue."""
-    a = np.asarray(img)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    return tuple(int(v) for v in np.median(border, axis=0))
-
-
-def load_image(path: str | Path, resolution: int | None) -> np.ndarray:
-    """Decode any JPEG/PNG mode to RGB, pad to a square on its own background, resize: uint8 HWC.
-
-    Padding instead of the paper's centre crop keeps portrait garments whole (the paper reports
-    generated garments cut off at the frame). JPEGs are decoded at a reduced scale when they are
-    much larger than needed (the full catalogue's 1800x2400 photos). ``resolution=None`` pads at
-    the image's own size (its longer side) and does not resample.
-    """
-    with Image.open(path) as im:
-        if resolution is None:
-            resolution = max(im.size)
-        elif im.format == "JPEG":
-            im.draft("RGB", (resolution, resolution))
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            rgb = Image.alpha_composite(white, rgba).convert("RGB")
-        else:
-            rgb = im.convert("RGB")  # L, CMYK, P, I;16 ... all become RGB
-    square = ImageOps.pad(rgb, (resolution, resolution), method=Image.Resampling.BICUBIC,
-                          color=background_colour(rgb))
-    return np.asarray(square, dtype=np.uint8)
+# Images (decoded by :func:`fashion_sd.images.load_image`)
 
 
 def image_dataset(paths: list[str], resolution: int, batch_size: int) -> tf.data.Dataset:
@@ -81,22 +48,6 @@ def image_dataset(paths: list[str], resolution: int, batch_size: int) -> tf.data
 
 # --------------------------------------------------------------------------------------------
 # Text
-
-
-def tokenize(captions: list[str], tokenizer) -> tuple[np.ndarray, list[str]]:
-    """CLIP token ids, (n, 77) int32, padded with the end token as KerasCV's sampler does.
-
-    Captions over 77 tokens are truncated (keeping the end token) and returned as the second value.
-    """
-    out = np.full((len(captions), MAX_LENGTH), END_TOKEN, dtype=np.int32)
-    truncated = []
-    for i, text in enumerate(captions):
-        ids = tokenizer.encode(text)
-        if len(ids) > MAX_LENGTH:
-            truncated.append(text)
-            ids = ids[: MAX_LENGTH - 1] + [END_TOKEN]
-        out[i, : len(ids)] = ids
-    return out, truncated
 
 
 def encode_text(text_encoder, tokens: np.ndarray, batch_size: int = 16, progress=None) -> np.ndarray:
@@ -174,12 +125,6 @@ def encode_dataset(table, comps, cache_dir: str | Path, resolution: int, progres
                                            progress))
     splits = {name: np.flatnonzero((table.split == name).to_numpy()) for name in ("train", "val", "test")}
     return EncodedData(moments, contexts, np.array([index[c] for c in table.caption]), splits)
-
-
-def tqdm_progress(iterable, desc, total=None):
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, unit="batch")
 
 
 # --------------------------------------------------------------------------------------------

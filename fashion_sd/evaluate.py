@@ -2,7 +2,7 @@
 
 For every model: generate one image per caption of the split (cycled up to ``eval.num_images``)
 with fixed seeds, extract Inception features, and score them against the split's real images,
-whose statistics are computed once and cached. Results accumulate in ``fid.csv``; a checkpoint
+whose statistics are computed once and cached. Results accumulate in a scores table (:data:`fashion_sd.rundir.SCORES_CSV`); a checkpoint
 already scored with the same settings is skipped unless ``force``.
 """
 
@@ -20,10 +20,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fashion_sd import plots
+from fashion_sd import plots, rundir
 from fashion_sd.captions import read_captions
 from fashion_sd.config import Config
+from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path, atomic_write_text
+from fashion_sd.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +34,23 @@ COLUMNS = ["checkpoint", "epoch", "step", "fid", "kid_mean", "kid_std", "n_real"
 BASE = "base"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(FashionSDError, ValueError):
     """Inputs the evaluation cannot use; the message says what to do."""
 
 
 def find_checkpoints(spec: str | Path) -> list[Path]:
-    """A run's ``checkpoints/`` folder (its epoch checkpoints, else ``last``), a file or a glob."""
+    """A run's checkpoints folder (its epoch checkpoints, else ``last``), a file or a glob."""
     spec = str(spec)
     path = Path(spec)
     if path.is_dir():
-        found = sorted(path.glob("epoch_*.lora.safetensors"))
-        if not found and (path / "last.lora.safetensors").is_file():
-            found = [path / "last.lora.safetensors"]
+        found = rundir.scored_in(path)
     elif path.is_file():
         found = [path]
     else:
         found = sorted(Path(p) for p in glob.glob(spec))
-    found = [p for p in found if p.name.endswith(".safetensors") and "train_state" not in p.name]
+    found = [p for p in found if rundir.is_lora_file(p)]
     if not found:
-        raise EvaluationError(f"--checkpoints {spec}: no .lora.safetensors checkpoint found")
+        raise EvaluationError(f"--checkpoints {spec}: no {rundir.CHECKPOINT_SUFFIX} checkpoint found")
     return found
 
 
@@ -117,8 +117,8 @@ def score(gen_feats: np.ndarray, real: dict, cfg: Config) -> dict:
 
 
 def write_tables(df: pd.DataFrame, out: Path, label: str) -> None:
-    """fid.csv, fid.md (best row marked) and fid.png (FID and KID against epoch)."""
-    with atomic_path(out / "fid.csv") as tmp:
+    """The scores table, its markdown (best row marked) and plot (FID and KID against epoch)."""
+    with atomic_path(out / rundir.SCORES_CSV) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
     scored = df[df.checkpoint != BASE]
     best = scored.fid.idxmin() if len(scored) else None
@@ -138,53 +138,55 @@ def write_tables(df: pd.DataFrame, out: Path, label: str) -> None:
     if int(df.n_real.min()) < 2048 or int(df.n_generated.min()) < 2048:
         notes.append("Fewer than 2048 images: FID is biased upwards at this size; compare KID, "
                      "which is unbiased.")
-    atomic_write_text(out / "fid.md", "# FID / KID per checkpoint\n\n" + "\n".join(lines)
+    atomic_write_text(out / rundir.SCORES_MD, "# FID / KID per checkpoint\n\n" + "\n".join(lines)
                       + "\n" + "\n\n".join(notes) + "\n")
-    plots.metric_curves(df, out / "fid.png", label if comparable else
+    plots.metric_curves(df, out / rundir.SCORES_PLOT, label if comparable else
                         f"NOT COMPARABLE (untrained Inception). {label}")
 
 
-def _name(path: Path) -> str:
-    return path.name.removesuffix(".safetensors").removesuffix(".lora")
-
-
 def _key_name(model) -> str:
-    """The fid.csv name of a model: ``base`` or the checkpoint's file stem."""
-    return model if model == BASE else _name(model)
+    """A model's name in the scores table: ``base`` or the checkpoint's name."""
+    return model if model == BASE else rundir.checkpoint_name(model)
 
 
 def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_images: int | None = None,
              split: str | None = None, force: bool = False, extractor=None, progress=None,
              out: str | Path | None = None, build=None) -> pd.DataFrame:
-    """Score the base model and/or checkpoints; returns the whole fid.csv table.
+    """Score the base model and/or checkpoints; returns the whole scores table.
 
     ``extractor`` and ``build(source, resolution)`` replace the Inception network and the
     Stable Diffusion components (tests pass small ones).
     """
-    from fashion_sd import lora, models
-    from fashion_sd.generate import Sampler
-    from fashion_sd.metrics import (cached_stats, load_extractor, real_image_features, stats_key,
-                                    warn_if_biased)
+    from fashion_sd import lora
+    from fashion_sd.generate import build_sampler, resolve_inference_weights
+    from fashion_sd.metrics import (
+        cached_stats,
+        load_extractor,
+        real_image_features,
+        stats_key,
+        warn_if_biased,
+    )
 
     split = split or cfg.eval.split
     paths = find_checkpoints(checkpoints) if checkpoints else []
     if not paths and not include_base:
         raise EvaluationError("nothing to score: give --checkpoints DIR|GLOB and/or --include-base")
     metas = {p: lora.read_lora(p)[1] for p in paths}  # a bad file fails here, before any work
-    out = Path(out) if out else Path(cfg.output.dir) / "eval"
+    out = Path(out) if out else RunDir(cfg.output.dir).eval
     if extractor is None:
         extractor = load_extractor(cfg.eval.backend, cfg.eval.inception_weights)
     backend_id = f"{extractor.name}/{extractor.preprocessing}"
     plan = make_plan(cfg, split, num_images, backend_id)
 
-    previous = pd.read_csv(out / "fid.csv") if (out / "fid.csv").is_file() else pd.DataFrame(columns=COLUMNS)
+    scores = out / rundir.SCORES_CSV
+    previous = pd.read_csv(scores) if scores.is_file() else pd.DataFrame(columns=COLUMNS)
     done = set(zip(previous.checkpoint, previous.settings)) if not force else set()
     wanted = ([BASE] if include_base else []) + paths
     todo = [m for m in wanted if (_key_name(m), plan.settings_id) not in done]
     redo = {(_key_name(m), plan.settings_id) for m in todo}  # rows replaced by this call
     table = previous[[key not in redo for key in zip(previous.checkpoint, previous.settings)]]
     if not todo:
-        print(f"every model is already scored with these settings in {out / 'fid.csv'} "
+        print(f"every model is already scored with these settings in {scores} "
               "(--force recomputes)")
         return table.reset_index(drop=True)
 
@@ -193,16 +195,10 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
                         lambda: real_image_features(extractor, plan.real_paths, progress=progress))
     warn_if_biased(len(plan.real_paths), len(plan.prompts))
 
-    source = models.resolve_weights(cfg.model.weights, ("text_encoder", "diffusion_model", "decoder"),
-                                    cfg.model.cache_dir, cfg.seed)
-    import keras
-
-    keras.utils.set_random_seed(cfg.seed)
-    build = build or (lambda src, res: models.build_components(
-        src, res, ("text_encoder", "diffusion_model", "decoder")))
-    comps = build(source, cfg.data.resolution)
+    source = resolve_inference_weights(cfg.model.weights, cfg.model.cache_dir, cfg.seed)
+    sampler = build_sampler(source, cfg.data.resolution, cfg.seed, build)
+    comps = sampler.comps
     swap = lora.LoraSwap()
-    sampler = Sampler(comps)
     rows = []
     for model in todo:
         name = _key_name(model)

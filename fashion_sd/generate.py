@@ -16,9 +16,9 @@ import logging
 import keras
 import numpy as np
 
-from fashion_sd.data import tokenize
+from fashion_sd.image_settings import PNG_KEY, ImageSettings  # noqa: F401 - re-exported
 from fashion_sd.models import Components
-from fashion_sd.tokenizer import MAX_LENGTH
+from fashion_sd.tokenizer import MAX_LENGTH, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -102,63 +102,72 @@ class _Float32Outputs:
 # A generation job: base model + optional LoRA -> PNGs, a contact sheet and a JSON sidecar.
 
 
+INFERENCE = ("text_encoder", "diffusion_model", "decoder")  # what a sampler needs
+
+
+def resolve_inference_weights(weights: str, cache_dir=None, seed: int = 0):
+    """Where the inference components' weights come from (fails fast, builds nothing)."""
+    from fashion_sd import models
+
+    return models.resolve_weights(weights, INFERENCE, cache_dir, seed)
+
+
+def build_sampler(source, resolution: int, seed: int = 0, build=None) -> Sampler:
+    """The one inference recipe (generate.py, evaluation, the app): seed, build the text encoder,
+    U-Net and decoder from ``source`` at ``resolution``, make the sampler.
+
+    ``build(source, resolution)`` replaces the component builder (tests pass small models).
+    """
+    from fashion_sd import models
+
+    if resolution % 64:
+        raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
+    keras.utils.set_random_seed(seed)  # random-init weights, when asked for, are reproducible
+    build = build or (lambda src, res: models.build_components(src, res, INFERENCE))
+    return Sampler(build(source, resolution))
+
+
 def load_sampler(weights: str, resolution: int, lora_path=None, cache_dir=None, seed: int = 0,
                  strength: float = 1.0) -> tuple[Sampler, dict]:
     """Build text encoder, U-Net and decoder, fold in the LoRA (fast inference), make a sampler.
 
     Returns the sampler and a record of what was used (weights source, LoRA metadata).
     """
-    from fashion_sd import lora, models
+    from fashion_sd import lora
 
     if resolution % 64:
         raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
     meta = lora.read_lora(lora_path)[1] if lora_path else None  # checked before any build
-    source = models.resolve_weights(weights, ("text_encoder", "diffusion_model", "decoder"),
-                                    cache_dir, seed)
+    source = resolve_inference_weights(weights, cache_dir, seed)
     if meta is not None and meta.get("base_weights") not in (None, source.id):
         log.warning("%s was trained on base weights %s; generating with %s", lora_path,
                     meta.get("base_weights"), source.id)
-    keras.utils.set_random_seed(seed)  # random-init weights, when asked for, are reproducible
-    comps = models.build_components(source, resolution, ("text_encoder", "diffusion_model", "decoder"))
+    sampler = build_sampler(source, resolution, seed)
+    comps = sampler.comps
     if lora_path:
         # text_encoder: LoRAs imported from kohya/diffusers may change the text encoder too
         lora.merge_lora(comps.diffusion_model, lora_path, strength, text_encoder=comps.text_encoder)
     record = {"weights": source.to_dict(), "random_init": source.is_random, "label": source.label,
               "lora": str(lora_path) if lora_path else None, "lora_metadata": meta,
-              "lora_strength": strength if lora_path else None, "resolution": resolution}
-    return Sampler(comps), record
+              "lora_strength": strength if lora_path else None, "resolution": resolution,
+              "model_seed": seed}
+    return sampler, record
 
 
 def image_name(prompt_index: int, seed: int) -> str:
     return f"p{prompt_index:03d}_s{seed}.png"
 
 
-PNG_KEY = "fashion-sd"  # the PNG text chunk holding an image's settings as JSON
-
-
-def save_png(path, image: np.ndarray, settings: dict) -> None:
+def save_png(path, image: np.ndarray, settings: ImageSettings | dict) -> None:
     """Write ``image`` atomically with its generation settings in PNG text metadata."""
-    from PIL import Image, PngImagePlugin
-
-    from fashion_sd.files import atomic_path
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_KEY, json.dumps(settings, default=str))
-    info.add_text("prompt", str(settings.get("prompt", "")))  # readable in any image viewer
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+    if isinstance(settings, dict):
+        settings = ImageSettings.from_dict(settings)
+    settings.save_png(path, image)
 
 
 def read_png_settings(path) -> dict:
     """The settings :func:`save_png` stored, to reproduce an image exactly."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        text = getattr(im, "text", {}) or {}
-    if PNG_KEY not in text:
-        raise ValueError(f"{path}: no fashion-sd settings in this PNG (only images written by "
-                         "scripts/generate.py carry them)")
-    return json.loads(text[PNG_KEY])
+    return ImageSettings.read_png(path).to_dict()
 
 
 def generate_to_folder(sampler: Sampler, prompts: list[str], seeds: list[int], out, steps: int,
@@ -190,12 +199,9 @@ def generate_to_folder(sampler: Sampler, prompts: list[str], seeds: list[int], o
         images = np.stack([img for _, img in kept])
         for seed, img in kept:
             path = out / image_name(i, seed)
-            save_png(path, img, {
-                "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-                "steps": steps, "guidance": guidance, "resolution": record.get("resolution"),
-                "weights": record.get("weights", {}).get("requested"),
-                "weights_id": record.get("weights", {}).get("id"), "lora": record.get("lora"),
-                "lora_strength": record.get("lora_strength"), "batch_seeds": batch_of[seed]})
+            ImageSettings.from_record(
+                record, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                guidance=guidance, batch_seeds=batch_of[seed]).save_png(path, img)
             files.append({"prompt_index": i, "prompt": prompt, "seed": seed, "file": path.name})
         rows.append((prompt, images))
     shown = [s for s in seeds if keep is None or s in keep]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fashion_sd.errors import FashionSDError
+
 DEFAULT_HANDLE = "paramaggarwal/fashion-product-images-small"
 
 
-class KaggleError(RuntimeError):
+class KaggleError(FashionSDError, RuntimeError):
     """The dataset could not be fetched; the message says how to provide it by hand."""
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from fashion_sd.config import LoraConfig
+from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "out_proj")
@@ -35,7 +37,7 @@ FORMAT = "fashion-sd-lora"
 FORMAT_VERSION = "1"
 
 
-class LoraError(ValueError):
+class LoraError(FashionSDError, ValueError):
     """A LoRA file or setting that does not fit the model; the message says how."""
 
 
@@ -73,26 +75,26 @@ def lora_parameter_count(layers: dict[str, keras.layers.Dense], rank: int) -> in
     return sum(rank * (int(d.kernel.shape[0]) + int(d.kernel.shape[1])) for d in layers.values())
 
 
-def apply_lora(model: keras.Model, rank: int, alpha: float, targets: Iterable[str],
-               form: str = "separate"):
-    """Freeze ``model`` and train LoRA (A he-uniform, B zero) on the target projections only.
+def apply_lora(model: keras.Model, spec: LoraConfig):
+    """Freeze ``model`` and train LoRA (A he-uniform, B zero) on ``spec.targets`` only, at
+    ``spec.rank`` and ``spec.alpha``.
 
-    ``form``: ``separate`` computes ``x W + s (x A) B`` (no weight gradient for the frozen W),
-    ``merged`` Keras' ``x (W + s A B)``; both hold the same variables and give the same function.
+    ``spec.form``: ``separate`` computes ``x W + s (x A) B`` (no weight gradient for the frozen
+    W), ``merged`` Keras' ``x (W + s A B)``; the same variables and the same function.
     Load base weights before this: Keras' legacy .h5 loading counts variables per layer.
     Returns the LoRA layers by name. Raises if anything else would train (checked by count).
     """
     from fashion_sd.attention import use_lora_form
 
-    layers = select(attention_projections(model), targets)
+    layers = select(attention_projections(model), spec.targets)
     # Freezing variables rather than layers: a frozen parent layer would hide the LoRA
     # variables too, and `enable_lora` only freezes the kernel, not out_proj's bias.
     for v in model.trainable_weights:
         v.trainable = False
     for layer in layers.values():
-        layer.enable_lora(rank, lora_alpha=alpha)
-        use_lora_form(layer, form)
-    expected = lora_parameter_count(layers, rank)
+        layer.enable_lora(spec.rank, lora_alpha=spec.alpha)
+        use_lora_form(layer, spec.form)
+    expected = lora_parameter_count(layers, spec.rank)
     got = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
     if got != expected:  # would mean Keras changed what enable_lora freezes
         raise RuntimeError(f"{got} trainable parameters after enabling LoRA, expected {expected}")
@@ -107,13 +109,13 @@ def lora_state(layers: dict[str, keras.layers.Dense]) -> dict[str, np.ndarray]:
     return state
 
 
-def save_lora(path: str | Path, layers: dict[str, keras.layers.Dense], rank: int, alpha: float,
-              targets: Iterable[str], **metadata) -> Path:
-    """Write the LoRA matrices and their metadata to a safetensors file, atomically."""
+def save_lora(path: str | Path, layers: dict[str, keras.layers.Dense], spec: LoraConfig,
+              **metadata) -> Path:
+    """Write the LoRA matrices and their metadata (``spec``'s rank, alpha, targets and
+    ``metadata``) to a safetensors file, atomically."""
     from safetensors.numpy import save_file
 
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": str(rank),
-            "alpha": repr(float(alpha)), "targets": json.dumps(list(targets)),
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **spec.to_meta(),
             "layers": json.dumps(sorted(layers))}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     with atomic_path(path) as tmp:
@@ -143,10 +145,6 @@ def read_lora(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, meta
 
 
-def lora_meta(meta: dict[str, str]) -> tuple[int, float, list[str]]:
-    return int(meta["rank"]), float(meta["alpha"]), json.loads(meta["targets"])
-
-
 def load_lora(path: str | Path, layers: dict[str, keras.layers.Dense]) -> dict[str, str]:
     """Set the LoRA matrices of ``layers`` (LoRA enabled) from a checkpoint; returns its metadata.
 
@@ -154,7 +152,8 @@ def load_lora(path: str | Path, layers: dict[str, keras.layers.Dense]) -> dict[s
     names both, never a partial load.
     """
     tensors, meta = read_lora(path)
-    rank, _, targets = lora_meta(meta)
+    spec = LoraConfig.from_meta(meta)
+    rank, targets = spec.rank, spec.targets
     model_ranks = {layer.lora_rank for layer in layers.values()}
     if model_ranks != {rank}:
         raise LoraError(f"{path}: rank {rank}, but the model's LoRA has rank "
@@ -249,13 +248,14 @@ def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0,
     return meta
 
 
-def check_init_from(path: str | Path, rank: int, alpha: float) -> dict[str, str]:
+def check_init_from(path: str | Path, spec: LoraConfig) -> dict[str, str]:
     """Why ``lora.init_from`` cannot start this run, as a LoraError; else the file's metadata.
 
     Rank and alpha must be the run's own, or training would continue a different function than
     the file describes; text-encoder layers cannot be trained here, so they are an error too.
     Needs no model, so a run checks this before any heavy work.
     """
+    rank, alpha = spec.rank, spec.alpha
     tensors, meta = read_lora(path)
     te = sorted({k.rsplit(".", 1)[0] for k in tensors if is_text_encoder_layer(k)})
     if te:
@@ -272,10 +272,10 @@ def check_init_from(path: str | Path, rank: int, alpha: float) -> dict[str, str]
     return meta
 
 
-def init_from(path: str | Path, layers: dict[str, keras.layers.Dense], rank: int,
-              alpha: float) -> dict[str, str]:
+def init_from(path: str | Path, layers: dict[str, keras.layers.Dense],
+              spec: LoraConfig) -> dict[str, str]:
     """Start training from a LoRA checkpoint (``lora.init_from``): its A and B become the start."""
-    check_init_from(path, rank, alpha)
+    check_init_from(path, spec)
     try:
         return load_lora(path, layers)
     except LoraError as exc:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import keras
 
+from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
 from fashion_sd.tokenizer import MAX_LENGTH, clip_tokenizer
 
@@ -67,7 +68,7 @@ COMPONENTS = tuple(WEIGHT_FILES)
 PRETRAINED_ID = "keras-cv/stable-diffusion-v1.4"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(FashionSDError, RuntimeError):
     """Weights that cannot be had; the message says how to provide them."""
 
 
@@ -204,7 +205,12 @@ def build_component(name: str, resolution: int, path: Path | None = None,
     The U-Net computes its attention as ``attention`` says (:mod:`fashion_sd.attention`):
     ``fused`` (default) or KerasCV's own; the weights are the same either way.
     """
-    from keras_cv.models.stable_diffusion import DiffusionModel, Decoder, ImageEncoder, TextEncoder
+    from keras_cv.models.stable_diffusion import (
+        Decoder,
+        DiffusionModel,
+        ImageEncoder,
+        TextEncoder,
+    )
 
     if name == "diffusion_model":
         from fashion_sd.attention import set_attention

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import math
 
+# The paper's test prompts.
+PAPER_PROMPTS = (
+    "an image of a 2011 Casual Fall White Men's Sweater",
+    "an image of a 2012 Casual Summer Grey Women's Dress",
+    "an image of a 2011 Sports Fall White Men's T-Shirt",
+)
+
 # (rank, learning rate, batch size) of every run in the paper's Fig 4.
 FIG4_RUNS = [(2, 5e-5, 3), (4, 5e-5, 1), (4, 5e-5, 3), (4, 5e-5, 6), (4, 1e-4, 3), (4, 1e-6, 3),
              (6, 1e-4, 1), (10, 5e-5, 3)]

@@ -1,8 +1,7 @@
 """A training run from a config: check inputs, build, cache, fit, and leave files behind.
 
-``output.dir`` receives ``config.yaml``, ``run.json``, ``history.csv``, ``loss.png``,
-``samples/``, ``checkpoints/`` and ``tensorboard/``. ``resume=True`` continues from
-``checkpoints/train_state.safetensors`` exactly where the run stopped.
+``output.dir`` receives a run's folder (:class:`fashion_sd.rundir.RunDir` names its files);
+``resume=True`` continues from its train state exactly where the run stopped.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -21,8 +21,10 @@ from fashion_sd import attention, data, hardware, lora, models
 from fashion_sd import callbacks as cb
 from fashion_sd.captions import read_captions
 from fashion_sd.config import Config
+from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
 from fashion_sd.generate import Sampler
+from fashion_sd.rundir import RunDir
 from fashion_sd.trainer import LoraTrainer, load_train_state, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.keep_last", "trai
                      "train.min_loss_scale", "model.attention", "lora.form", "data.cache_dir", "model.cache_dir", "output.dir", "output.export")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FashionSDError, RuntimeError):
     """A run that cannot start or had to stop; the message says why and what to do."""
 
 
@@ -65,20 +67,16 @@ def _load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def write_run_json(out: Path, cfg: Config, source: models.WeightsSource, extra: dict) -> None:
+def write_run_json(run: RunDir, cfg: Config, source: models.WeightsSource, extra: dict) -> None:
     record = {"config": cfg.to_dict(), "weights": source.to_dict(),
               "random_init": source.is_random, "versions": hardware.versions(),
               "machine": hardware.describe(), **extra}
-    atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=str) + "\n")
-
-
-RUN_OUTPUTS = ("checkpoints", "samples", "tensorboard", "eval", "history.csv", "loss.png",
-               "run.json", "config.yaml")
+    atomic_write_text(run.run_json, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.tqdm_progress,
           verbose: int = 1, build=models.build_components) -> dict:
-    """Run (or resume) the training that ``cfg`` describes; returns the summary in run.json.
+    """Run (or resume) the training that ``cfg`` describes; returns the summary it records.
 
     ``fresh`` deletes an earlier run's outputs in output.dir first (never other files there).
     ``build(source, resolution)`` makes the components (tests pass small ones). The run sets
@@ -98,22 +96,35 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.
             tf_config.disable_op_determinism()
 
 
-def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
-    t_start = time.time()
-    out = Path(cfg.output.dir)
-    state_path = out / "checkpoints" / "train_state.safetensors"
-    if fresh:
-        for name in RUN_OUTPUTS:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    # ---- inputs first: nothing heavy happens before these pass
-    if resume and not state_path.is_file():
-        raise TrainingError(f"--resume: {state_path} not found; nothing to resume in {out}")
-    if not resume and state_path.is_file():
-        raise TrainingError(f"{out} already holds a run ({state_path}); continue it with --resume "
-                            "or set output.dir to a new folder")
+@dataclass
+class Inputs:
+    """What the checks before any heavy work found: the captions and where the weights are."""
+
+    table: object  # the captions table
+    n_train: int
+    source: models.WeightsSource
+    init_meta: dict | None  # lora.init_from's metadata (checked), when the run starts from it
+
+
+@dataclass
+class Machine:
+    precision: str
+    strategy: object
+    replicas: int
+    jit: bool
+    jit_reason: str
+
+
+def check_inputs(cfg: Config, run: RunDir, resume: bool) -> Inputs:
+    """Every check that needs no model: the run folder, the captions and images, lora.init_from,
+    the weights. Raises TrainingError (or WeightsError) before anything heavy happens."""
+    if resume and not run.train_state.is_file():
+        raise TrainingError(f"--resume: {run.train_state} not found; nothing to resume in {run.root}")
+    if not resume and run.train_state.is_file():
+        raise TrainingError(f"{run.root} already holds a run ({run.train_state}); continue it with "
+                            "--resume or set output.dir to a new folder")
     if resume:
-        check_resume_config(out / "config.yaml", cfg)
+        check_resume_config(run.config, cfg)
     table = read_captions(cfg.data.captions)
     n_train = int((table.split == "train").sum())
     if n_train < cfg.train.batch_size:
@@ -129,11 +140,15 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
     init_meta = None
     if cfg.lora.init_from and not resume:  # checked now; loaded once the LoRA layers exist
         try:
-            init_meta = lora.check_init_from(cfg.lora.init_from, cfg.lora.rank, cfg.lora.alpha)
+            init_meta = lora.check_init_from(cfg.lora.init_from, cfg.lora)
         except lora.LoraError as exc:
             raise TrainingError(str(exc)) from None
     source = models.resolve_weights(cfg.model.weights, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
+    return Inputs(table, n_train, source, init_meta)
 
+
+def resolve_machine(cfg: Config) -> Machine:
+    """Precision, replicas and XLA for this machine and config, refusing what cannot run."""
     precision = hardware.resolve_precision(cfg.train.precision)
     strategy = hardware.strategy()
     replicas = strategy.num_replicas_in_sync
@@ -146,102 +161,119 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
     if cfg.train.batch_size % replicas:
         raise TrainingError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
                             f"{replicas} GPUs it is split over")
-    if cfg.train.deterministic:
+    return Machine(precision, strategy, replicas, jit, jit_reason)
+
+
+def fit_segments(step: int, steps_per_epoch: int, end: int) -> list[tuple[int, int, int]]:
+    """The ``fit`` calls that take a run from micro-batch ``step`` to ``end``, as
+    ``(initial_epoch, epochs, steps_per_epoch)``: a partial epoch first when resuming mid-epoch,
+    then whole epochs (the last may be cut short by ``end``, which the step guard enforces)."""
+    epochs = -(-end // steps_per_epoch)
+    first_epoch, offset = divmod(step, steps_per_epoch)
+    segments = []
+    if offset:
+        segments.append((first_epoch, first_epoch + 1, steps_per_epoch - offset))
+        first_epoch += 1
+    if first_epoch < epochs:
+        segments.append((first_epoch, epochs, steps_per_epoch))
+    return segments
+
+
+def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
+    t_start = time.time()
+    run = RunDir(cfg.output.dir)
+    if fresh:
+        for name in RunDir.OUTPUTS:
+            p = run.root / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    # ---- inputs first: nothing heavy happens before these pass
+    inputs = check_inputs(cfg, run, resume)
+    machine = resolve_machine(cfg)
+    source, t = inputs.source, cfg.train
+    if t.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(cfg.seed)
-    keras.mixed_precision.set_dtype_policy(precision)
-    out.mkdir(parents=True, exist_ok=True)
+    keras.mixed_precision.set_dtype_policy(machine.precision)
+    run.root.mkdir(parents=True, exist_ok=True)
     if not resume:
-        cfg.save(out / "config.yaml")
-    print(f"weights: {source.label}\nprecision: {precision}, XLA: {jit} ({jit_reason}), "
-          f"replicas: {replicas}")
+        cfg.save(run.config)
+    print(f"weights: {source.label}\nprecision: {machine.precision}, XLA: {machine.jit} "
+          f"({machine.jit_reason}), replicas: {machine.replicas}")
 
     # ---- frozen encoders once, through the cache
-    with strategy.scope():
+    with machine.strategy.scope():
         comps = build(source, cfg.data.resolution)
     attention.set_attention(comps.diffusion_model, cfg.model.attention)
-    encoded = data.encode_dataset(table, comps, cfg.data.cache_dir, cfg.data.resolution, progress)
+    encoded = data.encode_dataset(inputs.table, comps, cfg.data.cache_dir, cfg.data.resolution,
+                                  progress)
     comps.image_encoder = None  # not needed past the cache
-    with strategy.scope():
-        layers = lora.apply_lora(comps.diffusion_model, cfg.lora.rank, cfg.lora.alpha,
-                                 cfg.lora.targets, cfg.lora.form)
-        if init_meta is not None:
+    spe = inputs.n_train // t.batch_size
+    total = t.epochs * spe
+    end = min(total, t.max_steps * t.grad_accum) if t.max_steps else total
+    with machine.strategy.scope():
+        layers = lora.apply_lora(comps.diffusion_model, cfg.lora)
+        if inputs.init_meta is not None:
             try:
-                lora.init_from(cfg.lora.init_from, layers, cfg.lora.rank, cfg.lora.alpha)
+                lora.init_from(cfg.lora.init_from, layers, cfg.lora)
             except lora.LoraError as exc:
                 raise TrainingError(str(exc)) from None
             print(f"LoRA starts from {cfg.lora.init_from}")
         trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
         print(f"trainable LoRA parameters: {trainable:,} "
               f"({len(layers)} projections, rank {cfg.lora.rank})")
-        spe = n_train // cfg.train.batch_size
-        total = cfg.train.epochs * spe
-        end = min(total, cfg.train.max_steps * cfg.train.grad_accum) if cfg.train.max_steps else total
         trainer = LoraTrainer(comps.diffusion_model)
-        trainer.compile(
-            optimizer=make_optimizer(cfg.train.learning_rate, max(1, total // cfg.train.grad_accum),
-                                     cfg.train.warmup_steps,
-                                     cfg.train.weight_decay, cfg.train.grad_clip,
-                                     cfg.train.grad_accum, precision, replicas),
-            jit_compile=jit)
+        trainer.compile(optimizer=make_optimizer(t, max(1, total // t.grad_accum),
+                                                 machine.precision, machine.replicas),
+                        jit_compile=machine.jit)
         trainer.optimizer.build(trainer.trainable_variables)
 
-    state = cb.RunState(out, spe, cfg.train.grad_accum, end, total)
+    state = cb.RunState(run.root, spe, t.grad_accum, end, total)
     if resume:
-        info = load_train_state(state_path, trainer, layers)
+        info = load_train_state(run.train_state, trainer, layers)
         state.step, state.best_val = info["step"], info["best_val"]
         state.elapsed = info["elapsed"]
-        state.history = cb.read_history(out / "history.csv", state.optimizer_step)
+        state.history = cb.read_history(run.history, state.optimizer_step)
         print(f"resuming at step {state.optimizer_step} (epoch {state.epoch_progress:g})")
         if info.get("schedule") != cb.SCHEDULE:
             log.warning("%s was written before the learning-rate schedule counted optimizer steps "
                         "(warm-up and decay counted micro-batches with train.grad_accum > 1, and "
                         "the first warm-up step had rate 0); the rest of this run follows the "
-                        "new schedule, and its val loss draws other noise", state_path)
+                        "new schedule, and its val loss draws other noise", run.train_state)
     # What actually runs: Keras may still turn XLA off (e.g. a layer that does not support it).
-    extra = {"status": "running", "trainable_parameters": trainable, "precision": precision,
-             "jit_compile": bool(trainer.jit_compile), "jit_reason": jit_reason
-             if bool(trainer.jit_compile) == jit else f"{jit_reason}; Keras turned it off",
+    jit_used = bool(trainer.jit_compile)
+    extra = {"status": "running", "trainable_parameters": trainable,
+             "precision": machine.precision, "jit_compile": jit_used,
+             "jit_reason": machine.jit_reason if jit_used == machine.jit
+             else f"{machine.jit_reason}; Keras turned it off",
              "attention": cfg.model.attention, "lora_form": cfg.lora.form,
-             "loss_scaling": precision == "mixed_float16", "replicas": replicas, "steps_per_epoch": spe,
-             "train_images": n_train, "distinct_captions": int(len(encoded.contexts))}
-    write_run_json(out, cfg, source, extra)
+             "loss_scaling": machine.precision == "mixed_float16", "replicas": machine.replicas,
+             "steps_per_epoch": spe, "train_images": inputs.n_train,
+             "distinct_captions": int(len(encoded.contexts))}
+    write_run_json(run, cfg, source, extra)
     if state.step >= end:
         print(f"nothing to do: the run already reached step {state.optimizer_step}")
         return extra
 
     # ---- fit: a partial first epoch when resuming mid-epoch, then whole epochs
-    lora_meta = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.targets,
-                 "base_weights": source.id, "random_init": str(source.is_random).lower(),
-                 "caption_template": cfg.captions.template,
-                 "resolution": str(cfg.data.resolution)}
+    metadata = {"base_weights": source.id, "random_init": str(source.is_random).lower(),
+                "caption_template": cfg.captions.template,
+                "resolution": str(cfg.data.resolution)}
     if cfg.lora.init_from:
-        lora_meta["init_from"] = str(cfg.lora.init_from)
-    if jit:
+        metadata["init_from"] = str(cfg.lora.init_from)
+    if machine.jit:
         comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
     callbacks = [
-        cb.StepGuard(state, cfg.train.max_nonfinite, cfg.train.min_loss_scale),
-        cb.Checkpointer(state, layers, lora_meta, cfg.train.keep_last, source.label,
-                        cfg.output.export),
-        cb.SampleGrids(state, Sampler(comps), cfg.train.sample_prompts, cfg.train.sample_seeds,
-                       cfg.train.sample_steps, cfg.train.sample_guidance,
-                       cfg.train.sample_every, source.label),
-        keras.callbacks.TensorBoard(str(out / "tensorboard")),
+        cb.StepGuard(state, t.max_nonfinite, t.min_loss_scale),
+        cb.Checkpointer(state, layers, cfg, metadata, source.label),
+        cb.SampleGrids(state, Sampler(comps), t, source.label),
+        keras.callbacks.TensorBoard(str(run.tensorboard)),
     ]
-    val = data.val_dataset(encoded, cfg.train.batch_size, cfg.seed, cfg.train.val_repeats)
-    epochs = -(-end // spe)
-    first_epoch, offset = divmod(state.step, spe)
-    segments = []
-    if offset:
-        segments.append((first_epoch, first_epoch + 1, spe - offset))
-        first_epoch += 1
-    if first_epoch < epochs:
-        segments.append((first_epoch, epochs, spe))
-    for initial, stop, steps in segments:
+    val = data.val_dataset(encoded, t.batch_size, cfg.seed, t.val_repeats)
+    for initial, stop, steps in fit_segments(state.step, spe, end):
         if state.stop_reason:
             break
         start = state.step
-        ds = data.train_dataset(encoded, cfg.train.batch_size, cfg.seed, start,
+        ds = data.train_dataset(encoded, t.batch_size, cfg.seed, start,
                                 min(end, start + (stop - initial) * steps), cfg.data.flip)
         trainer.fit(ds, epochs=stop, initial_epoch=initial, steps_per_epoch=steps,
                     validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=False)
@@ -255,20 +287,20 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
                "skipped_steps": int(trainer.skipped_steps.numpy()),
                "overflow_steps": int(trainer.overflow_steps.numpy()),
                "seconds_this_session": round(time.time() - t_start, 1)}
-    write_run_json(out, cfg, source, summary)
+    write_run_json(run, cfg, source, summary)
     if state.stop_reason == "nonfinite":
         raise TrainingError(
-            f"stopped at step {state.optimizer_step}: {cfg.train.max_nonfinite} non-finite losses "
-            f"in a row. The last checkpoint ({out / 'checkpoints' / 'last.lora.safetensors'}) is "
-            "intact. Lower train.learning_rate, or use train.precision: float32.")
+            f"stopped at step {state.optimizer_step}: {t.max_nonfinite} non-finite losses "
+            f"in a row. The last checkpoint ({run.last}) is intact. Lower train.learning_rate, "
+            "or use train.precision: float32.")
     if state.stop_reason == "loss_scale":
         raise TrainingError(
             f"stopped at step {state.optimizer_step}: the float16 loss scale fell below "
-            f"train.min_loss_scale={cfg.train.min_loss_scale:g} ({summary['overflow_steps']} "
+            f"train.min_loss_scale={t.min_loss_scale:g} ({summary['overflow_steps']} "
             "overflow steps): gradients overflow float16 even unscaled, and smaller scales would "
-            f"let them underflow silently. The last checkpoint "
-            f"({out / 'checkpoints' / 'last.lora.safetensors'}) is intact. Use train.precision: "
-            "mixed_bfloat16 (Ampere or newer) or float32, or lower train.learning_rate.")
+            f"let them underflow silently. The last checkpoint ({run.last}) is intact. Use "
+            "train.precision: mixed_bfloat16 (Ampere or newer) or float32, or lower "
+            "train.learning_rate.")
     return summary
 
 

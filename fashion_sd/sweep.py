@@ -23,16 +23,17 @@ import yaml
 
 from fashion_sd import paper, plots
 from fashion_sd.config import ConfigError, load_config
+from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path, atomic_write_text
+from fashion_sd.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
 SHORT = {"lora.rank": "r", "lora.alpha": "a", "train.learning_rate": "lr", "train.batch_size": "bs",
          "train.epochs": "ep", "lora.targets": "t", "data.resolution": "px"}
 SWEEP_KEYS = {"base", "output", "set", "runs", "grid", "evaluate", "include_base", "search",
               "objective"}
 
 
-class SweepError(ValueError):
+class SweepError(FashionSDError, ValueError):
     """A sweep file that cannot run; the message names the file and the key or run."""
 
 
@@ -128,13 +129,6 @@ def config_for(sweep: Sweep, run: dict[str, Any]):
 # Running
 
 
-def _status(out: Path) -> str | None:
-    try:
-        return json.loads((out / "run.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
-
-
 def _call(args: list[str], log: Path) -> int:
     """Run a script, its output teed to the console and appended to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -153,19 +147,19 @@ def execute(sweep: Sweep, run: dict[str, Any], python: str = sys.executable) -> 
     config_args = ["--config", str(sweep.base)] + [a for s in sets for a in ("--set", s)]
     log = out / "sweep.log"
     t0 = time.time()
-    status = _status(out)
+    status = RunDir(out).status()
     if status == "finished":
         print(f"[{name}] finished earlier: training skipped")
     else:
-        mode = ["--resume"] if (out / "checkpoints" / "train_state.safetensors").is_file() else []
+        mode = ["--resume"] if RunDir(out).train_state.is_file() else []
         print(f"[{name}] training{' (resuming)' if mode else ''}; log: {log}", flush=True)
-        rc = _call([python, str(ROOT / "scripts/train.py"), *config_args, *mode], log)
+        rc = _call([python, "-m", "fashion_sd", "train", *config_args, *mode], log)
         if rc != 0:
             return {"run": name, "status": "failed", "error": _tail(log), "seconds": time.time() - t0}
     if sweep.evaluate:
         print(f"[{name}] evaluating", flush=True)
-        args = [python, str(ROOT / "scripts/evaluate_fid.py"), *config_args,
-                "--checkpoints", str(out / "checkpoints")]
+        args = [python, "-m", "fashion_sd", "evaluate", *config_args,
+                "--checkpoints", str(RunDir(out).checkpoints)]
         if sweep.include_base:
             args.append("--include-base")
         if _call(args, log) != 0:
@@ -187,25 +181,24 @@ def _tail(log: Path) -> str:
 def row_for(sweep: Sweep, run: dict[str, Any], outcome: dict | None = None) -> dict:
     """One results row from what a run left on disk."""
     name = run_name(run)
-    out = sweep.output / name
+    out = RunDir(sweep.output / name)
     cfg = config_for(sweep, run)
     row: dict[str, Any] = {"run": name, **{k: _fmt(v) for k, v in run.items()},
                            "rank": cfg.lora.rank, "learning_rate": cfg.train.learning_rate,
                            "batch_size": cfg.train.batch_size,
-                           "status": (outcome or {}).get("status") or _status(out) or "not run",
+                           "status": (outcome or {}).get("status") or out.status() or "not run",
                            "error": (outcome or {}).get("error", "")}
-    if (out / "history.csv").is_file():
-        hist = pd.read_csv(out / "history.csv")
+    hist = out.read_history()
+    if hist is not None:
         if len(hist):
             row.update(final_loss=hist.loss.iloc[-1], final_val_loss=hist.val_loss.iloc[-1],
                        train_seconds=hist.seconds.iloc[-1])
-    if (out / "run.json").is_file():
-        record = json.loads((out / "run.json").read_text())
+    record = out.read_record()
+    if record is not None:
         row["trainable_parameters"] = record.get("trainable_parameters")
         row["weights"] = record.get("weights", {}).get("id")
-    fid_csv = out / "eval" / "fid.csv"
-    if fid_csv.is_file():
-        fid = pd.read_csv(fid_csv)
+    fid = out.read_scores()
+    if fid is not None:
         fid = fid[fid.checkpoint != "base"]
         if len(fid):
             best, best_kid = fid.loc[fid.fid.idxmin()], fid.loc[fid.kid_mean.idxmin()]
@@ -264,8 +257,8 @@ def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | N
     atomic_write_text(out / "results.md", "# Sweep results\n\n" + "\n".join(lines) + "\n\n"
                       + "\n\n".join(notes) + "\n")
     plots.sweep_figures(df, out, label)
-    histories = {r.run: pd.read_csv(out / r.run / "history.csv") for _, r in df.iterrows()
-                 if (out / r.run / "history.csv").is_file()}
+    histories = {r.run: h for _, r in df.iterrows()
+                 if (h := RunDir(out / r.run).read_history()) is not None}
     if histories:
         plots.all_loss_curves(histories, out / "loss_curves.png", label)
     return df

@@ -11,9 +11,12 @@ import functools
 import re
 from pathlib import Path
 
+import numpy as np
+
 BPE_PATH = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 MAX_LENGTH = 77  # CLIP's context: start token + 75 tokens + end token
+END_TOKEN = 49407  # CLIP's <|endoftext|>, which KerasCV also pads with
 
 # CLIP's pre-tokenizer: each match becomes one or more BPE tokens, never more than its characters.
 _PRETOKEN = re.compile(
@@ -52,3 +55,19 @@ def over_limit(texts, max_length: int = MAX_LENGTH) -> dict[str, int]:
             if n > max_length:
                 out[text] = n
     return out
+
+
+def tokenize(captions: list[str], tokenizer) -> tuple[np.ndarray, list[str]]:
+    """CLIP token ids, (n, 77) int32, padded with the end token as KerasCV's sampler does.
+
+    Captions over 77 tokens are truncated (keeping the end token) and returned as the second value.
+    """
+    out = np.full((len(captions), MAX_LENGTH), END_TOKEN, dtype=np.int32)
+    truncated = []
+    for i, text in enumerate(captions):
+        ids = tokenizer.encode(text)
+        if len(ids) > MAX_LENGTH:
+            truncated.append(text)
+            ids = ids[: MAX_LENGTH - 1] + [END_TOKEN]
+        out[i, : len(ids)] = ids
+    return out, truncated

@@ -17,6 +17,7 @@ import tensorflow as tf
 from keras import ops
 
 from fashion_sd import diffusion
+from fashion_sd.config import TrainConfig
 from fashion_sd.files import atomic_path
 
 
@@ -51,20 +52,20 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "warmup_steps": self.warmup_steps, "grad_accum": self.grad_accum}
 
 
-def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int, weight_decay: float,
-                   grad_clip: float | None, grad_accum: int, precision: str, replicas: int = 1):
-    """AdamW on a warm-up + cosine schedule (``total_steps`` and ``warmup_steps`` in optimizer
-    steps); loss scaling for float16.
+def make_optimizer(train: TrainConfig, total_steps: int, precision: str, replicas: int = 1):
+    """AdamW as ``train`` says (learning rate, warm-up, weight decay, clipping, accumulation) on a
+    warm-up + cosine schedule over ``total_steps`` optimizer steps; loss scaling for float16.
 
     With several replicas the gradients reach ``apply`` already averaged and divided by the
     replica count (see :meth:`LoraTrainer.train_step`), so the clipping threshold is divided too:
     ``clip(g / n, c / n) = clip(g, c) / n``, and Keras' cross-replica sum then gives ``clip(g, c)``.
     """
+    t = train
     opt = keras.optimizers.AdamW(
-        learning_rate=WarmupCosine(learning_rate, total_steps, warmup_steps, grad_accum),
-        weight_decay=weight_decay,
-        global_clipnorm=None if grad_clip is None else grad_clip / replicas,
-        gradient_accumulation_steps=grad_accum if grad_accum > 1 else None)
+        learning_rate=WarmupCosine(t.learning_rate, total_steps, t.warmup_steps, t.grad_accum),
+        weight_decay=t.weight_decay,
+        global_clipnorm=None if t.grad_clip is None else t.grad_clip / replicas,
+        gradient_accumulation_steps=t.grad_accum if t.grad_accum > 1 else None)
     if precision == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt

@@ -13,9 +13,19 @@ import random
 import gradio as gr
 
 from fashion_sd import article_types
-from fashion_sd.assistant import (ATTRIBUTES, BASE, LIMITS, Assistant, Request, RequestError,
-                                  build_prompt, caption_of, check_settings, prompt_warnings,
-                                  vocabulary)
+from fashion_sd.assistant import (
+    ATTRIBUTES,
+    BASE,
+    LIMITS,
+    Assistant,
+    Request,
+    RequestError,
+    build_prompt,
+    caption_of,
+    check_settings,
+    prompt_warnings,
+    vocabulary,
+)
 from fashion_sd.captions import CaptionError
 
 log = logging.getLogger(__name__)

@@ -1,55 +1,10 @@
 #!/usr/bin/env python
-"""Fine-tune Stable Diffusion v1.4 (KerasCV) with LoRA on a captions.csv.
+"""Fine-tune Stable Diffusion v1.4 (KerasCV) with LoRA on a captions.csv (the same as ``fashion-sd train``: see :mod:`fashion_sd.commands.train`)."""
 
-  python scripts/train.py --config configs/demo.yaml
-  python scripts/train.py --config configs/paper_best.yaml --set train.epochs=30
-  python scripts/train.py --config configs/paper_best.yaml --resume
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from fashion_sd.config import ConfigError, add_config_arguments, config_from_args  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true",
-                      help="continue the run in output.dir from its last train state")
-    mode.add_argument("--fresh", action="store_true",
-                      help="start over: delete the checkpoints, samples and logs of an earlier "
-                           "run in output.dir first")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    # TensorFlow loads only once the config is known to be good.
-    from fashion_sd.captions import CaptionError
-    from fashion_sd.lora import LoraError
-    from fashion_sd.models import WeightsError
-    from fashion_sd.run import TrainingError, summary_line, train
-
-    try:
-        summary = train(cfg, resume=args.resume, fresh=args.fresh)
-    except (TrainingError, WeightsError, CaptionError, LoraError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if "status" in summary and "step" in summary:
-        print(summary_line(summary, cfg.output.dir))
-    return 0
-
+from fashion_sd.commands.train import *  # noqa: F401,F403 - tests load this file as the module
+from fashion_sd.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

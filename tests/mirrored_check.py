@@ -9,7 +9,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from test_trainer import batches, make, snapshot  # noqa: E402
+from test_trainer import batches, make, optimizer, snapshot  # noqa: E402
 
 
 def run(strategy, precision="float32"):
@@ -17,9 +17,7 @@ def run(strategy, precision="float32"):
     with strategy.scope():
         t, layers = make(clip=0.05, precision=precision)  # small enough to clip: global norm
         if strategy.num_replicas_in_sync > 1:
-            from fashion_sd import trainer as tr
-
-            t.compile(optimizer=tr.make_optimizer(1e-3, 100, 0, 0.01, 0.05, 1, precision, 2),
+            t.compile(optimizer=optimizer(clip=0.05, precision=precision, replicas=2),
                       jit_compile=False)
             t.optimizer.build(t.trainable_variables)
     h = t.fit(batches(n=8, batch=4, nan_rows=[5]), epochs=2, verbose=0, shuffle=False)

@@ -6,6 +6,7 @@ from tiny import tiny_unet
 
 from fashion_sd import models
 from fashion_sd.generate import Sampler
+from fashion_sd.config import LoraConfig
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,8 @@ def test_generate_to_folder(sampler, tmp_path):
 def test_incompatible_lora_is_refused(tmp_path):
     from fashion_sd import lora
 
-    layers = lora.apply_lora(tiny_unet(8, channels=64), 2, 2.0, ["to_q"])
-    path = lora.save_lora(tmp_path / "wide.lora.safetensors", layers, 2, 2.0, ["to_q"])
+    layers = lora.apply_lora(tiny_unet(8, channels=64), LoraConfig(rank=2, alpha=2.0, targets=["to_q"]))
+    path = lora.save_lora(tmp_path / "wide.lora.safetensors", layers, LoraConfig(rank=2, alpha=2.0, targets=["to_q"]))
     with pytest.raises(lora.LoraError, match="made for another base model"):
         lora.merge_lora(tiny_unet(8, channels=32), path)
 
@@ -148,7 +149,9 @@ def test_png_metadata_reproduces_the_image(sampler, tmp_path):
     assert s == {"prompt": "an image of a 2011 Casual Fall White Men's Sweater",
                  "negative_prompt": "blurry", "seed": 7, "steps": 2, "guidance": 5.0,
                  "resolution": 64, "weights": "random", "weights_id": "random-init(seed=0)",
-                 "lora": None, "lora_strength": None, "batch_seeds": [7]}
+                 "model_seed": None, "random_init": None, "checkpoint": None,
+                 "lora": None, "lora_strength": None, "batch_seeds": [7],
+                 "made_by": "fashion-sd generate"}
     again = sampler.generate(s["prompt"], [s["seed"]], s["steps"], s["guidance"], s["negative_prompt"])
     np.testing.assert_array_equal(again[0], np.asarray(Image.open(png)))
     plain = tmp_path / "plain.png"

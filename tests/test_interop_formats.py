@@ -20,6 +20,7 @@ from fashion_sd.interop import keys as K
 from fashion_sd.interop import lora_formats as LF
 from fashion_sd.interop.checkpoint import open_source
 from fashion_sd.interop.tensors import SafetensorsFile
+from fashion_sd.config import LoraConfig
 
 
 def test_compvis_names_round_trip_and_cover_the_unet_once():
@@ -244,21 +245,21 @@ def test_text_encoder_layers_need_the_text_encoder(tmp_path, small_parts):
 
 def test_init_from_checks_rank_alpha_and_text_encoder_parts(tmp_path):
     model = tiny_unet()
-    layers = lora.apply_lora(model, 2, 2.0, ["to_q", "to_k", "to_v", "out_proj"])
+    layers = lora.apply_lora(model, LoraConfig(rank=2, alpha=2.0, targets=["to_q", "to_k", "to_v", "out_proj"]))
     for layer in layers.values():
         layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.25, np.float32))
-    lora.save_lora(tmp_path / "a.lora.safetensors", layers, 2, 2.0, ["to_q", "to_k", "to_v", "out_proj"])
+    lora.save_lora(tmp_path / "a.lora.safetensors", layers, LoraConfig(rank=2, alpha=2.0, targets=["to_q", "to_k", "to_v", "out_proj"]))
     with pytest.raises(lora.LoraError, match="rank 2, the run has lora.rank 4; set lora.rank: 2"):
-        lora.check_init_from(tmp_path / "a.lora.safetensors", 4, 2.0)
+        lora.check_init_from(tmp_path / "a.lora.safetensors", LoraConfig(rank=4, alpha=2.0))
     with pytest.raises(lora.LoraError, match="alpha 2.0, the run has lora.alpha 8.0; set lora.alpha: 2.0"):
-        lora.check_init_from(tmp_path / "a.lora.safetensors", 2, 8.0)
-    fresh = lora.apply_lora(tiny_unet(), 2, 2.0, ["to_q", "to_k", "to_v", "out_proj"])
-    lora.init_from(tmp_path / "a.lora.safetensors", fresh, 2, 2.0)
+        lora.check_init_from(tmp_path / "a.lora.safetensors", LoraConfig(rank=2, alpha=8.0))
+    fresh = lora.apply_lora(tiny_unet(), LoraConfig(rank=2, alpha=2.0, targets=["to_q", "to_k", "to_v", "out_proj"]))
+    lora.init_from(tmp_path / "a.lora.safetensors", fresh, LoraConfig(rank=2, alpha=2.0))
     assert all(np.all(layer.lora_kernel_b.numpy() == 0.25) for layer in fresh.values())
     kohya_file(tmp_path / "te.safetensors", {"lora_te_text_model_encoder_layers_0_mlp_fc1": (3072, 768)})
     import_lora(tmp_path / "te.safetensors", tmp_path / "te.lora.safetensors")
     with pytest.raises(lora.LoraError, match="text-encoder layers"):
-        lora.check_init_from(tmp_path / "te.lora.safetensors", 2, 2.0)
+        lora.check_init_from(tmp_path / "te.lora.safetensors", LoraConfig(rank=2, alpha=2.0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from tiny import tiny_unet
 
 from fashion_sd import lora
 from fashion_sd.lora import LoraError
+from fashion_sd.config import LoraConfig
 
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]
 
@@ -33,7 +34,7 @@ def test_projection_names_are_stable():
 
 def test_only_lora_trains_with_the_expected_count():
     model = tiny_unet()
-    layers = lora.apply_lora(model, 4, 8.0, TARGETS)
+    layers = lora.apply_lora(model, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
     # rank * (fan_in + fan_out): self-attention 32x32, cross-attention k/v 768x32
     per_block = 4 * ((32 + 32) * 6 + (768 + 32) * 2)
     assert lora.lora_parameter_count(layers, 4) == 2 * per_block
@@ -45,18 +46,18 @@ def test_only_lora_trains_with_the_expected_count():
 
 
 def test_targets_select_by_suffix():
-    layers = lora.apply_lora(tiny_unet(), 2, 2.0, ["attn2.to_k", "attn2.to_v"])
+    layers = lora.apply_lora(tiny_unet(), LoraConfig(rank=2, alpha=2.0, targets=["attn2.to_k", "attn2.to_v"]))
     assert sorted(layers) == ["st00.attn2.to_k", "st00.attn2.to_v", "st01.attn2.to_k",
                               "st01.attn2.to_v"]
     with pytest.raises(LoraError, match="'to_x'.*match no attention projection"):
-        lora.apply_lora(tiny_unet(), 2, 2.0, ["to_q", "to_x"])
+        lora.apply_lora(tiny_unet(), LoraConfig(rank=2, alpha=2.0, targets=["to_q", "to_x"]))
 
 
 def test_enabling_lora_changes_nothing_until_trained():
     model = tiny_unet()
     x = inputs()
     before = np.asarray(model(x))
-    layers = lora.apply_lora(model, 4, 8.0, TARGETS)
+    layers = lora.apply_lora(model, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
     np.testing.assert_array_equal(np.asarray(model(x)), before)
     randomise_b(layers)
     assert np.abs(np.asarray(model(x)) - before).max() > 1e-3
@@ -64,12 +65,12 @@ def test_enabling_lora_changes_nothing_until_trained():
 
 def test_save_load_round_trip(tmp_path):
     a = tiny_unet()
-    la = lora.apply_lora(a, 4, 8.0, TARGETS)
+    la = lora.apply_lora(a, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
     randomise_b(la)
-    path = lora.save_lora(tmp_path / "x.lora.safetensors", la, 4, 8.0, TARGETS,
+    path = lora.save_lora(tmp_path / "x.lora.safetensors", la, LoraConfig(rank=4, alpha=8.0, targets=TARGETS),
                           base_weights="random-init(seed=1)", resolution="64")
     b = tiny_unet()
-    lb = lora.apply_lora(b, 4, 8.0, TARGETS)
+    lb = lora.apply_lora(b, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
     meta = lora.load_lora(path, lb)
     assert meta["base_weights"] == "random-init(seed=1)" and meta["rank"] == "4"
     for key in la:
@@ -79,12 +80,12 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_loading_into_other_rank_or_targets_is_a_clear_error(tmp_path):
-    la = lora.apply_lora(tiny_unet(), 4, 8.0, TARGETS)
-    path = lora.save_lora(tmp_path / "x.lora.safetensors", la, 4, 8.0, TARGETS)
+    la = lora.apply_lora(tiny_unet(), LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
+    path = lora.save_lora(tmp_path / "x.lora.safetensors", la, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
     with pytest.raises(LoraError, match="rank 4, but the model's LoRA has rank 2.*lora.rank: 4"):
-        lora.load_lora(path, lora.apply_lora(tiny_unet(), 2, 8.0, TARGETS))
+        lora.load_lora(path, lora.apply_lora(tiny_unet(), LoraConfig(rank=2, alpha=8.0, targets=TARGETS)))
     with pytest.raises(LoraError, match="trained on targets.*16 layers.*8 LoRA layers"):
-        lora.load_lora(path, lora.apply_lora(tiny_unet(), 4, 8.0, ["to_q", "to_v"]))
+        lora.load_lora(path, lora.apply_lora(tiny_unet(), LoraConfig(rank=4, alpha=8.0, targets=["to_q", "to_v"])))
 
 
 def test_unreadable_or_foreign_files(tmp_path):
@@ -107,9 +108,9 @@ def test_merged_equals_unmerged(tmp_path):
     keras.utils.set_random_seed(3)
     trained = tiny_unet()
     base = np.asarray(trained.get_weights(), dtype=object)
-    layers = lora.apply_lora(trained, 4, 8.0, TARGETS)
+    layers = lora.apply_lora(trained, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
     randomise_b(layers, seed=5)
-    path = lora.save_lora(tmp_path / "x.lora.safetensors", layers, 4, 8.0, TARGETS)
+    path = lora.save_lora(tmp_path / "x.lora.safetensors", layers, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
     plain = tiny_unet()
     plain.set_weights(list(base))
     lora.merge_lora(plain, path)

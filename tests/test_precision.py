@@ -10,12 +10,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_trainer import TARGETS, batches, make, snapshot
+from test_trainer import TARGETS, batches, make, optimizer, snapshot
 from tiny import tiny_unet
 
 from fashion_sd import attention, diffusion, lora
 from fashion_sd import callbacks as cb
 from fashion_sd import trainer as tr
+from fashion_sd.config import LoraConfig
 
 TIMESTEPS = [0, 1, 15, 500, 999]
 
@@ -232,7 +233,7 @@ def test_xla_training_equals_non_xla():
     runs = {}
     for jit in (False, True):
         t, layers = make()
-        t.compile(optimizer=tr.make_optimizer(1e-3, 100, 0, 0.01, 1.0, 1, "float32"),
+        t.compile(optimizer=optimizer(),
                   jit_compile=jit)
         t.optimizer.build(t.trainable_variables)
         h = t.fit(data, epochs=2, verbose=0, shuffle=False)
@@ -257,7 +258,8 @@ def test_fused_attention_equals_kerascv_on_the_tiny_model():
     fused = np.asarray(model(x))
     np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     weights = [w.path for w in model.weights]
-    layers = lora.apply_lora(model, 2, 4.0, TARGETS)  # LoRA on top of the fused attention
+    # LoRA on top of the fused attention
+    layers = lora.apply_lora(model, LoraConfig(rank=2, alpha=4.0, targets=TARGETS))
     # the swap changed no variable, name or order (weights files and interop see the same model)
     assert len(layers) == 16 and [w.path for w in model.weights if "lora" not in w.path] == weights
 

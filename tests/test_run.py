@@ -221,3 +221,12 @@ def test_fp16_loss_scale_floor_stops_the_run_with_its_reason(tmp_path, demo_capt
 def test_xla_with_determinism_is_refused_before_any_work(tmp_path, demo_captions, encoder_cache):
     with pytest.raises(Exception, match="'train.jit_compile' true cannot hold with train.deterministic"):
         config(tmp_path, demo_captions, encoder_cache, "train.jit_compile=true")
+
+
+def test_fit_segments_resume_mid_epoch_then_whole_epochs():
+    assert run.fit_segments(0, 8, 16) == [(0, 2, 8)]
+    assert run.fit_segments(5, 8, 16) == [(0, 1, 3), (1, 2, 8)]  # the rest of epoch 1 first
+    assert run.fit_segments(8, 8, 16) == [(1, 2, 8)]
+    assert run.fit_segments(8, 8, 13) == [(1, 2, 8)]  # max_steps inside epoch 2: the guard stops it
+    assert run.fit_segments(3, 8, 5) == [(0, 1, 5)]
+    assert run.fit_segments(16, 8, 16) == []

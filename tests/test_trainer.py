@@ -12,6 +12,7 @@ from tiny import tiny_unet
 
 from conftest import ROOT
 from fashion_sd import lora, trainer as tr
+from fashion_sd.config import LoraConfig, TrainConfig
 
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]
 
@@ -27,14 +28,21 @@ def batches(n=8, batch=4, seed=0, nan_rows=()):
     return tf.data.Dataset.from_tensor_slices(d).batch(batch)
 
 
+def optimizer(clip=1.0, grad_accum=1, precision="float32", total_steps=100, replicas=1):
+    train = TrainConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.01, grad_clip=clip,
+                        grad_accum=grad_accum)
+    return tr.make_optimizer(train, total_steps, precision, replicas)
+
+
 def make(precision="float32", grad_accum=1, clip=1.0, seed=0, total_steps=100):
     keras.utils.set_random_seed(seed)
     unet = tiny_unet()
-    layers = lora.apply_lora(unet, 2, 4.0, TARGETS)
+    layers = lora.apply_lora(unet, LoraConfig(rank=2, alpha=4.0, targets=TARGETS))
     for layer in layers.values():  # start away from B = 0 so every step moves A too
         layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.01, "float32"))
     t = tr.LoraTrainer(unet)
-    t.compile(optimizer=tr.make_optimizer(1e-3, total_steps, 0, 0.01, clip, grad_accum, precision),
+    t.compile(optimizer=optimizer(clip=clip, grad_accum=grad_accum, precision=precision,
+                                  total_steps=total_steps),
               jit_compile=False)
     t.optimizer.build(t.trainable_variables)
     return t, layers

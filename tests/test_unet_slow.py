@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 from fashion_sd import lora, models, run
 from fashion_sd.config import load_config
+from fashion_sd.config import LoraConfig
 
 pytestmark = pytest.mark.slow
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]
@@ -32,7 +33,7 @@ def test_lora_on_the_real_unet(tmp_path):
     model = unet()
     x = inputs()
     before = np.asarray(model(x))
-    layers = lora.apply_lora(model, 4, 8.0, TARGETS)
+    layers = lora.apply_lora(model, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
     assert len(layers) == 128
     assert sum(int(np.prod(v.shape)) for v in model.trainable_weights) == 797_184
     np.testing.assert_array_equal(np.asarray(model(x)), before)  # zero-init B: identity
@@ -40,7 +41,7 @@ def test_lora_on_the_real_unet(tmp_path):
     for layer in layers.values():
         layer.lora_kernel_b.assign(rng.standard_normal(layer.lora_kernel_b.shape).astype("float32") * 0.02)
     tuned = np.asarray(model(x))
-    path = lora.save_lora(tmp_path / "u.lora.safetensors", layers, 4, 8.0, TARGETS)
+    path = lora.save_lora(tmp_path / "u.lora.safetensors", layers, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
     assert 3.0e6 < path.stat().st_size < 3.5e6  # LoRA only: about 3 MB at rank 4
     del model, layers
     gc.collect()

@@ -11,12 +11,13 @@ import tensorflow as tf
 
 from fashion_sd import lora, models
 from fashion_sd import trainer as tr
+from fashion_sd.config import LoraConfig
 
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]
 
 keras.utils.set_random_seed(0)
 model = models.build_component("diffusion_model", 64)
-layers = lora.apply_lora(model, 4, 8.0, TARGETS)
+layers = lora.apply_lora(model, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
 rng = np.random.default_rng(3)
 for layer in layers.values():  # B != 0, so A gets gradients too
     layer.lora_kernel_b.assign(rng.standard_normal(layer.lora_kernel_b.shape).astype("float32") * 0.01)

@@ -96,7 +96,10 @@ def unet_block_names() -> dict[str, list[str]]:
 
 def unet_targets(model: keras.Model) -> list[Target]:
     from keras_cv.src.models.stable_diffusion.diffusion_model import (
-        ResBlock, SpatialTransformer, Upsample)
+        ResBlock,
+        SpatialTransformer,
+        Upsample,
+    )
     from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
 
     names = unet_block_names()

@@ -32,10 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
+from fashion_sd.config import LoraConfig
 from fashion_sd.files import atomic_path
 from fashion_sd.interop.kerascv import unet_block_names
 from fashion_sd.interop.keys import UNET_BLOCKS, _rename
-from fashion_sd.interop.tensors import InteropError, SafetensorsFile, load_pickle, sha256
+from fashion_sd.interop.tensors import (
+    InteropError,
+    SafetensorsFile,
+    load_pickle,
+    sha256,
+)
 
 FORMATS = ("kohya", "diffusers")
 UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "out_proj": "to_out.0"}
@@ -230,8 +236,8 @@ def import_lora(path: str | Path, out: str | Path) -> dict:
         tensors[f"{layer}.lora_a"] = np.ascontiguousarray(down.T.astype(np.float32))
         tensors[f"{layer}.lora_b"] = np.ascontiguousarray(up.T.astype(np.float32))
     unet_layers = sorted(k for k in pairs if not is_text_encoder_layer(k))
-    meta = {"format": lora.FORMAT, "format_version": lora.FORMAT_VERSION, "rank": str(rank),
-            "alpha": repr(float(alpha)), "targets": json.dumps(targets_of(unet_layers)),
+    spec = LoraConfig(rank=int(rank), alpha=float(alpha), targets=targets_of(unet_layers))
+    meta = {"format": lora.FORMAT, "format_version": lora.FORMAT_VERSION, **spec.to_meta(),
             "layers": json.dumps(sorted(pairs)), "imported_from": path.name,
             "imported_format": fmt, "imported_sha256": sha256(path),
             "source_dtype": str(next(iter(pairs.values()))[0].dtype)}
@@ -317,10 +323,3 @@ def export_lora(ckpt: str | Path, fmt: str, out: str | Path) -> Path:
 
 def _peft_name(module: str) -> str:
     return module[len("text_model."):] if module.startswith("text_model.") else module
-
-
-def export_name(ckpt: str | Path, fmt: str) -> Path:
-    """Where :func:`export_lora` output goes beside a checkpoint: ``best.kohya.safetensors``."""
-    ckpt = Path(ckpt)
-    stem = ckpt.name[: -len(".lora.safetensors")] if ckpt.name.endswith(".lora.safetensors") else ckpt.stem
-    return ckpt.with_name(f"{stem}.{fmt}.safetensors")

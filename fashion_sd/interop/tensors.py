@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from fashion_sd.errors import FashionSDError
+
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
            "BOOL": np.bool_}
 
 
-class InteropError(ValueError):
+class InteropError(FashionSDError, ValueError):
     """A source file or key that cannot be converted; the message names it and says what to do."""
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
+
+from fashion_sd.errors import FashionSDError
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -44,7 +45,7 @@ KERAS_WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applicatio
 PREPROCESSING = "uint8-rgb/bilinear-antialias-299/x127.5-1"
 
 
-class InceptionUnavailable(RuntimeError):
+class InceptionUnavailable(FashionSDError, RuntimeError):
     """The requested Inception weights cannot be loaded (offline and not cached, or a bad path)."""
 
 
@@ -70,10 +71,10 @@ def load_real_image(path: str | Path) -> np.ndarray:
     """A real image framed as training frames it: uint8 (s, s, 3), s its longer side.
 
     Decoded to RGB and padded to a square on its own background colour, never cropped, by the
-    training loader (:func:`fashion_sd.data.load_image`), but kept at its own size: the one
+    training loader (:func:`fashion_sd.images.load_image`), but kept at its own size: the one
     resize is the extractor's, to 299.
     """
-    from fashion_sd.data import load_image  # noqa: PLC0415 - one decoder for training and FID
+    from fashion_sd.images import load_image  # noqa: PLC0415 - one decoder for training and FID
 
     return load_image(path, None)
 

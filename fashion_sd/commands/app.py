@@ -1,0 +1,95 @@
+"""The fashion assistant: a web page where a designer picks garment attributes and gets images.
+
+  python scripts/app.py --config configs/demo.yaml --run runs/demo      # then open http://127.0.0.1:7860
+  python scripts/app.py --config configs/paper_best.yaml --run runs/paper_best --auth ana:secret --share
+
+Lists the base model and every checkpoint of --run (with val loss and FID/KID where scored);
+--lora adds checkpoints from elsewhere. Images are saved under output.dir/assistant/ with their
+settings; `scripts/generate.py --from-png FILE` reproduces any of them. Scripts can call the
+app's `generate` endpoint with gradio_client (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """USER:PASS, or @FILE holding USER:PASS (keeps the password out of the shell history)."""
+    if text is None:
+        return None
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise ConfigError(f"--auth {text}: file not found")
+        text = path.read_text().strip()
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("--auth must be USER:PASS (or @FILE holding USER:PASS)")
+    return user, password
+
+
+def check_args(args, cfg) -> Path | None:
+    """Everything that can be wrong with the command line, before the model is built."""
+    from fashion_sd.lora import LoraError, read_lora
+
+    run = Path(args.run) if args.run else Path(cfg.output.dir)
+    if args.run and not run.is_dir():
+        raise ConfigError(f"--run {run}: no such folder (a training run's output.dir)")
+    for path in args.lora:
+        try:
+            read_lora(path)
+        except LoraError as exc:
+            raise ConfigError(f"--lora: {exc}") from None
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: must be 1-65535")
+    if args.queue_size < 1:
+        raise ConfigError("--queue-size must be at least 1")
+    return run if run.is_dir() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--run", help="a training run's folder (default: output.dir)")
+    parser.add_argument("--lora", action="append", default=[], metavar="CKPT",
+                        help="another .lora.safetensors to offer (repeatable)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: this machine only; 0.0.0.0 for a LAN)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="a public gradio.live link")
+    parser.add_argument("--auth", help="USER:PASS (or @FILE) asked for before the page opens")
+    parser.add_argument("--queue-size", type=int, default=16,
+                        help="requests that may wait; more get 'busy, try again'")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        run = check_args(args, cfg)
+        auth = parse_auth(args.auth or os.environ.get("FASHION_SD_AUTH"))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
+        logging.warning("the app is reachable from other machines without --auth")
+    from fashion_sd.assistant import Assistant
+    from fashion_sd.models import WeightsError
+    from fashion_sd.webapp import build_app, launch
+
+    try:
+        assistant = Assistant(cfg, run, args.lora)
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if assistant.random_init:
+        print("NOTE: random-init weights: the images are noise (untrained demo weights)")
+    launch(build_app(assistant, args.queue_size), assistant, args.host, args.port, args.share, auth)
+    return 0
+

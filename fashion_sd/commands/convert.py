@@ -1,0 +1,100 @@
+"""Bridges to diffusers, AUTOMATIC1111 and ComfyUI (Stable Diffusion 1.x only).
+
+  python scripts/convert.py import-model --from models/sd15 --out weights/sd15        # diffusers folder
+  python scripts/convert.py import-model --from v1-5-pruned-emaonly.safetensors --out weights/sd15
+  python scripts/convert.py import-lora --from my_style.safetensors --out my_style.lora.safetensors
+  python scripts/convert.py export-lora --lora runs/demo/checkpoints/best.lora.safetensors \\
+      --format kohya --out best_kohya.safetensors
+  python scripts/convert.py merge --weights local:weights/sd15 --lora best.lora.safetensors \\
+      --strength 0.8 --out weights/sd15-fashion
+
+import-model writes KerasCV's four weight files (use them with --set model.weights=local:DIR);
+import-lora writes a fashion-sd LoRA checkpoint (generate.py --lora, the app, lora.init_from);
+export-lora writes kohya (A1111, ComfyUI) or diffusers (load_lora_weights) files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("import-model", help="an SD 1.x diffusers folder or single file -> KerasCV files")
+    m.add_argument("--from", dest="source", required=True,
+                   help="diffusers folder (unet/, vae/, text_encoder/) or CompVis .safetensors/.ckpt")
+    m.add_argument("--out", required=True, help="folder for the KerasCV .weights.h5 files")
+    m.add_argument("--ema", action="store_true", help="use the file's EMA U-Net weights")
+    li = sub.add_parser("import-lora", help="a kohya or diffusers LoRA -> a fashion-sd LoRA checkpoint")
+    li.add_argument("--from", dest="source", required=True, help="LoRA .safetensors (kohya or diffusers)")
+    li.add_argument("--out", required=True, help="e.g. my_style.lora.safetensors")
+    le = sub.add_parser("export-lora", help="a fashion-sd LoRA checkpoint -> kohya or diffusers")
+    le.add_argument("--lora", required=True, help="a .lora.safetensors checkpoint")
+    le.add_argument("--format", required=True, choices=("kohya", "diffusers"))
+    le.add_argument("--out", required=True, help="output .safetensors file")
+    mg = sub.add_parser("merge", help="base weights + LoRA folded into KerasCV files")
+    mg.add_argument("--weights", required=True, help="pretrained or local:DIR (model.weights syntax)")
+    mg.add_argument("--lora", required=True, help="a .lora.safetensors checkpoint")
+    mg.add_argument("--strength", type=float, default=1.0, help="LoRA scale (default 1.0)")
+    mg.add_argument("--out", required=True, help="folder for the merged KerasCV files")
+    mg.add_argument("--cache-dir", default=None, help="download cache for --weights pretrained")
+    return p.parse_args(argv)
+
+
+def check_paths(args) -> None:
+    """Input and output problems, before any model is built."""
+    src = getattr(args, "source", None) or getattr(args, "lora", None)
+    if src is not None and not Path(src).exists():
+        raise FileNotFoundError(f"{src}: not found")
+    out = Path(args.out)
+    if args.command in ("import-model", "merge") and out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file; give a folder")
+    if args.command in ("import-lora", "export-lora") and out.is_dir():
+        raise IsADirectoryError(f"--out {out}: is a folder; give a file name such as "
+                                + ("x.lora.safetensors" if args.command == "import-lora" else "x.safetensors"))
+    if (args.command == "merge" and args.weights.startswith("local:")
+            and Path(args.weights[len("local:"):]).resolve() == out.resolve()):
+        raise ValueError(f"--out {out}: the same folder as --weights; merged files would replace "
+                         "the base model. Give another folder")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fashion_sd.errors import FashionSDError
+    from fashion_sd.interop import export_lora, import_lora, import_model, merge_model
+
+    try:
+        check_paths(args)
+        if args.command == "import-model":
+            s = import_model(args.source, args.out, ema=args.ema)
+            print(f"wrote {', '.join(s['components'].values())} to {args.out}")
+            if s["absent"]:
+                print(f"absent from the source (not written): {', '.join(s['absent'])}; copy those "
+                      "files from another SD 1.x folder before using local:" + args.out)
+            for why, n in s["skipped"].items():
+                print(f"skipped {n} tensors: {why}")
+            print(f"use it with: --set model.weights=local:{args.out}")
+        elif args.command == "import-lora":
+            meta = import_lora(args.source, args.out)
+            layers = json.loads(meta["layers"])
+            te = sum(1 for x in layers if x.startswith("te"))
+            print(f"{meta['imported_format']} LoRA, rank {meta['rank']}, alpha {meta['alpha']}: "
+                  f"{len(layers) - te} U-Net and {te} text-encoder layers -> {args.out}")
+        elif args.command == "export-lora":
+            export_lora(args.lora, args.format, args.out)
+            print(f"wrote {args.format} LoRA {args.out}")
+        else:
+            merge_model(args.weights, args.lora, args.out, args.strength, cache_dir=args.cache_dir)
+            print(f"wrote merged weights to {args.out}; use --set model.weights=local:{args.out}")
+    except (FashionSDError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+

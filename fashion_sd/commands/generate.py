@@ -1,0 +1,126 @@
+"""Generate garments from prompts with Stable Diffusion and an optional LoRA checkpoint.
+
+  python scripts/generate.py --config configs/demo.yaml --lora runs/demo/checkpoints/last.lora.safetensors \
+      --prompt "an image of a 2011 Casual Fall White Men's Sweater" --num-images 4 --seed 0 --out out/
+  python scripts/generate.py --config C --year 2011 --usage Casual --season Fall --colour White \
+      --gender Men --article Sweaters --out out/
+  python scripts/generate.py --config C --prompts-file prompts.txt --steps 50 --out out/
+
+Writes p{prompt}_s{seed}.png for each prompt and seed, contact_sheet.png and generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fashion_sd.captions import CaptionError, caption_from_attributes
+from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
+from fashion_sd.errors import FashionSDError
+
+ATTRIBUTES = ("year", "usage", "season", "colour", "gender", "article")
+
+
+def prompts_from_args(args, template: str) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise CaptionError(f"{path}: prompts file not found")
+        prompts += [line.strip() for line in path.read_text().splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+    attrs = {k: getattr(args, k) for k in ATTRIBUTES if getattr(args, k) is not None}
+    if attrs:
+        prompts.append(caption_from_attributes(template, **attrs))
+    if not prompts:
+        raise CaptionError("no prompt: give --prompt TEXT, --prompts-file FILE or garment "
+                           "attributes such as --article Tshirts")
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise CaptionError(f"prompt {empty[0]} is empty")
+    return prompts
+
+
+def apply_png_settings(args, cfg) -> None:
+    """Take prompt, seed, steps, guidance, resolution, weights and LoRA from a generated PNG."""
+    from fashion_sd.generate import ImageSettings
+
+    if not Path(args.from_png).is_file():
+        raise ConfigError(f"--from-png {args.from_png}: file not found")
+    try:
+        s = ImageSettings.read_png(args.from_png).to_dict()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    args.prompt, args.prompts_file = [s["prompt"]], None
+    for name in ATTRIBUTES:
+        setattr(args, name, None)
+    # The image's whole batch is regenerated (float rounding depends on it); only it is kept.
+    args.batch_seeds = s.get("batch_seeds") or [s["seed"]]
+    args.keep = [s["seed"]]
+    args.steps, args.guidance = s["steps"], s["guidance"]
+    args.batch_size = len(args.batch_seeds)
+    args.negative_prompt, args.resolution = s.get("negative_prompt"), s.get("resolution")
+    args.lora, args.lora_strength = s.get("lora"), s.get("lora_strength") or 1.0
+    if s.get("weights"):
+        cfg.model.weights = s["weights"]
+    if s.get("model_seed") is not None:  # the seed that random-init weights were drawn with
+        cfg.seed = int(s["model_seed"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--lora", help="a .lora.safetensors checkpoint (rank, targets from its metadata)")
+    parser.add_argument("--lora-strength", type=float, default=1.0)
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", help="one prompt per line (# comments)")
+    for name in ATTRIBUTES:
+        parser.add_argument(f"--{name}", help=f"garment attribute: {name}")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="seeds are SEED, SEED+1, ...")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, help="pixels (default: data.resolution)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--from-png", metavar="FILE",
+                        help="reproduce an image written by this script: its prompt, seed, steps, "
+                             "guidance, resolution, weights and LoRA come from the PNG's metadata")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        if args.from_png:
+            apply_png_settings(args, cfg)
+        prompts = prompts_from_args(args, cfg.captions.template)
+        resolution = args.resolution or cfg.data.resolution
+        if resolution <= 0 or resolution % 64:
+            raise ConfigError(f"--resolution {resolution}: must be a positive multiple of 64")
+        if args.num_images < 1 or args.steps < 1:
+            raise ConfigError("--num-images and --steps must be >= 1")
+        if args.lora and not Path(args.lora).is_file():
+            raise ConfigError(f"--lora {args.lora}: file not found")
+    except FashionSDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from fashion_sd.generate import generate_to_folder, load_sampler
+    from fashion_sd.progress import tqdm_progress
+
+    try:
+        sampler, record = load_sampler(cfg.model.weights, resolution, args.lora,
+                                       cfg.model.cache_dir, cfg.seed, args.lora_strength)
+    except (FashionSDError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    seeds = getattr(args, "batch_seeds", None) or list(range(args.seed, args.seed + args.num_images))
+    sidecar = generate_to_folder(sampler, prompts, seeds, args.out, args.steps, args.guidance,
+                                 record, args.batch_size, args.negative_prompt, tqdm_progress,
+                                 keep=getattr(args, "keep", None))
+    print(f"{len(sidecar['images'])} images for {len(prompts)} prompt(s) -> {args.out} "
+          f"({record['label']})")
+    return 0
+

@@ -1,0 +1,73 @@
+"""One entry point: ``fashion-sd COMMAND`` / ``python -m fashion_sd COMMAND``, and the sweep run
+from a non-editable install (children started through the entry point, not by script path)."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT
+from fashion_sd import cli
+
+
+def run_module(*args, cwd=ROOT, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "fashion_sd", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_command_is_listed_and_reachable():
+    out = run_module("--help")
+    assert out.returncode == 0
+    for name in ("captions", "train", "generate", "evaluate", "sweep", "convert", "app"):
+        assert f"  {name} " in out.stdout
+    bad = run_module("trian")
+    assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+    assert run_module().returncode == 2
+    # each command's own options come from the same main() the scripts call
+    train = run_module("train", "--help")
+    assert train.returncode == 0 and "--resume" in train.stdout
+    assert "--include-base" in run_module("evaluate", "--help").stdout
+
+
+def test_scripts_and_the_entry_point_share_one_main():
+    import importlib.util
+
+    for script, command in (("train", "train"), ("evaluate_fid", "evaluate"),
+                            ("build_captions", "captions")):
+        spec = importlib.util.spec_from_file_location(f"s_{script}", ROOT / f"scripts/{script}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        target = __import__(f"fashion_sd.commands.{command}", fromlist=["main"])
+        assert mod.main is target.main
+        assert cli.COMMANDS[command][0] == command
+
+
+@pytest.mark.slow
+def test_sweep_runs_from_a_non_editable_install(tmp_path, demo_captions):
+    # A copy of the package, not the checkout: a sweep that ran scripts/ by path would fail here.
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(site), str(ROOT)], check=True,
+                   capture_output=True, timeout=300)
+    assert (site / "fashion_sd" / "cli.py").is_file() and not (site / "scripts").exists()
+    sweep = yaml.safe_load((ROOT / "configs/sweep_demo.yaml").read_text())
+    sweep.update(base=str(ROOT / "configs" / sweep["base"]), output=str(tmp_path / "sweep"))
+    sweep["set"] += [f"data.captions={demo_captions}", f"data.cache_dir={tmp_path / 'cache'}",
+                     "train.max_steps=1"]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    work = tmp_path / "elsewhere"  # not the checkout: nothing found through the working folder
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import fashion_sd; print(fashion_sd.__file__)"],
+                           cwd=work, env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.strip().startswith(str(site))  # the installed copy, not the checkout
+    out = run_module("sweep", "--config", tmp_path / "sweep.yaml", "--only", "r2", cwd=work,
+                     env=env, timeout=1200)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    log = (tmp_path / "sweep" / "r2" / "sweep.log").read_text()
+    assert "-m fashion_sd train" in log and "-m fashion_sd evaluate" in log
+    results = pd.read_csv(tmp_path / "sweep" / "results.csv")
+    assert results.set_index("run").loc["r2", "status"] == "finished"
