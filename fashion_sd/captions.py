@@ -1,4 +1,5 @@
-"""Kaggle ``styles.csv`` -> one caption per image, with a seeded, stratified train/val/test split.
+"""The caption build step: Kaggle ``styles.csv`` -> one caption per image, with a seeded, stratified
+train/val/test split (reading: :mod:`styles`; grammar: :mod:`caption_text`; splits: :mod:`splits`).
 
 Pure pandas and Pillow: no TensorFlow import (only captions over CLIP's 77 tokens by a cheap bound
 load the real tokenizer). The real file's quirks are handled as ``docs/dataset.md`` describes them:
@@ -16,9 +17,7 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +26,28 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from fashion_sd import article_types, images, tokenizer
-from fashion_sd.errors import FashionSDError
+from fashion_sd import images, tokenizer
+
+# The caption builder's parts, re-exported so that ``captions.X`` keeps naming them.
+from fashion_sd.caption_text import (  # noqa: F401
+    caption_from_attributes,
+    fix_articles,
+    possessive,
+    render_captions,
+    tidy,
+)
 from fashion_sd.files import atomic_path
-from fashion_sd.template import (  # noqa: F401 - captions' vocabulary, re-exported
+from fashion_sd.splits import allocate, assign_splits  # noqa: F401
+from fashion_sd.styles import read_styles  # noqa: F401
+from fashion_sd.template import (  # noqa: F401
     CATEGORY_COLUMNS,
     DERIVED_FIELDS,
+    MISSING_TOKENS,
     PAPER_TEMPLATE,
+    REQUIRED_COLUMNS,
+    SPLITS,
     STYLE_COLUMNS,
+    CaptionError,
     template_errors,
     template_fields,
 )
@@ -42,207 +55,7 @@ from fashion_sd.template import (  # noqa: F401 - captions' vocabulary, re-expor
 if TYPE_CHECKING:
     from fashion_sd.config import CaptionsConfig
 
-# productDisplayName is free text the captions never use; every other column is needed.
-REQUIRED_COLUMNS = STYLE_COLUMNS[:-1]
-# Values that mean "unknown" in the wild; `NA` is how the catalogue writes a missing usage.
-MISSING_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "None", "none", "null", "NULL"})
-SPLITS = ("train", "val", "test")
 OUTPUT_COLUMNS = ("id", "image_path", "caption", "split")
-
-
-class CaptionError(FashionSDError, ValueError):
-    """Input the caption builder cannot use; the message names the file and what to do."""
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the real file
-
-
-def read_styles(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[int]]:
-    """Read ``styles.csv`` as it is: returns (rows, malformed rows, recovered line numbers).
-
-    Lines with more fields than the header are recovered by joining the extras back into the
-    last column (``productDisplayName`` is unquoted free text with commas in 22 real lines).
-    Lines with fewer fields cannot be placed and are returned as malformed, never shifted.
-    All values are strings with surrounding spaces removed; missing values are None.
-    The ``line`` column holds each row's line number in the file (the header is line 1).
-
-    Hand-written over the csv module rather than ``pandas.read_csv(on_bad_lines=callable)``,
-    because pandas passes the callable no line number and silently pads short lines.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CaptionError(f"{path}: styles file not found (pass --styles PATH/styles.csv)")
-    rows, bad, recovered = [], [], []
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = [h.strip() for h in next(reader, [])]
-            missing = [c for c in REQUIRED_COLUMNS if c not in header]
-            if missing:
-                raise CaptionError(
-                    f"{path}: missing required column(s) {', '.join(missing)}; found "
-                    f"{', '.join(header) or 'no header'}. Expected the Kaggle styles.csv header: "
-                    f"{','.join(STYLE_COLUMNS)}")
-            n = len(header)
-            for fields in reader:
-                line = reader.line_num
-                if not fields:
-                    continue  # blank line
-                if len(fields) > n:
-                    fields = fields[: n - 1] + [",".join(fields[n - 1:])]
-                    recovered.append(line)
-                elif len(fields) < n:
-                    bad.append({"line": line, "id": fields[0].strip(),
-                                "reason": f"malformed: {len(fields)} fields, expected {n}"})
-                    continue
-                rows.append([line, *fields])
-    except UnicodeDecodeError as exc:
-        raise CaptionError(f"{path}: not UTF-8 text ({exc}); re-save it as UTF-8") from None
-    df = pd.DataFrame(rows, columns=["line", *header], dtype=object)
-    for col in header:
-        values = df[col].str.strip()
-        df[col] = values.where(~values.isin(MISSING_TOKENS), None)
-    df["year"] = df["year"].map(_normalise_year)
-    return df, pd.DataFrame(bad, columns=["line", "id", "reason"]), recovered
-
-
-def _normalise_year(value: str | None) -> str | None:
-    """``'2011.0'`` -> ``'2011'`` (pandas wrote floats); anything not a whole number is missing."""
-    if value is None:
-        return None
-    try:
-        year = float(value)
-    except ValueError:
-        return None
-    return str(int(year)) if year.is_integer() else None
-
-
-# --------------------------------------------------------------------------------------------
-# Captions
-
-
-def possessive(gender: str) -> str:
-    """Men -> Men's, Women -> Women's, Boys -> Boys', Girls -> Girls'; Unisex stays Unisex."""
-    if gender == "Unisex":
-        return gender
-    return f"{gender}'" if gender.endswith("s") else f"{gender}'s"
-
-
-_ARTICLE = re.compile(r"\b(a|an|A|An)(\s+)([\w'-]+)")
-# Words that start with a vowel letter but a consonant sound, and the reverse.
-_CONSONANT_SOUND = ("uni", "use", "usu", "uti", "eu", "one", "once", "ufo")
-_VOWEL_SOUND = ("hour", "honest", "honour", "heir")
-
-
-def _an(word: str) -> bool:
-    w = word.lower()
-    if w[0].isdigit():
-        return w.startswith(("8", "11", "18"))  # an 8, an 11, an 18; a 2011
-    if w.startswith(_VOWEL_SOUND):
-        return True
-    return w[0] in "aeiou" and not w.startswith(_CONSONANT_SOUND)
-
-
-def fix_articles(text: str) -> str:
-    """Choose "a" or "an" by the next word, so "a Ethnic" (year missing) becomes "an Ethnic"."""
-    def repl(m: re.Match) -> str:
-        art = "an" if _an(m.group(3)) else "a"
-        return (art.capitalize() if m.group(1)[0] == "A" else art) + m.group(2) + m.group(3)
-
-    return _ARTICLE.sub(repl, text)
-
-
-def tidy(text: str) -> str:
-    """Collapse the gaps a missing field leaves, and spaces or commas it strands."""
-    text = " ".join(text.split())
-    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
-    text = re.sub(r"([,;:])(?=[,;:.!?]|$)", "", text)
-    return text.strip(" ,;:")
-
-
-def render_captions(df: pd.DataFrame, template: str) -> pd.Series:
-    """One caption per row of ``df`` (source columns) through ``template``; missing parts left out."""
-    names = template_fields(template)
-    values: dict[str, Any] = {}
-    for name in set(names):
-        col = DERIVED_FIELDS.get(name, name)
-        series = df[col]
-        if name == "gender":
-            series = series.map(possessive, na_action="ignore")
-        elif name == "article":
-            # One lookup per distinct type, so an unknown type warns once, not once per row.
-            table = {t: article_types.singular(t) for t in series.dropna().unique()}
-            series = series.map(table)
-        values[name] = series.where(series.notna(), "").tolist()
-    rows = [dict(zip(values, vals)) for vals in zip(*values.values())] if values else [{}] * len(df)
-    return pd.Series([fix_articles(tidy(template.format(**r))) for r in rows], index=df.index,
-                     dtype=object)
-
-
-def caption_from_attributes(template: str = PAPER_TEMPLATE, **attributes: str | None) -> str:
-    """A caption from garment attributes, through the same rules as the training captions.
-
-    Keys are template fields or source columns: ``year, usage, season, colour, gender, article``
-    (``article`` as the catalogue spells it, e.g. ``Sweaters``). Missing ones are left out.
-
-    >>> caption_from_attributes(year="2011", usage="Casual", season="Fall", colour="White",
-    ...                         gender="Men", article="Sweaters")
-    "an image of a 2011 Casual Fall White Men's Sweater"
-    """
-    if errs := template_errors(template):
-        raise CaptionError("; ".join(errs))
-    row = {col: None for col in STYLE_COLUMNS}
-    for key, value in attributes.items():
-        col = DERIVED_FIELDS.get(key, key)
-        if col not in row:
-            raise CaptionError(f"unknown attribute {key!r}; use {', '.join(DERIVED_FIELDS)}")
-        row[col] = None if value is None or str(value).strip() in MISSING_TOKENS else str(value).strip()
-    if row["year"] is not None:
-        row["year"] = _normalise_year(row["year"])
-    if not row["articleType"]:
-        raise CaptionError("an article type is needed to name the garment (e.g. --article Tshirts)")
-    return render_captions(pd.DataFrame([row]), template).iloc[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Splitting
-
-
-def allocate(n: int, fractions: tuple[float, ...]) -> list[int]:
-    """Split ``n`` items by ``fractions``: floors, then the leftovers by largest remainder.
-
-    Ties go to the earlier split, so train is served first. Sums to ``n`` exactly.
-    """
-    exact = [n * f for f in fractions]
-    counts = [int(np.floor(x)) for x in exact]
-    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[: n - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def assign_splits(labels: pd.Series, fractions: tuple[float, float, float], min_count: int,
-                  rng: np.random.Generator) -> pd.Series:
-    """Seeded train/val/test for each row, stratified by ``labels`` where a class is large enough.
-
-    Classes with at least ``min_count`` rows are split on their own; the rare ones are pooled and
-    split together, so a class of 3 is not forced into 3 splits of 1.
-    """
-    out = pd.Series("", index=labels.index, dtype=object)
-    counts = labels.value_counts()
-    large = sorted(counts.index[counts >= min_count])
-    groups = [labels.index[labels == c] for c in large]
-    rare = labels.index[~labels.isin(large)]
-    if len(rare):
-        groups.append(rare)
-    for idx in groups:
-        idx = rng.permutation(np.asarray(idx))
-        start = 0
-        for name, k in zip(SPLITS, allocate(len(idx), fractions)):
-            out.loc[idx[start:start + k]] = name
-            start += k
-    return out
 
 
 # --------------------------------------------------------------------------------------------

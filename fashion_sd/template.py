@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import string
 
+from fashion_sd.errors import FashionSDError
+
 STYLE_COLUMNS = ("id", "gender", "masterCategory", "subCategory", "articleType", "baseColour",
                  "season", "year", "usage", "productDisplayName")
 # Template fields derived from the source columns; source columns may be named directly as well.
@@ -16,6 +18,15 @@ DERIVED_FIELDS = {"year": "year", "usage": "usage", "season": "season", "colour"
                   "gender": "gender", "article": "articleType"}
 CATEGORY_COLUMNS = ("masterCategory", "subCategory", "articleType")
 PAPER_TEMPLATE = "an image of a {year} {usage} {season} {colour} {gender} {article}"
+# productDisplayName is free text the captions never use; every other column is needed.
+REQUIRED_COLUMNS = STYLE_COLUMNS[:-1]
+# Values that mean "unknown" in the wild; `NA` is how the catalogue writes a missing usage.
+MISSING_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "None", "none", "null", "NULL"})
+SPLITS = ("train", "val", "test")
+
+
+class CaptionError(FashionSDError, ValueError):
+    """Input the caption builder cannot use; the message names the file and what to do."""
 
 
 def template_fields(template: str) -> list[str]:
