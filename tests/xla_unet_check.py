@@ -1,4 +1,4 @@
-"""Run by test_compiled_unet.py in its own process (XLA compiling the real U-Net's backward pass
+"""Run by test_compiled_unet.py in its own process (the fused attention against KerasCV's, then XLA) (XLA compiling the real U-Net's backward pass
 on the CPU peaks near 12 GB; a fresh process early in the suite leaves room for it): one LoRA step
 (plain SGD, so the update is the gradient) on the real U-Net at 64 px without and with XLA.
 Prints key=value lines."""
@@ -9,14 +9,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fashion_sd import lora, models
+from fashion_sd import attention, lora, models
 from fashion_sd import trainer as tr
 from fashion_sd.config import LoraConfig
 
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]
 
 keras.utils.set_random_seed(0)
-model = models.build_component("diffusion_model", 64)
+model = models.build_component("diffusion_model", 64)  # built with the fused attention
+
+# The fused attention against KerasCV's own, same weights, float32.
+rng = np.random.default_rng(2)
+x = [rng.standard_normal((2, 8, 8, 4)).astype("float32"),
+     rng.standard_normal((2, 320)).astype("float32"),
+     rng.standard_normal((2, 77, 768)).astype("float32")]
+fused = np.asarray(model(x))
+swapped = attention.set_attention(model, "kerascv")
+ref = np.asarray(model(x))
+attention.set_attention(model, "fused")
+print(f"attention_layers={swapped}")
+print(f"fused_rel={float(np.abs(fused - ref).max() / np.abs(ref).max())}")
 layers = lora.apply_lora(model, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
 rng = np.random.default_rng(3)
 for layer in layers.values():  # B != 0, so A gets gradients too
