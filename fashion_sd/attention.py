@@ -49,15 +49,6 @@ def lora_dense(x, kernel, a, b, scale: float, bias=None):
     return y
 
 
-def merged_lora_dense(x, kernel, a, b, scale: float, bias=None):
-    """``x (W + scale A B) + b``: the form of Keras' ``enable_lora``, for comparison."""
-    dtype = x.dtype
-    w = ops.cast(kernel, dtype) + ops.cast(scale, dtype) * ops.matmul(ops.cast(a, dtype),
-                                                                      ops.cast(b, dtype))
-    y = ops.matmul(x, w)
-    return y if bias is None else y + ops.cast(bias, dtype)
-
-
 def multi_head_attention(q, k, v, num_heads: int, head_size: int, scale: float):
     """softmax(q k^T * scale) v per head, for (batch, tokens, heads * head_size) inputs.
 
