@@ -26,7 +26,7 @@ from fashion_sd.captions import (
 )
 from fashion_sd.errors import FashionSDError
 from fashion_sd.image_settings import ImageSettings
-from fashion_sd.rundir import RunDir, checkpoint_name
+from fashion_sd.rundir import BEST, LAST, RunDir, checkpoint_name
 
 # The pickers, in the order the caption names them.
 ATTRIBUTES = ("year", "usage", "season", "colour", "gender", "article")
@@ -227,7 +227,7 @@ def list_checkpoints(run_dir: str | Path | None, extra=()) -> list[Checkpoint]:
                 ckpt.fid, ckpt.kid = float(last["fid"]), float(last["kid_mean"])
                 ckpt.comparable = str(last.get("comparable", True)) not in ("False", "false")
     # best.* and last.* are copies of an epoch's file: never the one marked best.
-    epochs = [c for c in rows if c.path is not None and c.name not in ("best", "last")]
+    epochs = [c for c in rows if c.path is not None and c.name not in (BEST, LAST)]
     scored = [c for c in epochs if c.fid is not None and math.isfinite(c.fid)]
     by_loss = [c for c in epochs if c.val_loss is not None and math.isfinite(c.val_loss)]
     if scored:

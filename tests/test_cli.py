@@ -4,6 +4,8 @@ from a non-editable install (children started through the entry point, not by sc
 import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -47,12 +49,21 @@ def test_scripts_and_the_entry_point_share_one_main():
 
 @pytest.mark.slow
 def test_sweep_runs_from_a_non_editable_install(tmp_path, demo_captions):
-    # A copy of the package, not the checkout: a sweep that ran scripts/ by path would fail here.
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(site), str(ROOT)], check=True,
+    # `pip install .` into a fresh venv, then the console script: a sweep that ran scripts/ by
+    # path, or found the package through the checkout, fails here. The venv borrows the test
+    # environment's dependencies through a .pth path line (not their .pth hooks, so the
+    # checkout's editable install stays out) instead of downloading them again.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site_dir) / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+                    "--no-deps", "--no-build-isolation", str(ROOT)], check=True,
                    capture_output=True, timeout=300)
-    assert (site / "fashion_sd" / "cli.py").is_file() and not (site / "scripts").exists()
+    entry = venv / "bin" / "fashion-sd"
+    assert entry.is_file() and (Path(site_dir) / "fashion_sd" / "cli.py").is_file()
     sweep = yaml.safe_load((ROOT / "configs/sweep_demo.yaml").read_text())
     sweep.update(base=str(ROOT / "configs" / sweep["base"]), output=str(tmp_path / "sweep"))
     sweep["set"] += [f"data.captions={demo_captions}", f"data.cache_dir={tmp_path / 'cache'}",
@@ -60,14 +71,16 @@ def test_sweep_runs_from_a_non_editable_install(tmp_path, demo_captions):
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     work = tmp_path / "elsewhere"  # not the checkout: nothing found through the working folder
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    where = subprocess.run([sys.executable, "-c", "import fashion_sd; print(fashion_sd.__file__)"],
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(python), "-c", "import fashion_sd; print(fashion_sd.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True)
-    assert where.stdout.strip().startswith(str(site))  # the installed copy, not the checkout
-    out = run_module("sweep", "--config", tmp_path / "sweep.yaml", "--only", "r2", cwd=work,
-                     env=env, timeout=1200)
+    assert where.stdout.strip().startswith(site_dir)  # the installed copy, not the checkout
+    out = subprocess.run([str(entry), "sweep", "--config", str(tmp_path / "sweep.yaml"),
+                          "--only", "r2"], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=1200)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     log = (tmp_path / "sweep" / "r2" / "sweep.log").read_text()
     assert "-m fashion_sd train" in log and "-m fashion_sd evaluate" in log
+    assert str(python) in log  # children run on the venv's interpreter
     results = pd.read_csv(tmp_path / "sweep" / "results.csv")
     assert results.set_index("run").loc["r2", "status"] == "finished"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import FashionSDError
-from fashion_sd.rundir import SCORES_MD
+from fashion_sd.rundir import SCORES_MD, RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    out = Path(args.out) if args.out else Path(cfg.output.dir) / "eval"
+    out = Path(args.out) if args.out else RunDir(cfg.output.dir).eval
     summary = out / SCORES_MD
     print(summary.read_text() if summary.is_file() else table.to_string())
     return 0
