@@ -96,16 +96,19 @@ class StepGuard(keras.callbacks.Callback):
 class Checkpointer(keras.callbacks.Callback):
     """At each epoch end (and at train.max_steps): LoRA checkpoints, train state, history, plot.
 
-    An epoch checkpoint (the last ``keep_last`` kept), ``best`` by val loss, ``last`` (always the
+    An epoch checkpoint (the last ``keep_last`` kept), ``best`` by val loss (train loss when
+    there is no val split: ``monitor``), ``last`` (always the
     newest), and the train state for --resume (names: :class:`RunDir`); each written
     atomically, the train state last so it never points past what is on disk. After a run of
     non-finite steps nothing is written: the previous checkpoint stays as it was. ``export``
     formats (``output.export``) are written beside each checkpoint, e.g. ``best.kohya.safetensors``.
     """
 
-    def __init__(self, state: RunState, layers: dict, cfg: Config, metadata: dict, label: str):
+    def __init__(self, state: RunState, layers: dict, cfg: Config, metadata: dict, label: str,
+                 monitor: str = "val_loss"):
         super().__init__()
         self.state, self.layers, self.spec, self.meta = state, layers, cfg.lora, metadata
+        self.monitor = monitor  # "loss" (train loss) when the val split is empty
         self.keep_last, self.label = cfg.train.keep_last, label
         self.export = tuple(cfg.output.export)
 
@@ -128,8 +131,9 @@ class Checkpointer(keras.callbacks.Callback):
             self._save_lora(RunDir.epoch_name(epoch + 1))
             self._prune()
         val = float(logs.get("val_loss", math.nan))
-        if math.isfinite(val) and val < st.best_val:
-            st.best_val = val
+        watched = float(logs.get(self.monitor, math.nan))
+        if math.isfinite(watched) and watched < st.best_val:
+            st.best_val = watched
             self._save_lora(BEST)
         self._save_lora(LAST)
         st.history.append({

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from fashion_sd.styles import read_styles  # noqa: F401
 from fashion_sd.template import (  # noqa: F401
     CATEGORY_COLUMNS,
     DERIVED_FIELDS,
+    KNOWN_VALUES,
     MISSING_TOKENS,
     PAPER_TEMPLATE,
     REQUIRED_COLUMNS,
@@ -55,7 +57,27 @@ from fashion_sd.template import (  # noqa: F401
 if TYPE_CHECKING:
     from fashion_sd.config import CaptionsConfig
 
+logger = logging.getLogger(__name__)
 OUTPUT_COLUMNS = ("id", "image_path", "caption", "split")
+FLAGGED_COLUMNS = ("line", "id", "column", "value", "note")
+
+
+def flag_unusual(kept: pd.DataFrame) -> pd.DataFrame:
+    """Kept rows whose gender, season, usage or article type is outside the catalogue's
+    vocabulary: captioned as written, and listed so a typo is seen (``flagged.csv``)."""
+    from fashion_sd.article_types import SINGULAR
+
+    known = {**{col: set(values) for col, values in KNOWN_VALUES.items()},
+             "articleType": set(SINGULAR)}
+    rows = []
+    for col, values in known.items():
+        odd = kept[col].notna() & ~kept[col].isin(values)
+        note = ("not in the catalogue's vocabulary; kept as written" if col != "articleType" else
+                "not in fashion_sd.article_types.SINGULAR; captioned with a rule-based singular")
+        rows += [(line, str(i), col, v, note)
+                 for line, i, v in zip(kept.loc[odd, "line"], kept.loc[odd, "id"], kept.loc[odd, col])]
+    return pd.DataFrame(rows, columns=FLAGGED_COLUMNS).sort_values("line", kind="stable",
+                                                                    ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,6 +89,7 @@ class CaptionResult:
     table: pd.DataFrame  # kept rows: id, image_path (absolute or None), caption, split, sources
     dropped: pd.DataFrame  # line, id, stage, reason
     summary: dict[str, Any] = field(default_factory=dict)
+    flagged: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=FLAGGED_COLUMNS))
 
     def sample_captions(self, k: int = 10, seed: int = 0) -> list[str]:
         distinct = self.table.caption.drop_duplicates()
@@ -185,8 +208,13 @@ def build_captions(
         "distinct_captions": int(table.caption.nunique()),
         "missing_fields_in_kept": {k: v for k, v in missing.items() if v},
         "over_token_limit": long,
+        "unusual_values": {},
     }
-    return CaptionResult(table, dropped_df, summary)
+    flagged = flag_unusual(kept)
+    for col, value in zip(flagged.column, flagged.value):
+        counts = summary["unusual_values"].setdefault(col, {})
+        counts[value] = counts.get(value, 0) + 1
+    return CaptionResult(table, dropped_df, summary, flagged)
 
 
 def _counts(dropped: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -229,6 +257,9 @@ def format_summary(summary: dict[str, Any], max_tokens: int = tokenizer.MAX_LENG
     if summary["missing_fields_in_kept"]:
         parts = ", ".join(f"{k} {v}" for k, v in summary["missing_fields_in_kept"].items())
         lines.append(f"kept rows with a field left out of the caption: {parts}")
+    for col, counts in summary.get("unusual_values", {}).items():
+        shown = ", ".join(f"{v!r} {n}" for v, n in sorted(counts.items(), key=lambda x: -x[1])[:8])
+        lines.append(f"unusual {col} (kept; see flagged.csv): {shown}")
     long = summary["over_token_limit"]
     lines.append(f"captions over CLIP's {max_tokens} tokens (would be truncated): {len(long)}")
     lines.extend(f"  {n} tokens: {text}" for text, n in list(long.items())[:5])
@@ -240,7 +271,7 @@ def format_summary(summary: dict[str, Any], max_tokens: int = tokenizer.MAX_LENG
 
 
 def write_outputs(result: CaptionResult, out: str | Path) -> tuple[Path, Path]:
-    """Write ``out`` (captions) and ``rejected.csv`` beside it, each atomically.
+    """Write ``out`` (captions), ``rejected.csv`` and ``flagged.csv`` beside it, each atomically.
 
     ``image_path`` is written relative to the CSV's folder, so the folder can move with its
     images; :func:`read_captions` resolves it back.
@@ -251,7 +282,8 @@ def write_outputs(result: CaptionResult, out: str | Path) -> tuple[Path, Path]:
     table["image_path"] = [
         "" if p is None else Path(_relpath(p, base)).as_posix() for p in table.image_path]
     rejected = out.parent / "rejected.csv"
-    for frame, path in ((table, out), (result.dropped, rejected)):
+    flagged = out.parent / "flagged.csv"
+    for frame, path in ((table, out), (result.dropped, rejected), (result.flagged, flagged)):
         with atomic_path(path) as tmp:
             frame.to_csv(tmp, index=False, lineterminator="\n")
     return out, rejected
@@ -265,15 +297,46 @@ def _relpath(path: Path, base: Path) -> str:
 
 
 def read_captions(path: str | Path) -> pd.DataFrame:
-    """A ``captions.csv`` with ``image_path`` resolved against the CSV's folder."""
+    """A ``captions.csv`` with ``image_path`` resolved against the CSV's folder.
+
+    Split labels that match ``train``/``val``/``test`` only after trimming and lower-casing
+    (``Train ``, a hand edit) are used so and reported; any other label is an error naming its
+    row, never a silently dropped row.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CaptionError(f"{path}: captions file not found; build it with scripts/build_captions.py")
-    df = pd.read_csv(path, dtype={"caption": str, "image_path": str, "split": str},
-                     keep_default_na=False)
+        raise CaptionError(f"{path}: captions file not found; build it with scripts/build_captions.py"
+                           if not path.exists() else f"{path}: is a folder; give the captions CSV")
+    try:
+        df = pd.read_csv(path, dtype={"caption": str, "image_path": str, "split": str},
+                         keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CaptionError(f"{path}: not a UTF-8 text CSV; give the captions.csv that "
+                           "scripts/build_captions.py wrote") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise CaptionError(f"{path}: not a readable CSV ({str(exc).strip()}); rebuild it with "
+                           "scripts/build_captions.py") from None
     missing = [c for c in OUTPUT_COLUMNS if c not in df.columns]
     if missing:
         raise CaptionError(f"{path}: missing column(s) {', '.join(missing)}; rebuild it with "
                            "scripts/build_captions.py")
+    raw = df["split"].astype(str)
+    split = raw.str.strip().str.lower()
+    bad = ~split.isin(SPLITS)
+    if bad.any():
+        i = int(bad.to_numpy().nonzero()[0][0])
+        raise CaptionError(f"{path}: line {i + 2}: split {raw.iloc[i]!r} is not one of "
+                           f"{', '.join(SPLITS)} ({int(bad.sum())} such row(s)); fix the labels or "
+                           "rebuild the file with scripts/build_captions.py")
+    changed = int((raw != split).sum())
+    if changed:
+        i = int((raw != split).to_numpy().nonzero()[0][0])
+        logger.warning("%s: %d split label(s) read after trimming and lower-casing, e.g. line %d "
+                       "%r -> %r", path, changed, i + 2, raw.iloc[i], split.iloc[i])
+    df["split"] = split
+    empty = (df["caption"].str.strip() == "").to_numpy().nonzero()[0]
+    if len(empty):
+        raise CaptionError(f"{path}: line {int(empty[0]) + 2}: empty caption ({len(empty)} such "
+                           "row(s)); fix it or rebuild the file with scripts/build_captions.py")
     df["image_path"] = [str((path.parent / p).resolve()) if p else "" for p in df.image_path]
     return df

@@ -349,9 +349,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"{p}: config file not found (the shipped ones are in configs/)")
+            raise ConfigError(f"{p}: config file not found (the shipped ones are in configs/)"
+                              if not p.exists() else f"{p}: is a folder; give a config .yaml file")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text file; give a YAML config such as "
+                              "configs/demo.yaml") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):

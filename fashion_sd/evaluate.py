@@ -66,7 +66,7 @@ class Plan:
         return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def make_plan(cfg: Config, split: str, num_images: int | None, backend_id: str) -> Plan:
+def make_plan(cfg: Config, split: str, num_images: int | None, backend_id: str = "") -> Plan:
     table = read_captions(cfg.data.captions)
     rows = table[table.split == split]
     if rows.empty:
@@ -171,12 +171,13 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
     paths = find_checkpoints(checkpoints) if checkpoints else []
     if not paths and not include_base:
         raise EvaluationError("nothing to score: give --checkpoints DIR|GLOB and/or --include-base")
-    metas = {p: lora.read_lora(p)[1] for p in paths}  # a bad file fails here, before any work
+    for p in paths:  # a bad file fails here, before any work
+        lora.read_lora(p)
     out = Path(out) if out else RunDir(cfg.output.dir).eval
+    plan = make_plan(cfg, split, num_images)  # the captions and split, before Inception loads
     if extractor is None:
         extractor = load_extractor(cfg.eval.backend, cfg.eval.inception_weights)
-    backend_id = f"{extractor.name}/{extractor.preprocessing}"
-    plan = make_plan(cfg, split, num_images, backend_id)
+    plan.settings["backend"] = f"{extractor.name}/{extractor.preprocessing}"
 
     scores = out / rundir.SCORES_CSV
     previous = pd.read_csv(scores) if scores.is_file() else pd.DataFrame(columns=COLUMNS)

@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from fashion_sd import attention, data, hardware, lora, models
+from fashion_sd import attention, data, hardware, lora, models, preflight
 from fashion_sd import callbacks as cb
 from fashion_sd.captions import read_captions
 from fashion_sd.config import Config
@@ -38,6 +38,11 @@ RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.keep_last", "trai
 
 class TrainingError(FashionSDError, RuntimeError):
     """A run that cannot start or had to stop; the message says why and what to do."""
+
+
+class TrainingStopped(TrainingError):
+    """A run that started and stopped (non-finite losses, a collapsed loss scale): not bad
+    input, so the command exits 1, not 2."""
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -102,6 +107,7 @@ class Inputs:
 
     table: object  # the captions table
     n_train: int
+    n_val: int  # 0: best.lora.safetensors is chosen by train loss
     source: models.WeightsSource
     init_meta: dict | None  # lora.init_from's metadata (checked), when the run starts from it
 
@@ -115,15 +121,22 @@ class Machine:
     jit_reason: str
 
 
-def check_inputs(cfg: Config, run: RunDir, resume: bool) -> Inputs:
+def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False) -> Inputs:
     """Every check that needs no model: the run folder, the captions and images, lora.init_from,
     the weights. Raises TrainingError (or WeightsError) before anything heavy happens."""
+    preflight.output_folder("output.dir", run.root)
     if resume and not run.train_state.is_file():
         raise TrainingError(f"--resume: {run.train_state} not found; nothing to resume in {run.root}")
-    if not resume and run.train_state.is_file():
+    if not resume and not fresh and run.train_state.is_file():
         raise TrainingError(f"{run.root} already holds a run ({run.train_state}); continue it with "
-                            "--resume or set output.dir to a new folder")
+                            "--resume, start over with --fresh, or set output.dir to a new folder")
     if resume:
+        try:
+            preflight.safetensors_header(run.train_state)
+        except (ValueError, OSError) as exc:
+            raise TrainingError(f"--resume: {run.train_state} is damaged ({exc}); resume cannot "
+                                f"use it. Start over with --fresh, or train from a checkpoint: "
+                                f"--set lora.init_from={run.last}") from None
         check_resume_config(run.config, cfg)
     table = read_captions(cfg.data.captions)
     n_train = int((table.split == "train").sum())
@@ -144,7 +157,7 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool) -> Inputs:
         except lora.LoraError as exc:
             raise TrainingError(str(exc)) from None
     source = models.resolve_weights(cfg.model.weights, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
-    return Inputs(table, n_train, source, init_meta)
+    return Inputs(table, n_train, int((table.split == "val").sum()), source, init_meta)
 
 
 def resolve_machine(cfg: Config) -> Machine:
@@ -182,13 +195,17 @@ def fit_segments(step: int, steps_per_epoch: int, end: int) -> list[tuple[int, i
 def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
     t_start = time.time()
     run = RunDir(cfg.output.dir)
+    # ---- inputs first: nothing heavy happens, and nothing is deleted, before these pass
+    inputs = check_inputs(cfg, run, resume, fresh)
+    machine = resolve_machine(cfg)
     if fresh:
         for name in RunDir.OUTPUTS:
             p = run.root / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    # ---- inputs first: nothing heavy happens before these pass
-    inputs = check_inputs(cfg, run, resume)
-    machine = resolve_machine(cfg)
+    if inputs.n_val == 0:
+        log.warning("%s: the val split is empty, so best.lora.safetensors is chosen by train loss "
+                    "(recorded in run.json as best_by); give captions.split.val > 0 for a "
+                    "held-out choice", cfg.data.captions)
     source, t = inputs.source, cfg.train
     if t.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -247,7 +264,8 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
              else f"{machine.jit_reason}; Keras turned it off",
              "attention": cfg.model.attention, "lora_form": cfg.lora.form,
              "loss_scaling": machine.precision == "mixed_float16", "replicas": machine.replicas,
-             "steps_per_epoch": spe, "train_images": inputs.n_train,
+             "steps_per_epoch": spe, "train_images": inputs.n_train, "val_images": inputs.n_val,
+             "best_by": "val_loss" if inputs.n_val else "train_loss",
              "distinct_captions": int(len(encoded.contexts))}
     write_run_json(run, cfg, source, extra)
     if state.step >= end:
@@ -264,7 +282,8 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
     callbacks = [
         cb.StepGuard(state, t.max_nonfinite, t.min_loss_scale),
-        cb.Checkpointer(state, layers, cfg, metadata, source.label),
+        cb.Checkpointer(state, layers, cfg, metadata, source.label,
+                        monitor="val_loss" if inputs.n_val else "loss"),
         cb.SampleGrids(state, Sampler(comps), t, source.label),
         keras.callbacks.TensorBoard(str(run.tensorboard)),
     ]
@@ -283,18 +302,21 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
                "stop_reason": state.stop_reason, "step": state.optimizer_step,
                "epoch": state.epoch_progress, "final_loss": last.get("loss"),
                "final_val_loss": last.get("val_loss"),
-               "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
+               "best_val_loss": (state.best_val if inputs.n_val and math.isfinite(state.best_val)
+                                 else None),
+               "best_train_loss": (state.best_val if not inputs.n_val
+                                   and math.isfinite(state.best_val) else None),
                "skipped_steps": int(trainer.skipped_steps.numpy()),
                "overflow_steps": int(trainer.overflow_steps.numpy()),
                "seconds_this_session": round(time.time() - t_start, 1)}
     write_run_json(run, cfg, source, summary)
     if state.stop_reason == "nonfinite":
-        raise TrainingError(
+        raise TrainingStopped(
             f"stopped at step {state.optimizer_step}: {t.max_nonfinite} non-finite losses "
             f"in a row. The last checkpoint ({run.last}) is intact. Lower train.learning_rate, "
             "or use train.precision: float32.")
     if state.stop_reason == "loss_scale":
-        raise TrainingError(
+        raise TrainingStopped(
             f"stopped at step {state.optimizer_step}: the float16 loss scale fell below "
             f"train.min_loss_scale={t.min_loss_scale:g} ({summary['overflow_steps']} "
             "overflow steps): gradients overflow float16 even unscaled, and smaller scales would "

@@ -77,7 +77,15 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"{path}: sweep file not found (see configs/sweep_*.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise SweepError(f"{path}: not a text file; give a sweep YAML such as "
+                         "configs/sweep_demo.yaml") from None
+    except yaml.YAMLError as exc:
+        raise SweepError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{path}: expected a mapping (base, grid, runs, ...) at the top level")
     unknown = sorted(set(data) - SWEEP_KEYS)
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {', '.join(unknown)}; use {', '.join(sorted(SWEEP_KEYS))}")

@@ -23,6 +23,13 @@ REQUIRED_COLUMNS = STYLE_COLUMNS[:-1]
 # Values that mean "unknown" in the wild; `NA` is how the catalogue writes a missing usage.
 MISSING_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "None", "none", "null", "NULL"})
 SPLITS = ("train", "val", "test")
+# The catalogue's whole vocabulary of these columns (docs/dataset.md); another value is kept but
+# flagged, as a typo or a file from elsewhere would be. Colours (46, open-ended) are not checked.
+KNOWN_VALUES = {
+    "gender": ("Men", "Women", "Unisex", "Boys", "Girls"),
+    "season": ("Summer", "Fall", "Winter", "Spring"),
+    "usage": ("Casual", "Sports", "Ethnic", "Formal", "Smart Casual", "Party", "Travel", "Home"),
+}
 
 
 class CaptionError(FashionSDError, ValueError):

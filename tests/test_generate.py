@@ -96,7 +96,7 @@ def test_generate_script_input_errors(tmp_path):
                                *args], capture_output=True, text=True, timeout=300)
 
     r = script("--prompt", "a shirt", "--lora", str(tmp_path / "none.lora.safetensors"))
-    assert r.returncode == 2 and "file not found" in r.stderr
+    assert r.returncode == 2 and "LoRA checkpoint not found" in r.stderr
     r = script("--prompt", "a shirt", "--resolution", "100")
     assert r.returncode == 2 and "multiple of 64" in r.stderr
     r = script("--prompt", "  ")
@@ -106,7 +106,7 @@ def test_generate_script_input_errors(tmp_path):
     bad = tmp_path / "bad.lora.safetensors"
     bad.write_bytes(b"junk")
     r = script("--prompt", "a shirt", "--lora", str(bad))
-    assert r.returncode == 1 and "not a readable safetensors" in r.stderr
+    assert r.returncode == 2 and "not a readable safetensors" in r.stderr
     r = script("--from-png", str(tmp_path / "none.png"))
     assert r.returncode == 2 and "--from-png" in r.stderr and "not found" in r.stderr
     from PIL import Image

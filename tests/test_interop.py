@@ -358,9 +358,10 @@ def test_a_pickle_that_wants_to_run_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.ckpt"
     with path.open("wb") as fh:
         pickle.dump({"state_dict": {"x": _Evil()}}, fh)
-    with pytest.raises(InteropError, match=r"evil\.ckpt: torch\.load\(weights_only=True\) refused"):
+    with pytest.raises(InteropError, match=r"evil\.ckpt: not a tensor file this tool can open safely") as err:
         import_model(path, tmp_path / "out")
     assert "ran code" not in capsys.readouterr().out
+    assert "weights_only" not in str(err.value)  # never the unsafe advice torch's message gives
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_train_script_errors(tmp_path):
     assert bad.returncode == 2 and "'lora.rank' must be > 0" in bad.stderr
     missing = script("--config", str(ROOT / "configs/demo.yaml"),
                      "--set", f"data.captions={tmp_path / 'nope.csv'}")
-    assert missing.returncode == 1 and "captions file not found" in missing.stderr
+    assert missing.returncode == 2 and "captions file not found" in missing.stderr
 
 
 def test_kerascv_published_h5_layout_loads(tmp_path, small_parts):
@@ -230,3 +230,22 @@ def test_fit_segments_resume_mid_epoch_then_whole_epochs():
     assert run.fit_segments(8, 8, 13) == [(1, 2, 8)]  # max_steps inside epoch 2: the guard stops it
     assert run.fit_segments(3, 8, 5) == [(0, 1, 5)]
     assert run.fit_segments(16, 8, 16) == []
+
+
+def test_an_empty_val_split_trains_and_says_best_is_by_train_loss(tmp_path, demo_captions,
+                                                                  encoder_cache, build, caplog):
+    from fashion_sd.captions import read_captions
+
+    table = read_captions(demo_captions)  # image paths made absolute
+    table["split"] = table.split.replace("val", "test")  # no val rows at all
+    table.to_csv(tmp_path / "captions.csv", index=False)
+    cfg = config(tmp_path, tmp_path / "captions.csv", encoder_cache, "train.epochs=1")
+    with caplog.at_level("WARNING"):
+        summary = train(cfg, build)
+    assert "val split is empty" in caplog.text
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["best_by"] == "train_loss" and record["val_images"] == 0
+    hist = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert summary["best_train_loss"] == pytest.approx(hist.loss.min())
+    assert summary["best_val_loss"] is None
+    assert (tmp_path / "run" / "checkpoints" / "best.lora.safetensors").is_file()

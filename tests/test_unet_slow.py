@@ -12,6 +12,7 @@ from conftest import ROOT
 from fashion_sd import lora, models, run
 from fashion_sd.config import load_config
 from fashion_sd.config import LoraConfig
+from fashion_sd.unet_layout import expected_kernel_shapes
 
 pytestmark = pytest.mark.slow
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]
@@ -33,6 +34,9 @@ def test_lora_on_the_real_unet(tmp_path):
     model = unet()
     x = inputs()
     before = np.asarray(model(x))
+    # the static table that checks LoRA files before any model is built is this model's
+    shapes = {k: tuple(d.kernel.shape) for k, d in lora.attention_projections(model).items()}
+    assert shapes == {k: v for k, v in expected_kernel_shapes().items() if k.startswith("st")}
     layers = lora.apply_lora(model, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
     assert len(layers) == 128
     assert sum(int(np.prod(v.shape)) for v in model.trainable_weights) == 797_184

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
+from fashion_sd.errors import FashionSDError
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -37,20 +38,16 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 def check_args(args, cfg) -> Path | None:
     """Everything that can be wrong with the command line, before the model is built."""
-    from fashion_sd.lora import LoraError, read_lora
+    from fashion_sd import preflight
 
     run = Path(args.run) if args.run else Path(cfg.output.dir)
     if args.run and not run.is_dir():
         raise ConfigError(f"--run {run}: no such folder (a training run's output.dir)")
     for path in args.lora:
-        try:
-            read_lora(path)
-        except LoraError as exc:
-            raise ConfigError(f"--lora: {exc}") from None
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port {args.port}: must be 1-65535")
-    if args.queue_size < 1:
-        raise ConfigError("--queue-size must be at least 1")
+        preflight.lora_file("--lora", path)
+    preflight.number("--queue-size", args.queue_size, low=1, integer=True)
+    # Taken ports are found now, not after the model is built (and not in Gradio's words).
+    preflight.port_free(args.host, args.port)
     return run if run.is_dir() else None
 
 
@@ -74,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         run = check_args(args, cfg)
         auth = parse_auth(args.auth or os.environ.get("FASHION_SD_AUTH"))
-    except ConfigError as exc:
+    except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
@@ -87,9 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         assistant = Assistant(cfg, run, args.lora)
     except WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     if assistant.random_init:
         print("NOTE: random-init weights: the images are noise (untrained demo weights)")
-    launch(build_app(assistant, args.queue_size), assistant, args.host, args.port, args.share, auth)
+    try:
+        launch(build_app(assistant, args.queue_size), assistant, args.host, args.port, args.share,
+               auth)
+    except OSError as exc:  # taken since the check: Gradio's text names its env variables
+        if "port" not in str(exc).lower():
+            raise
+        print(f"error: --port {args.port}: already in use on {args.host}; pick another port, "
+              f"e.g. --port {args.port + 1}", file=sys.stderr)
+        return 2
     return 0
 

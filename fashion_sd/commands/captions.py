@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fashion_sd import captions, kaggle
+from fashion_sd import captions, kaggle, preflight
 from fashion_sd.config import add_config_arguments, config_from_args
 from fashion_sd.errors import FashionSDError
 
@@ -30,12 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        out = Path(args.out or cfg.data.captions)
+        # Everything checkable before a download or the first image (minutes on the catalogue).
+        if not args.dry_run:
+            for path in (out, out.parent / "rejected.csv", out.parent / "flagged.csv"):
+                preflight.output_file("--out", path)
         styles, images = args.styles or cfg.data.styles, args.images or cfg.data.images
         if args.kaggle:
             styles, images = kaggle.download(args.kaggle)
         if args.styles and not args.images and not args.kaggle:
             images = None  # a file given alone is captioned without touching any image
-        out = Path(args.out or cfg.data.captions)
+        preflight.text_file("--styles", styles, "styles.csv")
+        if images is not None:
+            preflight.input_folder("--images", images, "image folder")
         result = captions.build_captions(styles, cfg.captions, cfg.seed, images,
                                          progress=_progress)
     except (FashionSDError, FileNotFoundError) as exc:
@@ -52,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     out, rejected = captions.write_outputs(result, out)
     cfg.data.styles, cfg.data.images, cfg.data.captions = str(styles), images and str(images), str(out)
     config_path = cfg.save(out.with_name(out.stem + ".config.yaml"))
-    print(f"wrote {out} ({len(result.table)} rows), {rejected}, {config_path}")
+    print(f"wrote {out} ({len(result.table)} rows), {rejected}, {out.parent / 'flagged.csv'}, "
+          f"{config_path}")
     return 0
 
 

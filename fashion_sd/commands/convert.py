@@ -48,20 +48,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_paths(args) -> None:
-    """Input and output problems, before any model is built."""
-    src = getattr(args, "source", None) or getattr(args, "lora", None)
-    if src is not None and not Path(src).exists():
-        raise FileNotFoundError(f"{src}: not found")
+    """Inputs, numbers and outputs, before any model is built or any tensor read."""
+    from fashion_sd import preflight
+
+    if args.command == "import-model":
+        if not Path(args.source).exists():
+            raise preflight.InputError(f"--from {args.source}: not found; give a diffusers "
+                                       "folder or a .safetensors/.ckpt file")
+    elif args.command == "import-lora":
+        src = preflight.input_file("--from", args.source, "LoRA file")
+        if src.suffix == ".safetensors":
+            preflight.readable_safetensors("--from", src, "kohya or diffusers LoRA")
+    else:  # our own checkpoint from its header; merged into SD 1.x, it must fit it
+        preflight.lora_file("--lora", args.lora, fits_model=args.command == "merge")
+    if args.command == "merge":
+        preflight.number("--strength", args.strength, low=-10, high=10,
+                         hint=" (1 is the LoRA as trained)")
+        if not (args.weights in ("pretrained", "random") or args.weights.startswith("local:")):
+            raise preflight.InputError(f"--weights {args.weights}: use pretrained or local:DIR")
     out = Path(args.out)
-    if args.command in ("import-model", "merge") and out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out}: is a file; give a folder")
-    if args.command in ("import-lora", "export-lora") and out.is_dir():
-        raise IsADirectoryError(f"--out {out}: is a folder; give a file name such as "
-                                + ("x.lora.safetensors" if args.command == "import-lora" else "x.safetensors"))
+    if args.command in ("import-model", "merge"):
+        preflight.output_folder("--out", out)
+    else:
+        if out.is_dir():
+            raise preflight.InputError(
+                f"--out {out}: is a folder; give a file name such as "
+                + ("x.lora.safetensors" if args.command == "import-lora" else "x.safetensors"))
+        preflight.output_file("--out", out)
     if (args.command == "merge" and args.weights.startswith("local:")
             and Path(args.weights[len("local:"):]).resolve() == out.resolve()):
-        raise ValueError(f"--out {out}: the same folder as --weights; merged files would replace "
-                         "the base model. Give another folder")
+        raise preflight.InputError(f"--out {out}: the same folder as --weights; merged files "
+                                   "would replace the base model. Give another folder")
 
 
 def main(argv=None) -> int:

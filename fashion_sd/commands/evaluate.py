@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fashion_sd import preflight
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import FashionSDError
 from fashion_sd.rundir import SCORES_MD, RunDir
@@ -35,7 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.num_images is not None and args.num_images < 2:
             raise ConfigError("--num-images must be >= 2 (a covariance needs two images)")
-    except ConfigError as exc:
+        # Every checkpoint is checked against SD 1.x before the first one is scored.
+        from fashion_sd.evaluate import find_checkpoints, make_plan
+
+        for path in find_checkpoints(args.checkpoints) if args.checkpoints else []:
+            preflight.lora_file("--checkpoints", path)
+        preflight.output_folder("--out" if args.out else "output.dir",
+                                args.out or RunDir(cfg.output.dir).eval)
+        make_plan(cfg, args.split or cfg.eval.split, args.num_images)
+    except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from fashion_sd.evaluate import evaluate
@@ -46,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.force, progress=tqdm_progress, out=args.out)
     except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     out = Path(args.out) if args.out else RunDir(cfg.output.dir).eval
     summary = out / SCORES_MD
     print(summary.read_text() if summary.is_file() else table.to_string())

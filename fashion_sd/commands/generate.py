@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
+from fashion_sd import preflight
 from fashion_sd.captions import CaptionError, caption_from_attributes
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import FashionSDError
@@ -26,9 +26,7 @@ ATTRIBUTES = ("year", "usage", "season", "colour", "gender", "article")
 def prompts_from_args(args, template: str) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise CaptionError(f"{path}: prompts file not found")
+        path = preflight.text_file("--prompts-file", args.prompts_file, "prompts file")
         prompts += [line.strip() for line in path.read_text().splitlines()
                     if line.strip() and not line.lstrip().startswith("#")]
     attrs = {k: getattr(args, k) for k in ATTRIBUTES if getattr(args, k) is not None}
@@ -43,16 +41,31 @@ def prompts_from_args(args, template: str) -> list[str]:
     return prompts
 
 
+def check_numbers(args, resolution: int) -> None:
+    """Every number on the command line (or from --from-png) in range and finite: a NaN guidance
+    would otherwise make black images and exit 0."""
+    if resolution <= 0 or resolution % 64:
+        raise ConfigError(f"--resolution {resolution}: must be a positive multiple of 64")
+    preflight.number("--num-images", args.num_images, low=1, integer=True)
+    preflight.number("--steps", args.steps, low=1, high=1000, integer=True,
+                     hint=" (DDIM steps; 50 is the usual)")
+    preflight.number("--batch-size", args.batch_size, low=1, integer=True)
+    preflight.number("--seed", args.seed, low=0, integer=True)
+    preflight.number("--guidance", args.guidance, low=0, high=100,
+                     hint=" (classifier-free guidance; 7.5 is the usual)")
+    preflight.number("--lora-strength", args.lora_strength, low=-10, high=10,
+                     hint=" (1 is the LoRA as trained, 0 the base model)")
+
+
 def apply_png_settings(args, cfg) -> None:
     """Take prompt, seed, steps, guidance, resolution, weights and LoRA from a generated PNG."""
     from fashion_sd.generate import ImageSettings
 
-    if not Path(args.from_png).is_file():
-        raise ConfigError(f"--from-png {args.from_png}: file not found")
+    preflight.input_file("--from-png", args.from_png, "PNG")
     try:
         s = ImageSettings.read_png(args.from_png).to_dict()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    except (ValueError, OSError) as exc:  # OSError: not an image at all
+        raise ConfigError(f"--from-png {args.from_png}: not a PNG written by this tool ({exc})") from None
     args.prompt, args.prompts_file = [s["prompt"]], None
     for name in ATTRIBUTES:
         setattr(args, name, None)
@@ -98,12 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             apply_png_settings(args, cfg)
         prompts = prompts_from_args(args, cfg.captions.template)
         resolution = args.resolution or cfg.data.resolution
-        if resolution <= 0 or resolution % 64:
-            raise ConfigError(f"--resolution {resolution}: must be a positive multiple of 64")
-        if args.num_images < 1 or args.steps < 1:
-            raise ConfigError("--num-images and --steps must be >= 1")
-        if args.lora and not Path(args.lora).is_file():
-            raise ConfigError(f"--lora {args.lora}: file not found")
+        check_numbers(args, resolution)
+        if args.lora:
+            preflight.lora_file("--lora", args.lora)
+        preflight.output_folder("--out", args.out)
     except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -113,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampler, record = load_sampler(cfg.model.weights, resolution, args.lora,
                                        cfg.model.cache_dir, cfg.seed, args.lora_strength)
-    except (FashionSDError, ValueError) as exc:
+    except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     seeds = getattr(args, "batch_seeds", None) or list(range(args.seed, args.seed + args.num_images))
     sidecar = generate_to_folder(sampler, prompts, seeds, args.out, args.steps, args.guidance,
                                  record, args.batch_size, args.negative_prompt, tqdm_progress,

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fashion_sd import preflight
 from fashion_sd import sweep as sw
+from fashion_sd.errors import FashionSDError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise sw.SweepError(f"--only {', '.join(unknown)}: not in {args.config}; runs: "
                                 f"{', '.join(names)}")
-        if args.max_trials < 1:
-            raise sw.SweepError("--max-trials must be >= 1")
-    except sw.SweepError as exc:
+        preflight.number("--max-trials", args.max_trials, low=1, integer=True)
+        preflight.output_folder(f"{args.config}: output", sweep.output)
+    except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:

@@ -11,7 +11,8 @@ import argparse
 import logging
 import sys
 
-from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
+from fashion_sd import preflight
+from fashion_sd.config import add_config_arguments, config_from_args
 from fashion_sd.errors import FashionSDError
 
 
@@ -29,17 +30,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
-    except ConfigError as exc:
+        preflight.output_folder("output.dir", cfg.output.dir)
+        if cfg.lora.init_from and not args.resume:  # its shapes against SD 1.x, from the header
+            preflight.lora_file("lora.init_from", cfg.lora.init_from, unet_only=True)
+    except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # TensorFlow loads only once the config is known to be good.
-    from fashion_sd.run import summary_line, train
+    from fashion_sd.run import TrainingStopped, summary_line, train
 
     try:
         summary = train(cfg, resume=args.resume, fresh=args.fresh)
-    except FashionSDError as exc:
+    except TrainingStopped as exc:  # it ran, then had to stop: not a bad input
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except FashionSDError as exc:  # found before any model was built
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if "status" in summary and "step" in summary:
         print(summary_line(summary, cfg.output.dir))
     return 0

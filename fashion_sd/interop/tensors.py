@@ -10,7 +10,6 @@ code, and need the ``interop`` extra.
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import struct
 from pathlib import Path
@@ -31,17 +30,12 @@ class InteropError(FashionSDError, ValueError):
 
 def safetensors_header(path: str | Path) -> tuple[dict, dict[str, str]]:
     """(tensor entries, ``__metadata__``) of a safetensors file, without reading its data."""
-    path = Path(path)
+    from fashion_sd.preflight import safetensors_header as read_header
+
     try:
-        with path.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100 << 20:
-                raise ValueError(f"header of {n} bytes")
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, struct.error) as exc:
+        return read_header(path)
+    except (OSError, ValueError) as exc:
         raise InteropError(f"{path}: not a readable safetensors file ({exc})") from None
-    meta = header.pop("__metadata__", None) or {}
-    return header, meta
 
 
 class SafetensorsFile:
@@ -94,9 +88,11 @@ def load_pickle(path: str | Path) -> dict[str, np.ndarray]:
                 raise
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError when the pickle wants to run code
-        raise InteropError(f"{path}: torch.load(weights_only=True) refused it ({type(exc).__name__}"
-                           f": {str(exc).splitlines()[0] if str(exc) else ''}); a file that needs "
-                           "code to load is not opened. Use a .safetensors copy") from None
+        # torch's own message suggests loading with weights_only=False, which runs whatever code
+        # the file holds: never passed on.
+        raise InteropError(f"{path}: not a tensor file this tool can open safely ({type(exc).__name__}); "
+                           "it is not a checkpoint, or it needs code to load. Give a .safetensors "
+                           "file (kohya, diffusers and A1111 LoRAs are published as .safetensors)") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # CompVis/Lightning checkpoints nest the weights
     if not isinstance(obj, dict):

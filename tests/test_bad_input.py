@@ -1,0 +1,330 @@
+"""Bad input, one row each, across the seven commands: exit code 2, a message naming the flag, key,
+file or row, no traceback, nothing written or changed, and no model built.
+
+Each row runs the command's ``main`` in this process (fast: TensorFlow is loaded once). The model
+builders, the image checker, the Inception loader, the encoders, the sweep's runner and the model
+converters are replaced by a tripwire, so a check that came too late fails the row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import save_file
+
+from conftest import ROOT, write_image, write_styles
+from fashion_sd import cli
+
+
+class HeavyWork(AssertionError):
+    """A model build, image check or encoder run reached by a row that should have stopped."""
+
+
+def _lora(path: Path, layers: dict[str, tuple[tuple, tuple]], meta: dict | None = None) -> Path:
+    tensors = {}
+    for key, (a, b) in layers.items():
+        tensors[f"{key}.lora_a"] = np.zeros(a, np.float32)
+        tensors[f"{key}.lora_b"] = np.zeros(b, np.float32)
+    base = {"format": "fashion-sd-lora", "format_version": "1", "rank": "4", "alpha": "4.0",
+            "targets": json.dumps(["to_q"]), "layers": json.dumps(sorted(layers))}
+    save_file(tensors, str(path), metadata=base if meta is None else meta)
+    return path
+
+
+def _unwritable(root: Path) -> Path | None:
+    """A folder this process cannot create files in: a read-only one, or (as root, which
+    permission bits do not stop) a kernel file system that takes no new files."""
+    ro = root / "readonly"
+    ro.mkdir(exist_ok=True)
+    ro.chmod(0o555)
+    for candidate in (ro, Path("/proc/self"), Path("/sys")):
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError:
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """Tiny input files, good and bad, made here."""
+    d = tmp_path_factory.mktemp("bad-input")
+    imgs = d / "images"
+    imgs.mkdir()
+    for i in range(1, 7):
+        write_image(imgs / f"{i}.jpg")
+    write_styles(d / "styles.csv", [
+        "1,Men,Apparel,Topwear,Tshirts,Blue,Summer,2011,Casual,Shirt one",
+        "2,Women,Apparel,Topwear,Tops,Red,Fall,2012,Casual,Top two"])
+    write_styles(d / "nocol.csv", ["1,Men,Apparel"], header="id,gender,masterCategory")
+    rows = ["id,image_path,caption,split"] + [
+        f"{i},images/{i}.jpg,an image of a shirt {i},{s}"
+        for i, s in zip(range(1, 7), ["train"] * 4 + ["val", "test"])]
+    (d / "captions.csv").write_text("\n".join(rows) + "\n")
+    (d / "badsplit.csv").write_text("\n".join([*rows[:2], "2,images/2.jpg,a top,training",
+                                               *rows[3:]]) + "\n")
+    (d / "nocaptioncol.csv").write_text("id,image_path,split\n1,images/1.jpg,train\n")
+    (d / "emptycaption.csv").write_text("\n".join([*rows[:3], "3,images/3.jpg,  ,train",
+                                                   *rows[4:]]) + "\n")
+    (d / "noimage.csv").write_text("\n".join([*rows, "7,images/7.jpg,a coat,train"]) + "\n")
+    (d / "notest.csv").write_text("\n".join(r for r in rows if not r.endswith(",test")) + "\n")
+    (d / "photo.png").write_bytes(write_image(d / "p.png", fmt="PNG").read_bytes())
+    (d / "notes.pt").write_text("this is not a tensor file\n")
+    (d / "junk.safetensors").write_bytes(b"junk")
+    (d / "afile").write_text("a file where a folder is expected\n")
+    (d / "adir").mkdir()
+    good = _lora(d / "good.lora.safetensors", {"st00.attn1.to_q": ((320, 4), (4, 320))})
+    _lora(d / "wrongshape.lora.safetensors", {"st00.attn1.to_q": ((1280, 4), (4, 1280))})
+    _lora(d / "sdxl.lora.safetensors", {"st20.attn1.to_q": ((320, 4), (4, 320))})
+    _lora(d / "te.lora.safetensors", {"te00.q_proj": ((768, 4), (4, 768))})
+    _lora(d / "kohya.safetensors", {"x": ((320, 4), (4, 320))}, meta={"ss_network_dim": "4"})
+    (d / "truncated.lora.safetensors").write_bytes(good.read_bytes()[:-100])
+    ck = d / "ck"
+    ck.mkdir()
+    for name in ("epoch_001", "epoch_002"):
+        (ck / f"{name}.lora.safetensors").write_bytes(good.read_bytes())
+    (ck / "epoch_003.lora.safetensors").write_bytes(
+        (d / "wrongshape.lora.safetensors").read_bytes())
+    # a finished run and a run whose train state is damaged
+    for name, state in (("done", good.read_bytes()), ("damaged", b"\x00" * 64)):
+        (d / name / "checkpoints").mkdir(parents=True)
+        (d / name / "checkpoints" / "train_state.safetensors").write_bytes(state)
+        (d / name / "history.csv").write_text("epoch,step,loss\n1,1,0.1\n")
+    cfg = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    cfg["data"].update(captions=str(d / "captions.csv"), cache_dir=str(d / "cache"))
+    cfg["model"]["weights"] = "random"
+    cfg["output"] = {**cfg.get("output", {}), "dir": str(d / "run")}
+    cfg["train"]["batch_size"] = 2
+    (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    sweep = {"base": str(d / "cfg.yaml"), "output": str(d / "sweep"), "runs": [{"lora.rank": 2}]}
+    (d / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    (d / "sweep_badgrid.yaml").write_text(yaml.safe_dump(
+        {"base": str(d / "cfg.yaml"), "output": str(d / "sweep"), "grid": {"lora.rank": [2, 0]}}))
+    (d / "sweep_outfile.yaml").write_text(yaml.safe_dump({**sweep, "output": str(d / "afile")}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def taken_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        yield s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def tripwires(monkeypatch):
+    """Anything heavy a row reaches fails it."""
+    import fashion_sd.interop as interop
+    from fashion_sd import data, images, models, sweep
+    from fashion_sd.metrics import inception
+
+    def trip(what):
+        def fail(*a, **k):
+            raise HeavyWork(f"{what} ran before the bad input was reported")
+        return fail
+
+    for module, name in ((models, "build_component"), (images, "check_images"),
+                         (inception, "load_extractor"), (data, "encode_dataset"),
+                         (sweep, "run_sweep"), (sweep, "tune"), (interop, "import_model"),
+                         (interop, "merge_model")):
+        monkeypatch.setattr(module, name, trip(f"{module.__name__}.{name}"))
+
+
+CFG = "--config {w}/cfg.yaml"
+GEN = f"generate {CFG} --prompt shirt --out {{w}}/gen"
+TRAIN = f"train {CFG}"
+EVAL = f"evaluate {CFG} --checkpoints {{w}}/good.lora.safetensors --out {{w}}/eval"
+APP = f"app {CFG}"
+
+# (id, command line with {w} for the fixture folder, text the message must contain)
+ROWS = [
+    # captions
+    ("captions: styles missing", "captions {cfg} --styles {w}/nope.csv --out {w}/o/c.csv", "nope.csv: styles.csv not found"),
+    ("captions: styles is an image", "captions {cfg} --styles {w}/photo.png --out {w}/o/c.csv", "photo.png: not a UTF-8 text"),
+    ("captions: styles lacks columns", "captions {cfg} --styles {w}/nocol.csv --out {w}/o/c.csv", "missing required column(s) subCategory"),
+    ("captions: images folder missing", "captions {cfg} --styles {w}/styles.csv --images {w}/noimg --out {w}/o/c.csv", "--images"),
+    ("captions: --out is a folder", "captions {cfg} --styles {w}/styles.csv --out {w}/adir", "adir: is a folder"),
+    ("captions: --out below a file", "captions {cfg} --styles {w}/styles.csv --out {w}/afile/c.csv", "afile is a file"),
+    ("captions: --out read-only", "captions {cfg} --styles {w}/styles.csv --out {ro}/c.csv", "cannot write in"),
+    ("captions: config is an image", "captions --config {w}/photo.png --styles {w}/styles.csv", "photo.png: not a text file"),
+    ("captions: config key typo", "captions {cfg} --set captions.templat=x --styles {w}/styles.csv", "captions.templat"),
+    ("captions: split does not sum to 1", "captions {cfg} --set captions.split.train=0.5 --styles {w}/styles.csv", "must sum to 1"),
+    # train
+    ("train: captions missing", "train {cfg} --set data.captions={w}/nope.csv", "nope.csv: captions file not found"),
+    ("train: captions is an image", "train {cfg} --set data.captions={w}/photo.png", "photo.png: not a UTF-8 text CSV"),
+    ("train: unknown split label", "train {cfg} --set data.captions={w}/badsplit.csv", "line 3: split 'training'"),
+    ("train: captions lack a column", "train {cfg} --set data.captions={w}/nocaptioncol.csv", "missing column(s) caption"),
+    ("train: empty caption", "train {cfg} --set data.captions={w}/emptycaption.csv", "line 4: empty caption"),
+    ("train: image missing", "train {cfg} --set data.captions={w}/noimage.csv", "7.jpg"),
+    ("train: batch size 0", "train {cfg} --set train.batch_size=0", "'train.batch_size' must be > 0"),
+    ("train: batch larger than the data", "train {cfg} --set train.batch_size=64", "train.batch_size=64"),
+    ("train: learning rate nan", "train {cfg} --set train.learning_rate=nan", "'train.learning_rate'"),
+    ("train: resolution not /64", "train {cfg} --set data.resolution=100", "'data.resolution'"),
+    ("train: output.dir is a file", "train {cfg} --set output.dir={w}/afile", "afile: is a file"),
+    ("train: output.dir read-only", "train {cfg} --set output.dir={ro}/run", "cannot write in"),
+    ("train: --resume, state damaged", "train {cfg} --set output.dir={w}/damaged --resume", "is damaged"),
+    ("train: --resume, nothing there", "train {cfg} --set output.dir={w}/adir --resume", "nothing to resume"),
+    ("train: a run is already there", "train {cfg} --set output.dir={w}/done", "already holds a run"),
+    ("train: --fresh keeps the old run when input is bad", "train {cfg} --set output.dir={w}/done --set data.captions={w}/badsplit.csv --fresh", "split 'training'"),
+    ("train: init_from of another model", "train {cfg} --set lora.init_from={w}/wrongshape.lora.safetensors", "st00.attn1.to_q has A (1280, 4)"),
+    ("train: init_from not safetensors", "train {cfg} --set lora.init_from={w}/junk.safetensors", "junk.safetensors: not a readable safetensors"),
+    ("train: init_from with text-encoder layers", "train {cfg} --set lora.init_from={w}/te.lora.safetensors", "text-encoder layer te00.q_proj"),
+    # generate
+    ("generate: guidance nan", "{gen} --guidance nan", "--guidance nan"),
+    ("generate: guidance inf", "{gen} --guidance inf", "--guidance inf"),
+    ("generate: negative guidance", "{gen} --guidance -3", "--guidance -3"),
+    ("generate: lora strength nan", "{gen} --lora-strength nan", "--lora-strength nan"),
+    ("generate: batch size 0", "{gen} --batch-size 0", "--batch-size 0"),
+    ("generate: steps 0", "{gen} --steps 0", "--steps 0"),
+    ("generate: no images", "{gen} --num-images 0", "--num-images 0"),
+    ("generate: resolution not /64", "{gen} --resolution 100", "--resolution 100"),
+    ("generate: LoRA of another model", "{gen} --lora {w}/wrongshape.lora.safetensors", "wrongshape.lora.safetensors: st00.attn1.to_q"),
+    ("generate: LoRA layer not in SD 1.x", "{gen} --lora {w}/sdxl.lora.safetensors", "st20.attn1.to_q is not in Stable Diffusion 1.x"),
+    ("generate: LoRA truncated", "{gen} --lora {w}/truncated.lora.safetensors", "truncated"),
+    ("generate: kohya LoRA not imported", "{gen} --lora {w}/kohya.safetensors", "convert import-lora"),
+    ("generate: --out is a file", "generate {cfg} --prompt shirt --out {w}/afile", "afile: is a file"),
+    ("generate: prompts file is an image", "{gen} --prompts-file {w}/photo.png", "--prompts-file"),
+    ("generate: --from-png not a PNG", "generate {cfg} --from-png {w}/notes.pt --out {w}/gen", "--from-png"),
+    ("generate: --from-png without settings", "generate {cfg} --from-png {w}/photo.png --out {w}/gen", "no fashion-sd settings"),
+    # evaluate
+    ("evaluate: glob matches nothing", "evaluate {cfg} --checkpoints {w}/none*.lora.safetensors --out {w}/eval", "no .lora.safetensors checkpoint found"),
+    ("evaluate: third checkpoint of another model", "evaluate {cfg} --checkpoints {w}/ck --out {w}/eval", "epoch_003.lora.safetensors: st00.attn1.to_q"),
+    ("evaluate: one image", "{ev} --num-images 1", "--num-images must be >= 2"),
+    ("evaluate: --out is a file", "evaluate {cfg} --checkpoints {w}/good.lora.safetensors --out {w}/afile", "afile: is a file"),
+    ("evaluate: empty split", "{ev} --set data.captions={w}/notest.csv --split test", "the 'test' split is empty"),
+    ("evaluate: checkpoint not safetensors", "evaluate {cfg} --checkpoints {w}/junk.safetensors --out {w}/eval", "junk.safetensors: not a readable safetensors"),
+    # sweep
+    ("sweep: file missing", "sweep --config {w}/nope.yaml", "nope.yaml: sweep file not found"),
+    ("sweep: file is an image", "sweep --config {w}/photo.png", "photo.png: not a text file"),
+    ("sweep: a run with rank 0", "sweep --config {w}/sweep_badgrid.yaml", "'lora.rank' must be > 0"),
+    ("sweep: --only unknown run", "sweep --config {w}/sweep.yaml --only r9", "--only r9"),
+    ("sweep: output is a file", "sweep --config {w}/sweep_outfile.yaml", "afile: is a file"),
+    ("sweep: no trials", "sweep --config {w}/sweep.yaml --tuner random --max-trials 0", "--max-trials 0"),
+    # convert
+    ("convert: import-lora of a non-tensor file", "convert import-lora --from {w}/notes.pt --out {w}/x.lora.safetensors", "notes.pt: not a tensor file"),
+    ("convert: import-lora source missing", "convert import-lora --from {w}/nope.safetensors --out {w}/x.lora.safetensors", "nope.safetensors: LoRA file not found"),
+    ("convert: import-lora of junk", "convert import-lora --from {w}/junk.safetensors --out {w}/x.lora.safetensors", "junk.safetensors: not a readable safetensors"),
+    ("convert: export-lora of a truncated file", "convert export-lora --lora {w}/truncated.lora.safetensors --format kohya --out {w}/x.safetensors", "truncated"),
+    ("convert: merge of another model's LoRA", "convert merge --weights random --lora {w}/wrongshape.lora.safetensors --out {w}/m", "st00.attn1.to_q"),
+    ("convert: export-lora --out is a folder", "convert export-lora --lora {w}/good.lora.safetensors --format kohya --out {w}/adir", "adir: is a folder"),
+    ("convert: merge strength nan", "convert merge --weights random --lora {w}/good.lora.safetensors --strength nan --out {w}/m", "--strength nan"),
+    ("convert: merge --out is a file", "convert merge --weights random --lora {w}/good.lora.safetensors --out {w}/afile", "afile: is a file"),
+    ("convert: import-model source missing", "convert import-model --from {w}/nope --out {w}/m", "nope: not found"),
+    # app
+    ("app: port taken", "{app} --port {port}", "--port {port}: already in use"),
+    ("app: port out of range", "{app} --port 70000", "--port 70000"),
+    ("app: run folder missing", "{app} --run {w}/norun", "--run"),
+    ("app: LoRA of another model", "{app} --lora {w}/wrongshape.lora.safetensors", "st00.attn1.to_q"),
+    ("app: queue of 0", "{app} --queue-size 0", "--queue-size 0"),
+    ("app: auth without password", "{app} --auth alice", "--auth must be USER:PASS"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root`` with its content's hash: what a row must not change."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif p.is_dir():
+            out[str(p.relative_to(root)) + "/"] = ""
+    return out
+
+
+def test_at_least_forty_rows_across_the_seven_commands():
+    commands = {line.split()[0].strip("{}") for _, line, _ in ROWS}
+    commands = {{"gen": "generate", "ev": "evaluate"}.get(c, c) for c in commands}
+    assert commands == set(cli.COMMANDS) and len(ROWS) >= 40
+
+
+@pytest.mark.parametrize(("line", "culprit"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_bad_input_fails_fast(w, taken_port, capsys, caplog, line, culprit):
+    ro = _unwritable(w) if "{ro}" in line else None
+    if "{ro}" in line and ro is None:
+        pytest.skip("no unwritable folder on this machine")
+    fill = {"w": w, "cfg": CFG.format(w=w), "gen": GEN.format(w=w), "ev": EVAL.format(w=w),
+            "app": APP.format(w=w), "port": taken_port, "ro": ro}
+    argv = line.format(**fill).split()
+    before = _snapshot(w)
+    caplog.set_level(logging.WARNING)
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert culprit.format(**fill) in err, err
+    assert "Traceback" not in err and err.startswith("error: ")
+    assert "weights_only" not in err  # never the advice to load pickles unsafely
+    assert _snapshot(w) == before  # nothing written, nothing deleted
+
+
+# ---- suspicious but usable: kept, and reported
+
+
+def test_split_labels_that_match_after_trimming_are_used_and_reported(w, tmp_path, caplog):
+    from fashion_sd.captions import read_captions
+
+    rows = (w / "captions.csv").read_text().splitlines()
+    rows[2] = rows[2].replace(",train", ",Train ")
+    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        table = read_captions(tmp_path / "c.csv")
+    assert table.split.tolist() == ["train"] * 4 + ["val", "test"]  # no row dropped
+    assert "1 split label(s) read after trimming and lower-casing, e.g. line 3 'Train ' -> 'train'" in caplog.text
+
+
+def test_values_outside_the_vocabulary_are_kept_and_flagged(tmp_path):
+    import pandas as pd
+
+    from fashion_sd import captions
+    from fashion_sd.config import load_config
+
+    styles = write_styles(tmp_path / "styles.csv", [
+        "1,Men,Apparel,Topwear,Tshirts,Blue,Summer,2011,Casual,a",
+        "2,Alien,Apparel,Topwear,Tshirts,Blue,Monsoon,2011,Casual,b",
+        "3,Women,Apparel,Topwear,Hoverboards,Red,Fall,2012,Casual,c",
+        "4,Women,Apparel,Topwear,Tops,Red,Fall,2012,Casual,d"])
+    cfg = load_config(ROOT / "configs/demo.yaml").captions
+    with pytest.warns(UserWarning, match="Hoverboards"):
+        result = captions.build_captions(styles, cfg, 0)
+    assert len(result.table) == 4  # kept, as written
+    assert list(zip(result.flagged.line, result.flagged.id, result.flagged.column,
+                    result.flagged.value)) == [(3, "2", "gender", "Alien"), (3, "2", "season", "Monsoon"),
+                                               (4, "3", "articleType", "Hoverboards")]
+    text = captions.format_summary(result.summary)
+    assert "unusual gender (kept; see flagged.csv): 'Alien' 1" in text
+    assert "unusual season (kept; see flagged.csv): 'Monsoon' 1" in text
+    captions.write_outputs(result, tmp_path / "out" / "captions.csv")
+    written = pd.read_csv(tmp_path / "out" / "flagged.csv", dtype=str)
+    assert written.value.tolist() == ["Alien", "Monsoon", "Hoverboards"]
+
+
+# ---- the tables the checks read
+
+
+def test_the_layer_table_matches_the_real_text_encoder(small_parts):
+    from fashion_sd.lora import text_encoder_projections
+    from fashion_sd.unet_layout import expected_kernel_shapes
+
+    got = {k: tuple(d.kernel.shape) for k, d in text_encoder_projections(small_parts["text_encoder"]).items()}
+    assert got == {k: v for k, v in expected_kernel_shapes().items() if k.startswith("te")}
+
+
+def test_the_header_reader_agrees_with_safetensors(w):
+    from safetensors import safe_open
+
+    from fashion_sd.preflight import safetensors_header
+
+    entries, meta = safetensors_header(w / "good.lora.safetensors")
+    with safe_open(str(w / "good.lora.safetensors"), "numpy") as fh:
+        assert meta == fh.metadata()
+        assert {k: list(e["shape"]) for k, e in entries.items()} == {
+            k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
