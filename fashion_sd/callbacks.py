@@ -15,8 +15,8 @@ import pandas as pd
 from fashion_sd import lora, plots
 from fashion_sd.config import Config, TrainConfig
 from fashion_sd.files import atomic_path
-from fashion_sd.rundir import BEST, LAST, RunDir
-from fashion_sd.trainer import loss_scale, save_train_state
+from fashion_sd.rundir import BEST, LAST, RunDir, checkpoint_name
+from fashion_sd.trainer import ema_weights, loss_scale, save_train_state, uses_ema
 
 # skipped_steps: non-finite losses or gradients (never applied); overflow_steps: float16 steps
 # the loss-scale optimizer skipped; loss_scale: its scale (empty without float16).
@@ -113,9 +113,17 @@ class Checkpointer(keras.callbacks.Callback):
         self.export = tuple(cfg.output.export)
 
     def _save_lora(self, name: str) -> Path:
-        path = lora.save_lora(self.state.run.checkpoint(name), self.layers, self.spec, **self.meta,
-                              step=str(self.state.optimizer_step),
-                              epoch=f"{self.state.epoch_progress:.4f}")
+        stamp = {"step": str(self.state.optimizer_step), "epoch": f"{self.state.epoch_progress:.4f}"}
+        run, optimizer = self.state.run, self.model.optimizer
+        if uses_ema(optimizer):  # the checkpoint holds the EMA; the raw weights go beside it
+            lora.save_lora(run.raw_checkpoint(name), self.layers, self.spec, **self.meta, **stamp,
+                           weights="raw")
+            with ema_weights(optimizer, self.model.trainable_variables):
+                path = lora.save_lora(run.checkpoint(name), self.layers, self.spec, **self.meta,
+                                      **stamp, weights="ema")
+        else:
+            path = lora.save_lora(run.checkpoint(name), self.layers, self.spec, **self.meta,
+                                  **stamp)
         if self.export:
             from fashion_sd.interop.lora_formats import export_lora
 
@@ -155,8 +163,39 @@ class Checkpointer(keras.callbacks.Callback):
         kept = run.epoch_checkpoints()
         for old in kept[: max(0, len(kept) - self.keep_last)]:
             old.unlink()
+            run.raw_checkpoint(checkpoint_name(old)).unlink(missing_ok=True)
             for export in run.exports(old, FORMATS):  # its exports go with it
                 export.unlink(missing_ok=True)
+
+
+class EmaValidation(keras.callbacks.Callback):
+    """Val loss of what the checkpoints hold: the EMA weights for ``fit``'s validation pass
+    (Keras calls on_test_begin/end around it), the raw ones back after.
+
+    Not Keras' ``SwapEMAWeights``: it swaps in place by adding and subtracting (a + b - b), which
+    rounds, so every validation would nudge the weights and a resumed run would drift by an ulp
+    from an uninterrupted one. This swap copies.
+    """
+
+    def on_test_begin(self, logs=None):
+        self._swap = ema_weights(self.model.optimizer, self.model.trainable_variables)
+        self._swap.__enter__()
+
+    def on_test_end(self, logs=None):
+        self._swap.__exit__(None, None, None)
+
+
+class KeepRawWeights(keras.callbacks.Callback):
+    """Undo Keras' end-of-``fit`` EMA overwrite: with ``use_ema``, ``fit`` ends by replacing the
+    weights with their average (``finalize_variable_values``), so a run fitted in segments would
+    continue from the EMA. Their raw values at the last epoch end are put back."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._raw = [v.numpy() for v in self.model.trainable_variables]
+
+    def on_train_end(self, logs=None):
+        for v, value in zip(self.model.trainable_variables, getattr(self, "_raw", ())):
+            v.assign(value)
 
 
 class SampleGrids(keras.callbacks.Callback):
@@ -178,9 +217,11 @@ class SampleGrids(keras.callbacks.Callback):
             path = st.run.samples_at_step(st.optimizer_step)
         else:
             return
-        render_samples(self.sampler, t.sample_prompts, t.sample_seeds, t.sample_steps,
-                       t.sample_guidance, path, self.label,
-                       f"epoch {st.epoch_progress:g}, step {st.optimizer_step}")
+        with ema_weights(self.model.optimizer, self.model.trainable_variables):
+            render_samples(self.sampler, t.sample_prompts, t.sample_seeds, t.sample_steps,
+                           t.sample_guidance, path, self.label,
+                           f"epoch {st.epoch_progress:g}, step {st.optimizer_step}"
+                           + (", EMA weights" if uses_ema(self.model.optimizer) else ""))
 
 
 def render_samples(sampler, prompts, seeds, steps, guidance, path, label, title) -> Path:

@@ -130,6 +130,11 @@ class TrainConfig:
     # float16: the run stops when the dynamic loss scale falls below this (gradients would
     # underflow silently); overflow skips themselves are routine and never stop a run.
     min_loss_scale: float = 1.0
+    # Options of the leading trainers (README: "Training options"); all off by default.
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023); 5 usual
+    noise_offset: float = 0.0  # + offset * N(0,1) per sample and channel; 0.05 usual
+    caption_dropout: float = 0.0  # share of samples trained on the empty prompt (CFG's branch)
+    ema_decay: float | None = None  # EMA of the LoRA weights per optimizer step, e.g. 0.999
     val_repeats: int = 4  # fixed timesteps per val image, so val loss compares across epochs
     sample_every: int = 1  # epochs between sample grids; 0: none
     sample_steps: int = 25  # sampler steps for those grids
@@ -435,6 +440,12 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     need(not (t.jit_compile is True and t.deterministic), "train.jit_compile",
          "true cannot hold with train.deterministic: true (Keras runs op-deterministic steps "
          "without XLA); set train.jit_compile: auto or false, or train.deterministic: false")
+    need(t.snr_gamma is None or (t.snr_gamma > 0 and math.isfinite(t.snr_gamma)),
+         "train.snr_gamma", "must be a positive number (5 is usual) or null (off)")
+    need(0 <= t.noise_offset <= 1, "train.noise_offset", "must be from 0 (off) to 1; 0.05 is usual")
+    need(0 <= t.caption_dropout < 1, "train.caption_dropout", "must be from 0 (off) to below 1")
+    need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay",
+         "must be between 0 and 1 (0.999 is usual) or null (off)")
     need(t.val_repeats >= 1, "train.val_repeats", "must be >= 1")
     need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
     need(t.sample_steps >= 1, "train.sample_steps", "must be >= 1")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from fashion_sd import diffusion
 from fashion_sd.cache import cache_key, cached, file_id
 from fashion_sd.diffusion import TRAIN_TIMESTEPS
 from fashion_sd.images import background_colour, load_image  # noqa: F401 - re-exported
@@ -94,9 +95,10 @@ class EncodedData:
     """Everything training needs from the frozen encoders, indexed by row of each split."""
 
     moments: np.ndarray  # (n_images, 2, h, w, 8): VAE moments of each image, unflipped/flipped
-    contexts: np.ndarray  # (n_captions, 77, 768): one per distinct caption
+    contexts: np.ndarray  # (n_captions + 1, 77, 768): one per distinct caption, and the empty one
     caption_index: np.ndarray  # (n_images,) row -> context
     splits: dict[str, np.ndarray]  # split name -> row numbers
+    uncond_index: int = 0  # the empty prompt's row: the sampler's unconditional context
 
 
 def encode_dataset(table, comps, cache_dir: str | Path, resolution: int, progress=None,
@@ -105,7 +107,9 @@ def encode_dataset(table, comps, cache_dir: str | Path, resolution: int, progres
     if (table.image_path == "").any():
         raise ValueError("captions.csv has rows without image_path; build it with --images")
     paths = table.image_path.tolist()
-    distinct = sorted(set(table.caption))
+    # The empty prompt too: tokenised as KerasCV's _UNCONDITIONAL_TOKENS, its encoding is the
+    # context guidance subtracts, which caption dropout trains on (one cached row).
+    distinct = sorted(set(table.caption) | {""})
     index = {c: i for i, c in enumerate(distinct)}
     weights_id = comps.source.id
 
@@ -124,7 +128,8 @@ def encode_dataset(table, comps, cache_dir: str | Path, resolution: int, progres
                      lambda: encode_images(comps.image_encoder, paths, resolution, batch_size,
                                            progress))
     splits = {name: np.flatnonzero((table.split == name).to_numpy()) for name in ("train", "val", "test")}
-    return EncodedData(moments, contexts, np.array([index[c] for c in table.caption]), splits)
+    return EncodedData(moments, contexts, np.array([index[c] for c in table.caption]), splits,
+                       index[""])
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,37 +161,64 @@ def batch_plan(n: int, batch_size: int, seed: int, start_step: int, end_step: in
     return np.concatenate(rows).astype(np.int64), np.concatenate(flips).astype(np.int64)
 
 
-def _noise(seed: int, stream: int, step, batch: int, latent_shape):
-    """Standard-normal VAE and diffusion noise and uniform timesteps for one step, stateless."""
+def _noise(seed: int, stream: int, step, batch: int, latent_shape, offset: float = 0.0):
+    """Standard-normal VAE and diffusion noise and uniform timesteps for one step, stateless.
+
+    ``offset`` > 0 adds the noise offset from the step's fourth key (unused otherwise, so the
+    other draws stay what they were without it).
+    """
     s = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 4 + stream])
     shape = tf.concat([[batch], latent_shape], 0)
     vae_eps = tf.random.stateless_normal(shape, seed=s)
     noise = tf.random.stateless_normal(shape, seed=s + [0, 1])
     t = tf.random.stateless_uniform([batch], seed=s + [0, 2], minval=0, maxval=TRAIN_TIMESTEPS,
                                     dtype=tf.int32)
+    if offset:
+        extra = tf.random.stateless_normal([batch, 1, 1, latent_shape[-1]], seed=s + [0, 3])
+        noise = diffusion.offset_noise(noise, offset, extra)
     return vae_eps, noise, t
 
 
+def caption_drops(seed: int, start_step: int, end_step: int, batch_size: int,
+                  rate: float) -> np.ndarray:
+    """Which samples of steps [start, end) train on the empty prompt, shape (steps, batch).
+
+    A function of (seed, step) alone, like the rest of a batch, so a resumed run drops the same
+    captions as an uninterrupted one.
+    """
+    out = np.zeros((max(0, end_step - start_step), batch_size), bool)
+    if rate > 0:
+        for i, step in enumerate(range(start_step, end_step)):
+            out[i] = np.random.default_rng([seed, step, 3]).random(batch_size) < rate
+    return out
+
+
 def train_dataset(data: EncodedData, batch_size: int, seed: int, start_step: int, end_step: int,
-                  flip: bool) -> tf.data.Dataset:
-    """Batches (dicts of moments, context, vae_eps, noise, timesteps) for global steps [start, end)."""
+                  flip: bool, noise_offset: float = 0.0,
+                  caption_dropout: float = 0.0) -> tf.data.Dataset:
+    """Batches (dicts of moments, context, vae_eps, noise, timesteps) for global steps [start, end).
+
+    ``noise_offset`` and ``caption_dropout`` are the training options of the same names
+    (:class:`fashion_sd.config.TrainConfig`).
+    """
     train_rows = data.splits["train"]
     rows, flips = batch_plan(len(train_rows), batch_size, seed, start_step, end_step, flip)
     rows = train_rows[rows]
+    drops = caption_drops(seed, start_step, end_step, batch_size, caption_dropout)
     latent_shape = data.moments.shape[2:4] + (4,)
 
-    def gather(r, f):
-        return data.moments[r, f], data.contexts[data.caption_index[r]]
+    def gather(r, f, d):
+        return data.moments[r, f], data.contexts[np.where(d, data.uncond_index, data.caption_index[r])]
 
-    def make(step, r, f):
-        m, c = tf.numpy_function(gather, [r, f], (tf.float32, tf.float32))
+    def make(step, r, f, d):
+        m, c = tf.numpy_function(gather, [r, f, d], (tf.float32, tf.float32))
         m = tf.reshape(m, (batch_size, *data.moments.shape[2:]))
         c = tf.reshape(c, (batch_size, *data.contexts.shape[1:]))
-        vae_eps, noise, t = _noise(seed, 0, step, batch_size, latent_shape)
+        vae_eps, noise, t = _noise(seed, 0, step, batch_size, latent_shape, noise_offset)
         return {"moments": m, "context": c, "vae_eps": vae_eps, "noise": noise, "timesteps": t}
 
     steps = np.arange(start_step, end_step, dtype=np.int64)
-    return (tf.data.Dataset.from_tensor_slices((steps, rows, flips))
+    return (tf.data.Dataset.from_tensor_slices((steps, rows, flips, drops))
             .map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE))
 

@@ -57,9 +57,38 @@ def add_noise(latents, noise, timesteps, alphas_cumprod_table):
     return ops.sqrt(a) * ops.cast(latents, "float32") + ops.sqrt(1.0 - a) * ops.cast(noise, "float32")
 
 
-def epsilon_loss(pred, noise):
-    """The "simple" loss of Ho et al. 2020: mean squared error to the noise, in float32."""
-    return ops.mean(ops.square(ops.cast(pred, "float32") - ops.cast(noise, "float32")))
+def epsilon_loss(pred, noise, weights=None):
+    """The "simple" loss of Ho et al. 2020: mean squared error to the noise, in float32.
+
+    ``weights`` (one per sample) scale each sample's mean squared error before the batch mean,
+    as diffusers' training scripts do for min-SNR weighting.
+    """
+    err = ops.square(ops.cast(pred, "float32") - ops.cast(noise, "float32"))
+    if weights is None:
+        return ops.mean(err)
+    per_sample = ops.mean(ops.reshape(err, (ops.shape(err)[0], -1)), axis=1)
+    return ops.mean(per_sample * ops.cast(weights, "float32"))
+
+
+def snr(timesteps, alphas_cumprod_table):
+    """Signal-to-noise ratio of x_t: :math:`\bar\alpha_t / (1 - \bar\alpha_t)`, float32."""
+    a = ops.take(ops.cast(alphas_cumprod_table, "float32"), ops.cast(timesteps, "int32"))
+    return a / (1.0 - a)
+
+
+def min_snr_weights(timesteps, alphas_cumprod_table, gamma: float):
+    """Min-SNR-gamma weights for the epsilon target (Hang et al. 2023, eq. 9):
+    min(SNR(t), gamma) / SNR(t), so low-noise timesteps, whose SNR is large, stop dominating
+    the gradient."""
+    s = snr(timesteps, alphas_cumprod_table)
+    return ops.minimum(s, gamma) / s
+
+
+def offset_noise(noise, offset: float, extra):
+    """``noise + offset * extra``, ``extra`` one standard normal per sample and channel
+    (shape (batch, 1, 1, channels)), broadcast over the pixels: the "noise offset" trick that lets
+    a model learn overall brightness, e.g. the plain white backgrounds of product photos."""
+    return ops.cast(noise, "float32") + offset * ops.cast(extra, "float32")
 
 
 def sample_latents(moments, eps):

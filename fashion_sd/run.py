@@ -235,10 +235,13 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
             except lora.LoraError as exc:
                 raise TrainingError(str(exc)) from None
             print(f"LoRA starts from {cfg.lora.init_from}")
+        if t.ema_decay:
+            print(f"EMA of the LoRA weights (decay {t.ema_decay:g} per optimizer step): "
+                  f"checkpoints hold it, their raw weights go to {run.checkpoints / 'raw'}")
         trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
         print(f"trainable LoRA parameters: {trainable:,} "
               f"({len(layers)} projections, rank {cfg.lora.rank})")
-        trainer = LoraTrainer(comps.diffusion_model)
+        trainer = LoraTrainer(comps.diffusion_model, snr_gamma=t.snr_gamma)
         trainer.compile(optimizer=make_optimizer(t, max(1, total // t.grad_accum),
                                                  machine.precision, machine.replicas),
                         jit_compile=machine.jit)
@@ -266,7 +269,9 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
              "loss_scaling": machine.precision == "mixed_float16", "replicas": machine.replicas,
              "steps_per_epoch": spe, "train_images": inputs.n_train, "val_images": inputs.n_val,
              "best_by": "val_loss" if inputs.n_val else "train_loss",
-             "distinct_captions": int(len(encoded.contexts))}
+             "distinct_captions": int(inputs.table.caption.nunique()),
+             "options": {k: getattr(t, k) for k in ("snr_gamma", "noise_offset",
+                                                     "caption_dropout", "ema_decay")}}
     write_run_json(run, cfg, source, extra)
     if state.step >= end:
         print(f"nothing to do: the run already reached step {state.optimizer_step}")
@@ -285,6 +290,8 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         cb.Checkpointer(state, layers, cfg, metadata, source.label,
                         monitor="val_loss" if inputs.n_val else "loss"),
         cb.SampleGrids(state, Sampler(comps), t, source.label),
+        # EMA: val loss of the EMA weights, raw weights kept across fit segments.
+        *([cb.EmaValidation(), cb.KeepRawWeights()] if t.ema_decay else []),
         keras.callbacks.TensorBoard(str(run.tensorboard)),
     ]
     val = data.val_dataset(encoded, t.batch_size, cfg.seed, t.val_repeats)
@@ -293,7 +300,8 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
             break
         start = state.step
         ds = data.train_dataset(encoded, t.batch_size, cfg.seed, start,
-                                min(end, start + (stop - initial) * steps), cfg.data.flip)
+                                min(end, start + (stop - initial) * steps), cfg.data.flip,
+                                t.noise_offset, t.caption_dropout)
         trainer.fit(ds, epochs=stop, initial_epoch=initial, steps_per_epoch=steps,
                     validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=False)
 

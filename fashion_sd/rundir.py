@@ -4,6 +4,7 @@
       config.yaml  run.json  history.csv  loss.png
       checkpoints/  epoch_XXX.lora.safetensors  best.lora.safetensors  last.lora.safetensors
                     train_state.safetensors  (+ exports: best.kohya.safetensors, ...)
+                    raw/  (with train.ema_decay: the raw weights of each checkpoint)
       samples/  tensorboard/  eval/fid.csv (fid.md, fid.png)
 
 Writers (the trainer's callbacks, the evaluator) and readers (the sweep, the app, the
@@ -124,6 +125,11 @@ class RunDir:
     def checkpoint(self, name: str) -> Path:
         """``checkpoints/<name>.lora.safetensors``; ``name`` is e.g. ``best`` or ``epoch_003``."""
         return self.checkpoints / f"{name}{CHECKPOINT_SUFFIX}"
+
+    def raw_checkpoint(self, name: str) -> Path:
+        """With ``train.ema_decay`` the checkpoints hold the EMA weights; the raw (last
+        optimizer step's) weights of each go to ``checkpoints/raw/<name>.lora.safetensors``."""
+        return self.checkpoints / "raw" / f"{name}{CHECKPOINT_SUFFIX}"
 
     @staticmethod
     def epoch_name(epoch: int) -> str:

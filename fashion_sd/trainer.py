@@ -8,6 +8,7 @@ Keras' own optimizer features; the warm-up + cosine schedule counts optimizer st
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -61,14 +62,50 @@ def make_optimizer(train: TrainConfig, total_steps: int, precision: str, replica
     ``clip(g / n, c / n) = clip(g, c) / n``, and Keras' cross-replica sum then gives ``clip(g, c)``.
     """
     t = train
+    # EMA of the weights is Keras' own (use_ema): float32 averages kept as optimizer variables,
+    # so the train state saves them and a resume stays exact. Keras moves the average at every
+    # micro-batch; decay^(1/grad_accum) per micro-batch decays it by ema_decay per optimizer step.
+    ema = {} if t.ema_decay is None else {
+        "use_ema": True, "ema_momentum": t.ema_decay ** (1.0 / t.grad_accum)}
     opt = keras.optimizers.AdamW(
         learning_rate=WarmupCosine(t.learning_rate, total_steps, t.warmup_steps, t.grad_accum),
         weight_decay=t.weight_decay,
         global_clipnorm=None if t.grad_clip is None else t.grad_clip / replicas,
-        gradient_accumulation_steps=t.grad_accum if t.grad_accum > 1 else None)
+        gradient_accumulation_steps=t.grad_accum if t.grad_accum > 1 else None, **ema)
     if precision == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
+
+
+def _inner(optimizer):
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer
+
+
+def uses_ema(optimizer) -> bool:
+    return bool(getattr(_inner(optimizer), "use_ema", False))
+
+
+@contextlib.contextmanager
+def ema_weights(optimizer, variables):
+    """Within the block, ``variables`` hold the optimizer's EMA of them; their own values after.
+
+    Keras keeps the averages but has no public swap (``finalize_variable_values`` overwrites for
+    good), hence its private list. A no-op when the optimizer keeps no EMA.
+    """
+    opt = _inner(optimizer)
+    if not uses_ema(opt):
+        yield
+        return
+    saved = [v.numpy() for v in variables]
+    for v in variables:
+        v.assign(opt._model_variables_moving_average[opt._get_variable_index(v)])
+    try:
+        yield
+    finally:
+        for v, value in zip(variables, saved):
+            v.assign(value)
 
 
 def loss_scale(optimizer) -> float | None:
@@ -87,9 +124,10 @@ class LoraTrainer(keras.Model):
     U-Net computes in bfloat16 or float16.
     """
 
-    def __init__(self, unet: keras.Model, **kwargs):
+    def __init__(self, unet: keras.Model, snr_gamma: float | None = None, **kwargs):
         super().__init__(dtype="float32", **kwargs)
         self.unet = unet
+        self.snr_gamma = snr_gamma  # min-SNR weighting of the training loss (not of val loss)
         self.alphas_cumprod = np.asarray(diffusion.alphas_cumprod(), np.float32)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         # Counters that survive epochs (Keras resets metrics each epoch); saved in the train state.
@@ -122,7 +160,12 @@ class LoraTrainer(keras.Model):
 
     def _loss(self, batch, training: bool):
         out = self(batch, training=training)
-        return diffusion.epsilon_loss(out["pred"], out["target"])
+        weights = None
+        if training and self.snr_gamma:
+            # Val loss stays the plain epsilon MSE, so runs with and without it compare.
+            weights = diffusion.min_snr_weights(batch["timesteps"], self.alphas_cumprod,
+                                                self.snr_gamma)
+        return diffusion.epsilon_loss(out["pred"], out["target"], weights)
 
     def train_step(self, data):
         ctx = tf.distribute.get_replica_context()
@@ -222,8 +265,8 @@ def load_train_state(path: str | Path, trainer: LoraTrainer, lora_layers: dict) 
     store = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("optimizer/")}
     if len(store) != len(trainer.optimizer.variables):
         raise ValueError(f"{path}: the saved optimizer has {len(store)} variables, this one has "
-                         f"{len(trainer.optimizer.variables)}: different LoRA targets, rank or "
-                         "train.grad_accum/precision than the run that wrote it")
+                         f"{len(trainer.optimizer.variables)}: different LoRA targets, rank, "
+                         "train.grad_accum, train.ema_decay or precision than the run that wrote it")
     trainer.optimizer.load_own_variables(store)
     trainer.skipped_steps.assign(tensors["trainer/skipped_steps"])
     # train states written before overflow counting began have no such counter
