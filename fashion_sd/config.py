@@ -45,7 +45,9 @@ class DataConfig:
     styles: str = "data/demo/styles.csv"  # Kaggle styles.csv (10 columns)
     images: str | None = "data/demo/images"  # folder of {id}.jpg; null: no image is opened
     captions: str = "runs/demo/captions.csv"  # written by build_captions.py, read by training
-    resolution: int = 256  # training and sampling size in pixels, a multiple of 64
+    # training and sampling size in pixels: one number (a square) or [width, height], each a
+    # multiple of 64; the catalogue's photos are 3:4 portrait, e.g. [384, 512]
+    resolution: int | list[int] = 256
     flip: bool = True  # random horizontal flip in training
     cache_dir: str = "runs/cache"  # encoder outputs, keyed by weights, resolution and data
 
@@ -395,8 +397,10 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
 
     need(cfg.seed >= 0, "seed", "must be >= 0")
     r = cfg.data.resolution
-    need(r > 0 and r % 64 == 0, "data.resolution",
-         "must be a positive multiple of 64 (the VAE downsamples by 8, the U-Net by 8 more)")
+    sides = r if isinstance(r, list) else [r]
+    need(len(sides) in (1, 2) and all(x > 0 and x % 64 == 0 for x in sides), "data.resolution",
+         "must be a positive multiple of 64, or [width, height] of two (the VAE downsamples by "
+         "8, the U-Net by 8 more)")
     s = cfg.captions.split
     for name in ("train", "val", "test"):
         need(getattr(s, name) >= 0, f"captions.split.{name}", "must be >= 0")

@@ -22,7 +22,7 @@ import tensorflow as tf
 from fashion_sd import diffusion
 from fashion_sd.cache import cache_key, cached, file_id
 from fashion_sd.diffusion import TRAIN_TIMESTEPS
-from fashion_sd.images import background_colour, load_image  # noqa: F401 - re-exported
+from fashion_sd.images import background_colour, image_size, load_image  # noqa: F401 - re-exported
 from fashion_sd.progress import tqdm_progress  # noqa: F401 - re-exported
 from fashion_sd.tokenizer import END_TOKEN, MAX_LENGTH, tokenize  # noqa: F401 - re-exported
 
@@ -33,11 +33,13 @@ log = logging.getLogger(__name__)
 # Images (decoded by :func:`fashion_sd.images.load_image`)
 
 
-def image_dataset(paths: list[str], resolution: int, batch_size: int) -> tf.data.Dataset:
+def image_dataset(paths: list[str], resolution, batch_size: int) -> tf.data.Dataset:
     """Batches of (image, mirrored image) in [-1, 1], decoded in parallel by tf.data."""
+    w, h = image_size(resolution)
+
     def decode(path):
         img = tf.numpy_function(lambda p: load_image(p.decode(), resolution), [path], tf.uint8)
-        img = tf.reshape(img, (resolution, resolution, 3))
+        img = tf.reshape(img, (h, w, 3))
         img = tf.cast(img, tf.float32) / 127.5 - 1.0
         return tf.stack([img, tf.image.flip_left_right(img)])
 
@@ -74,20 +76,20 @@ def vae_moments_model(image_encoder):
     return keras.Model(image_encoder.inputs, image_encoder.layers[-2].output)
 
 
-def encode_images(image_encoder, paths: list[str], resolution: int, batch_size: int = 8,
+def encode_images(image_encoder, paths: list[str], resolution, batch_size: int = 8,
                   progress=None) -> np.ndarray:
     """VAE posterior moments, (n, 2, h/8, w/8, 8) float32: each image and its mirror image."""
+    w, h = image_size(resolution)
     moments = vae_moments_model(image_encoder)
     out = []
     batches = image_dataset(paths, resolution, batch_size)
     n = -(-len(paths) // batch_size)
     for pair in (progress(batches, "encoding images", n) if progress else batches):
         b = pair.shape[0]
-        flat = tf.reshape(pair, (b * 2, resolution, resolution, 3))
+        flat = tf.reshape(pair, (b * 2, h, w, 3))
         m = np.asarray(moments(flat, training=False), dtype=np.float32)
         out.append(m.reshape(b, 2, *m.shape[1:]))
-    h = resolution // 8
-    return np.concatenate(out) if out else np.zeros((0, 2, h, h, 8), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, 2, h // 8, w // 8, 8), np.float32)
 
 
 @dataclass
@@ -101,7 +103,7 @@ class EncodedData:
     uncond_index: int = 0  # the empty prompt's row: the sampler's unconditional context
 
 
-def encode_dataset(table, comps, cache_dir: str | Path, resolution: int, progress=None,
+def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=None,
                    batch_size: int = 8) -> EncodedData:
     """Encode (or load from cache) the images and distinct captions of a captions table."""
     if (table.image_path == "").any():

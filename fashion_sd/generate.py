@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from fashion_sd.image_settings import PNG_KEY, ImageSettings  # noqa: F401 - re-exported
+from fashion_sd.images import image_size
 from fashion_sd.models import Components
 from fashion_sd.tokenizer import MAX_LENGTH, tokenize
 
@@ -34,7 +35,9 @@ class Sampler:
             raise ValueError(f"the sampler needs {', '.join(missing)}")
         with contextlib.redirect_stdout(io.StringIO()):  # KerasCV prints its licence on creation
             sd = StableDiffusion(img_height=128, img_width=128, jit_compile=False)
-        sd.img_height = sd.img_width = comps.resolution
+        # Set after construction: KerasCV's constructor rounds sizes to multiples of 128, which
+        # would turn 384 x 512 into 384 x 512 but 320 x 448 into 384 x 512; ours are checked /64.
+        sd.img_width, sd.img_height = image_size(comps.resolution)
         sd._text_encoder = comps.text_encoder
         sd._diffusion_model = comps.diffusion_model
         sd._decoder = comps.decoder
@@ -53,9 +56,9 @@ class Sampler:
         return self.comps.text_encoder.predict_on_batch({"tokens": tokens, "positions": positions})
 
     def initial_noise(self, seeds: list[int]):
-        h = self.comps.resolution // 8
+        w, h = image_size(self.comps.resolution)
         return keras.ops.concatenate(
-            [keras.random.normal((1, h, h, 4), seed=int(s)) for s in seeds], axis=0)
+            [keras.random.normal((1, h // 8, w // 8, 4), seed=int(s)) for s in seeds], axis=0)
 
     def generate(self, prompt: str, seeds: list[int], steps: int = 50, guidance: float = 7.5,
                  negative_prompt: str | None = None, on_step=None) -> np.ndarray:
@@ -112,7 +115,7 @@ def resolve_inference_weights(weights: str, cache_dir=None, seed: int = 0):
     return models.resolve_weights(weights, INFERENCE, cache_dir, seed)
 
 
-def build_sampler(source, resolution: int, seed: int = 0, build=None) -> Sampler:
+def build_sampler(source, resolution, seed: int = 0, build=None) -> Sampler:
     """The one inference recipe (generate.py, evaluation, the app): seed, build the text encoder,
     U-Net and decoder from ``source`` at ``resolution``, make the sampler.
 
@@ -120,14 +123,14 @@ def build_sampler(source, resolution: int, seed: int = 0, build=None) -> Sampler
     """
     from fashion_sd import models
 
-    if resolution % 64:
+    if any(side % 64 for side in image_size(resolution)):
         raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
     keras.utils.set_random_seed(seed)  # random-init weights, when asked for, are reproducible
     build = build or (lambda src, res: models.build_components(src, res, INFERENCE))
     return Sampler(build(source, resolution))
 
 
-def load_sampler(weights: str, resolution: int, lora_path=None, cache_dir=None, seed: int = 0,
+def load_sampler(weights: str, resolution, lora_path=None, cache_dir=None, seed: int = 0,
                  strength: float = 1.0) -> tuple[Sampler, dict]:
     """Build text encoder, U-Net and decoder, fold in the LoRA (fast inference), make a sampler.
 
@@ -135,7 +138,7 @@ def load_sampler(weights: str, resolution: int, lora_path=None, cache_dir=None, 
     """
     from fashion_sd import lora
 
-    if resolution % 64:
+    if any(side % 64 for side in image_size(resolution)):
         raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
     meta = lora.read_lora(lora_path)[1] if lora_path else None  # checked before any build
     source = resolve_inference_weights(weights, cache_dir, seed)

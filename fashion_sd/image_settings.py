@@ -25,7 +25,7 @@ class ImageSettings:
     steps: int | None = None
     guidance: float | None = None
     negative_prompt: str | None = None
-    resolution: int | None = None
+    resolution: int | list[int] | None = None  # a square, or [width, height]
     weights: str | None = None  # the model.weights to rebuild with ("random" for a random init)
     weights_id: str | None = None
     model_seed: int | None = None  # the seed random-init weights were drawn with

@@ -82,25 +82,77 @@ def background_colour(img: Image.Image) -> tuple[int, ...]:
     return tuple(int(v) for v in np.median(border, axis=0))
 
 
-def load_image(path: str | Path, resolution: int | None) -> np.ndarray:
-    """Decode any JPEG/PNG mode to RGB, pad to a square on its own background, resize: uint8 HWC.
+def image_size(resolution: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a resolution setting: one number is a square, ``[w, h]`` a rectangle
+    (``[384, 512]`` is the catalogue's 3:4 portrait)."""
+    if isinstance(resolution, (list, tuple)):
+        w, h = resolution
+        return int(w), int(h)
+    return int(resolution), int(resolution)
+
+
+def size_label(resolution) -> str:
+    """``256`` for a square, ``384x512`` for a rectangle: for file names, logs and plots."""
+    w, h = image_size(resolution)
+    return str(w) if w == h else f"{w}x{h}"
+
+
+def load_image(path: str | Path, resolution: int | list[int] | None) -> np.ndarray:
+    """Decode any JPEG/PNG mode to RGB, pad to the training aspect on its own background, resize:
+    uint8 HWC of ``image_size(resolution)``.
 
     Padding instead of the paper's centre crop keeps portrait garments whole (the paper reports
     generated garments cut off at the frame). JPEGs are decoded at a reduced scale when they are
-    much larger than needed (the full catalogue's 1800x2400 photos). ``resolution=None`` pads at
-    the image's own size (its longer side) and does not resample.
+    much larger than needed (the full catalogue's 1800x2400 photos). ``resolution=None`` pads to
+    a square at the image's own size (its longer side) and does not resample.
     """
     with Image.open(path) as im:
         if resolution is None:
             resolution = max(im.size)
         elif im.format == "JPEG":
-            im.draft("RGB", (resolution, resolution))
+            im.draft("RGB", image_size(resolution))
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             rgb = Image.alpha_composite(white, rgba).convert("RGB")
         else:
             rgb = im.convert("RGB")  # L, CMYK, P, I;16 ... all become RGB
-    square = ImageOps.pad(rgb, (resolution, resolution), method=Image.Resampling.BICUBIC,
+    padded = ImageOps.pad(rgb, image_size(resolution), method=Image.Resampling.BICUBIC,
                           color=background_colour(rgb))
-    return np.asarray(square, dtype=np.uint8)
+    return np.asarray(padded, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Source resolution against the training size
+
+FULL_RESOLUTION_DATASET = "paramaggarwal/fashion-product-images-dataset"
+
+
+def upscale_factors(paths, resolution, limit: int = 200) -> np.ndarray:
+    """How much each image is enlarged to fit ``resolution`` (after padding to its aspect):
+    ``min(W / w, H / h)``; read from the file headers of at most ``limit`` evenly spaced paths."""
+    paths = [p for p in paths if p]
+    if not paths:
+        return np.zeros(0)
+    pick = np.unique(np.linspace(0, len(paths) - 1, min(limit, len(paths))).astype(int))
+    width, height = image_size(resolution)
+    out = []
+    for i in pick:
+        try:
+            with Image.open(paths[i]) as im:
+                w, h = im.size
+        except OSError:
+            continue  # reported by the image checks, not here
+        out.append(min(width / w, height / h))
+    return np.asarray(out, float)
+
+
+def upscale_warning(factors: np.ndarray, resolution) -> str | None:
+    """One line when most images would be enlarged more than 2x (the 60x80 "small" set at 512 px
+    is 6.4x): such training learns the blur of the enlargement."""
+    if len(factors) == 0 or np.mean(factors > 2.0) <= 0.5:
+        return None
+    return (f"{np.mean(factors > 2.0):.0%} of the source images are enlarged more than 2x to "
+            f"{size_label(resolution)} px (median {np.median(factors):.1f}x): the model learns "
+            f"upscaling blur. Use the full-resolution Kaggle dataset ({FULL_RESOLUTION_DATASET}, "
+            "1800x2400 photos) or a smaller data.resolution")

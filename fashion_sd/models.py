@@ -27,6 +27,7 @@ import keras
 
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
+from fashion_sd.images import image_size
 from fashion_sd.tokenizer import MAX_LENGTH, clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class Components:
     """The parts of Stable Diffusion a job needs; the others stay None (they cost memory)."""
 
     source: WeightsSource
-    resolution: int
+    resolution: int | list[int]  # pixels: a square, or [width, height]
     diffusion_model: keras.Model | None = None
     text_encoder: keras.Model | None = None
     image_encoder: keras.Model | None = None
@@ -215,14 +216,16 @@ def build_component(name: str, resolution: int, path: Path | None = None,
     if name == "diffusion_model":
         from fashion_sd.attention import set_attention
 
-        model = DiffusionModel(resolution, resolution, MAX_LENGTH, download_weights=False)
+        w, h = image_size(resolution)
+        model = DiffusionModel(h, w, MAX_LENGTH, download_weights=False)
         set_attention(model, attention)
     elif name == "text_encoder":
         model = TextEncoder(MAX_LENGTH, download_weights=False)
     elif name == "image_encoder":
         model = ImageEncoder(download_weights=False)
     elif name == "decoder":
-        model = Decoder(resolution, resolution, download_weights=False)
+        w, h = image_size(resolution)
+        model = Decoder(h, w, download_weights=False)
     else:
         raise ValueError(f"unknown component {name!r}; use one of {', '.join(COMPONENTS)}")
     if path is not None:
@@ -240,7 +243,7 @@ def build_components(source: WeightsSource, resolution: int, which=COMPONENTS) -
     For random init, call ``keras.utils.set_random_seed`` first to make the weights reproducible.
     Set the dtype policy (mixed precision) before calling: layers take it when built.
     """
-    if resolution % 64:
+    if any(side % 64 for side in image_size(resolution)):
         raise ValueError(f"resolution {resolution} is not a multiple of 64")
     comps = Components(source, resolution)
     for name in which:

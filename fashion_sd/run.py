@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from fashion_sd import attention, data, hardware, lora, models, preflight
+from fashion_sd import attention, data, hardware, images, lora, models, preflight
 from fashion_sd import callbacks as cb
 from fashion_sd.captions import read_captions
 from fashion_sd.config import Config
@@ -150,6 +150,10 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False) ->
     if missing:
         raise TrainingError(f"{cfg.data.captions}: {len(missing)} image(s) not found, e.g. "
                             f"{missing[0]}; rebuild the captions or fix data.images")
+    if warning := images.upscale_warning(images.upscale_factors(table.image_path,
+                                                                 cfg.data.resolution),
+                                         cfg.data.resolution):
+        log.warning("%s", warning)
     init_meta = None
     if cfg.lora.init_from and not resume:  # checked now; loaded once the LoRA layers exist
         try:

@@ -9,10 +9,13 @@ import keras
 CONTEXT = (77, 768)
 
 
-def tiny_unet(latent: int = 8, channels: int = 32, name: str = "tiny_unet") -> keras.Model:
+def tiny_unet(latent: int | tuple[int, int] = 8, channels: int = 32,
+              name: str = "tiny_unet") -> keras.Model:
+    """``latent``: a square's side, or (height, width) in latent pixels."""
     from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
 
-    latent_in = keras.Input((latent, latent, 4), name="latent")
+    h, w = latent if isinstance(latent, tuple) else (latent, latent)
+    latent_in = keras.Input((h, w, 4), name="latent")
     t_in = keras.Input((320,), name="timestep_embedding")
     c_in = keras.Input(CONTEXT, name="context")
     t = keras.layers.Reshape((1, 1, channels))(keras.layers.Dense(channels)(t_in))

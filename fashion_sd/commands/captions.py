@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from fashion_sd import captions, kaggle, preflight
 from fashion_sd.config import add_config_arguments, config_from_args
 from fashion_sd.errors import FashionSDError
@@ -51,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     print(captions.format_summary(result.summary, cfg.captions.max_tokens))
     if images is None:
         print("images: not checked (no --images); image_path is left empty")
+    else:
+        from fashion_sd.images import size_label, upscale_factors, upscale_warning
+
+        factors = upscale_factors([str(p) for p in result.table.image_path], cfg.data.resolution)
+        if len(factors):
+            print(f"source images vs data.resolution {size_label(cfg.data.resolution)}: median "
+                  f"enlargement {np.median(factors):.1f}x ({len(factors)} sampled)")
+        if warning := upscale_warning(factors, cfg.data.resolution):
+            print(f"WARNING: {warning}")
     if args.dry_run:
         print("\nsample captions:")
         print("\n".join(f"  {c}" for c in result.sample_captions(10, cfg.seed)))

@@ -41,11 +41,26 @@ def prompts_from_args(args, template: str) -> list[str]:
     return prompts
 
 
-def check_numbers(args, resolution: int) -> None:
+def parse_resolution(text):
+    """``256`` (a square) or ``384x512`` (width x height), as data.resolution takes them."""
+    if text is None or isinstance(text, (int, list)):
+        return text
+    try:
+        sides = [int(x) for x in str(text).lower().split("x")]
+    except ValueError:
+        raise ConfigError(f"--resolution {text}: give pixels, e.g. 256 or 384x512") from None
+    if len(sides) > 2:
+        raise ConfigError(f"--resolution {text}: give pixels, e.g. 256 or 384x512")
+    return sides[0] if len(sides) == 1 else sides
+
+
+def check_numbers(args, resolution) -> None:
     """Every number on the command line (or from --from-png) in range and finite: a NaN guidance
     would otherwise make black images and exit 0."""
-    if resolution <= 0 or resolution % 64:
-        raise ConfigError(f"--resolution {resolution}: must be a positive multiple of 64")
+    sides = resolution if isinstance(resolution, list) else [resolution]
+    if any(side <= 0 or side % 64 for side in sides):
+        raise ConfigError(f"--resolution {args.resolution or resolution}: must be a positive "
+                          "multiple of 64, or WIDTHxHEIGHT of two")
     preflight.number("--num-images", args.num_images, low=1, integer=True)
     preflight.number("--steps", args.steps, low=1, high=1000, integer=True,
                      hint=" (DDIM steps; 50 is the usual)")
@@ -97,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds are SEED, SEED+1, ...")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--resolution", type=int, help="pixels (default: data.resolution)")
+    parser.add_argument("--resolution", help="pixels: 256, or WIDTHxHEIGHT such as 384x512 "
+                                             "(default: data.resolution)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--from-png", metavar="FILE",
                         help="reproduce an image written by this script: its prompt, seed, steps, "
@@ -110,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.from_png:
             apply_png_settings(args, cfg)
         prompts = prompts_from_args(args, cfg.captions.template)
-        resolution = args.resolution or cfg.data.resolution
+        resolution = parse_resolution(args.resolution) or cfg.data.resolution
         check_numbers(args, resolution)
         if args.lora:
             preflight.lora_file("--lora", args.lora)
