@@ -43,6 +43,14 @@ def test_paper_best_is_the_papers_run(root):
     assert cfg.train.precision.startswith("mixed_")
 
 
+def test_portrait_is_3_4_with_the_recommended_options(root):
+    cfg = load_config(root / "configs/portrait.yaml")
+    w, h = cfg.data.resolution
+    assert w * 4 == h * 3 and "kaggle-full" in cfg.data.images
+    t = cfg.train
+    assert (t.snr_gamma, t.noise_offset, t.caption_dropout, t.ema_decay) == (5.0, 0.05, 0.1, 0.999)
+
+
 def test_demo_is_small(root):
     cfg = load_config(root / "configs/demo.yaml")
     assert cfg.data.resolution == 64 and cfg.data.styles == "data/demo/styles.csv"

@@ -29,6 +29,20 @@ def test_shipped_sweeps_load():
         sw.load_sweep(ROOT / "configs/sweep_demo.yaml", ["lora.alpha=0"])
 
 
+def test_quality_sweep_is_one_ablation_per_option_against_the_baseline():
+    s = sw.load_sweep(ROOT / "configs/sweep_quality.yaml")
+    assert [sw.run_name(r) for r in s.runs][0] == "base"
+    base = sw.config_for(s, s.runs[0]).train
+    options = ("snr_gamma", "noise_offset", "caption_dropout", "ema_decay")
+    changed = []
+    for r in s.runs[1:]:
+        t = sw.config_for(s, r).train
+        diff = [k for k in options if getattr(t, k) != getattr(base, k)]
+        assert len(diff) == 1  # one option per run, the rest as the baseline
+        changed += diff
+    assert sorted(changed) == sorted(options)
+
+
 def test_run_names():
     assert sw.run_name({"lora.rank": 4, "train.learning_rate": 5e-5, "train.batch_size": 3}) == \
         "r4_lr5e-05_bs3"
