@@ -16,7 +16,13 @@ from fashion_sd import lora, plots
 from fashion_sd.config import Config, TrainConfig
 from fashion_sd.files import atomic_path
 from fashion_sd.rundir import BEST, LAST, RunDir, checkpoint_name
-from fashion_sd.trainer import ema_weights, loss_scale, save_train_state, uses_ema
+from fashion_sd.trainer import (
+    ema_weights,
+    learning_rate,
+    loss_scale,
+    save_train_state,
+    uses_ema,
+)
 
 # skipped_steps: non-finite losses or gradients (never applied); overflow_steps: float16 steps
 # the loss-scale optimizer skipped; loss_scale: its scale (empty without float16).
@@ -147,7 +153,7 @@ class Checkpointer(keras.callbacks.Callback):
         st.history.append({
             "epoch": round(st.epoch_progress, 4), "step": st.optimizer_step,
             "loss": float(logs.get("loss", math.nan)), "val_loss": val,
-            "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            "lr": learning_rate(self.model.optimizer),
             "skipped_steps": int(self.model.skipped_steps.numpy()),
             "overflow_steps": int(self.model.overflow_steps.numpy()),
             "loss_scale": loss_scale(self.model.optimizer),

@@ -101,6 +101,9 @@ class LoraConfig:
     # separate: x W + s (x A) B, no weight gradient for the frozen W (PEFT's form, the fast one);
     # merged: Keras' enable_lora kernel x (W + s A B). Same function; for benchmarks.
     form: Literal["separate", "merged"] = "separate"
+    # Also train LoRA on the CLIP text encoder's q/k/v/out projections (te00.q_proj, ...), at
+    # this rank and alpha and train.text_encoder_lr; captions are then encoded at every step.
+    text_encoder: bool = False
 
     def to_meta(self) -> dict[str, str]:
         """What a LoRA file's metadata says of this section (safetensors metadata are strings)."""
@@ -137,6 +140,7 @@ class TrainConfig:
     noise_offset: float = 0.0  # + offset * N(0,1) per sample and channel; 0.05 usual
     caption_dropout: float = 0.0  # share of samples trained on the empty prompt (CFG's branch)
     ema_decay: float | None = None  # EMA of the LoRA weights per optimizer step, e.g. 0.999
+    text_encoder_lr: float | None = None  # with lora.text_encoder; null: train.learning_rate
     val_repeats: int = 4  # fixed timesteps per val image, so val loss compares across epochs
     sample_every: int = 1  # epochs between sample grids; 0: none
     sample_steps: int = 25  # sampler steps for those grids
@@ -450,6 +454,8 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     need(0 <= t.caption_dropout < 1, "train.caption_dropout", "must be from 0 (off) to below 1")
     need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay",
          "must be between 0 and 1 (0.999 is usual) or null (off)")
+    need(t.text_encoder_lr is None or (t.text_encoder_lr > 0 and math.isfinite(t.text_encoder_lr)),
+         "train.text_encoder_lr", "must be a positive number or null (train.learning_rate)")
     need(t.val_repeats >= 1, "train.val_repeats", "must be >= 1")
     need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
     need(t.sample_steps >= 1, "train.sample_steps", "must be >= 1")

@@ -101,11 +101,22 @@ class EncodedData:
     caption_index: np.ndarray  # (n_images,) row -> context
     splits: dict[str, np.ndarray]  # split name -> row numbers
     uncond_index: int = 0  # the empty prompt's row: the sampler's unconditional context
+    # With lora.text_encoder the text encoder trains, so no contexts are cached: token ids
+    # (n_captions + 1, 77) take their place and the step encodes them.
+    tokens: np.ndarray | None = None
+
+    @property
+    def text(self) -> tuple[str, np.ndarray]:
+        """The batch key and the array a caption row is gathered from."""
+        return ("context", self.contexts) if self.tokens is None else ("tokens", self.tokens)
 
 
 def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=None,
-                   batch_size: int = 8) -> EncodedData:
-    """Encode (or load from cache) the images and distinct captions of a captions table."""
+                   batch_size: int = 8, text_cache: bool = True) -> EncodedData:
+    """Encode (or load from cache) the images and distinct captions of a captions table.
+
+    ``text_cache=False`` (the text encoder trains): captions are kept as token ids instead.
+    """
     if (table.image_path == "").any():
         raise ValueError("captions.csv has rows without image_path; build it with --images")
     paths = table.image_path.tolist()
@@ -124,14 +135,18 @@ def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=Non
 
     text_dtype = comps.text_encoder.dtype_policy.compute_dtype
     image_dtype = comps.image_encoder.dtype_policy.compute_dtype
-    contexts = cached(cache_dir, cache_key("text", weights_id, distinct, dtype=text_dtype), text)
+    tokens = contexts = None
+    if text_cache:
+        contexts = cached(cache_dir, cache_key("text", weights_id, distinct, dtype=text_dtype), text)
+    else:
+        tokens = tokenize(distinct, comps.tokenizer)[0]
     moments = cached(cache_dir, cache_key("images", weights_id, [file_id(p) for p in paths],
                                           resolution, dtype=image_dtype),
                      lambda: encode_images(comps.image_encoder, paths, resolution, batch_size,
                                            progress))
     splits = {name: np.flatnonzero((table.split == name).to_numpy()) for name in ("train", "val", "test")}
     return EncodedData(moments, contexts, np.array([index[c] for c in table.caption]), splits,
-                       index[""])
+                       index[""], tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,15 +224,17 @@ def train_dataset(data: EncodedData, batch_size: int, seed: int, start_step: int
     drops = caption_drops(seed, start_step, end_step, batch_size, caption_dropout)
     latent_shape = data.moments.shape[2:4] + (4,)
 
+    key, text = data.text
+
     def gather(r, f, d):
-        return data.moments[r, f], data.contexts[np.where(d, data.uncond_index, data.caption_index[r])]
+        return data.moments[r, f], text[np.where(d, data.uncond_index, data.caption_index[r])]
 
     def make(step, r, f, d):
-        m, c = tf.numpy_function(gather, [r, f, d], (tf.float32, tf.float32))
+        m, c = tf.numpy_function(gather, [r, f, d], (tf.float32, tf.as_dtype(text.dtype)))
         m = tf.reshape(m, (batch_size, *data.moments.shape[2:]))
-        c = tf.reshape(c, (batch_size, *data.contexts.shape[1:]))
+        c = tf.reshape(c, (batch_size, *text.shape[1:]))
         vae_eps, noise, t = _noise(seed, 0, step, batch_size, latent_shape, noise_offset)
-        return {"moments": m, "context": c, "vae_eps": vae_eps, "noise": noise, "timesteps": t}
+        return {"moments": m, key: c, "vae_eps": vae_eps, "noise": noise, "timesteps": t}
 
     steps = np.arange(start_step, end_step, dtype=np.int64)
     return (tf.data.Dataset.from_tensor_slices((steps, rows, flips, drops))
@@ -243,21 +260,23 @@ def val_dataset(data: EncodedData, batch_size: int, seed: int, repeats: int = 4)
     t = ((strata + rng.random(len(r))) * TRAIN_TIMESTEPS / repeats).astype(np.int32)
     latent_shape = data.moments.shape[2:4] + (4,)
 
+    key, text = data.text
+
     def gather(rr):
-        return data.moments[rr, 0], data.contexts[data.caption_index[rr]]
+        return data.moments[rr, 0], text[data.caption_index[rr]]
 
     def make(i, rr, tt):
         n = tf.shape(rr)[0]
-        m, c = tf.numpy_function(gather, [rr], (tf.float32, tf.float32))
+        m, c = tf.numpy_function(gather, [rr], (tf.float32, tf.as_dtype(text.dtype)))
         m = tf.reshape(m, (n, *data.moments.shape[2:]))
-        c = tf.reshape(c, (n, *data.contexts.shape[1:]))
+        c = tf.reshape(c, (n, *text.shape[1:]))
         # Each sample's own key, [seed, -8 (i + 1)] (+0, +1 below): negative, so never one of
         # the train stream's keys [seed, 4 step + k], k = 0..2.
         seeds = tf.stack([tf.fill([n], tf.cast(seed, tf.int64)), -8 * (i + 1)], axis=1)
         draw = lambda s, k: tf.random.stateless_normal(latent_shape, seed=s + [0, k])  # noqa: E731
         vae_eps = tf.map_fn(lambda s: draw(s, 0), seeds, fn_output_signature=tf.float32)
         noise = tf.map_fn(lambda s: draw(s, 1), seeds, fn_output_signature=tf.float32)
-        return {"moments": m, "context": c, "vae_eps": vae_eps, "noise": noise, "timesteps": tt}
+        return {"moments": m, key: c, "vae_eps": vae_eps, "noise": noise, "timesteps": tt}
 
     index = np.arange(len(r), dtype=np.int64)
     return (tf.data.Dataset.from_tensor_slices((index, r, t)).batch(batch_size)

@@ -194,6 +194,35 @@ def text_encoder_projections(text_encoder: keras.Model) -> dict[str, keras.layer
     return out
 
 
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def apply_text_encoder_lora(text_encoder: keras.Model, spec: LoraConfig):
+    """Freeze the text encoder and train LoRA on its attention's q/k/v/out (``lora.text_encoder``),
+    at ``spec``'s rank and alpha, as :func:`apply_lora` does for the U-Net. Returns the layers by
+    name (``te{i:02d}.q_proj``, ...): the names imported LoRAs use, so checkpoints, merging, the
+    app and export handle them as they are.
+
+    Always Keras' merged form here: on TensorFlow's CPU runtime the separate branch inside the
+    text encoder gave different bits from call to call with inter-op parallelism on, even under
+    op determinism (measured; the merged form and a single inter-op thread did not), which
+    would break exact resume; the text encoder's 48 small projections make the merged form's
+    full weight gradient cheap.
+    """
+
+    layers = {k: v for k, v in text_encoder_projections(text_encoder).items()
+              if k.split(".", 1)[1] in TEXT_ENCODER_TARGETS}
+    for v in text_encoder.trainable_weights:
+        v.trainable = False
+    for layer in layers.values():
+        layer.enable_lora(spec.rank, lora_alpha=spec.alpha)
+    expected = lora_parameter_count(layers, spec.rank)
+    got = sum(int(np.prod(v.shape)) for v in text_encoder.trainable_weights)
+    if got != expected:
+        raise RuntimeError(f"{got} trainable text-encoder parameters, expected {expected}")
+    return layers
+
+
 def is_text_encoder_layer(key: str) -> bool:
     return key.startswith("te")
 

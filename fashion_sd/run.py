@@ -225,8 +225,11 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
     with machine.strategy.scope():
         comps = build(source, cfg.data.resolution)
     attention.set_attention(comps.diffusion_model, cfg.model.attention)
+    if cfg.lora.text_encoder:
+        print("lora.text_encoder: the text encoder trains, so captions are encoded at every step "
+              "(no text cache for this run); the VAE cache is kept")
     encoded = data.encode_dataset(inputs.table, comps, cfg.data.cache_dir, cfg.data.resolution,
-                                  progress)
+                                  progress, text_cache=not cfg.lora.text_encoder)
     comps.image_encoder = None  # not needed past the cache
     spe = inputs.n_train // t.batch_size
     total = t.epochs * spe
@@ -239,15 +242,23 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
             except lora.LoraError as exc:
                 raise TrainingError(str(exc)) from None
             print(f"LoRA starts from {cfg.lora.init_from}")
+        te_layers = {}
+        if cfg.lora.text_encoder:
+            te_layers = lora.apply_text_encoder_lora(comps.text_encoder, cfg.lora)
+            print(f"text-encoder LoRA: {len(te_layers)} projections, learning rate "
+                  f"{t.text_encoder_lr or t.learning_rate:g}")
+        layers = {**layers, **te_layers}  # one checkpoint holds both (te00.q_proj, ...)
         if t.ema_decay:
             print(f"EMA of the LoRA weights (decay {t.ema_decay:g} per optimizer step): "
                   f"checkpoints hold it, their raw weights go to {run.checkpoints / 'raw'}")
         trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
         print(f"trainable LoRA parameters: {trainable:,} "
               f"({len(layers)} projections, rank {cfg.lora.rank})")
-        trainer = LoraTrainer(comps.diffusion_model, snr_gamma=t.snr_gamma)
+        trainer = LoraTrainer(comps.diffusion_model, snr_gamma=t.snr_gamma,
+                              text_encoder=comps.text_encoder if te_layers else None)
+        te_vars = [v for d in te_layers.values() for v in (d.lora_kernel_a, d.lora_kernel_b)]
         trainer.compile(optimizer=make_optimizer(t, max(1, total // t.grad_accum),
-                                                 machine.precision, machine.replicas),
+                                                 machine.precision, machine.replicas, te_vars),
                         jit_compile=machine.jit)
         trainer.optimizer.build(trainer.trainable_variables)
 
@@ -275,7 +286,8 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
              "best_by": "val_loss" if inputs.n_val else "train_loss",
              "distinct_captions": int(inputs.table.caption.nunique()),
              "options": {k: getattr(t, k) for k in ("snr_gamma", "noise_offset",
-                                                     "caption_dropout", "ema_decay")}}
+                                                     "caption_dropout", "ema_decay")},
+             "text_encoder_lora": bool(te_layers)}
     write_run_json(run, cfg, source, extra)
     if state.step >= end:
         print(f"nothing to do: the run already reached step {state.optimizer_step}")

@@ -53,38 +53,63 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "warmup_steps": self.warmup_steps, "grad_accum": self.grad_accum}
 
 
-def make_optimizer(train: TrainConfig, total_steps: int, precision: str, replicas: int = 1):
+def make_optimizer(train: TrainConfig, total_steps: int, precision: str, replicas: int = 1,
+                   text_encoder_variables=()):
     """AdamW as ``train`` says (learning rate, warm-up, weight decay, clipping, accumulation) on a
     warm-up + cosine schedule over ``total_steps`` optimizer steps; loss scaling for float16.
+
+    ``text_encoder_variables`` (the text encoder's LoRA) get their own AdamW at
+    ``train.text_encoder_lr`` through Keras' ``MultiOptimizer``; each group is clipped on its own.
 
     With several replicas the gradients reach ``apply`` already averaged and divided by the
     replica count (see :meth:`LoraTrainer.train_step`), so the clipping threshold is divided too:
     ``clip(g / n, c / n) = clip(g, c) / n``, and Keras' cross-replica sum then gives ``clip(g, c)``.
     """
+    def adamw(lr: float):
+        return _adamw(train, lr, total_steps, replicas)
+
+    if text_encoder_variables:
+        te = {id(v) for v in text_encoder_variables}
+        unet_opt, te_opt = adamw(train.learning_rate), adamw(train.text_encoder_lr or train.learning_rate)
+        opt = keras.optimizers.MultiOptimizer(lambda v: te_opt if id(v) in te else unet_opt)
+        opt.build_order = (unet_opt, te_opt)  # which is which, for learning_rate() below
+    else:
+        opt = adamw(train.learning_rate)
+    if precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def _adamw(train: TrainConfig, learning_rate: float, total_steps: int, replicas: int):
     t = train
     # EMA of the weights is Keras' own (use_ema): float32 averages kept as optimizer variables,
     # so the train state saves them and a resume stays exact. Keras moves the average at every
     # micro-batch; decay^(1/grad_accum) per micro-batch decays it by ema_decay per optimizer step.
     ema = {} if t.ema_decay is None else {
         "use_ema": True, "ema_momentum": t.ema_decay ** (1.0 / t.grad_accum)}
-    opt = keras.optimizers.AdamW(
-        learning_rate=WarmupCosine(t.learning_rate, total_steps, t.warmup_steps, t.grad_accum),
+    return keras.optimizers.AdamW(
+        learning_rate=WarmupCosine(learning_rate, total_steps, t.warmup_steps, t.grad_accum),
         weight_decay=t.weight_decay,
         global_clipnorm=None if t.grad_clip is None else t.grad_clip / replicas,
         gradient_accumulation_steps=t.grad_accum if t.grad_accum > 1 else None, **ema)
-    if precision == "mixed_float16":
-        opt = keras.optimizers.LossScaleOptimizer(opt)
-    return opt
 
 
-def _inner(optimizer):
+def _adams(optimizer) -> list:
+    """The AdamW optimizers inside ``optimizer`` (under loss scaling, per variable group)."""
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return optimizer.inner_optimizer
-    return optimizer
+        optimizer = optimizer.inner_optimizer
+    if isinstance(optimizer, keras.optimizers.MultiOptimizer):
+        return list(optimizer.build_order)
+    return [optimizer]
+
+
+def learning_rate(optimizer) -> float:
+    """The U-Net LoRA's learning rate now (the first group's)."""
+    return float(keras.ops.convert_to_numpy(_adams(optimizer)[0].learning_rate))
 
 
 def uses_ema(optimizer) -> bool:
-    return bool(getattr(_inner(optimizer), "use_ema", False))
+    return any(getattr(o, "use_ema", False) for o in _adams(optimizer))
 
 
 @contextlib.contextmanager
@@ -94,13 +119,16 @@ def ema_weights(optimizer, variables):
     Keras keeps the averages but has no public swap (``finalize_variable_values`` overwrites for
     good), hence its private list. A no-op when the optimizer keeps no EMA.
     """
-    opt = _inner(optimizer)
-    if not uses_ema(opt):
+    if not uses_ema(optimizer):
         yield
         return
+    averages = {}
+    for opt in _adams(optimizer):
+        for v in getattr(opt, "_trainable_variables", []):
+            averages[id(v)] = opt._model_variables_moving_average[opt._get_variable_index(v)]
     saved = [v.numpy() for v in variables]
     for v in variables:
-        v.assign(opt._model_variables_moving_average[opt._get_variable_index(v)])
+        v.assign(averages[id(v)])
     try:
         yield
     finally:
@@ -124,9 +152,12 @@ class LoraTrainer(keras.Model):
     U-Net computes in bfloat16 or float16.
     """
 
-    def __init__(self, unet: keras.Model, snr_gamma: float | None = None, **kwargs):
+    def __init__(self, unet: keras.Model, snr_gamma: float | None = None,
+                 text_encoder: keras.Model | None = None, **kwargs):
         super().__init__(dtype="float32", **kwargs)
         self.unet = unet
+        # With lora.text_encoder, batches carry token ids and captions are encoded here.
+        self.text_encoder = text_encoder
         self.snr_gamma = snr_gamma  # min-SNR weighting of the training loss (not of val loss)
         self.alphas_cumprod = np.asarray(diffusion.alphas_cumprod(), np.float32)
         self.loss_tracker = keras.metrics.Mean(name="loss")
@@ -151,11 +182,17 @@ class LoraTrainer(keras.Model):
         (x_t, the U-Net's latent input).
         """
         t = batch["timesteps"]
+        if "tokens" in batch:
+            tokens = ops.cast(batch["tokens"], "int32")
+            positions = ops.broadcast_to(ops.arange(ops.shape(tokens)[1], dtype="int32")[None],
+                                         ops.shape(tokens))
+            context = ops.cast(self.text_encoder([tokens, positions], training=training), "float32")
+        else:
+            context = batch["context"]
         latents = diffusion.sample_latents(batch["moments"], batch["vae_eps"])
         target = ops.cast(batch["noise"], "float32")
         noisy = diffusion.add_noise(latents, target, t, self.alphas_cumprod)
-        pred = self.unet([noisy, diffusion.timestep_embedding(t), batch["context"]],
-                         training=training)
+        pred = self.unet([noisy, diffusion.timestep_embedding(t), context], training=training)
         return {"pred": ops.cast(pred, "float32"), "target": target, "noisy": noisy}
 
     def _loss(self, batch, training: bool):
