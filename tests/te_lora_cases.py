@@ -1,0 +1,83 @@
+"""Text-encoder LoRA training (lora.text_encoder): run by tests/test_encoder_lora.py in a process
+of its own, because each case builds fresh CLIP text encoders (LoRA changes the model, so the
+session's shared one cannot be used) and the suite's own process is near the machine's memory
+by its end. Not collected by the main run (no test_ prefix)."""
+
+import keras
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from test_run import config, train
+
+from fashion_sd import trainer as tr
+from fashion_sd.config import TrainConfig
+
+
+def _fresh_text_encoder_build(small_parts):
+    """Components whose text encoder is built anew (seeded) for each run: training LoRA on it
+    changes the model, which the session's shared one must not be."""
+    from tiny import tiny_unet
+
+    from fashion_sd import models
+
+    def make(source, resolution):
+        keras.utils.set_random_seed(0)
+        te = models.build_component("text_encoder", resolution)
+        return models.Components(source, resolution, diffusion_model=tiny_unet(resolution // 8),
+                                 text_encoder=te, image_encoder=small_parts["image_encoder"],
+                                 decoder=small_parts["decoder"])
+    return make
+
+
+def test_text_encoder_lora_trains_at_its_own_learning_rate():
+    import tensorflow as tf
+    from tiny import tiny_unet
+
+    from fashion_sd import lora, models
+    from fashion_sd.config import LoraConfig
+
+    keras.utils.set_random_seed(0)
+    te, unet = models.build_component("text_encoder", 64), tiny_unet()
+    spec = LoraConfig(rank=2, alpha=4.0)
+    unet_layers, te_layers = lora.apply_lora(unet, spec), lora.apply_text_encoder_lora(te, spec)
+    assert len(te_layers) == 48 and sorted(te_layers)[0] == "te00.k_proj"
+    t = tr.LoraTrainer(unet, text_encoder=te)
+    te_vars = [v for d in te_layers.values() for v in (d.lora_kernel_a, d.lora_kernel_b)]
+    assert {id(v) for v in t.trainable_variables} >= {id(v) for v in te_vars}
+    opt = tr.make_optimizer(TrainConfig(learning_rate=1e-3, text_encoder_lr=1e-4, weight_decay=0.0,
+                                        grad_clip=None), 100, "float32", 1, te_vars)
+    t.compile(optimizer=opt, jit_compile=False)
+    t.optimizer.build(t.trainable_variables)
+    rng = np.random.default_rng(0)
+    batch = {"moments": rng.standard_normal((2, 8, 8, 8)).astype("float32"),
+             "tokens": rng.integers(0, 49407, (2, 77)).astype("int32"),
+             "vae_eps": rng.standard_normal((2, 8, 8, 4)).astype("float32"),
+             "noise": rng.standard_normal((2, 8, 8, 4)).astype("float32"),
+             "timesteps": np.array([10, 500], "int32")}
+    t.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0)
+    # AdamW's first step from B = 0 moves each element by lr * g / (|g| + eps), i.e. by lr
+    unet_step = max(np.abs(d.lora_kernel_b.numpy()).max() for d in unet_layers.values())
+    te_step = max(np.abs(d.lora_kernel_b.numpy()).max() for d in te_layers.values())
+    assert unet_step == pytest.approx(1e-3, rel=1e-3) and te_step == pytest.approx(1e-4, rel=1e-3)
+    assert tr.learning_rate(t.optimizer) == pytest.approx(1e-3, rel=1e-3)  # one cosine step on
+
+
+def test_text_encoder_lora_run_resumes(tmp_path, demo_captions, encoder_cache, small_parts):
+    """Exact to float rounding, not bit for bit: with the text encoder inside TensorFlow's
+    training graph, two identical runs on this CPU already differ in the last bits (measured even
+    with the text encoder frozen, oneDNN off and one inter-op thread), so resume is held to the
+    same tolerance as two fresh runs. U-Net-only runs stay bit-exact (the tests above)."""
+    make = _fresh_text_encoder_build(small_parts)
+    opts = ["lora.text_encoder=true", "train.text_encoder_lr=2e-4", "train.caption_dropout=0.2",
+            "train.ema_decay=0.9"]
+    straight = train(config(tmp_path, demo_captions, encoder_cache, *opts, name="straight"), make)
+    assert straight["text_encoder_lora"] is True
+    train(config(tmp_path, demo_captions, encoder_cache, *opts, "train.max_steps=5",
+                 name="resumed"), make)
+    train(config(tmp_path, demo_captions, encoder_cache, *opts, name="resumed"), make, resume=True)
+    a = load_file(str(tmp_path / "straight/checkpoints/last.lora.safetensors"))
+    b = load_file(str(tmp_path / "resumed/checkpoints/last.lora.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("te11.v_proj") for k in a)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
+    assert np.abs(a["te00.q_proj.lora_b"]).max() > 0  # the text encoder's LoRA trained
