@@ -351,6 +351,20 @@ def _accepts_str(key: str) -> bool:
     return not dataclasses.is_dataclass(cls) and _coerce("x", cls) is not _MISMATCH
 
 
+def read_yaml_mapping(path: Path, error: type[Exception], example: str, what: str) -> dict:
+    """A YAML file's top-level mapping, or ``error`` naming the file: not text, not YAML, not a
+    mapping (of ``what``); ``example`` is what to give instead."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file; give {example}") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping of {what} at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at ``path``, then each ``key=value`` override; validated."""
     cfg = Config()
@@ -362,15 +376,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found (the shipped ones are in configs/)"
                               if not p.exists() else f"{p}: is a folder; give a config .yaml file")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not a text file; give a YAML config such as "
-                              "configs/demo.yaml") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        data = read_yaml_mapping(p, ConfigError, "a YAML config such as configs/demo.yaml",
+                                 "sections")
         _apply(cfg, data, source, "", errors, sources)
     for text in overrides:
         key, value = parse_override(text)

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from fashion_sd import paper, plots
-from fashion_sd.config import ConfigError, load_config
+from fashion_sd.config import ConfigError, load_config, read_yaml_mapping
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path, atomic_write_text
 from fashion_sd.rundir import RunDir
@@ -77,15 +76,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"{path}: sweep file not found (see configs/sweep_*.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise SweepError(f"{path}: not a text file; give a sweep YAML such as "
-                         "configs/sweep_demo.yaml") from None
-    except yaml.YAMLError as exc:
-        raise SweepError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: expected a mapping (base, grid, runs, ...) at the top level")
+    data = read_yaml_mapping(path, SweepError, "a sweep YAML such as configs/sweep_demo.yaml",
+                             "keys (base, grid, runs, ...)")
     unknown = sorted(set(data) - SWEEP_KEYS)
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {', '.join(unknown)}; use {', '.join(sorted(SWEEP_KEYS))}")
