@@ -203,6 +203,8 @@ ROWS = [
     ("evaluate: --out is a file", "evaluate {cfg} --checkpoints {w}/good.lora.safetensors --out {w}/afile", "afile: is a file"),
     ("evaluate: empty split", "{ev} --set data.captions={w}/notest.csv --split test", "the 'test' split is empty"),
     ("evaluate: checkpoint not safetensors", "evaluate {cfg} --checkpoints {w}/junk.safetensors --out {w}/eval", "junk.safetensors: not a readable safetensors"),
+    ("evaluate: --images folder missing", "evaluate --images {w}/noimg --captions {w}/captions.csv --out {w}/j", "--images"),
+    ("evaluate: --images without --captions", "evaluate --images {w}/images --out {w}/j", "go together"),
     # sweep
     ("sweep: file missing", "sweep --config {w}/nope.yaml", "nope.yaml: sweep file not found"),
     ("sweep: file is an image", "sweep --config {w}/photo.png", "photo.png: not a text file"),

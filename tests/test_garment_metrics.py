@@ -63,3 +63,32 @@ def test_calibrated_on_the_real_catalogue_photos():
     cropped = np.mean([g.cut_off(crop(im)) for _, im in photos])
     print(f"cut-off rate: real {real:.3f}, cropped {cropped:.3f}")
     assert real <= 0.36 and cropped - real >= 0.5  # measured 0.354 and 0.875
+
+
+def test_a_folder_table_and_its_summary(tmp_path):
+    paths = []
+    for i, (colour, box) in enumerate([((200, 30, 40), ((20, 60), (15, 45))),
+                                       ((25, 35, 90), ((0, 80), (10, 50)))]):
+        Image.fromarray(drawn(colour, box)).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    table = g.score_images(paths, ["Red", "Multi"])
+    assert table.colour_judged.tolist() == ["Red", "Navy Blue"]
+    assert table.colour_correct.tolist() == [True, None] and table.cut_off.tolist() == [False, True]
+    s = g.summarise(table)
+    assert (s["colour_accuracy"], s["colour_scored"], s["cut_off_rate"], s["images"]) == (1.0, 1, 0.5, 2)
+
+
+def test_evaluate_judges_a_folder_of_images(tmp_path, demo_captions, capsys):
+    from fashion_sd import cli
+
+    out = tmp_path / "judged"
+    rc = cli.main(["evaluate", "--images", str(DEMO / "images"), "--captions", str(demo_captions),
+                   "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "garment.csv")
+    captions = pd.read_csv(demo_captions)
+    assert len(table) == len(captions)
+    direct = g.score_images([DEMO / "images" / f"{i}.jpg" for i in captions.id], captions.baseColour)
+    assert table.colour_judged.tolist() == direct.colour_judged.tolist()
+    assert "colour accuracy" in (out / "garment.md").read_text()
+    assert cli.main(["evaluate", "--images", str(DEMO / "images"), "--out", str(out)]) == 2

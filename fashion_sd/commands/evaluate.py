@@ -5,6 +5,11 @@
 
 Writes fid.csv, fid.md, fid.png and real_vs_generated.png to OUTPUT.DIR/eval (or --out), and the
 generated images under images/. Checkpoints already scored with the same settings are skipped.
+
+Any folder of images with a captions CSV (a catalogue, a folder of generated images):
+  python scripts/evaluate_fid.py --images DIR --captions CSV --out DIR
+writes garment.csv (one row per image: colour judged against its baseColour, cut off or not) and
+garment.md (colour accuracy, cut-off rate); no model is loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +25,48 @@ from fashion_sd.errors import FashionSDError
 from fashion_sd.rundir import SCORES_MD, RunDir
 
 
+def judge_folder(args) -> int:
+    """The weight-free garment metrics of a folder of images, one row per captions row."""
+    import pandas as pd
+
+    from fashion_sd.files import atomic_path, atomic_write_text
+    from fashion_sd.metrics import garment
+
+    try:
+        if not (args.images and args.captions and args.out):
+            raise preflight.InputError("--images, --captions and --out go together: "
+                                       "--images DIR --captions CSV --out DIR")
+        folder = preflight.input_folder("--images", args.images, "image folder")
+        table = pd.read_csv(preflight.text_file("--captions", args.captions, "captions CSV"),
+                            dtype=str, keep_default_na=False)
+        if "image_path" not in table.columns and "id" not in table.columns:
+            raise preflight.InputError(f"--captions {args.captions}: needs an image_path or an id "
+                                       "column to find each image in --images")
+        out = preflight.output_folder("--out", args.out)
+    except FashionSDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    files = {p.name: p for p in folder.iterdir() if p.is_file()}
+    files.update({p.stem: p for p in folder.iterdir() if p.is_file()})
+    keys = (table.image_path.map(lambda s: Path(s).name) if "image_path" in table.columns
+            else table.id)
+    found = [files.get(k) or files.get(Path(k).stem) for k in keys]
+    missing = sum(f is None for f in found)
+    colours = table.baseColour.where(table.baseColour != "", None) if "baseColour" in table else [None] * len(table)
+    scored = garment.score_images([f for f in found if f is not None],
+                                  [c for c, f in zip(colours, found) if f is not None])
+    summary = garment.summarise(scored)
+    with atomic_path(out / "garment.csv") as tmp:
+        scored.to_csv(tmp, index=False, lineterminator="\n")
+    text = (f"# Garment metrics: {folder}\n\n| images | colour accuracy (scored) | cut-off rate |\n"
+            f"| ---: | ---: | ---: |\n| {summary['images']} | {summary['colour_accuracy']:.3f} "
+            f"({summary['colour_scored']}) | {summary['cut_off_rate']:.3f} |\n"
+            + (f"\n{missing} captions row(s) had no image in the folder.\n" if missing else ""))
+    atomic_write_text(out / "garment.md", text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=["train", "val", "test"], help="default: eval.split")
     parser.add_argument("--out", help="output folder (default: OUTPUT.DIR/eval)")
     parser.add_argument("--force", action="store_true", help="recompute scored checkpoints")
+    parser.add_argument("--images", help="a folder of images to judge (with --captions, --out)")
+    parser.add_argument("--captions", help="with --images: a CSV with image_path (or id) and "
+                                           "baseColour columns")
     args = parser.parse_args(argv)
+    if args.images or args.captions:
+        return judge_folder(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)

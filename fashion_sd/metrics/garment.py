@@ -102,3 +102,32 @@ def cut_off(image, side_fraction: float = 0.4, threshold: float = 12.0) -> bool:
     mask = foreground_mask(image, threshold)
     sides = (mask[0], mask[-1], mask[:, 0], mask[:, -1])
     return any(side.mean() > side_fraction for side in sides)
+
+
+def score_images(images, colour_labels):
+    """One row per image: its colour label, the judged colour, whether it is right (None when the
+    label cannot be scored), and whether the garment is cut off. ``images`` are arrays or paths."""
+    import pandas as pd
+    from PIL import Image
+
+    rows = []
+    for item, label in zip(images, colour_labels):
+        if isinstance(item, np.ndarray):
+            image, name = item, None
+        else:
+            with Image.open(item) as im:
+                image, name = np.asarray(im.convert("RGB")), str(item)
+        predicted = dominant_colour(image)
+        label = None if label is None or (isinstance(label, float) and np.isnan(label)) else str(label)
+        rows.append({"image": name, "colour": label, "colour_judged": predicted,
+                     "colour_correct": colour_correct(predicted, label), "cut_off": cut_off(image)})
+    return pd.DataFrame(rows, columns=["image", "colour", "colour_judged", "colour_correct", "cut_off"])
+
+
+def summarise(table) -> dict:
+    """Colour accuracy over the scorable rows and the cut-off rate, with their counts."""
+    scored = table.colour_correct.dropna().astype(bool)
+    return {"colour_accuracy": float(scored.mean()) if len(scored) else float("nan"),
+            "colour_scored": int(len(scored)),
+            "cut_off_rate": float(table.cut_off.mean()) if len(table) else float("nan"),
+            "images": int(len(table))}
