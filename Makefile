@@ -43,13 +43,15 @@ demo: setup
 app: setup
 	$(BIN)/python scripts/app.py --config configs/demo.yaml --run runs/demo
 
-# Two processes: TensorFlow and Keras keep much of what each test built, and the whole suite in
-# one process outgrew the 24 GB machines CI runs on; the real-size models (marked slow) get a
-# fresh one. Both always run; the target fails if either did.
+# Three processes: TensorFlow and Keras keep much of what each test built, and the whole suite
+# in one process outgrew the 24 GB machines CI runs on. The fast part, then the real-size models
+# (marked slow), then the notebooks (whose kernels train the real U-Net) each get a fresh one.
+# All three always run; the target fails if any did.
 test: setup-test
 	$(BIN)/python -m pytest -m "not slow"; fast=$$?; \
-	$(BIN)/python -m pytest -m slow; slow=$$?; \
-	test $$fast -eq 0 -a $$slow -eq 0
+	$(BIN)/python -m pytest -m slow --ignore=tests/test_notebooks.py; slow=$$?; \
+	$(BIN)/python -m pytest tests/test_notebooks.py; notebooks=$$?; \
+	test $$fast -eq 0 -a $$slow -eq 0 -a $$notebooks -eq 0
 
 clean:
 	rm -rf runs .pytest_cache
