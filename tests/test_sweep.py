@@ -32,15 +32,20 @@ def test_shipped_sweeps_load():
 def test_quality_sweep_is_one_ablation_per_option_against_the_baseline():
     s = sw.load_sweep(ROOT / "configs/sweep_quality.yaml")
     assert [sw.run_name(r) for r in s.runs][0] == "base"
-    base = sw.config_for(s, s.runs[0]).train
-    options = ("snr_gamma", "noise_offset", "caption_dropout", "ema_decay")
+    def options(cfg):
+        t = cfg.train
+        return {"snr_gamma": t.snr_gamma, "noise_offset": t.noise_offset,
+                "caption_dropout": t.caption_dropout, "ema_decay": t.ema_decay,
+                "text_encoder": cfg.lora.text_encoder}
+
+    base = options(sw.config_for(s, s.runs[0]))
     changed = []
     for r in s.runs[1:]:
-        t = sw.config_for(s, r).train
-        diff = [k for k in options if getattr(t, k) != getattr(base, k)]
+        got = options(sw.config_for(s, r))
+        diff = [k for k in got if got[k] != base[k]]
         assert len(diff) == 1  # one option per run, the rest as the baseline
         changed += diff
-    assert sorted(changed) == sorted(options)
+    assert sorted(changed) == sorted(base)
 
 
 def test_run_names():
