@@ -328,11 +328,11 @@ def read_captions(path: str | Path) -> pd.DataFrame:
         raise CaptionError(f"{path}: line {i + 2}: split {raw.iloc[i]!r} is not one of "
                            f"{', '.join(SPLITS)} ({int(bad.sum())} such row(s)); fix the labels or "
                            "rebuild the file with scripts/build_captions.py")
-    changed = int((raw != split).sum())
-    if changed:
-        i = int((raw != split).to_numpy().nonzero()[0][0])
+    changed = (raw != split).to_numpy().nonzero()[0]
+    if len(changed):
+        i = int(changed[0])
         logger.warning("%s: %d split label(s) read after trimming and lower-casing, e.g. line %d "
-                       "%r -> %r", path, changed, i + 2, raw.iloc[i], split.iloc[i])
+                       "%r -> %r", path, len(changed), i + 2, raw.iloc[i], split.iloc[i])
     df["split"] = split
     empty = (df["caption"].str.strip() == "").to_numpy().nonzero()[0]
     if len(empty):

@@ -32,6 +32,7 @@ import yaml
 
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
+from fashion_sd.images import valid_size
 from fashion_sd.paper import PAPER_PROMPTS
 from fashion_sd.template import CATEGORY_COLUMNS, PAPER_TEMPLATE, template_errors
 
@@ -407,9 +408,7 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
             errs.append((key, f"'{key}' {msg}, got {_get(cfg, key)!r}"))
 
     need(cfg.seed >= 0, "seed", "must be >= 0")
-    r = cfg.data.resolution
-    sides = r if isinstance(r, list) else [r]
-    need(len(sides) in (1, 2) and all(x > 0 and x % 64 == 0 for x in sides), "data.resolution",
+    need(valid_size(cfg.data.resolution), "data.resolution",
          "must be a positive multiple of 64, or [width, height] of two (the VAE downsamples by "
          "8, the U-Net by 8 more)")
     s = cfg.captions.split

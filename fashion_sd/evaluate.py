@@ -171,8 +171,8 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
     paths = find_checkpoints(checkpoints) if checkpoints else []
     if not paths and not include_base:
         raise EvaluationError("nothing to score: give --checkpoints DIR|GLOB and/or --include-base")
-    for p in paths:  # a bad file fails here, before any work
-        lora.read_lora(p)
+    for p in paths:  # a bad file fails here, before any work (headers only)
+        lora.lora_metadata(p)
     out = Path(out) if out else RunDir(cfg.output.dir).eval
     plan = make_plan(cfg, split, num_images)  # the captions and split, before Inception loads
     if extractor is None:

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from fashion_sd.image_settings import PNG_KEY, ImageSettings  # noqa: F401 - re-exported
-from fashion_sd.images import image_size
+from fashion_sd.images import image_size, valid_size
 from fashion_sd.models import Components
 from fashion_sd.tokenizer import MAX_LENGTH, tokenize
 
@@ -123,7 +123,7 @@ def build_sampler(source, resolution, seed: int = 0, build=None) -> Sampler:
     """
     from fashion_sd import models
 
-    if any(side % 64 for side in image_size(resolution)):
+    if not valid_size(resolution):
         raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
     keras.utils.set_random_seed(seed)  # random-init weights, when asked for, are reproducible
     build = build or (lambda src, res: models.build_components(src, res, INFERENCE))
@@ -138,9 +138,9 @@ def load_sampler(weights: str, resolution, lora_path=None, cache_dir=None, seed:
     """
     from fashion_sd import lora
 
-    if any(side % 64 for side in image_size(resolution)):
+    if not valid_size(resolution):  # before the weights are resolved (maybe downloaded)
         raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
-    meta = lora.read_lora(lora_path)[1] if lora_path else None  # checked before any build
+    meta = lora.lora_metadata(lora_path) if lora_path else None  # checked before any build
     source = resolve_inference_weights(weights, cache_dir, seed)
     if meta is not None and meta.get("base_weights") not in (None, source.id):
         log.warning("%s was trained on base weights %s; generating with %s", lora_path,

@@ -91,6 +91,14 @@ def image_size(resolution: int | list[int] | tuple[int, int]) -> tuple[int, int]
     return int(resolution), int(resolution)
 
 
+def valid_size(resolution) -> bool:
+    """A resolution the VAE (/8) and the U-Net (/8 more) take: one positive multiple of 64, or
+    ``[width, height]`` of two; the one rule config, the builders and generate.py apply."""
+    sides = list(resolution) if isinstance(resolution, (list, tuple)) else [resolution]
+    return len(sides) in (1, 2) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x > 0 and x % 64 == 0 for x in sides)
+
+
 def size_label(resolution) -> str:
     """``256`` for a square, ``384x512`` for a rectangle: for file names, logs and plots."""
     w, h = image_size(resolution)

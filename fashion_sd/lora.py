@@ -123,25 +123,34 @@ def save_lora(path: str | Path, layers: dict[str, keras.layers.Dense], spec: Lor
     return Path(path)
 
 
-def read_lora(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The tensors and metadata of a LoRA checkpoint, after checking it is one."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def lora_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a LoRA checkpoint, after checking it is one, from its header alone (no
+    tensor is read: callers that only check a file before heavy work use this)."""
+    from fashion_sd.preflight import safetensors_header
 
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"{path}: LoRA checkpoint not found")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "numpy") as fh:
-            meta = dict(fh.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        _, meta = safetensors_header(path)
+    except (OSError, ValueError) as exc:
         raise LoraError(f"{path}: not a readable safetensors file ({exc})") from None
     if meta.get("format") != FORMAT:
         raise LoraError(f"{path}: not a fashion-sd LoRA checkpoint (format "
                         f"{meta.get('format')!r}); import other formats first")
+    return meta
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and metadata of a LoRA checkpoint, after checking it is one."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    meta = lora_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraError(f"{path}: not a readable safetensors file ({exc})") from None
     return tensors, meta
 
 

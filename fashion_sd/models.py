@@ -27,7 +27,7 @@ import keras
 
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
-from fashion_sd.images import image_size
+from fashion_sd.images import image_size, valid_size
 from fashion_sd.tokenizer import MAX_LENGTH, clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def build_components(source: WeightsSource, resolution: int, which=COMPONENTS) -
     For random init, call ``keras.utils.set_random_seed`` first to make the weights reproducible.
     Set the dtype policy (mixed precision) before calling: layers take it when built.
     """
-    if any(side % 64 for side in image_size(resolution)):
+    if not valid_size(resolution):
         raise ValueError(f"resolution {resolution} is not a multiple of 64")
     comps = Components(source, resolution)
     for name in which:

@@ -46,8 +46,11 @@ def judge_folder(args) -> int:
     except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    files = {p.name: p for p in folder.iterdir() if p.is_file()}
-    files.update({p.stem: p for p in folder.iterdir() if p.is_file()})
+    files = {}  # by file name and by stem (an id column names no extension)
+    for p in folder.iterdir():
+        if p.is_file():
+            files[p.name] = p
+            files.setdefault(p.stem, p)
     keys = (table.image_path.map(lambda s: Path(s).name) if "image_path" in table.columns
             else table.id)
     found = [files.get(k) or files.get(Path(k).stem) for k in keys]

@@ -16,6 +16,7 @@ import logging
 import sys
 
 from fashion_sd import preflight
+from fashion_sd.images import valid_size
 from fashion_sd.captions import CaptionError, caption_from_attributes
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import FashionSDError
@@ -57,8 +58,7 @@ def parse_resolution(text):
 def check_numbers(args, resolution) -> None:
     """Every number on the command line (or from --from-png) in range and finite: a NaN guidance
     would otherwise make black images and exit 0."""
-    sides = resolution if isinstance(resolution, list) else [resolution]
-    if any(side <= 0 or side % 64 for side in sides):
+    if not valid_size(resolution):
         raise ConfigError(f"--resolution {args.resolution or resolution}: must be a positive "
                           "multiple of 64, or WIDTHxHEIGHT of two")
     preflight.number("--num-images", args.num_images, low=1, integer=True)
