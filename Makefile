@@ -15,6 +15,9 @@ setup-test: $(TEST_STAMP) browser
 
 $(TEST_STAMP): $(STAMP) requirements-interop.txt
 	$(BIN)/python -m pip install --quiet -r requirements-interop.txt
+# The FID protocol tests compare our resizes with clean-fid's own (cleanfid.resize needs only
+# torch, numpy and PIL): --no-deps keeps torchvision, which nothing here uses, out.
+	$(BIN)/python -m pip install --quiet --no-deps clean-fid==0.1.35
 	touch $(TEST_STAMP)
 
 # Debian's Chromium and its WebDriver (root, or sudo, installs them once).

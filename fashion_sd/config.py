@@ -160,7 +160,17 @@ class EvalConfig:
     guidance: float = 7.5
     batch_size: int = 4
     kid_subsets: int = 100
-    kid_subset_size: int = 1000
+    kid_subset_size: int = 1000  # at most; smaller sets use half their size (the table says so)
+    # How images reach Inception's 299 px (metrics/inception.py): clean-fid's "clean" resize or
+    # TF-GAN's bilinear one; FIDs compare only within one protocol.
+    protocol: Literal["clean", "legacy_tensorflow"] = "clean"
+    # CLIP for the CLIP score and zero-shot garment type / on-model rate (metrics/clip.py):
+    # auto (pretrained when cached or downloadable, else those columns stay empty and the
+    # summary says why), pretrained, random (labelled: numbers mean nothing), none, local:DIR.
+    clip: str = "auto"
+    clip_preset: str = "clip-vit-large-patch14"
+    # The column that marks a run's best checkpoint in fid.md, the grid and the sweep table.
+    select: Literal["kid", "fid", "clip", "type_accuracy"] = "kid"
 
 
 @dataclass
@@ -471,6 +481,16 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
          "must be > 0 or null")
     for key in ("steps", "batch_size", "kid_subsets", "kid_subset_size"):
         need(getattr(cfg.eval, key) >= 1, f"eval.{key}", "must be >= 1")
+    need(cfg.eval.clip in ("auto", "pretrained", "random", "none")
+         or (cfg.eval.clip.startswith("local:") and len(cfg.eval.clip) > 6), "eval.clip",
+         "must be auto, pretrained, random, none or local:DIR (a KerasCV CLIP preset folder)")
+    from fashion_sd.metrics.clip import ARCHITECTURES  # noqa: PLC0415 - numpy only
+
+    need(cfg.eval.clip_preset in ARCHITECTURES or cfg.eval.clip.startswith("local:"),
+         "eval.clip_preset", f"must be one of {', '.join(ARCHITECTURES)}")
+    need(cfg.eval.select not in ("clip", "type_accuracy") or cfg.eval.clip != "none",
+         "eval.select", f"{cfg.eval.select} needs CLIP: set eval.clip to auto, pretrained or "
+         "local:DIR, or eval.select: kid")
     need(bool(cfg.output.dir), "output.dir", "must not be empty")
     need(len(set(cfg.output.export)) == len(cfg.output.export), "output.export",
          "must not repeat a format")

@@ -1,9 +1,13 @@
-"""FID and KID for the base model and each LoRA checkpoint against a split's real images.
+"""FID, KID and the garment metrics for the base model and each LoRA checkpoint.
 
 For every model: generate one image per caption of the split (cycled up to ``eval.num_images``)
-with fixed seeds, extract Inception features, and score them against the split's real images,
-whose statistics are computed once and cached. Results accumulate in a scores table (:data:`fashion_sd.rundir.SCORES_CSV`); a checkpoint
-already scored with the same settings is skipped unless ``force``.
+with fixed seeds; score them against the split's real images (Inception features; the real
+images pass through the training loader first, so both sets have the training size) and judge
+each image against its prompt (CLIP score, garment type, on-model, colour, cut-off:
+:mod:`fashion_sd.metrics.judge`). Results accumulate in a scores table
+(:data:`fashion_sd.rundir.SCORES_CSV`), one row per model, with the per-image judgements beside
+its images; a checkpoint already scored with the same settings is skipped unless ``force``.
+``eval.select`` names the column that marks the best checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +29,19 @@ from fashion_sd.captions import read_captions
 from fashion_sd.config import Config
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path, atomic_write_text
+from fashion_sd.rundir import SCORES_GRID as GRID
 from fashion_sd.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["checkpoint", "epoch", "step", "fid", "kid_mean", "kid_std", "n_real", "n_generated",
-           "backend", "comparable", "weights_source", "settings"]
+COLUMNS = ["checkpoint", "epoch", "step", "fid", "kid_mean", "kid_std", "kid_subset_size",
+           "clip_score", "type_top1", "type_top3", "on_model_rate", "colour_accuracy",
+           "cut_off_rate", "n_real", "n_generated", "backend", "protocol", "comparable",
+           "clip_model", "weights_source", "settings", "selected"]
 BASE = "base"
+# eval.select -> (column, lower is better)
+SELECT = {"kid": ("kid_mean", True), "fid": ("fid", True), "clip": ("clip_score", False),
+          "type_accuracy": ("type_top1", False)}
 
 
 class EvaluationError(FashionSDError, ValueError):
@@ -60,6 +70,9 @@ class Plan:
     seeds: list[int]
     real_paths: list[str]
     settings: dict
+    types: list[str | None] = field(default_factory=list)  # each prompt's garment (singular)
+    colours: list[str | None] = field(default_factory=list)  # each prompt's baseColour
+    vocabulary: list[str] = field(default_factory=list)  # the run's garment types
 
     @property
     def settings_id(self) -> str:
@@ -76,13 +89,33 @@ def make_plan(cfg: Config, split: str, num_images: int | None, backend_id: str =
         raise EvaluationError(f"{cfg.data.captions}: rows without image_path; rebuild with --images")
     n = num_images or cfg.eval.num_images or len(rows)
     captions = rows.caption.tolist()
-    prompts = [captions[i % len(captions)] for i in range(n)]
+    pick = [i % len(captions) for i in range(n)]
+    prompts = [captions[i] for i in pick]
     seeds = [cfg.seed + i for i in range(n)]
     settings = {"split": split, "n": n, "steps": cfg.eval.steps, "guidance": cfg.eval.guidance,
                 "resolution": cfg.data.resolution, "seed": cfg.seed, "backend": backend_id,
-                "weights": cfg.model.weights, "captions": hashlib.sha256(
+                "weights": cfg.model.weights, "protocol": cfg.eval.protocol,
+                "clip": f"{cfg.eval.clip}/{cfg.eval.clip_preset}", "captions": hashlib.sha256(
                     "\n".join(captions).encode()).hexdigest()[:12]}
-    return Plan(prompts, seeds, rows.image_path.tolist(), settings)
+    types, vocabulary = garment_types(table, rows)
+    colours = (rows.baseColour.tolist() if "baseColour" in rows else [None] * len(rows))
+    return Plan(prompts, seeds, rows.image_path.tolist(), settings,
+                [types[i] for i in pick], [colours[i] or None for i in pick], vocabulary)
+
+
+def garment_types(table: pd.DataFrame, rows: pd.DataFrame) -> tuple[list, list[str]]:
+    """Each row's garment type as its caption names it (singular), and the whole captions
+    file's types: the vocabulary zero-shot classification chooses from."""
+    if "articleType" not in table:
+        return [None] * len(rows), []
+    import warnings
+
+    from fashion_sd.article_types import singular
+
+    with warnings.catch_warnings():  # unknown types were reported when captions were built
+        warnings.simplefilter("ignore")
+        names = {t: singular(t) for t in table.articleType.unique() if t}
+    return [names.get(t) for t in rows.articleType], sorted(set(names.values()))
 
 
 def generate_for(sampler, plan: Plan, batch_size: int, folder: Path | None, progress=None):
@@ -107,41 +140,83 @@ def generate_for(sampler, plan: Plan, batch_size: int, folder: Path | None, prog
 
 
 def score(gen_feats: np.ndarray, real: dict, cfg: Config) -> dict:
-    from fashion_sd.metrics import feature_stats, frechet_distance, kid
+    from fashion_sd.metrics import feature_stats, frechet_distance, kid, kid_subset_size
 
     mu, sigma = feature_stats(gen_feats)
     fid = frechet_distance(mu, sigma, real["mu"], real["sigma"])
-    k_mean, k_std = kid(gen_feats, real["features"], cfg.eval.kid_subsets, cfg.eval.kid_subset_size,
-                        seed=cfg.seed)
-    return {"fid": fid, "kid_mean": k_mean, "kid_std": k_std}
+    m = kid_subset_size(len(gen_feats), len(real["features"]), cfg.eval.kid_subset_size)
+    k_mean, k_std = kid(gen_feats, real["features"], cfg.eval.kid_subsets, m, seed=cfg.seed)
+    return {"fid": fid, "kid_mean": k_mean, "kid_std": k_std, "kid_subset_size": m}
 
 
-def write_tables(df: pd.DataFrame, out: Path, label: str) -> None:
-    """The scores table, its markdown (best row marked) and plot (FID and KID against epoch)."""
+def select_best(df: pd.DataFrame, select: str) -> tuple[int | None, str]:
+    """The index of the best checkpoint row by ``eval.select`` and the column used; the base
+    model is never selected. A CLIP column with no values (CLIP off) falls back to KID."""
+    scored = df[df.checkpoint != BASE]
+    column, lower = SELECT[select]
+    if column not in scored or scored[column].isna().all():
+        column, lower = SELECT["kid"]
+    values = pd.to_numeric(scored[column], errors="coerce").dropna()
+    if values.empty:
+        return None, column
+    return int(values.idxmin() if lower else values.idxmax()), column
+
+
+def _num(value, fmt: str = "{:.3g}", scale: float = 1.0) -> str:
+    return "" if value is None or pd.isna(value) else fmt.format(scale * float(value))
+
+
+def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
+                 clip_note: str = "") -> pd.DataFrame:
+    """The scores table (the best row per ``select`` marked ``selected``), its one-screen
+    markdown summary and its plots; returns the table as written."""
+    df = df.copy()
+    best, column = select_best(df, select)
+    df["selected"] = [i == best for i in df.index]
     with atomic_path(out / rundir.SCORES_CSV) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
-    scored = df[df.checkpoint != BASE]
-    best = scored.fid.idxmin() if len(scored) else None
-    comparable = bool(df.comparable.all())
-    lines = ["| checkpoint | epoch | FID | KID (x1e3) | n real | n generated |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    comparable = bool(df.comparable.astype(str).isin(["True", "true"]).all())
+    lines = ["| checkpoint | epoch | FID | KID (x1e3) | CLIP score | type top-1 / top-3 | "
+             "on-model | colour | cut off |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for i, r in df.iterrows():
         mark = " **best**" if i == best else ""
-        epoch = "" if pd.isna(r.epoch) else f"{r.epoch:g}"
-        lines.append(f"| {r.checkpoint}{mark} | {epoch} | {r.fid:.4g} | "
-                     f"{1e3 * r.kid_mean:.4g} ± {1e3 * r.kid_std:.2g} | {r.n_real} | {r.n_generated} |")
-    notes = [f"\nBackend: {df.backend.iloc[0]}. Weights: {df.weights_source.iloc[0]}."]
+        kid = f"{_num(r.kid_mean, '{:.4g}', 1e3)} ± {_num(r.kid_std, '{:.2g}', 1e3)}"
+        types = (f"{_num(r.type_top1, '{:.2f}')} / {_num(r.type_top3, '{:.2f}')}"
+                 if pd.notna(r.type_top1) else "")
+        lines.append(f"| {r.checkpoint}{mark} | {_num(r.epoch, '{:g}')} | {_num(r.fid, '{:.4g}')} "
+                     f"| {kid} | {_num(r.clip_score, '{:.1f}')} | {types} | "
+                     f"{_num(r.on_model_rate, '{:.2f}')} | {_num(r.colour_accuracy, '{:.2f}')} | "
+                     f"{_num(r.cut_off_rate, '{:.2f}')} |")
+    first = df.iloc[-1]
+    notes = [f"Best by {column} (eval.select: {select}). {int(first.n_generated)} generated "
+             f"images against {int(first.n_real)} real ones (the {'same' if df.n_real.nunique() == 1 else 'varying'} "
+             f"for every row). Inception: {first.backend}, protocol {first.protocol}. "
+             f"SD weights: {first.weights_source}. CLIP: {first.clip_model if isinstance(first.clip_model, str) else 'off'}."]
+    if clip_note:
+        notes.append(f"CLIP metrics off: {clip_note}")
     if not comparable:
-        notes.append("**NOT COMPARABLE**: features from an untrained Inception network; these "
-                     "numbers say nothing about image quality and cannot be compared with "
-                     "published FIDs.")
+        notes.append("**NOT COMPARABLE**: FID/KID from Inception weights other than the published "
+                     "FID network (eval.backend: tfhub); they compare checkpoints of this table, "
+                     "never published FIDs.")
     if int(df.n_real.min()) < 2048 or int(df.n_generated.min()) < 2048:
         notes.append("Fewer than 2048 images: FID is biased upwards at this size; compare KID, "
                      "which is unbiased.")
-    atomic_write_text(out / rundir.SCORES_MD, "# FID / KID per checkpoint\n\n" + "\n".join(lines)
-                      + "\n" + "\n\n".join(notes) + "\n")
+    small = df[df.kid_subset_size.notna()]
+    if len(small) and (small.kid_subset_size.astype(float) < 1000).any():
+        notes.append(f"KID subsets of {int(small.kid_subset_size.min())} images (half the smaller "
+                     "set, so subsets differ; eval.kid_subset_size applies from 2x its size).")
+    if isinstance(first.clip_model, str) and "RANDOM" in first.clip_model:
+        notes.append("**CLIP RANDOM-INIT**: CLIP score, type accuracy and on-model rate mean "
+                     "nothing.")
+    notes.append("Colour: the garment's dominant colour within the prompt's colour or a named "
+                 "neighbour; cut off: the garment runs along a frame edge (metrics/garment.py).")
+    grid = f"\n![real vs generated, one row per prompt]({GRID})\n" if (out / GRID).is_file() else ""
+    atomic_write_text(out / rundir.SCORES_MD, "# Scores per checkpoint\n\n" + "\n".join(lines)
+                      + "\n\n" + "\n\n".join(notes) + "\n" + grid)
     plots.metric_curves(df, out / rundir.SCORES_PLOT, label if comparable else
-                        f"NOT COMPARABLE (untrained Inception). {label}")
+                        f"NOT COMPARABLE (not the published FID Inception). {label}")
+    return df
 
 
 def _key_name(model) -> str:
@@ -151,11 +226,11 @@ def _key_name(model) -> str:
 
 def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_images: int | None = None,
              split: str | None = None, force: bool = False, extractor=None, progress=None,
-             out: str | Path | None = None, build=None) -> pd.DataFrame:
+             out: str | Path | None = None, build=None, judge=None) -> pd.DataFrame:
     """Score the base model and/or checkpoints; returns the whole scores table.
 
-    ``extractor`` and ``build(source, resolution)`` replace the Inception network and the
-    Stable Diffusion components (tests pass small ones).
+    ``extractor``, ``build(source, resolution)`` and ``judge`` replace the Inception network,
+    the Stable Diffusion components and the CLIP-backed judge (tests pass small ones).
     """
     from fashion_sd import lora
     from fashion_sd.generate import build_sampler, resolve_inference_weights
@@ -166,6 +241,7 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
         stats_key,
         warn_if_biased,
     )
+    from fashion_sd.metrics.judge import load_judge
 
     split = split or cfg.eval.split
     paths = find_checkpoints(checkpoints) if checkpoints else []
@@ -176,11 +252,12 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
     out = Path(out) if out else RunDir(cfg.output.dir).eval
     plan = make_plan(cfg, split, num_images)  # the captions and split, before Inception loads
     if extractor is None:
-        extractor = load_extractor(cfg.eval.backend, cfg.eval.inception_weights)
+        extractor = load_extractor(cfg.eval.backend, cfg.eval.inception_weights, cfg.eval.protocol)
     plan.settings["backend"] = f"{extractor.name}/{extractor.preprocessing}"
 
     scores = out / rundir.SCORES_CSV
-    previous = pd.read_csv(scores) if scores.is_file() else pd.DataFrame(columns=COLUMNS)
+    previous = (pd.read_csv(scores) if scores.is_file() else pd.DataFrame(columns=COLUMNS))
+    previous = previous.reindex(columns=COLUMNS)  # a table from before a column was added
     done = set(zip(previous.checkpoint, previous.settings)) if not force else set()
     wanted = ([BASE] if include_base else []) + paths
     todo = [m for m in wanted if (_key_name(m), plan.settings_id) not in done]
@@ -191,16 +268,20 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
               "(--force recomputes)")
         return table.reset_index(drop=True)
 
-    key = stats_key(plan.real_paths, extractor.name, extractor.preprocessing)
+    key = stats_key(plan.real_paths, extractor.name, extractor.preprocessing,
+                    size=cfg.data.resolution)
     real = cached_stats(Path(cfg.data.cache_dir), key,
-                        lambda: real_image_features(extractor, plan.real_paths, progress=progress))
+                        lambda: real_image_features(extractor, plan.real_paths,
+                                                    cfg.data.resolution, progress=progress))
     warn_if_biased(len(plan.real_paths), len(plan.prompts))
+    clip_note = ""
+    if judge is None:
+        judge, clip_note = load_judge(cfg, plan.vocabulary)
 
     source = resolve_inference_weights(cfg.model.weights, cfg.model.cache_dir, cfg.seed)
     sampler = build_sampler(source, cfg.data.resolution, cfg.seed, build)
     comps = sampler.comps
     swap = lora.LoraSwap()
-    rows = []
     for model in todo:
         name = _key_name(model)
         swap.reset()  # back to the base weights, then fold this LoRA in
@@ -210,18 +291,37 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
                                             text_encoder=comps.text_encoder)
             swap.apply(deltas)
         print(f"scoring {name} ({len(plan.prompts)} images, {plan.settings['steps']} steps)")
-        images = generate_for(sampler, plan, cfg.eval.batch_size, out / "images" / name, progress)
-        scores = score(extractor(images), real, cfg)
-        rows.append({"checkpoint": name, "epoch": float(meta["epoch"]) if "epoch" in meta else math.nan,
-                     "step": float(meta["step"]) if "step" in meta else math.nan, **scores,
-                     "n_real": len(plan.real_paths), "n_generated": len(images),
-                     "backend": extractor.name, "comparable": extractor.comparable,
-                     "weights_source": source.id, "settings": plan.settings_id})
-        table = pd.concat([table, pd.DataFrame(rows[-1:], columns=COLUMNS)], ignore_index=True)
+        folder = out / "images" / name
+        images = generate_for(sampler, plan, cfg.eval.batch_size, folder, progress)
+        row = {"checkpoint": name, "epoch": float(meta["epoch"]) if "epoch" in meta else math.nan,
+               "step": float(meta["step"]) if "step" in meta else math.nan,
+               **score(extractor(images), real, cfg),
+               **judge_images(judge, images, plan, folder),
+               "n_real": len(plan.real_paths), "n_generated": len(images),
+               "backend": extractor.name, "protocol": extractor.protocol,
+               "comparable": extractor.comparable,
+               "clip_model": judge.clip.label if judge.clip is not None else None,
+               "weights_source": source.id, "settings": plan.settings_id}
+        table = pd.concat([table, pd.DataFrame([row], columns=COLUMNS)], ignore_index=True)
         table = _ordered(table)
-        write_tables(table, out, source.label)  # after each model: a crash loses one model's work
+        # after each model: a crash loses one model's work
+        table = write_tables(table, out, source.label, cfg.eval.select, clip_note)
     write_grid(plan, table, out, source.label)
-    return table
+    return write_tables(table, out, source.label, cfg.eval.select, clip_note)
+
+
+def judge_images(judge, images, plan: Plan, folder: Path | None = None) -> dict:
+    """The judge's summary columns for one model's images; the per-image rows go to ``folder``."""
+    from fashion_sd.metrics.judge import SUMMARY, summarise
+
+    judged = judge(images, plan.prompts, plan.types, plan.colours)
+    if folder is not None:
+        judged.insert(0, "prompt", plan.prompts)
+        judged.insert(0, "seed", plan.seeds)
+        with atomic_path(folder / rundir.JUDGED_CSV) as tmp:
+            judged.to_csv(tmp, index=False, lineterminator="\n")
+    summary = summarise(judged)
+    return {k: summary[k] for k in SUMMARY}
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
@@ -231,23 +331,27 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_grid(plan: Plan, table: pd.DataFrame, out: Path, label: str, rows: int = 4) -> Path | None:
-    """Real images beside the generated ones for the first prompts: base, best and last model."""
+    """One row per prompt (the first distinct ones): the real image beside the base model's,
+    the selected checkpoint's and the last checkpoint's image for it."""
     names = []
     if (table.checkpoint == BASE).any():
         names.append(BASE)
     scored = table[table.checkpoint != BASE]
     if len(scored):
-        names += list(dict.fromkeys([scored.loc[scored.fid.idxmin(), "checkpoint"],
-                                     scored.checkpoint.iloc[-1]]))
+        chosen = scored[scored.selected.astype(bool)] if "selected" in scored else scored.iloc[:0]
+        names += list(dict.fromkeys([*chosen.checkpoint, scored.checkpoint.iloc[-1]]))
+    firsts = list(dict.fromkeys(plan.prompts))[:rows]
     grid_rows = []
-    for i in range(min(rows, len(plan.prompts))):
+    for prompt in firsts:
+        i = plan.prompts.index(prompt)
         cells = [np.asarray(Image.open(plan.real_paths[i % len(plan.real_paths)]).convert("RGB"))]
         for name in names:
             path = out / "images" / name / f"{i:04d}_s{plan.seeds[i]}.png"
             if path.is_file():
                 cells.append(np.asarray(Image.open(path).convert("RGB")))
-        grid_rows.append((plan.prompts[i], cells))
+        grid_rows.append((prompt, cells))
     if not grid_rows:
         return None
-    return plots.sample_grid(grid_rows, out / "real_vs_generated.png", label,
-                             "real (test split) vs generated", ["real", *names])
+    return plots.sample_grid(grid_rows, out / GRID, label,
+                             f"real ({plan.settings['split']} split) vs generated",
+                             ["real", *names])

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from fashion_sd.files import atomic_path  # noqa: E402
 
@@ -65,23 +66,44 @@ def sample_grid(rows: list[tuple[str, np.ndarray]], path: str | Path, label: str
     return _save(fig, path, label)
 
 
+RATES = {"type_top1": "type top-1", "type_top3": "type top-3", "on_model_rate": "on model",
+         "colour_accuracy": "colour right", "cut_off_rate": "cut off"}
+
+
 def metric_curves(table, path: str | Path, label: str) -> Path:
-    """FID and KID against epoch for the checkpoints; the base model as a dashed line."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    """FID and KID against epoch for the checkpoints (the base model as a dashed line), then the
+    CLIP score and the garment rates where they were measured."""
     base = table[table.checkpoint == "base"]
     runs = table[table.checkpoint != "base"].sort_values("epoch")
     x = runs.epoch.where(runs.epoch.notna(), other=np.arange(len(runs)))
-    for ax, col, err, name in ((axes[0], "fid", None, "FID"), (axes[1], "kid_mean", "kid_std", "KID")):
+    panels = [("fid", "FID (lower is better)"), ("kid_mean", "KID (lower is better)")]
+    if "clip_score" in table and table.clip_score.notna().any():
+        panels.append(("clip_score", "CLIP score (higher is better)"))
+    rates = [c for c in RATES if c in table and table[c].notna().any()]
+    fig, axes = plt.subplots(1, len(panels) + bool(rates), figsize=(4.2 * (len(panels) + bool(rates)), 3.8))
+    for ax, (col, name) in zip(axes, panels):
+        err = runs["kid_std"] if col == "kid_mean" else None
         if len(runs):
-            ax.errorbar(x, runs[col], yerr=None if err is None else runs[err], fmt="o-",
-                        capsize=3, label="LoRA checkpoints")
+            ax.errorbar(x, runs[col].astype(float), yerr=err, fmt="o-", capsize=3,
+                        label="LoRA checkpoints")
         if len(base):
             ax.axhline(float(base[col].iloc[0]), ls="--", color="gray", label="base model")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
+        ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("FID and KID against held-out images (lower is better)")
+        ax.legend(fontsize=7)
+    if rates:
+        ax = axes[-1]
+        for col in rates:
+            line, = ax.plot(x, runs[col].astype(float), "o-", label=RATES[col])
+            if len(base) and pd.notna(base[col].iloc[0]):
+                ax.axhline(float(base[col].iloc[0]), ls="--", color=line.get_color(), alpha=0.5)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("epoch")
+        ax.set_title("garment rates (dashed: base model)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Scores per checkpoint against held-out images and prompts")
     fig.tight_layout()
     return _save(fig, path, label)
 

@@ -23,6 +23,8 @@ BEST, LAST = "best", "last"
 TRAIN_STATE = "train_state.safetensors"
 # An evaluation's tables and plot, in a run's eval/ or any --out folder.
 SCORES_CSV, SCORES_MD, SCORES_PLOT = "fid.csv", "fid.md", "fid.png"
+SCORES_GRID = "real_vs_generated.png"  # one row per prompt: real, base, best, last
+JUDGED_CSV = "scores.csv"  # per image, beside each model's images in eval/images/NAME/
 
 
 def checkpoint_name(path: str | Path) -> str:

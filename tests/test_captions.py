@@ -3,7 +3,7 @@ import hashlib
 import pandas as pd
 import pytest
 
-from conftest import HEADER, write_image, write_styles
+from conftest import write_image, write_styles
 from fashion_sd import captions, images
 from fashion_sd.captions import CaptionError, allocate, build_captions, fix_articles, read_styles
 from fashion_sd.config import load_config

@@ -290,26 +290,30 @@ def untrained():
     return untrained_extractor()
 
 
-def test_preprocess_gives_299_in_range():
+@pytest.mark.parametrize("protocol", inception.PROTOCOLS)
+def test_preprocess_gives_299_in_range(protocol):
     img = np.random.default_rng(13).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     img[0, 0], img[0, 1] = 0, 255
-    x = preprocess(img).numpy()
+    x = preprocess(img, protocol).numpy()
     assert x.shape == (1, 299, 299, 3) and x.dtype == np.float32
-    assert -1.0 <= x.min() and x.max() <= 1.0
+    assert -1.0 <= x.min() and x.max() <= 127 / 128
 
 
+@pytest.mark.parametrize("protocol", inception.PROTOCOLS)
 @pytest.mark.parametrize("size", [(50, 70), (600, 450)])
 @pytest.mark.parametrize("colour", [0, 37, 255])
-def test_constant_image_stays_constant(size, colour):
-    x = preprocess(np.full((*size, 3), colour, np.uint8)).numpy()
-    np.testing.assert_allclose(x, colour / 127.5 - 1.0, atol=1e-6)
+def test_constant_image_stays_constant(size, colour, protocol):
+    x = preprocess(np.full((*size, 3), colour, np.uint8), protocol).numpy()
+    np.testing.assert_allclose(x, (colour - 128) / 128, atol=1e-5)
 
 
-def test_downsizing_is_antialiased():
-    """A 1-pixel checkerboard shrunk 3x: point sampling keeps it black/white, a filter greys it."""
+def test_clean_downsizing_is_antialiased_and_legacy_is_not():
+    """A 1-pixel checkerboard shrunk 3x: PIL's bicubic filter greys it; TF's bilinear resize
+    without antialiasing samples it, as TF-GAN's protocol does."""
     board = (np.indices((897, 897)).sum(axis=0) % 2 * 255).astype(np.uint8)
-    x = preprocess(np.repeat(board[..., None], 3, axis=-1)).numpy()
-    assert np.abs(x).max() < 0.5  # within a quarter of grey, where sampling would give +-1
+    board = np.repeat(board[..., None], 3, axis=-1)
+    assert np.abs(preprocess(board, "clean").numpy()).max() < 0.5
+    assert np.abs(preprocess(board, "legacy_tensorflow").numpy()).max() > 0.9
 
 
 def test_preprocess_rejects_float_images():
@@ -324,7 +328,7 @@ def test_untrained_features_from_images_of_any_size(untrained):
     f = untrained(images, batch_size=2)
     assert f.shape == (3, 2048) and f.dtype == np.float64 and np.isfinite(f).all()
     assert not untrained.comparable and untrained.name.startswith("untrained:")
-    assert untrained.preprocessing == inception.PREPROCESSING
+    assert untrained.preprocessing == inception.PREPROCESSING.format(protocol="clean")
     # each image's features depend on that image only: batching changes nothing
     one_by_one = np.concatenate([untrained([im]) for im in images])
     np.testing.assert_allclose(f, one_by_one, rtol=1e-4, atol=1e-4 * np.abs(f).max())
@@ -336,15 +340,17 @@ def test_array_and_list_inputs_agree(untrained):
     np.testing.assert_allclose(untrained(batch), untrained(list(batch)), rtol=1e-5, atol=1e-9)
 
 
-def test_real_images_are_padded_at_their_own_size(tmp_path, untrained):
+def test_real_images_go_through_the_training_loader(tmp_path, untrained):
+    from fashion_sd.images import load_image
+
     pixels = np.random.default_rng(16).integers(0, 256, (80, 60, 3), dtype=np.uint8)
     pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1] = 250, 250, 250, 250  # a white backdrop
     Image.fromarray(pixels).save(tmp_path / "p.png")
-    out = load_real_image(tmp_path / "p.png")
-    assert out.shape == (80, 80, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out[:, 10:70], pixels)  # not cropped, not resampled
-    assert (out[:, :10] == 250).all() and (out[:, 70:] == 250).all()
-    f = real_image_features(untrained, [tmp_path / "p.png"] * 3, batch_size=2)
+    for resolution, shape in ((64, (64, 64, 3)), ([48, 64], (64, 48, 3))):
+        out = load_real_image(tmp_path / "p.png", resolution)
+        assert out.shape == shape and out.dtype == np.uint8
+        np.testing.assert_array_equal(out, load_image(tmp_path / "p.png", resolution))
+    f = real_image_features(untrained, [tmp_path / "p.png"] * 3, 64, batch_size=2)
     assert f.shape == (3, 2048)
 
 
@@ -392,8 +398,8 @@ def test_tfhub_module_from_a_local_folder(tmp_path, form):
     assert ex.comparable and ex.name.startswith("tfhub:")
     colours = [0, 100, 255]
     f = ex([np.full((20 + c // 10, 30, 3), c, np.uint8) for c in colours])
-    expected = np.repeat(np.array(colours, float)[:, None] / 127.5 - 1.0, 2048, axis=1)
-    np.testing.assert_allclose(f, expected, atol=1e-6)
+    expected = np.repeat((np.array(colours, float)[:, None] - 128) / 128, 2048, axis=1)
+    np.testing.assert_allclose(f, expected, atol=1e-5)
 
 
 def test_auto_falls_back_to_untrained_loudly(monkeypatch, untrained):
@@ -402,7 +408,7 @@ def test_auto_falls_back_to_untrained_loudly(monkeypatch, untrained):
 
     monkeypatch.setattr(inception, "_load_tfhub", unavailable)
     monkeypatch.setattr(inception, "_load_keras", unavailable)
-    monkeypatch.setattr(inception, "untrained_extractor", lambda: untrained)
+    monkeypatch.setattr(inception, "untrained_extractor", lambda protocol: untrained)
     with pytest.warns(UserWarning, match="RANDOM-INIT"):
         ex = load_extractor("auto")
     assert ex is untrained and not ex.comparable

@@ -17,7 +17,6 @@ from fashion_sd import lora, models
 from fashion_sd.interop import InteropError, export_lora, import_lora, import_model
 from fashion_sd.interop import kerascv
 from fashion_sd.interop import keys as K
-from fashion_sd.interop import lora_formats as LF
 from fashion_sd.interop.checkpoint import open_source
 from fashion_sd.interop.tensors import SafetensorsFile
 from fashion_sd.config import LoraConfig

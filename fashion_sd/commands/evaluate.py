@@ -3,13 +3,16 @@
   python scripts/evaluate_fid.py --config configs/demo.yaml --checkpoints runs/demo/checkpoints --include-base
   python scripts/evaluate_fid.py --config C --checkpoints 'runs/x/checkpoints/epoch_*.lora.safetensors'
 
-Writes fid.csv, fid.md, fid.png and real_vs_generated.png to OUTPUT.DIR/eval (or --out), and the
-generated images under images/. Checkpoints already scored with the same settings are skipped.
+Writes fid.csv (FID, KID, CLIP score, garment type top-1/top-3, on-model, colour and cut-off rates
+per model; the eval.select column marks the best), fid.md (a one-screen summary), fid.png and
+real_vs_generated.png to OUTPUT.DIR/eval (or --out), and the generated images with their
+per-image scores.csv under images/. Checkpoints already scored with the same settings are skipped.
 
 Any folder of images with a captions CSV (a catalogue, a folder of generated images):
   python scripts/evaluate_fid.py --images DIR --captions CSV --out DIR
-writes garment.csv (one row per image: colour judged against its baseColour, cut off or not) and
-garment.md (colour accuracy, cut-off rate); no model is loaded.
+writes garment.csv (one row per image: colour judged against its baseColour, cut off or not, and
+with CLIP weights (eval.clip) its CLIP score against the caption, its zero-shot garment type and
+whether it is worn) and garment.md (the summary); no Stable Diffusion model is loaded.
 """
 
 from __future__ import annotations
@@ -26,16 +29,19 @@ from fashion_sd.rundir import SCORES_MD, RunDir
 
 
 def judge_folder(args) -> int:
-    """The weight-free garment metrics of a folder of images, one row per captions row."""
+    """The garment metrics of a folder of images, one row per captions row: colour and cut-off
+    always, CLIP score, garment type and on-model when ``eval.clip`` gives a CLIP model."""
     import pandas as pd
 
+    from fashion_sd.evaluate import garment_types
     from fashion_sd.files import atomic_path, atomic_write_text
-    from fashion_sd.metrics import garment
+    from fashion_sd.metrics.judge import load_judge, summarise
 
     try:
         if not (args.images and args.captions and args.out):
             raise preflight.InputError("--images, --captions and --out go together: "
                                        "--images DIR --captions CSV --out DIR")
+        cfg = config_from_args(args)
         folder = preflight.input_folder("--images", args.images, "image folder")
         table = pd.read_csv(preflight.text_file("--captions", args.captions, "captions CSV"),
                             dtype=str, keep_default_na=False)
@@ -55,19 +61,45 @@ def judge_folder(args) -> int:
             else table.id)
     found = [files.get(k) or files.get(Path(k).stem) for k in keys]
     missing = sum(f is None for f in found)
-    colours = table.baseColour.where(table.baseColour != "", None) if "baseColour" in table else [None] * len(table)
-    scored = garment.score_images([f for f in found if f is not None],
-                                  [c for c, f in zip(colours, found) if f is not None])
-    summary = garment.summarise(scored)
+    rows = table[[f is not None for f in found]].reset_index(drop=True)
+    paths = [f for f in found if f is not None]
+    types, vocabulary = garment_types(table, rows)
+    try:
+        judge, clip_note = load_judge(cfg, vocabulary)
+    except FashionSDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    images = [_rgb(p) for p in paths]
+    prompts = rows.caption.tolist() if "caption" in rows else [""] * len(rows)
+    if judge.clip is not None and "caption" not in rows:
+        judge.clip, clip_note = None, f"--captions {args.captions} has no caption column"
+    colours = [c or None for c in rows.baseColour] if "baseColour" in rows else [None] * len(rows)
+    scored = judge(images, prompts, types, colours)
+    scored.insert(0, "image", [str(p) for p in paths])
+    summary = summarise(scored)
     with atomic_path(out / "garment.csv") as tmp:
         scored.to_csv(tmp, index=False, lineterminator="\n")
-    text = (f"# Garment metrics: {folder}\n\n| images | colour accuracy (scored) | cut-off rate |\n"
-            f"| ---: | ---: | ---: |\n| {summary['images']} | {summary['colour_accuracy']:.3f} "
-            f"({summary['colour_scored']}) | {summary['cut_off_rate']:.3f} |\n"
+    clip = (f"| {summary['clip_score']:.1f} | {summary['type_top1']:.3f} / "
+            f"{summary['type_top3']:.3f} | {summary['on_model_rate']:.3f} "
+            if judge.clip is not None else "| | | ")
+    text = (f"# Garment metrics: {folder}\n\n| images | colour accuracy (scored) | cut-off rate "
+            f"| CLIP score | type top-1 / top-3 | on-model |\n| ---: | ---: | ---: | ---: | ---: | ---: |\n"
+            f"| {summary['images']} | {summary['colour_accuracy']:.3f} ({summary['colour_scored']}) "
+            f"| {summary['cut_off_rate']:.3f} {clip}|\n"
+            + (f"\nCLIP: {judge.clip.label}.\n" if judge.clip is not None else
+               f"\nCLIP metrics off: {clip_note}\n")
             + (f"\n{missing} captions row(s) had no image in the folder.\n" if missing else ""))
     atomic_write_text(out / "garment.md", text)
     print(text)
     return 0
+
+
+def _rgb(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
-"""Image-quality metrics: FID and KID on Inception features.
+"""Image metrics: FID and KID on Inception features; prompt adherence (CLIP) and garment judgements.
 
-``fid`` holds the numerics (numpy/scipy only); ``inception`` the feature extractors
-(TensorFlow). The extractor names are loaded on first use, so importing the numerics from here
+``fid``, ``adherence`` and ``garment`` hold the numerics (numpy/scipy only); ``inception`` and
+``clip`` the networks (TensorFlow); ``judge`` puts the per-image judgements together. The extractor names are loaded on first use, so importing the numerics from here
 does not import TensorFlow.
 """
 
@@ -12,6 +12,7 @@ from fashion_sd.metrics.fid import (
     feature_stats,
     frechet_distance,
     kid,
+    kid_subset_size,
     mmd2_unbiased,
     polynomial_kernel,
     stats_key,
@@ -23,7 +24,7 @@ _INCEPTION = ("FeatureExtractor", "InceptionUnavailable", "PREPROCESSING", "TFHU
               "untrained_extractor")
 
 __all__ = ["FID_MIN_IMAGES", "SmallSampleWarning", "cached_stats", "feature_stats",
-           "frechet_distance", "kid", "mmd2_unbiased", "polynomial_kernel", "stats_key",
+           "frechet_distance", "kid", "kid_subset_size", "mmd2_unbiased", "polynomial_kernel", "stats_key",
            "warn_if_biased", *_INCEPTION]
 
 

@@ -26,7 +26,7 @@ from fashion_sd.cache import cached, file_id
 # Inception's pool_3 width: with fewer images the covariance is rank-deficient, and pytorch-fid
 # and clean-fid recommend at least this many for FIDs comparable with the literature.
 FID_MIN_IMAGES = 2048
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: real images through the training loader
 
 
 class SmallSampleWarning(UserWarning):
@@ -149,6 +149,18 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return float(within - 2.0 * kxy.sum() / (m * m))
 
 
+def kid_subset_size(n_a: int, n_b: int, requested: int = 1000) -> int:
+    """KID's subset size for sets of ``n_a`` and ``n_b`` images.
+
+    ``requested`` (clean-fid's and torch-fidelity's 1000) when the smaller set has more than that;
+    below, half the smaller set (at least 2), so the random subsets differ and KID's standard
+    deviation says something. clean-fid would use the whole set for every subset (std 0) and
+    torch-fidelity refuses; the tables report the size used.
+    """
+    n = min(n_a, n_b)
+    return requested if n > requested else max(2, n // 2)
+
+
 def kid(feats_a, feats_b, num_subsets: int = 100, subset_size: int = 1000,
         seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance: mean and standard deviation of the unbiased MMD² over subsets.
@@ -181,10 +193,12 @@ def kid(feats_a, feats_b, num_subsets: int = 100, subset_size: int = 1000,
 # Real-image statistics, cached
 
 
-def stats_key(paths, backend: str, preprocessing: str) -> dict:
-    """What real-image stats depend on: each image (path, size, mtime), network, preprocessing."""
+def stats_key(paths, backend: str, preprocessing: str, size=None) -> dict:
+    """What real-image stats depend on: each image (path, size, mtime), network, preprocessing,
+    and the training size the images are loaded at."""
     return {"version": STATS_VERSION, "kind": "fid-stats", "backend": backend,
-            "preprocessing": preprocessing, "images": [file_id(str(p)) for p in paths]}
+            "preprocessing": preprocessing, "size": size,
+            "images": [file_id(str(p)) for p in paths]}
 
 
 def cached_stats(folder: str | Path, key: dict, compute) -> dict:

@@ -6,23 +6,29 @@ Backends (:func:`load_extractor`):
   2015 TensorFlow graph that the original FID code (TTUR) and pytorch-fid's weights come from;
   its ``pool_3`` output. The numbers to compare with the literature.
 - ``keras``: ``keras.applications.InceptionV3`` with ImageNet weights, global average pool.
-  A close relative, not the same weights: its FIDs compare with each other only.
+  A close relative, not the same weights: its FIDs compare with each other only
+  (``comparable`` False).
 - ``untrained``: the same Keras network, randomly initialised, for tests and the offline demo;
   ``comparable`` is False and its numbers mean nothing outside one run.
 
-Preprocessing, the same for every backend (id :data:`PREPROCESSING`):
+Preprocessing: a named protocol (``eval.protocol``), the same for real and generated images:
 
-1. Input: uint8 RGB, (H, W, 3), any size. Generated images are already uint8 (what a PNG of
-   them stores), real ones are decoded and padded to a square on their own background at their
-   own size (:func:`load_real_image`), so they are framed as training framed them.
-2. float32, then a 299x299 bilinear resize with antialiasing from the image's own size
-   (``tf.image.resize(..., "bilinear", antialias=True)``): without the antialiasing filter a
-   large catalogue photo would be point-sampled and alias (Parmar et al. 2022, clean-fid).
-3. x / 127.5 - 1, into [-1, 1], the input range of both networks.
+0. Real images first pass through the training loader (:func:`load_real_image`): padded to the
+   training aspect on their own background and resized to ``data.resolution``, exactly the
+   pixels the model was trained to reproduce. Generated images are already that size. (Before
+   this, real images went in at their own size and generated ones at the training size, so a
+   model that reproduced its training set exactly still scored far from zero.)
+1. To 299x299 by the protocol's resize, in float, clipped to [0, 255]:
+   - ``clean``: clean-fid's "clean" resize (Parmar et al. 2022, https://arxiv.org/abs/2104.11222):
+     PIL bicubic on each channel as a float image, which antialiases when shrinking;
+   - ``legacy_tensorflow``: TensorFlow's bilinear resize without antialiasing, the resize of
+     the TF-GAN / TTUR tradition (clean-fid's ``make_resizer("TensorFlow", False, "bilinear")``).
+   Both are proven equal to clean-fid's own resizers (tests/test_fid_protocol.py).
+2. (x - 128) / 128, the input range of the FID Inception (TF-GAN's and clean-fid's mapping).
 
-TF-GAN's own ``preprocess_image`` resizes without antialiasing and maps with (x - 128) / 128;
-numbers from this module are therefore comparable with each other, and close to, not equal
-to, TF-GAN's.
+FIDs compare only within one protocol, one network and one pair of set sizes; ``comparable``
+(the published FID Inception, ``tfhub``) marks numbers that may be read against papers using
+the same protocol.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ FEATURE_DIM = 2048
 TFHUB_HANDLE = "https://tfhub.dev/tensorflow/tfgan/eval/inception/1"
 KERAS_WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
                      "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5")
-# Changes whenever the steps in the module docstring change; it is part of every stats cache key.
-PREPROCESSING = "uint8-rgb/bilinear-antialias-299/x127.5-1"
+PROTOCOLS = ("clean", "legacy_tensorflow")
+# The version of the steps in the module docstring; with the protocol, part of every stats key.
+PREPROCESSING = "v2:train-loader/{protocol}-299/x-128/128"
 
 
 class InceptionUnavailable(FashionSDError, RuntimeError):
@@ -53,43 +60,57 @@ class InceptionUnavailable(FashionSDError, RuntimeError):
 # Images
 
 
-def preprocess(images) -> tf.Tensor:
-    """uint8 RGB, (H, W, 3) or (n, H, W, 3) -> float32 (n, 299, 299, 3) in [-1, 1]."""
+def _resize_clean(image: np.ndarray) -> np.ndarray:
+    """clean-fid's "clean" resize: each channel as a float32 PIL image, bicubic, to 299."""
+    from PIL import Image  # noqa: PLC0415
+
+    size = (INCEPTION_SIZE, INCEPTION_SIZE)
+    channels = [np.asarray(Image.fromarray(image[:, :, c].astype(np.float32), mode="F")
+                           .resize(size, resample=Image.Resampling.BICUBIC)) for c in range(3)]
+    return np.stack(channels, axis=-1)
+
+
+def resize(images: np.ndarray, protocol: str) -> np.ndarray:
+    """uint8 (n, H, W, 3) -> float32 (n, 299, 299, 3) in [0, 255] by ``protocol``'s resize."""
+    if protocol == "clean":
+        x = np.stack([_resize_clean(im) for im in images])
+    elif protocol == "legacy_tensorflow":
+        x = tf.image.resize(tf.cast(images, tf.float32), (INCEPTION_SIZE, INCEPTION_SIZE),
+                            method="bilinear").numpy()
+    else:
+        raise ValueError(f"unknown FID protocol {protocol!r}; use one of {PROTOCOLS}")
+    return np.clip(x, 0.0, 255.0).astype(np.float32)
+
+
+def preprocess(images, protocol: str = "clean") -> tf.Tensor:
+    """uint8 RGB, (H, W, 3) or (n, H, W, 3) -> float32 (n, 299, 299, 3) in [-1, 1)."""
     a = np.asarray(images)
     if a.dtype != np.uint8 or a.ndim not in (3, 4) or a.shape[-1] != 3:
         raise ValueError(f"images must be uint8 RGB arrays (H, W, 3) or (n, H, W, 3), as a PNG "
                          f"stores them; got {a.dtype} {a.shape}")
     if a.ndim == 3:
         a = a[None]
-    x = tf.image.resize(tf.cast(a, tf.float32), (INCEPTION_SIZE, INCEPTION_SIZE),
-                        method="bilinear", antialias=True)
-    # The filter's weights are non-negative and sum to 1, so only float rounding can leave [-1, 1].
-    return tf.clip_by_value(x / 127.5 - 1.0, -1.0, 1.0)
+    return tf.constant((resize(a, protocol) - 128.0) / 128.0)
 
 
-def load_real_image(path: str | Path) -> np.ndarray:
-    """A real image framed as training frames it: uint8 (s, s, 3), s its longer side.
-
-    Decoded to RGB and padded to a square on its own background colour, never cropped, by the
-    training loader (:func:`fashion_sd.images.load_image`), but kept at its own size: the one
-    resize is the extractor's, to 299.
-    """
+def load_real_image(path: str | Path, resolution) -> np.ndarray:
+    """A real image as training sees it: uint8 at ``data.resolution``, padded to its aspect on
+    its own background by the training loader (:func:`fashion_sd.images.load_image`)."""
     from fashion_sd.images import load_image  # noqa: PLC0415 - one decoder for training and FID
 
-    return load_image(path, None)
+    return load_image(path, resolution)
 
 
-def real_image_features(extractor: FeatureExtractor, paths, batch_size: int | None = None,
-                        progress=None) -> np.ndarray:
-    """Features (n, 2048) of the real images at ``paths``, decoded one batch at a time.
-
-    Catalogue photos are up to 2400 px a side, so they are never all held in memory at once.
-    """
+def real_image_features(extractor: FeatureExtractor, paths, resolution,
+                        batch_size: int | None = None, progress=None) -> np.ndarray:
+    """Features (n, 2048) of the real images at ``paths`` through the training loader at
+    ``resolution``, decoded one batch at a time (catalogue photos are up to 2400 px a side)."""
     batch_size = batch_size or extractor.batch_size
     paths = [str(p) for p in paths]
     starts = range(0, len(paths), batch_size)
     n = -(-len(paths) // batch_size)
-    out = [extractor([load_real_image(p) for p in paths[s: s + batch_size]])
+    out = [extractor(np.stack([load_real_image(p, resolution)
+                                for p in paths[s: s + batch_size]]))
            for s in (progress(starts, "Inception features (real)", n) if progress else starts)]
     return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
 
@@ -101,14 +122,19 @@ def real_image_features(extractor: FeatureExtractor, paths, batch_size: int | No
 class FeatureExtractor:
     """Images in, Inception features (n, 2048) float64 out, in batches.
 
-    ``name`` identifies the network and its weights (it keys the real-image stats cache),
-    ``comparable`` is False for untrained weights, ``preprocessing`` is :data:`PREPROCESSING`.
+    ``name`` identifies the network and its weights (it keys the real-image stats cache);
+    ``comparable`` is True only for the published FID Inception under a named protocol;
+    ``preprocessing`` names the protocol's steps (:data:`PREPROCESSING`).
     """
 
-    def __init__(self, name: str, model, comparable: bool, batch_size: int = 32):
+    def __init__(self, name: str, model, comparable: bool, batch_size: int = 32,
+                 protocol: str = "clean"):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown FID protocol {protocol!r}; use one of {PROTOCOLS}")
         self.name = name
         self.comparable = comparable
-        self.preprocessing = PREPROCESSING
+        self.protocol = protocol
+        self.preprocessing = PREPROCESSING.format(protocol=protocol)
         self.batch_size = batch_size
         self._model = model  # float32 (b, 299, 299, 3) in [-1, 1] -> (b, 2048)
 
@@ -123,9 +149,9 @@ class FeatureExtractor:
         for s in range(0, n, batch_size):
             chunk = images[s: s + batch_size]
             if isinstance(chunk, np.ndarray):
-                x = preprocess(chunk)
+                x = preprocess(chunk, self.protocol)
             else:  # sizes may differ: each image is resized from its own size
-                x = tf.concat([preprocess(im) for im in chunk], axis=0)
+                x = tf.concat([preprocess(im, self.protocol) for im in chunk], axis=0)
             f = np.asarray(self._model(x), dtype=np.float64).reshape(len(chunk), -1)
             if f.shape[1] != FEATURE_DIM:
                 raise RuntimeError(f"{self.name} gave {f.shape[1]} features per image, expected "
@@ -145,7 +171,7 @@ def _keras_call(model):
     return lambda x: model(x, training=False)
 
 
-def _load_tfhub(handle: str) -> FeatureExtractor:
+def _load_tfhub(handle: str, protocol: str = "clean") -> FeatureExtractor:
     import tensorflow_hub as hub  # noqa: PLC0415
 
     local = Path(handle).expanduser()
@@ -184,7 +210,7 @@ def _load_tfhub(handle: str) -> FeatureExtractor:
         return out
 
     name = "tfhub:tfgan-inception-1" if handle == TFHUB_HANDLE else f"tfhub:{handle}"
-    return FeatureExtractor(name, model, comparable=True)
+    return FeatureExtractor(name, model, comparable=True, protocol=protocol)
 
 
 def _tfhub_help() -> str:
@@ -194,7 +220,7 @@ def _tfhub_help() -> str:
             f"in $TFHUB_CACHE_DIR (default: tfhub_modules in the system temp folder).")
 
 
-def _load_keras(weights: str | None) -> FeatureExtractor:
+def _load_keras(weights: str | None, protocol: str = "clean") -> FeatureExtractor:
     help_ = (f"Download {KERAS_WEIGHTS_URL} into ~/.keras/models/ (where Keras looks first) or "
              f"pass the file's path as the weights (eval.inception_weights: FILE).")
     if weights is not None and not Path(weights).expanduser().is_file():
@@ -205,10 +231,11 @@ def _load_keras(weights: str | None) -> FeatureExtractor:
         raise InceptionUnavailable(f"cannot load Keras' ImageNet InceptionV3 weights: "
                                    f"{type(exc).__name__}: {exc}\n{help_}") from exc
     name = "keras:inception_v3-imagenet" if weights is None else f"keras:{weights}"
-    return FeatureExtractor(name, _keras_call(model), comparable=True)
+    # Not the published FID weights: its numbers compare with each other, never with papers.
+    return FeatureExtractor(name, _keras_call(model), comparable=False, protocol=protocol)
 
 
-def untrained_extractor() -> FeatureExtractor:
+def untrained_extractor(protocol: str = "clean") -> FeatureExtractor:
     """InceptionV3 with random weights: right shapes, meaningless numbers (comparable=False).
 
     Builds offline in seconds. Each build draws new weights, so the name carries a hash of them:
@@ -218,10 +245,12 @@ def untrained_extractor() -> FeatureExtractor:
     h = hashlib.sha256()
     for w in model.weights:
         h.update(np.ascontiguousarray(np.asarray(w)).tobytes())
-    return FeatureExtractor(f"untrained:{h.hexdigest()[:12]}", _keras_call(model), comparable=False)
+    return FeatureExtractor(f"untrained:{h.hexdigest()[:12]}", _keras_call(model), comparable=False,
+                            protocol=protocol)
 
 
-def load_extractor(backend: str, weights: str | None = None) -> FeatureExtractor:
+def load_extractor(backend: str, weights: str | None = None,
+                   protocol: str = "clean") -> FeatureExtractor:
     """The feature extractor for ``backend``: ``tfhub``, ``keras`` or ``auto`` (demo only).
 
     ``weights``: a local copy (tfhub: the unpacked module's folder; keras: the notop .h5 file);
@@ -230,16 +259,16 @@ def load_extractor(backend: str, weights: str | None = None) -> FeatureExtractor
     untrained network with a warning.
     """
     if backend == "tfhub":
-        return _load_tfhub(weights or TFHUB_HANDLE)
+        return _load_tfhub(weights or TFHUB_HANDLE, protocol)
     if backend == "keras":
-        return _load_keras(weights)
+        return _load_keras(weights, protocol)
     if backend != "auto":
         raise ValueError(f"unknown Inception backend {backend!r}; use tfhub, keras or auto")
     if weights is not None:
         raise ValueError("weights names one backend's files; with weights choose backend tfhub "
                          "or keras, not auto")
     reasons = []
-    for load in (lambda: _load_tfhub(TFHUB_HANDLE), lambda: _load_keras(None)):
+    for load in (lambda: _load_tfhub(TFHUB_HANDLE, protocol), lambda: _load_keras(None, protocol)):
         try:
             return load()
         except InceptionUnavailable as exc:
@@ -248,4 +277,4 @@ def load_extractor(backend: str, weights: str | None = None) -> FeatureExtractor
         "NO TRAINED INCEPTION WEIGHTS: FID and KID below come from a RANDOM-INIT network and mean "
         "nothing beyond this run (" + "; ".join(reasons) + "). Use backend tfhub or keras online, "
         "or pass downloaded weights.", UserWarning, stacklevel=2)
-    return untrained_extractor()
+    return untrained_extractor(protocol)
