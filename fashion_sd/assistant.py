@@ -156,6 +156,7 @@ class Checkpoint:
     val_loss: float | None = None
     fid: float | None = None
     kid: float | None = None
+    selected: bool = False  # the evaluation's eval.select choice
     comparable: bool = True
     best: bool = False
 
@@ -192,8 +193,8 @@ def checkpoint_files(run_dir: str | Path | None, extra=()) -> list[Path]:
 
 def list_checkpoints(run_dir: str | Path | None, extra=()) -> list[Checkpoint]:
     """The base model, then every LoRA checkpoint of the run, with epoch, val loss and the
-    FID/KID that ``evaluate_fid.py`` measured; the best one marked (lowest FID where scored,
-    else lowest val loss). Only files under the run directory (and ``extra``, given by whoever
+    FID/KID that ``evaluate_fid.py`` measured; the best one marked (the one the evaluation
+    selected by ``eval.select`` where scored, else lowest val loss). Only files under the run directory (and ``extra``, given by whoever
     started the app) are listed: a link that leads out of the run is left out.
     """
     from safetensors import safe_open
@@ -226,11 +227,15 @@ def list_checkpoints(run_dir: str | Path | None, extra=()) -> list[Checkpoint]:
                 last = match.iloc[-1]  # the latest scoring of this model
                 ckpt.fid, ckpt.kid = float(last["fid"]), float(last["kid_mean"])
                 ckpt.comparable = str(last.get("comparable", True)) not in ("False", "false")
+                ckpt.selected = str(last.get("selected", False)) in ("True", "true")
     # best.* and last.* are copies of an epoch's file: never the one marked best.
     epochs = [c for c in rows if c.path is not None and c.name not in (BEST, LAST)]
     scored = [c for c in epochs if c.fid is not None and math.isfinite(c.fid)]
     by_loss = [c for c in epochs if c.val_loss is not None and math.isfinite(c.val_loss)]
-    if scored:
+    chosen = [c for c in scored if c.selected]
+    if chosen:
+        chosen[-1].best = True
+    elif scored:  # a scores table from before eval.select
         min(scored, key=lambda c: c.fid).best = True
     elif by_loss:
         min(by_loss, key=lambda c: c.val_loss).best = True

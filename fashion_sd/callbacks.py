@@ -230,6 +230,32 @@ class SampleGrids(keras.callbacks.Callback):
                            + (", EMA weights" if uses_ema(self.model.optimizer) else ""))
 
 
+class EvalDuringTraining(keras.callbacks.Callback):
+    """Every ``train.eval_every`` epochs, the epoch's checkpoint scored as ``evaluate_fid.py``
+    would score it (same plan, same settings id, so a later evaluate_fid.py run skips it), with
+    the weights the checkpoint holds (EMA when on), through the model being trained."""
+
+    def __init__(self, state: RunState, scorer, sampler, train: TrainConfig, weights_id: str,
+                 label: str):
+        super().__init__()
+        self.state, self.scorer, self.sampler, self.train = state, scorer, sampler, train
+        self.weights_id, self.label = weights_id, label
+
+    def on_epoch_end(self, epoch, logs=None):
+        st = self.state
+        if st.stop_reason in FAILURES or not st.epoch_complete or (epoch + 1) % self.train.eval_every:
+            return
+        meta = {"epoch": epoch + 1, "step": st.optimizer_step}
+        with ema_weights(self.model.optimizer, self.model.trainable_variables):
+            row = self.scorer.score(self.sampler, checkpoint_name(st.run.epoch_checkpoint(epoch + 1)),
+                                    meta, self.weights_id)
+        table = self.scorer.record(self.scorer.previous(), row, self.label)
+        r = table.iloc[-1] if len(table) else row
+        print(f"epoch {epoch + 1}: KID {r['kid_mean']:.4g}, FID {r['fid']:.4g}"
+              + (f", CLIP score {r['clip_score']:.1f}" if pd.notna(r["clip_score"]) else "")
+              + f" -> {self.scorer.out / 'fid.csv'}")
+
+
 def render_samples(sampler, prompts, seeds, steps, guidance, path, label, title) -> Path:
     rows = [(p, sampler.generate(p, seeds, steps, guidance)) for p in prompts]
     return plots.sample_grid(rows, path, label, f"{title} ({steps} sampler steps)",

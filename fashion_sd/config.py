@@ -144,6 +144,10 @@ class TrainConfig:
     text_encoder_lr: float | None = None  # with lora.text_encoder; null: train.learning_rate
     val_repeats: int = 4  # fixed timesteps per val image, so val loss compares across epochs
     sample_every: int = 1  # epochs between sample grids; 0: none
+    # Epochs between evaluations during training (FID/KID, CLIP and garment scores of the epoch's
+    # checkpoint on eval.split, appended to eval/fid.csv as evaluate_fid.py would); 0: none.
+    eval_every: int = 0
+    eval_images: int = 8  # the fixed prompt set those evaluations use (eval.num_images after)
     sample_steps: int = 25  # sampler steps for those grids
     sample_guidance: float = 7.5
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -474,6 +478,8 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
          "train.text_encoder_lr", "must be a positive number or null (train.learning_rate)")
     need(t.val_repeats >= 1, "train.val_repeats", "must be >= 1")
     need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
+    need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: no evaluation while training)")
+    need(t.eval_images >= 2, "train.eval_images", "must be >= 2 (a covariance needs two images)")
     need(t.sample_steps >= 1, "train.sample_steps", "must be >= 1")
     need(all(p.strip() for p in t.sample_prompts), "train.sample_prompts",
          "must not contain empty prompts")

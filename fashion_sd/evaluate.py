@@ -224,6 +224,71 @@ def _key_name(model) -> str:
     return model if model == BASE else rundir.checkpoint_name(model)
 
 
+class Scorer:
+    """What scoring any model needs, prepared once: the plan, the Inception network and the real
+    images' statistics, the judge. Used by :func:`evaluate` and, with ``train.eval_every``,
+    by the training loop (:class:`fashion_sd.callbacks.EvalDuringTraining`)."""
+
+    def __init__(self, cfg: Config, split: str | None = None, num_images: int | None = None,
+                 out: str | Path | None = None, extractor=None, judge=None, progress=None):
+        from fashion_sd.metrics import (
+            cached_stats,
+            load_extractor,
+            real_image_features,
+            stats_key,
+            warn_if_biased,
+        )
+        from fashion_sd.metrics.judge import load_judge
+
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(out) if out else RunDir(cfg.output.dir).eval
+        self.plan = make_plan(cfg, split or cfg.eval.split, num_images)
+        if extractor is None:
+            extractor = load_extractor(cfg.eval.backend, cfg.eval.inception_weights,
+                                       cfg.eval.protocol)
+        self.extractor = extractor
+        self.plan.settings["backend"] = f"{extractor.name}/{extractor.preprocessing}"
+        key = stats_key(self.plan.real_paths, extractor.name, extractor.preprocessing,
+                        size=cfg.data.resolution)
+        self.real = cached_stats(Path(cfg.data.cache_dir), key, lambda: real_image_features(
+            extractor, self.plan.real_paths, cfg.data.resolution, progress=progress))
+        warn_if_biased(len(self.plan.real_paths), len(self.plan.prompts))
+        self.clip_note = ""
+        if judge is None:
+            judge, self.clip_note = load_judge(cfg, self.plan.vocabulary)
+        self.judge = judge
+
+    def score(self, sampler, name: str, meta: dict, weights_id: str) -> dict:
+        """Generate the plan's images with ``sampler`` as it stands and score them: one row."""
+        plan = self.plan
+        print(f"scoring {name} ({len(plan.prompts)} images, {plan.settings['steps']} steps)")
+        folder = self.out / "images" / name
+        images = generate_for(sampler, plan, self.cfg.eval.batch_size, folder, self.progress)
+        return {"checkpoint": name,
+                "epoch": float(meta["epoch"]) if "epoch" in meta else math.nan,
+                "step": float(meta["step"]) if "step" in meta else math.nan,
+                **score(self.extractor(images), self.real, self.cfg),
+                **judge_images(self.judge, images, plan, folder),
+                "n_real": len(plan.real_paths), "n_generated": len(images),
+                "backend": self.extractor.name, "protocol": self.extractor.protocol,
+                "comparable": self.extractor.comparable,
+                "clip_model": self.judge.clip.label if self.judge.clip is not None else None,
+                "weights_source": weights_id, "settings": plan.settings_id}
+
+    def previous(self) -> pd.DataFrame:
+        path = self.out / rundir.SCORES_CSV
+        table = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
+        return table.reindex(columns=COLUMNS)  # a table from before a column was added
+
+    def record(self, table: pd.DataFrame, row: dict, label: str) -> pd.DataFrame:
+        """``table`` with ``row`` in place of any row of the same model and settings, written."""
+        keep = [(c, s) != (row["checkpoint"], row["settings"])
+                for c, s in zip(table.checkpoint, table.settings)]
+        table = _ordered(pd.concat([table[keep], pd.DataFrame([row], columns=COLUMNS)],
+                                   ignore_index=True))
+        return write_tables(table, self.out, label, self.cfg.eval.select, self.clip_note)
+
+
 def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_images: int | None = None,
              split: str | None = None, force: bool = False, extractor=None, progress=None,
              out: str | Path | None = None, build=None, judge=None) -> pd.DataFrame:
@@ -234,80 +299,40 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
     """
     from fashion_sd import lora
     from fashion_sd.generate import build_sampler, resolve_inference_weights
-    from fashion_sd.metrics import (
-        cached_stats,
-        load_extractor,
-        real_image_features,
-        stats_key,
-        warn_if_biased,
-    )
-    from fashion_sd.metrics.judge import load_judge
 
-    split = split or cfg.eval.split
     paths = find_checkpoints(checkpoints) if checkpoints else []
     if not paths and not include_base:
         raise EvaluationError("nothing to score: give --checkpoints DIR|GLOB and/or --include-base")
     for p in paths:  # a bad file fails here, before any work (headers only)
         lora.lora_metadata(p)
-    out = Path(out) if out else RunDir(cfg.output.dir).eval
-    plan = make_plan(cfg, split, num_images)  # the captions and split, before Inception loads
-    if extractor is None:
-        extractor = load_extractor(cfg.eval.backend, cfg.eval.inception_weights, cfg.eval.protocol)
-    plan.settings["backend"] = f"{extractor.name}/{extractor.preprocessing}"
-
-    scores = out / rundir.SCORES_CSV
-    previous = (pd.read_csv(scores) if scores.is_file() else pd.DataFrame(columns=COLUMNS))
-    previous = previous.reindex(columns=COLUMNS)  # a table from before a column was added
+    make_plan(cfg, split or cfg.eval.split, num_images)  # the captions, before Inception loads
+    scorer = Scorer(cfg, split, num_images, out, extractor, judge, progress)
+    settings = scorer.plan.settings_id
+    previous = scorer.previous()
     done = set(zip(previous.checkpoint, previous.settings)) if not force else set()
     wanted = ([BASE] if include_base else []) + paths
-    todo = [m for m in wanted if (_key_name(m), plan.settings_id) not in done]
-    redo = {(_key_name(m), plan.settings_id) for m in todo}  # rows replaced by this call
-    table = previous[[key not in redo for key in zip(previous.checkpoint, previous.settings)]]
+    todo = [m for m in wanted if (_key_name(m), settings) not in done]
     if not todo:
-        print(f"every model is already scored with these settings in {scores} "
-              "(--force recomputes)")
-        return table.reset_index(drop=True)
-
-    key = stats_key(plan.real_paths, extractor.name, extractor.preprocessing,
-                    size=cfg.data.resolution)
-    real = cached_stats(Path(cfg.data.cache_dir), key,
-                        lambda: real_image_features(extractor, plan.real_paths,
-                                                    cfg.data.resolution, progress=progress))
-    warn_if_biased(len(plan.real_paths), len(plan.prompts))
-    clip_note = ""
-    if judge is None:
-        judge, clip_note = load_judge(cfg, plan.vocabulary)
+        print(f"every model is already scored with these settings in "
+              f"{scorer.out / rundir.SCORES_CSV} (--force recomputes)")
+        return previous
 
     source = resolve_inference_weights(cfg.model.weights, cfg.model.cache_dir, cfg.seed)
     sampler = build_sampler(source, cfg.data.resolution, cfg.seed, build)
     comps = sampler.comps
     swap = lora.LoraSwap()
+    table = previous
     for model in todo:
-        name = _key_name(model)
         swap.reset()  # back to the base weights, then fold this LoRA in
         meta = {}
         if model != BASE:
             deltas, meta = lora.lora_deltas(model, comps.diffusion_model,
                                             text_encoder=comps.text_encoder)
             swap.apply(deltas)
-        print(f"scoring {name} ({len(plan.prompts)} images, {plan.settings['steps']} steps)")
-        folder = out / "images" / name
-        images = generate_for(sampler, plan, cfg.eval.batch_size, folder, progress)
-        row = {"checkpoint": name, "epoch": float(meta["epoch"]) if "epoch" in meta else math.nan,
-               "step": float(meta["step"]) if "step" in meta else math.nan,
-               **score(extractor(images), real, cfg),
-               **judge_images(judge, images, plan, folder),
-               "n_real": len(plan.real_paths), "n_generated": len(images),
-               "backend": extractor.name, "protocol": extractor.protocol,
-               "comparable": extractor.comparable,
-               "clip_model": judge.clip.label if judge.clip is not None else None,
-               "weights_source": source.id, "settings": plan.settings_id}
-        table = pd.concat([table, pd.DataFrame([row], columns=COLUMNS)], ignore_index=True)
-        table = _ordered(table)
-        # after each model: a crash loses one model's work
-        table = write_tables(table, out, source.label, cfg.eval.select, clip_note)
-    write_grid(plan, table, out, source.label)
-    return write_tables(table, out, source.label, cfg.eval.select, clip_note)
+        row = scorer.score(sampler, _key_name(model), meta, source.id)
+        table = scorer.record(table, row, source.label)  # after each model: a crash loses one
+    write_grid(scorer.plan, table, scorer.out, source.label)
+    return write_tables(table, scorer.out, source.label, cfg.eval.select, scorer.clip_note)
 
 
 def judge_images(judge, images, plan: Plan, folder: Path | None = None) -> dict:

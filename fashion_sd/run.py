@@ -301,11 +301,22 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         metadata["init_from"] = str(cfg.lora.init_from)
     if machine.jit:
         comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
+    sampler = Sampler(comps)
+    evaluating = []
+    if t.eval_every:
+        from fashion_sd.evaluate import Scorer  # noqa: PLC0415 - Inception, CLIP: only when asked
+
+        print(f"evaluating every {t.eval_every} epoch(s) on {t.eval_images} {cfg.eval.split} "
+              f"prompts -> {run.eval}")
+        evaluating = [cb.EvalDuringTraining(state, Scorer(cfg, num_images=t.eval_images,
+                                                          out=run.eval, progress=progress),
+                                            sampler, t, source.id, source.label)]
     callbacks = [
         cb.StepGuard(state, t.max_nonfinite, t.min_loss_scale),
         cb.Checkpointer(state, layers, cfg, metadata, source.label,
                         monitor="val_loss" if inputs.n_val else "loss"),
-        cb.SampleGrids(state, Sampler(comps), t, source.label),
+        cb.SampleGrids(state, sampler, t, source.label),
+        *evaluating,
         # EMA: val loss of the EMA weights, raw weights kept across fit segments.
         *([cb.EmaValidation(), cb.KeepRawWeights()] if t.ema_decay else []),
         keras.callbacks.TensorBoard(str(run.tensorboard)),

@@ -205,15 +205,29 @@ def row_for(sweep: Sweep, run: dict[str, Any], outcome: dict | None = None) -> d
             row.update(best_fid=best.fid, best_fid_epoch=best.epoch, best_kid=best_kid.kid_mean,
                        best_kid_epoch=best_kid.epoch, comparable=bool(fid.comparable.all()),
                        n_generated=int(best.n_generated))
+            # the checkpoint the run's eval.select chose, with its garment metrics
+            chosen = fid[fid.selected.astype(str).isin(["True", "true"])] if "selected" in fid else fid.iloc[:0]
+            if len(chosen):
+                c = chosen.iloc[-1]
+                row.update(selected=c.checkpoint, **{k: c.get(k) for k in SELECTED_METRICS})
     row["paper_fid"] = paper.reported_fid(cfg.lora.rank, cfg.train.learning_rate,
                                           cfg.train.batch_size)
     return row
 
 
+SELECTED_METRICS = ["clip_score", "type_top1", "type_top3", "on_model_rate", "colour_accuracy",
+                    "cut_off_rate"]
 RESULT_COLUMNS = ["run", "rank", "learning_rate", "batch_size", "status", "final_loss",
                   "final_val_loss", "best_fid", "best_fid_epoch", "best_kid", "best_kid_epoch",
-                  "paper_fid", "trainable_parameters", "train_seconds", "comparable", "weights",
-                  "error"]
+                  "selected", *SELECTED_METRICS, "paper_fid", "trainable_parameters",
+                  "train_seconds", "comparable", "weights", "error"]
+
+
+def _selected(r, num) -> str:
+    if not isinstance(r.get("selected"), str):
+        return ""
+    return (f"{r.selected}: {num(r.clip_score, '{:.1f}') or '-'} / {num(r.type_top1, '{:.2f}') or '-'}"
+            f" / {num(r.colour_accuracy, '{:.2f}') or '-'} / {num(r.cut_off_rate, '{:.2f}') or '-'}")
 
 
 def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | None = None) -> pd.DataFrame:
@@ -233,8 +247,9 @@ def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | N
     with atomic_path(out / "results.csv") as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
     lines = ["| run | rank | lr | batch | status | train loss | val loss | best FID (epoch) | "
-             "best KID (epoch) | paper FID | trainable | seconds |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+             "best KID (epoch) | selected: CLIP / type top-1 / colour / cut off | paper FID | "
+             "trainable | seconds |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
 
     def num(v, fmt="{:.4g}"):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
@@ -246,6 +261,7 @@ def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | N
             f"{num(r.final_loss)} | {num(r.final_val_loss)} | "
             f"{num(r.best_fid)}{' (' + num(r.best_fid_epoch, '{:g}') + ')' if num(r.best_fid) else ''} | "
             f"{num(r.best_kid)}{' (' + num(r.best_kid_epoch, '{:g}') + ')' if num(r.best_kid) else ''} | "
+            f"{_selected(r, num)} | "
             f"{r.paper_fid if isinstance(r.paper_fid, str) else ''} | "
             f"{num(r.trainable_parameters, '{:,.0f}')} | {num(r.train_seconds, '{:.0f}')} |")
     notes = [f"Best row: lowest {key.replace('_', ' ')}."]

@@ -136,3 +136,25 @@ def test_select_best_by_each_column():
     assert ev.select_best(table, "type_accuracy") == (2, "type_top1")  # not the base's 0.9
     table["clip_score"] = np.nan  # CLIP was off: falls back to KID
     assert ev.select_best(table, "clip") == (1, "kid_mean")
+
+
+def test_evaluation_while_training(tmp_path, demo_captions, encoder_cache, build, monkeypatch):
+    """train.eval_every: each epoch's checkpoint lands in eval/fid.csv as evaluate_fid.py would
+    score it, so evaluate_fid.py afterwards finds nothing left to do."""
+    from fashion_sd.metrics import inception
+
+    monkeypatch.setattr(inception, "load_extractor", lambda *a, **k: SmallExtractor())
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        f"data.captions={demo_captions}", f"data.cache_dir={encoder_cache}",
+        f"output.dir={tmp_path / 'run'}", "model.weights=random", "train.batch_size=8",
+        "train.sample_every=0", "train.epochs=2", "train.eval_every=1", "train.eval_images=4",
+        "eval.steps=2", "eval.clip=none"])
+    run.train(cfg, progress=None, verbose=0, build=build)
+    table = pd.read_csv(Path(cfg.output.dir) / "eval" / "fid.csv")
+    assert table.checkpoint.tolist() == ["epoch_001", "epoch_002"]
+    assert table.epoch.tolist() == [1.0, 2.0] and table.selected.sum() == 1
+    assert np.isfinite(table.kid_mean).all() and table.colour_accuracy.notna().all()
+    monkeypatch.setattr(ev, "generate_for", lambda *a, **k: pytest.fail("scored twice"))
+    again = ev.evaluate(cfg, f"{cfg.output.dir}/checkpoints", num_images=4,
+                        extractor=SmallExtractor(), build=build)
+    assert again.checkpoint.tolist() == ["epoch_001", "epoch_002"]

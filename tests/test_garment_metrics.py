@@ -83,12 +83,13 @@ def test_evaluate_judges_a_folder_of_images(tmp_path, demo_captions, capsys):
 
     out = tmp_path / "judged"
     rc = cli.main(["evaluate", "--images", str(DEMO / "images"), "--captions", str(demo_captions),
-                   "--out", str(out)])
+                   "--out", str(out), "--set", "eval.clip=none"])
     assert rc == 0, capsys.readouterr().err
     table = pd.read_csv(out / "garment.csv")
     captions = pd.read_csv(demo_captions)
     assert len(table) == len(captions)
     direct = g.score_images([DEMO / "images" / f"{i}.jpg" for i in captions.id], captions.baseColour)
     assert table.colour_judged.tolist() == direct.colour_judged.tolist()
-    assert "colour accuracy" in (out / "garment.md").read_text()
+    md = (out / "garment.md").read_text()
+    assert "colour accuracy" in md and "CLIP metrics off: eval.clip: none" in md
     assert cli.main(["evaluate", "--images", str(DEMO / "images"), "--out", str(out)]) == 2
