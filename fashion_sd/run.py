@@ -160,6 +160,12 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False) ->
             init_meta = lora.check_init_from(cfg.lora.init_from, cfg.lora)
         except lora.LoraError as exc:
             raise TrainingError(str(exc)) from None
+    if cfg.train.eval_every:
+        from fashion_sd.evaluate import make_plan  # noqa: PLC0415
+        from fashion_sd.metrics.clip import check_spec  # noqa: PLC0415
+
+        make_plan(cfg, cfg.eval.split, cfg.train.eval_images)  # the split it scores is not empty
+        check_spec(cfg.eval.clip)
     source = models.resolve_weights(cfg.model.weights, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
     return Inputs(table, n_train, int((table.split == "val").sum()), source, init_meta)
 

@@ -205,6 +205,12 @@ ROWS = [
     ("evaluate: checkpoint not safetensors", "evaluate {cfg} --checkpoints {w}/junk.safetensors --out {w}/eval", "junk.safetensors: not a readable safetensors"),
     ("evaluate: --images folder missing", "evaluate --images {w}/noimg --captions {w}/captions.csv --out {w}/j", "--images"),
     ("evaluate: --images without --captions", "evaluate --images {w}/images --out {w}/j", "go together"),
+    ("evaluate: CLIP folder without a preset", "{ev} --set eval.clip=local:{w}/adir", "adir; give a KerasCV CLIP preset folder"),
+    ("evaluate: CLIP spec unknown", "{ev} --set eval.clip=openai", "'eval.clip' must be auto, pretrained"),
+    ("evaluate: select clip with CLIP off", "{ev} --set eval.select=clip --set eval.clip=none", "'eval.select' clip needs CLIP"),
+    ("evaluate: --images with a CLIP folder that is not one", "evaluate --images {w}/images --captions {w}/captions.csv --out {w}/j --set eval.clip=local:{w}/adir", "no config.json"),
+    ("train: eval_every with a CLIP folder that is not one", "train {cfg} --set train.eval_every=1 --set eval.clip=local:{w}/adir", "no config.json"),
+    ("train: eval_every with one image", "train {cfg} --set train.eval_every=1 --set train.eval_images=1", "'train.eval_images' must be >= 2"),
     # sweep
     ("sweep: file missing", "sweep --config {w}/nope.yaml", "nope.yaml: sweep file not found"),
     ("sweep: file is an image", "sweep --config {w}/photo.png", "photo.png: not a text file"),

@@ -42,6 +42,9 @@ def judge_folder(args) -> int:
             raise preflight.InputError("--images, --captions and --out go together: "
                                        "--images DIR --captions CSV --out DIR")
         cfg = config_from_args(args)
+        from fashion_sd.metrics.clip import check_spec
+
+        check_spec(cfg.eval.clip)
         folder = preflight.input_folder("--images", args.images, "image folder")
         table = pd.read_csv(preflight.text_file("--captions", args.captions, "captions CSV"),
                             dtype=str, keep_default_na=False)
@@ -125,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--num-images must be >= 2 (a covariance needs two images)")
         # Every checkpoint is checked against SD 1.x before the first one is scored.
         from fashion_sd.evaluate import find_checkpoints, make_plan
+        from fashion_sd.metrics.clip import check_spec
 
         for path in find_checkpoints(args.checkpoints) if args.checkpoints else []:
             preflight.lora_file("--checkpoints", path)
         preflight.output_folder("--out" if args.out else "output.dir",
                                 args.out or RunDir(cfg.output.dir).eval)
         make_plan(cfg, args.split or cfg.eval.split, args.num_images)
+        check_spec(cfg.eval.clip)
     except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -145,6 +145,16 @@ def _help(preset: str) -> str:
             f"~/.cache/kagglehub); eval.clip: none turns the CLIP metrics off.")
 
 
+def check_spec(spec: str, key: str = "eval.clip") -> None:
+    """What can be checked without loading: a local:DIR preset folder exists with its config."""
+    if spec.startswith("local:"):
+        folder = Path(spec[len("local:"):]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ClipUnavailable(f"{key}: {spec}: no config.json in {folder}; give a KerasCV CLIP "
+                                  "preset folder (config.json + model.weights.h5), or set "
+                                  f"{key}: auto or none")
+
+
 def load_clip(spec: str, preset: str, seed: int = 0) -> tuple[ClipModel | None, str]:
     """(model or None, why) for ``eval.clip``; raises :class:`ClipUnavailable` when a spec that
     must load (pretrained, local:DIR) cannot."""

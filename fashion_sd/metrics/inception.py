@@ -4,7 +4,8 @@ Backends (:func:`load_extractor`):
 
 - ``tfhub``: TF-GAN's FID Inception, https://tfhub.dev/tensorflow/tfgan/eval/inception/1, the
   2015 TensorFlow graph that the original FID code (TTUR) and pytorch-fid's weights come from;
-  its ``pool_3`` output. The numbers to compare with the literature.
+  its ``pool_3`` output. The only network whose numbers may be read against papers (with the
+  same protocol and set sizes).
 - ``keras``: ``keras.applications.InceptionV3`` with ImageNet weights, global average pool.
   A close relative, not the same weights: its FIDs compare with each other only
   (``comparable`` False).
