@@ -238,7 +238,6 @@ class Scorer:
             stats_key,
             warn_if_biased,
         )
-        from fashion_sd.metrics.judge import load_judge
 
         self.cfg, self.progress = cfg, progress
         self.out = Path(out) if out else RunDir(cfg.output.dir).eval
@@ -254,9 +253,17 @@ class Scorer:
             extractor, self.plan.real_paths, cfg.data.resolution, progress=progress))
         warn_if_biased(len(self.plan.real_paths), len(self.plan.prompts))
         self.clip_note = ""
-        if judge is None:
-            judge, self.clip_note = load_judge(cfg, self.plan.vocabulary)
-        self.judge = judge
+        self._judge = judge
+
+    @property
+    def judge(self):
+        """Loaded on first use: CLIP costs a download or seconds of loading, and a re-run with
+        nothing left to score needs none of it."""
+        from fashion_sd.metrics.judge import load_judge
+
+        if self._judge is None:
+            self._judge, self.clip_note = load_judge(self.cfg, self.plan.vocabulary)
+        return self._judge
 
     def score(self, sampler, name: str, meta: dict, weights_id: str) -> dict:
         """Generate the plan's images with ``sampler`` as it stands and score them: one row."""
@@ -305,7 +312,6 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
         raise EvaluationError("nothing to score: give --checkpoints DIR|GLOB and/or --include-base")
     for p in paths:  # a bad file fails here, before any work (headers only)
         lora.lora_metadata(p)
-    make_plan(cfg, split or cfg.eval.split, num_images)  # the captions, before Inception loads
     scorer = Scorer(cfg, split, num_images, out, extractor, judge, progress)
     settings = scorer.plan.settings_id
     previous = scorer.previous()
