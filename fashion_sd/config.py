@@ -51,6 +51,10 @@ class DataConfig:
     resolution: int | list[int] = 256
     flip: bool = True  # random horizontal flip in training
     cache_dir: str = "runs/cache"  # encoder outputs, keyed by weights, resolution and data
+    # The encoder cache is written in shards of this many images (each atomic: an interrupted
+    # encoding resumes at the first missing one) and read memory-mapped (fashion_sd/shards.py).
+    shard_rows: int = 1024
+    cache_dtype: Literal["float32", "float16"] = "float32"  # how VAE moments are stored
 
 
 @dataclass
@@ -477,6 +481,7 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     need(t.text_encoder_lr is None or (t.text_encoder_lr > 0 and math.isfinite(t.text_encoder_lr)),
          "train.text_encoder_lr", "must be a positive number or null (train.learning_rate)")
     need(t.val_repeats >= 1, "train.val_repeats", "must be >= 1")
+    need(cfg.data.shard_rows >= 1, "data.shard_rows", "must be >= 1 (1024 is usual)")
     need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
     need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: no evaluation while training)")
     need(t.eval_images >= 2, "train.eval_images", "must be >= 2 (a covariance needs two images)")

@@ -20,10 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 from fashion_sd import diffusion
-from fashion_sd.cache import cache_key, cached, file_id
+from fashion_sd.cache import cache_key, file_id
 from fashion_sd.diffusion import TRAIN_TIMESTEPS
 from fashion_sd.images import background_colour, image_size, load_image  # noqa: F401 - re-exported
 from fashion_sd.progress import tqdm_progress  # noqa: F401 - re-exported
+from fashion_sd.shards import ROWS_PER_SHARD, sharded
 from fashion_sd.tokenizer import END_TOKEN, MAX_LENGTH, tokenize  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def encode_images(image_encoder, paths: list[str], resolution, batch_size: int =
 class EncodedData:
     """Everything training needs from the frozen encoders, indexed by row of each split."""
 
+    # Shard folders read memory-mapped (fashion_sd.shards.ShardedArray) or, in tests, arrays:
     moments: np.ndarray  # (n_images, 2, h, w, 8): VAE moments of each image, unflipped/flipped
     contexts: np.ndarray  # (n_captions + 1, 77, 768): one per distinct caption, and the empty one
     caption_index: np.ndarray  # (n_images,) row -> context
@@ -112,10 +114,14 @@ class EncodedData:
 
 
 def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=None,
-                   batch_size: int = 8, text_cache: bool = True) -> EncodedData:
+                   batch_size: int = 8, text_cache: bool = True, shard_rows: int = ROWS_PER_SHARD,
+                   cache_dtype: str = "float32") -> EncodedData:
     """Encode (or load from cache) the images and distinct captions of a captions table.
 
-    ``text_cache=False`` (the text encoder trains): captions are kept as token ids instead.
+    Both caches are shard folders (:mod:`fashion_sd.shards`): written ``shard_rows`` rows at a
+    time, resumed after an interruption, read memory-mapped. VAE moments are stored in
+    ``cache_dtype``; text encodings in float32. ``text_cache=False`` (the text encoder trains):
+    captions are kept as token ids instead.
     """
     if (table.image_path == "").any():
         raise ValueError("captions.csv has rows without image_path; build it with --images")
@@ -126,24 +132,32 @@ def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=Non
     index = {c: i for i, c in enumerate(distinct)}
     weights_id = comps.source.id
 
-    def text():
-        tokens, truncated = tokenize(distinct, comps.tokenizer)
-        if truncated:
-            log.warning("%d caption(s) over %d tokens were truncated, e.g. %r",
-                        len(truncated), MAX_LENGTH, truncated[0])
-        return encode_text(comps.text_encoder, tokens, batch_size, progress)
+    tokens, truncated = tokenize(distinct, comps.tokenizer)
+    n_shards = -(-len(paths) // shard_rows)
+
+    def text(start, stop):
+        return encode_text(comps.text_encoder, tokens[start:stop], batch_size,
+                           progress if len(distinct) <= shard_rows else None)
+
+    def images(start, stop):  # one shard's bar, or one bar over many shards
+        return encode_images(comps.image_encoder, paths[start:stop], resolution, batch_size,
+                             progress if n_shards == 1 else None)
 
     text_dtype = comps.text_encoder.dtype_policy.compute_dtype
     image_dtype = comps.image_encoder.dtype_policy.compute_dtype
-    tokens = contexts = None
+    contexts = None
     if text_cache:
-        contexts = cached(cache_dir, cache_key("text", weights_id, distinct, dtype=text_dtype), text)
-    else:
-        tokens = tokenize(distinct, comps.tokenizer)[0]
-    moments = cached(cache_dir, cache_key("images", weights_id, [file_id(p) for p in paths],
-                                          resolution, dtype=image_dtype),
-                     lambda: encode_images(comps.image_encoder, paths, resolution, batch_size,
-                                           progress))
+        if truncated:
+            log.warning("%d caption(s) over %d tokens were truncated, e.g. %r",
+                        len(truncated), MAX_LENGTH, truncated[0])
+        contexts = sharded(cache_dir, cache_key("text", weights_id, distinct, dtype=text_dtype),
+                           len(distinct), text, "float32", shard_rows,
+                           progress if len(distinct) > shard_rows else None)
+        tokens = None
+    moments = sharded(cache_dir, cache_key("images", weights_id, [file_id(p) for p in paths],
+                                           resolution, dtype=image_dtype),
+                      len(paths), images, cache_dtype, shard_rows,
+                      progress if n_shards > 1 else None)
     splits = {name: np.flatnonzero((table.split == name).to_numpy()) for name in ("train", "val", "test")}
     return EncodedData(moments, contexts, np.array([index[c] for c in table.caption]), splits,
                        index[""], tokens)

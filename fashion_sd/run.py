@@ -235,7 +235,8 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         print("lora.text_encoder: the text encoder trains, so captions are encoded at every step "
               "(no text cache for this run); the VAE cache is kept")
     encoded = data.encode_dataset(inputs.table, comps, cfg.data.cache_dir, cfg.data.resolution,
-                                  progress, text_cache=not cfg.lora.text_encoder)
+                                  progress, text_cache=not cfg.lora.text_encoder,
+                                  shard_rows=cfg.data.shard_rows, cache_dtype=cfg.data.cache_dtype)
     comps.image_encoder = None  # not needed past the cache
     spe = inputs.n_train // t.batch_size
     total = t.epochs * spe
