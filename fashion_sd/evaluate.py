@@ -202,10 +202,13 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
     if int(df.n_real.min()) < 2048 or int(df.n_generated.min()) < 2048:
         notes.append("Fewer than 2048 images: FID is biased upwards at this size; compare KID, "
                      "which is unbiased.")
-    small = df[df.kid_subset_size.notna()]
-    if len(small) and (small.kid_subset_size.astype(float) < 1000).any():
-        notes.append(f"KID subsets of {int(small.kid_subset_size.min())} images (half the smaller "
-                     "set, so subsets differ; eval.kid_subset_size applies from 2x its size).")
+    sized = df[df.kid_subset_size.notna()]
+    halved = sized[sized.kid_subset_size.astype(int) == np.maximum(
+        2, np.minimum(sized.n_real.astype(int), sized.n_generated.astype(int)) // 2)]
+    if len(halved):
+        notes.append(f"KID subsets of {int(halved.kid_subset_size.min())} images: half the "
+                     "smaller set, so the subsets differ (eval.kid_subset_size applies to sets "
+                     "larger than it).")
     if isinstance(first.clip_model, str) and "RANDOM" in first.clip_model:
         notes.append("**CLIP RANDOM-INIT**: CLIP score, type accuracy and on-model rate mean "
                      "nothing.")
