@@ -315,9 +315,9 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
 
         print(f"evaluating every {t.eval_every} epoch(s) on {t.eval_images} {cfg.eval.split} "
               f"prompts -> {run.eval}")
-        evaluating = [cb.EvalDuringTraining(state, Scorer(cfg, num_images=t.eval_images,
-                                                          out=run.eval, progress=progress),
-                                            sampler, t, source.id, source.label)]
+        scorer = Scorer(cfg, num_images=t.eval_images, out=run.eval, progress=progress)
+        scorer.judge  # noqa: B018 - CLIP now: a missing download fails before the first step
+        evaluating = [cb.EvalDuringTraining(state, scorer, sampler, t, source.id, source.label)]
     callbacks = [
         cb.StepGuard(state, t.max_nonfinite, t.min_loss_scale),
         cb.Checkpointer(state, layers, cfg, metadata, source.label,
