@@ -132,11 +132,14 @@ def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=Non
     index = {c: i for i, c in enumerate(distinct)}
     weights_id = comps.source.id
 
-    tokens, truncated = tokenize(distinct, comps.tokenizer)
     n_shards = -(-len(paths) // shard_rows)
 
     def text(start, stop):
-        return encode_text(comps.text_encoder, tokens[start:stop], batch_size,
+        tokens, truncated = tokenize(distinct[start:stop], comps.tokenizer)
+        if truncated:
+            log.warning("%d caption(s) over %d tokens were truncated, e.g. %r",
+                        len(truncated), MAX_LENGTH, truncated[0])
+        return encode_text(comps.text_encoder, tokens, batch_size,
                            progress if len(distinct) <= shard_rows else None)
 
     def images(start, stop):  # one shard's bar, or one bar over many shards
@@ -145,15 +148,13 @@ def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=Non
 
     text_dtype = comps.text_encoder.dtype_policy.compute_dtype
     image_dtype = comps.image_encoder.dtype_policy.compute_dtype
-    contexts = None
+    tokens = contexts = None
     if text_cache:
-        if truncated:
-            log.warning("%d caption(s) over %d tokens were truncated, e.g. %r",
-                        len(truncated), MAX_LENGTH, truncated[0])
         contexts = sharded(cache_dir, cache_key("text", weights_id, distinct, dtype=text_dtype),
                            len(distinct), text, "float32", shard_rows,
                            progress if len(distinct) > shard_rows else None)
-        tokens = None
+    else:
+        tokens = tokenize(distinct, comps.tokenizer)[0]
     moments = sharded(cache_dir, cache_key("images", weights_id, [file_id(p) for p in paths],
                                            resolution, dtype=image_dtype),
                       len(paths), images, cache_dtype, shard_rows,

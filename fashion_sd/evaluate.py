@@ -214,7 +214,8 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
                      "nothing.")
     notes.append("Colour: the garment's dominant colour within the prompt's colour or a named "
                  "neighbour; cut off: the garment runs along a frame edge (metrics/garment.py).")
-    grid = f"\n![real vs generated, one row per prompt]({GRID})\n" if (out / GRID).is_file() else ""
+    # drawn by evaluate() once every model is scored (write_grid)
+    grid = f"\n![real vs generated, one row per prompt]({GRID})\n"
     atomic_write_text(out / rundir.SCORES_MD, "# Scores per checkpoint\n\n" + "\n".join(lines)
                       + "\n\n" + "\n\n".join(notes) + "\n" + grid)
     plots.metric_curves(df, out / rundir.SCORES_PLOT, label if comparable else
@@ -341,7 +342,7 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
         row = scorer.score(sampler, _key_name(model), meta, source.id)
         table = scorer.record(table, row, source.label)  # after each model: a crash loses one
     write_grid(scorer.plan, table, scorer.out, source.label)
-    return write_tables(table, scorer.out, source.label, cfg.eval.select, scorer.clip_note)
+    return table
 
 
 def judge_images(judge, images, plan: Plan, folder: Path | None = None) -> dict:

@@ -72,12 +72,16 @@ def judge_folder(args) -> int:
     except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    images = [_rgb(p) for p in paths]
     prompts = rows.caption.tolist() if "caption" in rows else [""] * len(rows)
     if judge.clip is not None and "caption" not in rows:
         judge.clip, clip_note = None, f"--captions {args.captions} has no caption column"
     colours = [c or None for c in rows.baseColour] if "baseColour" in rows else [None] * len(rows)
-    scored = judge(images, prompts, types, colours)
+    # A catalogue's photos are up to 1800x2400: decoded a chunk at a time, never all at once.
+    chunk = 64
+    scored = pd.concat([judge([_rgb(p) for p in paths[s: s + chunk]], prompts[s: s + chunk],
+                              types[s: s + chunk], colours[s: s + chunk])
+                        for s in range(0, len(paths), chunk)] or [judge([], [], [], [])],
+                       ignore_index=True)
     scored.insert(0, "image", [str(p) for p in paths])
     summary = summarise(scored)
     with atomic_path(out / "garment.csv") as tmp:

@@ -57,12 +57,3 @@ def on_model(image_emb, product_emb, worn_emb) -> np.ndarray:
     img = normalise(image_emb)
     return (img * normalise(worn_emb)).sum(-1) > (img * normalise(product_emb)).sum(-1)
 
-
-def adherence(image_emb, prompt_emb, type_emb, labels, product_emb, worn_emb) -> dict:
-    """Per-image columns: clip_score, type_top1, type_top3, on_model."""
-    sims = similarity(image_emb, type_emb)
-    return {"clip_score": clip_score(image_emb, prompt_emb),
-            "type_top1": top_k_correct(sims, labels, 1),
-            "type_top3": top_k_correct(sims, labels, 3),
-            "type_judged": np.argmax(sims, axis=1),
-            "on_model": on_model(image_emb, product_emb, worn_emb)}

@@ -163,11 +163,9 @@ def load_clip(spec: str, preset: str, seed: int = 0) -> tuple[ClipModel | None, 
     if spec == "random":
         return ClipModel(f"{preset}/random-init(seed={seed})", random_clip(preset, seed), True), ""
     if spec.startswith("local:"):
+        check_spec(spec)
         folder = Path(spec[len("local:"):]).expanduser()
         config = folder / "config.json"
-        if not config.is_file():
-            raise ClipUnavailable(f"eval.clip: {spec}: no config.json in {folder} (a KerasCV CLIP "
-                                  f"preset folder). {_help(preset)}")
         try:
             weights = json.loads(config.read_text()).get("weights")
             model = _clip_class().from_preset(str(folder), load_weights=weights is not None)

@@ -45,17 +45,20 @@ class Judge:
         img = self.clip.embed_images(images)
         table["clip_score"] = adherence.clip_score(img, self.texts(list(prompts)))
         if self.vocabulary:
-            found = adherence.adherence(
-                img, self.texts(list(prompts)), self.texts(adherence.type_texts(self.vocabulary)),
-                [self.vocabulary.index(t) for t in known],
-                self.texts([adherence.PRODUCT_TEXT.format(t) for t in known]),
-                self.texts([adherence.WORN_TEXT.format(t) for t in known]))
-            table["type"] = types
-            table["type_judged"] = [self.vocabulary[i] for i in found["type_judged"]]
+            sims = adherence.similarity(img, self.texts(adherence.type_texts(self.vocabulary)))
+            labels = [self.vocabulary.index(t) for t in known]
+            worn = adherence.on_model(img, self.texts([adherence.PRODUCT_TEXT.format(t) for t in known]),
+                                      self.texts([adherence.WORN_TEXT.format(t) for t in known]))
             ok = [t is not None for t in types]
-            table["type_top1"] = pd.array(np.where(ok, found["type_top1"], None), dtype="boolean")
-            table["type_top3"] = pd.array(np.where(ok, found["type_top3"], None), dtype="boolean")
-            table["on_model"] = pd.array(np.where(ok, found["on_model"], None), dtype="boolean")
+
+            def scored(values):  # an image whose prompt type is unknown is not scored
+                return pd.array(np.where(ok, values, None), dtype="boolean")
+
+            table["type"] = types
+            table["type_judged"] = [self.vocabulary[i] for i in np.argmax(sims, axis=1)]
+            table["type_top1"] = scored(adherence.top_k_correct(sims, labels, 1))
+            table["type_top3"] = scored(adherence.top_k_correct(sims, labels, 3))
+            table["on_model"] = scored(worn)
         return table
 
 
