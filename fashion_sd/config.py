@@ -134,6 +134,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     jit_compile: Union[bool, Literal["auto"]] = "auto"
+    # auto: a TPU when one is found, mirrored over several GPUs, else one device; multi_worker
+    # (MultiWorkerMirroredStrategy, one process per host, TF_CONFIG) only when asked for.
+    # train.batch_size is the global batch, split over every replica of every worker.
+    strategy: Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"] = "auto"
     deterministic: bool = False  # TensorFlow op determinism (slower; exact resume on CPU)
     keep_last: int = 3  # epoch checkpoints kept besides best and last
     max_nonfinite: int = 20  # consecutive non-finite (unscaled) losses that stop the run

@@ -25,9 +25,13 @@ log = logging.getLogger(__name__)
 
 
 class Sampler:
-    """Generates images with the text encoder, U-Net and decoder of ``comps``."""
+    """Generates images with the text encoder, U-Net and decoder of ``comps``.
 
-    def __init__(self, comps: Components):
+    ``local``: run the models on this process alone, whatever strategy built them (the chief of
+    a multi-worker run samples while the other workers wait; see :class:`_Local`).
+    """
+
+    def __init__(self, comps: Components, local: bool = False):
         from keras_cv.models import StableDiffusion
 
         missing = [n for n in ("text_encoder", "diffusion_model", "decoder") if getattr(comps, n) is None]
@@ -38,9 +42,10 @@ class Sampler:
         # Set after construction: KerasCV's constructor rounds sizes to multiples of 128, which
         # would turn 384 x 512 into 384 x 512 but 320 x 448 into 384 x 512; ours are checked /64.
         sd.img_width, sd.img_height = image_size(comps.resolution)
-        sd._text_encoder = comps.text_encoder
-        sd._diffusion_model = comps.diffusion_model
-        sd._decoder = comps.decoder
+        wrap = _Local if local else (lambda m: m)
+        sd._text_encoder = self.text_encoder = wrap(comps.text_encoder)
+        sd._diffusion_model = wrap(comps.diffusion_model)
+        sd._decoder = wrap(comps.decoder)
         sd._tokenizer = comps.tokenizer
         self.sd = sd
         self.comps = comps
@@ -53,7 +58,7 @@ class Sampler:
         if truncated:
             log.warning("prompt over %d tokens truncated: %r", MAX_LENGTH, prompt)
         positions = np.arange(MAX_LENGTH, dtype=np.int32)[None]
-        return self.comps.text_encoder.predict_on_batch({"tokens": tokens, "positions": positions})
+        return self.text_encoder.predict_on_batch({"tokens": tokens, "positions": positions})
 
     def initial_noise(self, seeds: list[int]):
         w, h = image_size(self.comps.resolution)
@@ -78,6 +83,25 @@ class Sampler:
                     diffusion_noise=self.initial_noise(seeds))
         finally:
             self.sd._diffusion_model, self.sd._decoder = unet, decoder
+
+
+class _Local:
+    """A model's ``predict_on_batch`` on this process alone.
+
+    Under ``MultiWorkerMirroredStrategy`` Keras' ``predict_on_batch`` gathers every worker's
+    outputs (an all-gather that waits for all of them), but a multi-worker run samples its
+    preview grids on the chief only. Calling the model in a ``tf.function`` outside the
+    strategy's replicas reads this worker's copy of the (mirrored) weights and talks to no one.
+    """
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.model = model
+        self._call = tf.function(lambda x: model(x, training=False))
+
+    def predict_on_batch(self, inputs):
+        return keras.ops.convert_to_numpy(self._call(inputs))
 
 
 class _Float32Outputs:

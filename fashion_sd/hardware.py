@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import platform
+
+from fashion_sd.errors import FashionSDError
 
 
 def gpus():
@@ -19,11 +23,13 @@ def compute_capability(gpu) -> tuple[int, int] | None:
     return details.get("compute_capability")
 
 
-def resolve_precision(setting: str) -> str:
-    """``auto``: bf16 on Ampere or newer (no loss scaling needed), fp16 with loss scaling on older
-    GPUs (V100, T4), float32 on a CPU, where reduced precision is slower, not faster."""
+def resolve_precision(setting: str, tpu: bool = False) -> str:
+    """``auto``: bf16 on a TPU and on Ampere or newer GPUs (no loss scaling needed), fp16 with
+    loss scaling on older GPUs (V100, T4), float32 on a CPU, where reduced precision is slower."""
     if setting != "auto":
         return setting
+    if tpu:
+        return "mixed_bfloat16"
     found = gpus()
     if not found:
         return "float32"
@@ -53,13 +59,88 @@ def resolve_jit(setting, replicas: int = 1, deterministic: bool = False) -> tupl
     return True, "auto: one GPU"
 
 
-def strategy():
-    """MirroredStrategy over every visible GPU when there are several, else the default."""
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+class StrategyError(FashionSDError, RuntimeError):
+    """A train.strategy this machine cannot give (no TF_CONFIG, no TPU)."""
+
+
+def tf_config() -> dict | None:
+    """The cluster this process belongs to (``TF_CONFIG``), or None when it is not set."""
+    text = os.environ.get("TF_CONFIG", "").strip()
+    if not text:
+        return None
+    try:
+        spec = json.loads(text)
+        spec["cluster"], spec["task"]["type"], int(spec["task"]["index"])  # noqa: B018
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StrategyError(
+            f"TF_CONFIG is not a cluster spec ({exc}); set it to JSON such as "
+            '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}} (README: "Several machines")') from None
+    return spec
+
+
+def is_chief(spec: dict | None) -> bool:
+    """The process that writes a multi-worker run's files: the ``chief`` task, or worker 0 when
+    the cluster names no chief (TensorFlow's own rule)."""
+    if spec is None:
+        return True
+    task = spec["task"]
+    if "chief" in spec["cluster"]:
+        return task["type"] == "chief"
+    return task["type"] == "worker" and int(task["index"]) == 0
+
+
+def tpu_address() -> str | None:
+    """A TPU this process can reach: Colab's (``COLAB_TPU_ADDR``), a named one (``TPU_NAME``),
+    or ``"local"`` on a TPU VM whose chips are devices of this host; else None."""
+    if os.environ.get("TPU_NAME"):
+        return os.environ["TPU_NAME"]
+    if os.environ.get("COLAB_TPU_ADDR"):
+        return "grpc://" + os.environ["COLAB_TPU_ADDR"]
+    return "local" if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") else None
+
+
+def resolve_strategy(setting: str) -> str:
+    """``auto``: a TPU when one is found, mirrored with several GPUs, else one device. Several
+    machines are never guessed: ``multi_worker`` is asked for by name (with ``TF_CONFIG``)."""
+    if setting != "auto":
+        return setting
+    if tpu_address():
+        return "tpu"
+    return "mirrored" if len(gpus()) > 1 else "one_device"
+
+
+def strategy(setting: str = "auto"):
+    """The ``tf.distribute`` strategy that ``train.strategy`` names (see :func:`resolve_strategy`)."""
     import tensorflow as tf
 
-    found = gpus()
-    if len(found) > 1:
+    kind = resolve_strategy(setting)
+    if kind == "mirrored":
         return tf.distribute.MirroredStrategy()
+    if kind == "multi_worker":
+        spec = tf_config()
+        if spec is None:
+            raise StrategyError(
+                "train.strategy: multi_worker needs TF_CONFIG, the cluster and this process's "
+                'place in it, e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", '
+                '"host2:12345"]}, "task": {"type": "worker", "index": 0}}\' on the first host '
+                '(index 1 on the second); README: "Several machines"')
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == "tpu":
+        address = tpu_address()
+        if address is None:
+            raise StrategyError("train.strategy: tpu, but no TPU is reachable (no TPU_NAME, no "
+                                "COLAB_TPU_ADDR, no TPU device); in Colab pick Runtime > Change "
+                                "runtime type > TPU, or set train.strategy: auto")
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+            tpu="" if address == "local" else address)
+        if address != "local":
+            tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
     return tf.distribute.get_strategy()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from fashion_sd import attention, data, hardware, images, lora, models, preflight
+from fashion_sd import attention, data, hardware, images, lora, models, multiworker, preflight, remote
 from fashion_sd import callbacks as cb
 from fashion_sd.captions import read_captions
 from fashion_sd.config import Config
@@ -25,7 +25,7 @@ from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
 from fashion_sd.generate import Sampler
 from fashion_sd.rundir import RunDir
-from fashion_sd.trainer import LoraTrainer, load_train_state, make_optimizer
+from fashion_sd.trainer import LoraTrainer, load_train_state, load_train_state_step, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.keep_last", "train.max_nonfinite",
                      "train.sample_every", "train.sample_steps", "train.sample_guidance",
                      "train.sample_seeds", "train.sample_prompts", "train.jit_compile",
-                     "train.min_loss_scale", "model.attention", "lora.form", "data.cache_dir", "model.cache_dir", "output.dir", "output.export")
+                     "train.min_loss_scale", "train.strategy", "model.attention", "lora.form", "data.cache_dir", "model.cache_dir", "output.dir", "output.export")
 
 
 class TrainingError(FashionSDError, RuntimeError):
@@ -116,18 +116,30 @@ class Inputs:
 class Machine:
     precision: str
     strategy: object
-    replicas: int
+    replicas: int  # over every worker
     jit: bool
     jit_reason: str
+    kind: str = "one_device"  # train.strategy as resolved
+    workers: int = 1
+    chief: bool = True  # the process that writes the run's files (every one but multi_worker's)
 
 
-def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False) -> Inputs:
+def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
+                 chief: bool = True) -> Inputs:
     """Every check that needs no model: the run folder, the captions and images, lora.init_from,
-    the weights. Raises TrainingError (or WeightsError) before anything heavy happens."""
-    preflight.output_folder("output.dir", run.root)
+    the weights. Raises TrainingError (or WeightsError) before anything heavy happens.
+
+    Other workers than the chief of a multi-worker run write nothing to output.dir; they read
+    the chief's train state from it when resuming (output.dir is shared: a network folder).
+    """
+    if chief:
+        preflight.output_folder("output.dir", run.root)
     if resume and not run.train_state.is_file():
-        raise TrainingError(f"--resume: {run.train_state} not found; nothing to resume in {run.root}")
-    if not resume and not fresh and run.train_state.is_file():
+        shared = "" if chief else (" (a multi-worker run's output.dir must be a folder every "
+                                   "worker sees: a network share or a GCS path)")
+        raise TrainingError(f"--resume: {run.train_state} not found; nothing to resume in "
+                            f"{run.root}{shared}")
+    if chief and not resume and not fresh and run.train_state.is_file():
         raise TrainingError(f"{run.root} already holds a run ({run.train_state}); continue it with "
                             "--resume, start over with --fresh, or set output.dir to a new folder")
     if resume:
@@ -146,7 +158,11 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False) ->
     if (table.image_path == "").any():
         raise TrainingError(f"{cfg.data.captions}: rows without image_path; rebuild it with "
                             "scripts/build_captions.py --images DIR")
-    missing = [p for p in table.image_path if not Path(p).is_file()]
+    paths = table.image_path.tolist()
+    if paths and remote.is_remote(paths[0]):  # one request each: check a spread of 200
+        paths = [paths[i] for i in sorted({int(i) for i in range(0, len(paths),
+                                                                  max(1, len(paths) // 200))})]
+    missing = [p for p in paths if not remote.is_file(p)]
     if missing:
         raise TrainingError(f"{cfg.data.captions}: {len(missing)} image(s) not found, e.g. "
                             f"{missing[0]}; rebuild the captions or fix data.images")
@@ -170,10 +186,33 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False) ->
     return Inputs(table, n_train, int((table.split == "val").sum()), source, init_meta)
 
 
+def _mirrors(cfg: Config) -> dict[str, remote.Mirror]:
+    """Local mirrors of output.dir and data.cache_dir where they are URLs (gs://...), checked
+    writable and filled from what the remote folders already hold (see fashion_sd.remote)."""
+    mirrors = {}
+    for key, url in (("output.dir", cfg.output.dir), ("data.cache_dir", cfg.data.cache_dir)):
+        if remote.is_remote(url):
+            mirror = remote.Mirror(url)
+            try:
+                mirror.check(key)
+            except remote.RemoteError as exc:
+                raise TrainingError(str(exc)) from None
+            pulled = mirror.pull()
+            print(f"{key} {url}: worked on in {mirror.local} ({pulled} file(s) copied in), each "
+                  "file copied out as it is written")
+            mirrors[key] = mirror
+    return mirrors
+
+
 def resolve_machine(cfg: Config) -> Machine:
     """Precision, replicas and XLA for this machine and config, refusing what cannot run."""
-    precision = hardware.resolve_precision(cfg.train.precision)
-    strategy = hardware.strategy()
+    kind = hardware.resolve_strategy(cfg.train.strategy)
+    precision = hardware.resolve_precision(cfg.train.precision, tpu=kind == "tpu")
+    spec = hardware.tf_config() if kind == "multi_worker" else None
+    try:
+        strategy = hardware.strategy(kind)
+    except hardware.StrategyError as exc:
+        raise TrainingError(str(exc)) from None
     replicas = strategy.num_replicas_in_sync
     jit, jit_reason = hardware.resolve_jit(cfg.train.jit_compile, replicas,
                                            cfg.train.deterministic)
@@ -181,10 +220,15 @@ def resolve_machine(cfg: Config) -> Machine:
         raise TrainingError(f"train.jit_compile: true with {replicas} replicas: the trainer's "
                             "cross-replica skip of non-finite steps uses merge_call, which "
                             "TensorFlow forbids under XLA; set train.jit_compile: auto or false")
+    if kind == "tpu":  # a TPU runs only what XLA compiled; no choice to record
+        jit, jit_reason = False, "tpu: TPUStrategy compiles every step with XLA itself"
     if cfg.train.batch_size % replicas:
-        raise TrainingError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
-                            f"{replicas} GPUs it is split over")
-    return Machine(precision, strategy, replicas, jit, jit_reason)
+        raise TrainingError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be "
+                            f"a multiple of the {replicas} replicas it is split over")
+    workers = len(spec["cluster"].get("worker", [])) + len(spec["cluster"].get("chief", [])) \
+        if spec else 1
+    return Machine(precision, strategy, replicas, jit, jit_reason, kind, workers,
+                   hardware.is_chief(spec))
 
 
 def fit_segments(step: int, steps_per_epoch: int, end: int) -> list[tuple[int, int, int]]:
@@ -204,14 +248,21 @@ def fit_segments(step: int, steps_per_epoch: int, end: int) -> list[tuple[int, i
 
 def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
     t_start = time.time()
-    run = RunDir(cfg.output.dir)
     # ---- inputs first: nothing heavy happens, and nothing is deleted, before these pass
-    inputs = check_inputs(cfg, run, resume, fresh)
     machine = resolve_machine(cfg)
-    if fresh:
+    mirrors = _mirrors(cfg)
+    run = RunDir(mirrors["output.dir"].local if "output.dir" in mirrors else cfg.output.dir)
+    inputs = check_inputs(cfg, run, resume, fresh, machine.chief)
+
+    def push():  # a remote output.dir gets each file as soon as it is written (the chief's)
+        if "output.dir" in mirrors and machine.chief:
+            mirrors["output.dir"].push()
+
+    if fresh and machine.chief:
         for name in RunDir.OUTPUTS:
             p = run.root / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        push()
     if inputs.n_val == 0:
         log.warning("%s: the val split is empty, so best.lora.safetensors is chosen by train loss "
                     "(recorded in run.json as best_by); give captions.split.val > 0 for a "
@@ -221,11 +272,20 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(cfg.seed)
     keras.mixed_precision.set_dtype_policy(machine.precision)
-    run.root.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        cfg.save(run.config)
+    if machine.chief:
+        run.root.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            cfg.save(run.config)
+        push()
     print(f"weights: {source.label}\nprecision: {machine.precision}, XLA: {machine.jit} "
           f"({machine.jit_reason}), replicas: {machine.replicas}")
+    if machine.replicas > 1 or machine.kind != "one_device":
+        # The learning rate is never rescaled for the replica count: say what runs.
+        print(f"strategy: {machine.kind}, {machine.workers} worker(s), {machine.replicas} "
+              f"replica(s); global batch {t.batch_size} ({t.batch_size // machine.replicas} per "
+              f"replica); learning rate {t.learning_rate:g} as configured (not scaled)"
+              + ("" if machine.chief else "; this worker writes nothing, the chief writes the "
+                 "run's files"))
 
     # ---- frozen encoders once, through the cache
     with machine.strategy.scope():
@@ -234,9 +294,12 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
     if cfg.lora.text_encoder:
         print("lora.text_encoder: the text encoder trains, so captions are encoded at every step "
               "(no text cache for this run); the VAE cache is kept")
-    encoded = data.encode_dataset(inputs.table, comps, cfg.data.cache_dir, cfg.data.resolution,
-                                  progress, text_cache=not cfg.lora.text_encoder,
-                                  shard_rows=cfg.data.shard_rows, cache_dtype=cfg.data.cache_dtype)
+    cache = mirrors.get("data.cache_dir")
+    encoded = data.encode_dataset(inputs.table, comps, cache.local if cache else cfg.data.cache_dir,
+                                  cfg.data.resolution, progress,
+                                  text_cache=not cfg.lora.text_encoder,
+                                  shard_rows=cfg.data.shard_rows, cache_dtype=cfg.data.cache_dtype,
+                                  on_write=cache.push if cache and machine.chief else None)
     comps.image_encoder = None  # not needed past the cache
     spe = inputs.n_train // t.batch_size
     total = t.epochs * spe
@@ -289,13 +352,16 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
              else f"{machine.jit_reason}; Keras turned it off",
              "attention": cfg.model.attention, "lora_form": cfg.lora.form,
              "loss_scaling": machine.precision == "mixed_float16", "replicas": machine.replicas,
+             "strategy": machine.kind, "workers": machine.workers,
              "steps_per_epoch": spe, "train_images": inputs.n_train, "val_images": inputs.n_val,
              "best_by": "val_loss" if inputs.n_val else "train_loss",
              "distinct_captions": int(inputs.table.caption.nunique()),
              "options": {k: getattr(t, k) for k in ("snr_gamma", "noise_offset",
                                                      "caption_dropout", "ema_decay")},
              "text_encoder_lora": bool(te_layers)}
-    write_run_json(run, cfg, source, extra)
+    if machine.chief:
+        write_run_json(run, cfg, source, extra)
+        push()
     if state.step >= end:
         print(f"nothing to do: the run already reached step {state.optimizer_step}")
         return extra
@@ -308,7 +374,7 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         metadata["init_from"] = str(cfg.lora.init_from)
     if machine.jit:
         comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
-    sampler = Sampler(comps)
+    sampler = Sampler(comps, local=machine.kind == "multi_worker")
     evaluating = []
     if t.eval_every:
         from fashion_sd.evaluate import Scorer  # noqa: PLC0415 - Inception, CLIP: only when asked
@@ -318,8 +384,7 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         scorer = Scorer(cfg, num_images=t.eval_images, out=run.eval, progress=progress)
         scorer.judge  # noqa: B018 - CLIP now: a missing download fails before the first step
         evaluating = [cb.EvalDuringTraining(state, scorer, sampler, t, source.id, source.label)]
-    callbacks = [
-        cb.StepGuard(state, t.max_nonfinite, t.min_loss_scale),
+    writers = [
         cb.Checkpointer(state, layers, cfg, metadata, source.label,
                         monitor="val_loss" if inputs.n_val else "loss"),
         cb.SampleGrids(state, sampler, t, source.label),
@@ -327,7 +392,11 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         # EMA: val loss of the EMA weights, raw weights kept across fit segments.
         *([cb.EmaValidation(), cb.KeepRawWeights()] if t.ema_decay else []),
         keras.callbacks.TensorBoard(str(run.tensorboard)),
+        *([cb.AfterWrites(push)] if "output.dir" in mirrors else []),  # last: after every write
     ]
+    # Every worker counts steps and stops alike; only the chief writes.
+    callbacks = [cb.StepGuard(state, t.max_nonfinite, t.min_loss_scale),
+                 *(writers if machine.chief else [])]
     val = data.val_dataset(encoded, t.batch_size, cfg.seed, t.val_repeats)
     for initial, stop, steps in fit_segments(state.step, spe, end):
         if state.stop_reason:
@@ -336,8 +405,24 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         ds = data.train_dataset(encoded, t.batch_size, cfg.seed, start,
                                 min(end, start + (stop - initial) * steps), cfg.data.flip,
                                 t.noise_offset, t.caption_dropout)
-        trainer.fit(ds, epochs=stop, initial_epoch=initial, steps_per_epoch=steps,
-                    validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=False)
+        if machine.kind == "multi_worker":  # Keras' fit cannot (see fashion_sd.multiworker)
+            try:
+                multiworker.fit(trainer, machine.strategy, ds, epochs=stop, initial_epoch=initial,
+                                steps_per_epoch=steps, validation_data=val, callbacks=callbacks,
+                                verbose=verbose, chief=machine.chief)
+            except multiworker.LOST_WORKER as exc:
+                push()
+                saved = load_train_state_step(run.train_state)
+                raise TrainingStopped(
+                    f"a worker of the cluster was lost at step {state.optimizer_step} "
+                    f"({str(exc).strip().splitlines()[0][:200]}). "
+                    + (f"The train state in {run.train_state} (step {saved}) is intact: "
+                       if saved is not None else "No train state was written yet: ")
+                    + "restart every worker with the same command and --resume"
+                    + ("" if saved is not None else " removed")) from None
+        else:
+            trainer.fit(ds, epochs=stop, initial_epoch=initial, steps_per_epoch=steps,
+                        validation_data=val, callbacks=callbacks, verbose=verbose, shuffle=False)
 
     last = state.history[-1] if state.history else {}
     summary = {**extra, "status": "finished" if state.step >= total else "stopped",
@@ -351,7 +436,9 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
                "skipped_steps": int(trainer.skipped_steps.numpy()),
                "overflow_steps": int(trainer.overflow_steps.numpy()),
                "seconds_this_session": round(time.time() - t_start, 1)}
-    write_run_json(run, cfg, source, summary)
+    if machine.chief:
+        write_run_json(run, cfg, source, summary)
+        push()
     if state.stop_reason == "nonfinite":
         raise TrainingStopped(
             f"stopped at step {state.optimizer_step}: {t.max_nonfinite} non-finite losses "
@@ -371,7 +458,10 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
 def summary_line(summary: dict, out: str) -> str:
     val = summary.get("final_val_loss")
     val_text = f", val {val:.4f}" if val is not None and math.isfinite(val) else ""
-    return (f"{summary['status']}: step {summary['step']} (epoch {summary['epoch']:g}), loss "
-            f"{summary['final_loss']:.4f}{val_text}, {summary['skipped_steps']} skipped steps, "
+    loss = summary.get("final_loss")
+    # A multi-worker run's other workers keep no history: the chief's line has the losses.
+    loss_text = f", loss {loss:.4f}{val_text}" if loss is not None else ""
+    return (f"{summary['status']}: step {summary['step']} (epoch {summary['epoch']:g})"
+            f"{loss_text}, {summary['skipped_steps']} skipped steps, "
             f"{summary['seconds_this_session']:.0f} s -> {out}")
 

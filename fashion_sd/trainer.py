@@ -289,6 +289,17 @@ def save_train_state(path: str | Path, trainer: LoraTrainer, lora_layers: dict, 
     return Path(path)
 
 
+def load_train_state_step(path: str | Path) -> int | None:
+    """The optimizer step a train state holds (its header only), or None when there is none."""
+    from fashion_sd.preflight import safetensors_header
+
+    try:
+        info = json.loads(safetensors_header(path)[1]["info"])
+        return int(info["optimizer_step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def load_train_state(path: str | Path, trainer: LoraTrainer, lora_layers: dict) -> dict:
     """Restore what :func:`save_train_state` wrote; the optimizer must be built. Returns info."""
     from safetensors import safe_open
