@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fashion_sd import remote
 from fashion_sd.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,11 @@ CACHE_VERSION = 1
 
 def file_id(path: str) -> list:
     """What identifies a file's content cheaply: path, size and modification time."""
+    if remote.is_remote(path):
+        import tensorflow as tf
+
+        st = tf.io.gfile.stat(path)
+        return [path, st.length, st.mtime_nsec]
     st = Path(path).stat()
     return [path, st.st_size, st.st_mtime_ns]
 

@@ -255,6 +255,21 @@ class EvalDuringTraining(keras.callbacks.Callback):
               + f" -> {self.scorer.out / 'fid.csv'}")
 
 
+class AfterWrites(keras.callbacks.Callback):
+    """Calls ``then()`` after each epoch's files are written (last in the list) and at the end:
+    a remote run folder's copy-out (:class:`fashion_sd.remote.Mirror`)."""
+
+    def __init__(self, then):
+        super().__init__()
+        self.then = then
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.then()
+
+    def on_train_end(self, logs=None):
+        self.then()
+
+
 def render_samples(sampler, prompts, seeds, steps, guidance, path, label, title) -> Path:
     rows = [(p, sampler.generate(p, seeds, steps, guidance)) for p in prompts]
     return plots.sample_grid(rows, path, label, f"{title} ({steps} sampler steps)",

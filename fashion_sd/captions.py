@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from fashion_sd import images, tokenizer
+from fashion_sd import images, remote, tokenizer
 
 # The caption builder's parts, re-exported so that ``captions.X`` keeps naming them.
 from fashion_sd.caption_text import (  # noqa: F401
@@ -303,13 +304,15 @@ def read_captions(path: str | Path) -> pd.DataFrame:
     (``Train ``, a hand edit) are used so and reported; any other label is an error naming its
     row, never a silently dropped row.
     """
-    path = Path(path)
-    if not path.is_file():
+    url = str(path) if remote.is_remote(path) else None  # gs://... read through tf.io.gfile
+    path = url or Path(path)
+    if not remote.is_file(path):
         raise CaptionError(f"{path}: captions file not found; build it with scripts/build_captions.py"
-                           if not path.exists() else f"{path}: is a folder; give the captions CSV")
+                           if not remote.exists(path) else f"{path}: is a folder; give the captions CSV")
     try:
-        df = pd.read_csv(path, dtype={"caption": str, "image_path": str, "split": str},
-                         keep_default_na=False, encoding="utf-8")
+        with remote.open_file(path) as fh:
+            df = pd.read_csv(fh, dtype={"caption": str, "image_path": str, "split": str},
+                             keep_default_na=False, encoding="utf-8")
     except UnicodeDecodeError:
         raise CaptionError(f"{path}: not a UTF-8 text CSV; give the captions.csv that "
                            "scripts/build_captions.py wrote") from None
@@ -338,5 +341,9 @@ def read_captions(path: str | Path) -> pd.DataFrame:
     if len(empty):
         raise CaptionError(f"{path}: line {int(empty[0]) + 2}: empty caption ({len(empty)} such "
                            "row(s)); fix it or rebuild the file with scripts/build_captions.py")
-    df["image_path"] = [str((path.parent / p).resolve()) if p else "" for p in df.image_path]
+    if url:  # relative image paths are relative to the CSV's folder there too
+        df["image_path"] = [p if not p or remote.is_remote(p)
+                            else remote.join(posixpath.dirname(url), p) for p in df.image_path]
+    else:
+        df["image_path"] = [str((path.parent / p).resolve()) if p else "" for p in df.image_path]
     return df

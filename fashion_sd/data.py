@@ -115,13 +115,13 @@ class EncodedData:
 
 def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=None,
                    batch_size: int = 8, text_cache: bool = True, shard_rows: int = ROWS_PER_SHARD,
-                   cache_dtype: str = "float32") -> EncodedData:
+                   cache_dtype: str = "float32", on_write=None) -> EncodedData:
     """Encode (or load from cache) the images and distinct captions of a captions table.
 
     Both caches are shard folders (:mod:`fashion_sd.shards`): written ``shard_rows`` rows at a
     time, resumed after an interruption, read memory-mapped. VAE moments are stored in
     ``cache_dtype``; text encodings in float32. ``text_cache=False`` (the text encoder trains):
-    captions are kept as token ids instead.
+    captions are kept as token ids instead. ``on_write()`` follows every shard written.
     """
     if (table.image_path == "").any():
         raise ValueError("captions.csv has rows without image_path; build it with --images")
@@ -152,13 +152,13 @@ def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=Non
     if text_cache:
         contexts = sharded(cache_dir, cache_key("text", weights_id, distinct, dtype=text_dtype),
                            len(distinct), text, "float32", shard_rows,
-                           progress if len(distinct) > shard_rows else None)
+                           progress if len(distinct) > shard_rows else None, on_write)
     else:
         tokens = tokenize(distinct, comps.tokenizer)[0]
     moments = sharded(cache_dir, cache_key("images", weights_id, [file_id(p) for p in paths],
                                            resolution, dtype=image_dtype),
                       len(paths), images, cache_dtype, shard_rows,
-                      progress if n_shards > 1 else None)
+                      progress if n_shards > 1 else None, on_write)
     splits = {name: np.flatnonzero((table.split == name).to_numpy()) for name in ("train", "val", "test")}
     return EncodedData(moments, contexts, np.array([index[c] for c in table.caption]), splits,
                        index[""], tokens)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fashion_sd import remote
+
 # Formats the training pipeline decodes; any mode (L, RGBA, CMYK, P, ...) is converted there.
 ACCEPTED_FORMATS = ("JPEG", "PNG")
 # Preferred first: the catalogue names every image {id}.jpg.
@@ -114,7 +116,7 @@ def load_image(path: str | Path, resolution: int | list[int] | None) -> np.ndarr
     much larger than needed (the full catalogue's 1800x2400 photos). ``resolution=None`` pads to
     a square at the image's own size (its longer side) and does not resample.
     """
-    with Image.open(path) as im:
+    with remote.open_file(path) as fh, Image.open(fh) as im:
         if resolution is None:
             resolution = max(im.size)
         elif im.format == "JPEG":
@@ -147,7 +149,7 @@ def upscale_factors(paths, resolution, limit: int = 200) -> np.ndarray:
     out = []
     for i in pick:
         try:
-            with Image.open(paths[i]) as im:
+            with remote.open_file(paths[i]) as fh, Image.open(fh) as im:
                 w, h = im.size
         except OSError:
             continue  # reported by the image checks, not here

@@ -127,7 +127,16 @@ def output_file(name: str, path) -> Path:
 
 
 def output_folder(name: str, path) -> Path:
-    """A folder that exists and is writable, or can be created."""
+    """A folder that exists and is writable, or can be created (a URL: probed through
+    ``tf.io.gfile``, see :mod:`fashion_sd.remote`)."""
+    from fashion_sd import remote
+
+    if remote.is_remote(path):
+        try:
+            remote.Mirror(path).check(name)
+        except remote.RemoteError as exc:
+            raise InputError(str(exc)) from None
+        return Path(remote.Mirror(path).local)
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise InputError(f"{name} {p}: is a file; give a folder (it is created if missing)")

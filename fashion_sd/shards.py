@@ -90,13 +90,14 @@ def shard_folder(folder: str | Path, key: dict) -> Path:
 
 
 def sharded(folder: str | Path, key: dict, rows: int, compute, store_dtype: str = "float32",
-            rows_per_shard: int = ROWS_PER_SHARD, progress=None) -> ShardedArray:
+            rows_per_shard: int = ROWS_PER_SHARD, progress=None, on_write=None) -> ShardedArray:
     """The shard folder for ``key`` under ``folder``, computing what is missing.
 
     ``compute(start, stop)`` returns rows [start, stop) as an array. ``key`` gains the storage
     (dtype, rows per shard), so a float16 cache is never read as a float32 one. Shards already
     written for the same key are kept: an interrupted encoding resumes where it stopped. A
     folder made for another key (a hash collision, a damaged key file) is rebuilt.
+    ``on_write()`` is called after each shard and after the index (a remote cache's push).
     """
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {STORE_DTYPES}, got {store_dtype!r}")
@@ -132,11 +133,15 @@ def sharded(folder: str | Path, key: dict, rows: int, compute, store_dtype: str 
         with atomic_path(out / f"shard-{i:05d}.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, block.astype(store_dtype))
         row_shape = block.shape[1:]
+        if on_write:
+            on_write()
     if row_shape is None:  # every shard was there already
         row_shape = np.load(out / "shard-00000.npy", mmap_mode="r").shape[1:] if rows else ()
     atomic_write_text(out / "index.json", json.dumps(
         {"rows": rows, "rows_per_shard": rows_per_shard, "row_shape": list(row_shape),
          "dtype": store_dtype}))
+    if on_write:
+        on_write()
     return ShardedArray(out)
 
 
