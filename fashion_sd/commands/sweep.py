@@ -8,11 +8,31 @@
 Writes OUTPUT/results.csv, results.md, fid_by_{rank,learning_rate,batch_size}.png and
 loss_curves.png; each run in OUTPUT/<run name>/. Finished runs are skipped, interrupted ones
 resumed, failed ones recorded; the sweep goes on.
+
+Distributed (--distributed): KerasTuner's chief / worker mode. Run the same command once as the
+chief and once per worker (one GPU each), told apart by three variables:
+  KERASTUNER_TUNER_ID     chief for the chief; tuner1, tuner2, ... one per worker, unique
+  KERASTUNER_ORACLE_IP    the chief's address (127.0.0.1 on one machine), the same everywhere
+  KERASTUNER_ORACLE_PORT  a free port on the chief's host, the same everywhere
+
+  KERASTUNER_TUNER_ID=chief   KERASTUNER_ORACLE_IP=127.0.0.1 KERASTUNER_ORACLE_PORT=8000 \\
+    python scripts/sweep.py --config configs/sweep_demo.yaml --distributed &
+  KERASTUNER_TUNER_ID=tuner1  KERASTUNER_ORACLE_IP=127.0.0.1 KERASTUNER_ORACLE_PORT=8000 \\
+    CUDA_VISIBLE_DEVICES=0 python scripts/sweep.py --config configs/sweep_demo.yaml --distributed &
+  KERASTUNER_TUNER_ID=tuner2  ... CUDA_VISIBLE_DEVICES=1 ... (same command)
+
+Every run (grid) or trial (--tuner random|bayesian) runs once, on one worker; the chief writes
+the table, equal to a serial sweep's, when all have ended. The output folder must be one shared
+folder (the same path on every host). A worker killed mid-run and started again with the same
+KERASTUNER_TUNER_ID resumes its run; the chief waits for it, naming it every 10 minutes. Stopped
+(Ctrl-C), the chief writes the table with such a run marked failed (unfinished), and hands it out
+again when started again. See docs/distributed-sweeps.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fashion_sd import preflight
@@ -31,8 +51,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="search the file's 'search' space with KerasTuner instead")
     parser.add_argument("--max-trials", type=int, default=10)
     parser.add_argument("--dry-run", action="store_true", help="check the file and list the runs")
+    parser.add_argument("--distributed", action="store_true",
+                        help="run the grid (or --tuner search) in KerasTuner's chief / worker "
+                             "mode; this process's role from KERASTUNER_TUNER_ID, the chief's "
+                             "address from KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT "
+                             "(see above)")
     args = parser.parse_args(argv)
     try:
+        role = sw.distributed_role() if args.distributed else None
+        if not args.distributed and args.tuner and os.environ.get("KERASTUNER_ORACLE_IP"):
+            raise sw.SweepError("KERASTUNER_ORACLE_IP is set, so KerasTuner would run this search "
+                                "as a distributed chief or worker: add --distributed, or unset "
+                                "KERASTUNER_ORACLE_IP for a serial search")
         sweep = sw.load_sweep(args.config, args.overrides)
         names = [sw.run_name(r) for r in sweep.runs]
         unknown = sorted(set(args.only or []) - set(names))
@@ -45,9 +75,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
+        if role:
+            print(f"{role} {os.environ['KERASTUNER_TUNER_ID']} of a distributed "
+                  f"{args.tuner or 'grid'} sweep, chief at {os.environ['KERASTUNER_ORACLE_IP']}:"
+                  f"{os.environ['KERASTUNER_ORACLE_PORT']}")
         for name in names:
             print(f"{sweep.output / name}")
         return 0
+    if args.distributed:
+        try:
+            table = sw.distributed(sweep, args.tuner or "grid", args.max_trials, only=args.only)
+        except FashionSDError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if table is None:  # a worker: the chief writes the table
+            return 0
+        print((sweep.output / "results.md").read_text())
+        if table.attrs.get("interrupted"):
+            return 130
+        return 1 if (table.status == "failed").all() else 0
     if args.tuner:
         table = sw.tune(sweep, args.tuner, args.max_trials)
     else:
