@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "captions": ("captions", "styles.csv -> captions.csv with a seeded train/val/test split"),
     "train": ("train", "fine-tune LoRA on a captions.csv (checkpoints, logs, samples)"),
+    "workers": ("workers", "N multi-worker training processes on this machine (loopback)"),
     "generate": ("generate", "prompts -> PNGs with the base model or a LoRA"),
     "evaluate": ("evaluate", "FID/KID of the base model and of checkpoints"),
     "sweep": ("sweep", "a grid or KerasTuner search of runs, one results table"),

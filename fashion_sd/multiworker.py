@@ -45,6 +45,13 @@ def validation_loss(trainer, dataset: tf.data.Dataset) -> float:
     return sum(losses) / len(losses) if losses else float("nan")
 
 
+def barrier(strategy) -> None:
+    """Every worker waits here until all have arrived (an all-reduce of a zero): the others wait
+    for the chief to finish writing, so no worker leaves the cluster while it still works."""
+    tf.function(lambda: strategy.run(
+        lambda: tf.distribute.get_replica_context().all_reduce("sum", tf.constant(0.0))))()
+
+
 def fit(trainer, strategy, dataset, *, epochs: int, initial_epoch: int, steps_per_epoch: int,
         validation_data=None, callbacks=(), verbose: int = 1, chief: bool = True) -> None:
     """Train ``trainer`` over ``dataset`` as ``trainer.fit`` would, under ``strategy``.

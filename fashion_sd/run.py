@@ -439,6 +439,8 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
     if machine.chief:
         write_run_json(run, cfg, source, summary)
         push()
+    if machine.kind == "multi_worker":
+        multiworker.barrier(machine.strategy)
     if state.stop_reason == "nonfinite":
         raise TrainingStopped(
             f"stopped at step {state.optimizer_step}: {t.max_nonfinite} non-finite losses "

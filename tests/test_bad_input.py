@@ -211,6 +211,14 @@ ROWS = [
     ("evaluate: --images with a CLIP folder that is not one", "evaluate --images {w}/images --captions {w}/captions.csv --out {w}/j --set eval.clip=local:{w}/adir", "no config.json"),
     ("train: eval_every with a CLIP folder that is not one", "train {cfg} --set train.eval_every=1 --set eval.clip=local:{w}/adir", "no config.json"),
     ("train: eval_every with one image", "train {cfg} --set train.eval_every=1 --set train.eval_images=1", "'train.eval_images' must be >= 2"),
+    ("train: multi_worker without TF_CONFIG", "train {cfg} --set train.strategy=multi_worker", "multi_worker needs TF_CONFIG"),
+    ("train: tpu without a TPU", "train {cfg} --set train.strategy=tpu", "no TPU is reachable"),
+    ("train: strategy unknown", "train {cfg} --set train.strategy=horovod", "'train.strategy'"),
+    ("train: remote output.dir not writable", "train {cfg} --set output.dir=file://{w}/afile/run", "output.dir: cannot write to file://"),
+    ("train: remote captions missing", "train {cfg} --set data.captions=file://{w}/nope.csv", "nope.csv: captions file not found"),
+    # workers (the local multi-worker launcher)
+    ("workers: one worker", "workers 1 -- {cfg}", "give 2 or more"),
+    ("workers: no train arguments", "workers 2", "give the train arguments after --"),
     # sweep
     ("sweep: file missing", "sweep --config {w}/nope.yaml", "nope.yaml: sweep file not found"),
     ("sweep: file is an image", "sweep --config {w}/photo.png", "photo.png: not a text file"),
@@ -218,6 +226,7 @@ ROWS = [
     ("sweep: --only unknown run", "sweep --config {w}/sweep.yaml --only r9", "--only r9"),
     ("sweep: output is a file", "sweep --config {w}/sweep_outfile.yaml", "afile: is a file"),
     ("sweep: no trials", "sweep --config {w}/sweep.yaml --tuner random --max-trials 0", "--max-trials 0"),
+    ("sweep: --distributed without KerasTuner's variables", "sweep --config {w}/sweep.yaml --distributed", "KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT not set"),
     # convert
     ("convert: import-lora of a non-tensor file", "convert import-lora --from {w}/notes.pt --out {w}/x.lora.safetensors", "notes.pt: not a tensor file"),
     ("convert: import-lora source missing", "convert import-lora --from {w}/nope.safetensors --out {w}/x.lora.safetensors", "nope.safetensors: LoRA file not found"),

@@ -1,6 +1,7 @@
 """One entry point: ``fashion-sd COMMAND`` / ``python -m fashion_sd COMMAND``, and the sweep run
 from a non-editable install (children started through the entry point, not by script path)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +85,15 @@ def test_sweep_runs_from_a_non_editable_install(tmp_path, demo_captions):
     assert str(python) in log  # children run on the venv's interpreter
     results = pd.read_csv(tmp_path / "sweep" / "results.csv")
     assert results.set_index("run").loc["r2", "status"] == "finished"
+
+
+def test_the_local_workers_launcher_checks_its_arguments(capsys):
+    from fashion_sd.commands import workers
+
+    assert workers.main(["1", "--", "--config", "configs/demo.yaml"]) == 2
+    assert "give 2 or more" in capsys.readouterr().err
+    assert workers.main(["2"]) == 2
+    assert "give the train arguments after --" in capsys.readouterr().err
+    spec = json.loads(workers.tf_config([1111, 2222], 1))
+    assert spec == {"cluster": {"worker": ["localhost:1111", "localhost:2222"]},
+                    "task": {"type": "worker", "index": 1}}

@@ -87,3 +87,50 @@ def test_tpu_asked_for_without_one_says_how_to_get_one(monkeypatch):
     monkeypatch.setattr(hardware.glob, "glob", lambda pattern: [])
     with pytest.raises(hardware.StrategyError, match="no TPU is reachable.*Change runtime type"):
         hardware.strategy("tpu")
+
+
+def _tpu_cell() -> str:
+    import json
+
+    from conftest import ROOT
+
+    nb = json.loads((ROOT / "notebooks/01_train_and_evaluate.ipynb").read_text())
+    return next(src for c in nb["cells"] if "Colab TPU runtime" in (src := "".join(c["source"])))
+
+
+def test_the_notebooks_tpu_cell_sets_up_a_tpu_run_and_train_builds_tpustrategy(monkeypatch):
+    """Construction only (no TPU here): the cell's overrides, and the TensorFlow calls that
+    train.py then makes, recorded."""
+    import tensorflow as tf
+
+    from conftest import ROOT
+    from fashion_sd.config import load_config
+
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    monkeypatch.setenv("COLAB_TPU_ADDR", "10.1.2.3:8470")
+    ns = {"hardware": hardware, "IN_COLAB": False, "EXTRA": ["train.epochs=1"],
+          "BUCKET": "gs://b/fashion"}
+    exec(_tpu_cell(), ns)
+    assert ns["EXTRA"] == ["train.epochs=1", "train.strategy=tpu",
+                           "output.dir=gs://b/fashion/runs/tpu", "data.cache_dir=gs://b/fashion/cache"]
+    cfg = load_config(ROOT / "configs/paper_best.yaml", ns["EXTRA"])
+    assert (cfg.train.strategy, cfg.output.dir) == ("tpu", "gs://b/fashion/runs/tpu")
+
+    calls = []
+
+    class Resolver:
+        def __init__(self, tpu):
+            calls.append(("resolver", tpu))
+
+    monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", Resolver)
+    monkeypatch.setattr(tf.config, "experimental_connect_to_cluster", lambda r: calls.append("connect"))
+    monkeypatch.setattr(tf.tpu.experimental, "initialize_tpu_system", lambda r: calls.append("init"))
+    monkeypatch.setattr(tf.distribute, "TPUStrategy", lambda r: calls.append("strategy") or "tpu!")
+    assert hardware.strategy(cfg.train.strategy) == "tpu!"
+    assert calls == [("resolver", "grpc://10.1.2.3:8470"), "connect", "init", "strategy"]
+
+    monkeypatch.delenv("COLAB_TPU_ADDR")
+    monkeypatch.setattr(hardware.glob, "glob", lambda pattern: [])
+    ns = {"hardware": hardware, "IN_COLAB": False, "EXTRA": [], "BUCKET": ""}
+    exec(_tpu_cell(), ns)
+    assert ns["EXTRA"] == []  # no TPU: the notebook runs as before

@@ -1,0 +1,91 @@
+"""Run N workers of a multi-worker training on this machine: each a ``fashion-sd train`` process
+with its own ``TF_CONFIG`` on loopback ports, their output prefixed with the worker's number.
+
+  fashion-sd workers 2 -- --config configs/demo.yaml --set train.strategy=multi_worker
+
+What each host of a real cluster runs by hand (README: "Several machines"), here on one machine:
+to try a multi-worker run, or to split one box's GPUs into processes. When one worker fails
+the others are stopped (they would wait for it); rerun with --resume to continue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def tf_config(ports: list[int], index: int) -> str:
+    return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fashion-sd workers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("n", type=int, help="number of worker processes (2 or more)")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER,
+                        help="after --: the arguments of `fashion-sd train`")
+    args = parser.parse_args(argv)
+    rest = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.n < 2:
+        print("error: workers: give 2 or more (one process is plain `fashion-sd train`)",
+              file=sys.stderr)
+        return 2
+    if not any(a.startswith("--config") for a in rest):
+        print("error: workers: give the train arguments after --, e.g. -- --config "
+              "configs/demo.yaml --set train.strategy=multi_worker", file=sys.stderr)
+        return 2
+    if "train.strategy=multi_worker" not in rest:
+        rest = [*rest, "--set", "train.strategy=multi_worker"]
+    ports = free_ports(args.n)
+    procs = []
+    for i in range(args.n):
+        env = {**os.environ, "TF_CONFIG": tf_config(ports, i)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "fashion_sd", "train", *rest],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, bufsize=1))
+
+    def relay(i, proc):
+        for line in proc.stdout:
+            sys.stdout.write(f"[worker {i}] {line}")
+            sys.stdout.flush()
+
+    threads = [threading.Thread(target=relay, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    codes: list[int | None] = [None] * args.n
+    while None in codes:
+        for i, p in enumerate(procs):
+            if codes[i] is None:
+                try:
+                    codes[i] = p.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    continue
+                if codes[i] != 0:  # the others would wait for it: stop them
+                    for q in procs:
+                        if q.poll() is None:
+                            q.terminate()
+    for t in threads:
+        t.join(timeout=5)
+    failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+    if failed:
+        first = failed[0]
+        print(f"error: worker {first[0]} exited with {first[1]}; the others were stopped. "
+              "Continue with the same command and --resume", file=sys.stderr)
+        return first[1] if first[1] and first[1] > 0 else 1
+    return 0
