@@ -419,3 +419,15 @@ def test_backend_choice_is_checked():
         load_extractor("inception")
     with pytest.raises(ValueError, match="not auto"):
         load_extractor("auto", weights="/some/file.h5")
+
+
+def test_the_untrained_network_is_the_same_in_every_process():
+    """The offline demo's FID/KID repeat from one process to the next (a sweep's runs, a
+    distributed sweep against a serial one): the untrained weights are seeded."""
+    import subprocess
+    import sys
+
+    code = "from fashion_sd.metrics import untrained_extractor as u; print(u().name)"
+    names = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip() for _ in range(2)}
+    assert len(names) == 1 and names.pop().startswith("untrained:")

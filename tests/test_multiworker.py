@@ -8,7 +8,6 @@ on this CPU: 1e-8 to 3e-8; the two processes sum the replicas' gradients in anot
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ from tiny import tiny_unet
 
 from conftest import ROOT
 from fashion_sd import models, run
+from fashion_sd.commands.workers import free_ports
 from fashion_sd.config import load_config
 
 pytestmark = pytest.mark.multiprocess
@@ -52,16 +52,6 @@ def settings(tmp_path, captions, cache, name, *more):
             "train.sample_every=0", "train.deterministic=true", "train.epochs=2", *more]
 
 
-def free_ports(n=2):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ",".join(map(str, ports))
-
-
 def workers(sets, ports, *extra, die=None, timeout=300):
     """Start worker 0 and 1 with the same settings; returns their (returncode, output)."""
     procs = []
@@ -89,7 +79,7 @@ def test_two_workers_train_as_one_process_with_the_same_global_batch(
               build=build)
     two = settings(tmp_path, small_captions, encoder_cache, "two", "train.max_steps=3",
                    "train.strategy=multi_worker", "train.sample_every=1", "train.sample_steps=2")
-    (rc0, out0), (rc1, out1) = workers(two, free_ports())
+    (rc0, out0), (rc1, out1) = workers(two, ",".join(map(str, free_ports(2))))
     assert (rc0, rc1) == (0, 0), out0[-3000:] + out1[-3000:]
     for out in (out0, out1):
         assert '"step": 3, "strategy": "multi_worker", "workers": 2, "replicas": 2' in out
@@ -114,7 +104,7 @@ def test_a_killed_worker_and_a_resume_lose_nothing(tmp_path, small_captions, enc
     run.train(load_config(ROOT / "configs/demo.yaml", one), progress=None, verbose=0,
               build=build)
     two = settings(tmp_path, small_captions, encoder_cache, "two", "train.strategy=multi_worker")
-    ports = free_ports()
+    ports = ",".join(map(str, free_ports(2)))
     # worker 1 dies (SIGKILL) at step 6, after epoch 1's checkpoint at step 4
     (rc0, out0), (rc1, _) = workers(two, ports, die=6)
     assert rc1 == -9

@@ -35,6 +35,7 @@ the same protocol.
 from __future__ import annotations
 
 import hashlib
+import random
 import warnings
 from pathlib import Path
 
@@ -236,13 +237,21 @@ def _load_keras(weights: str | None, protocol: str = "clean") -> FeatureExtracto
     return FeatureExtractor(name, _keras_call(model), comparable=False, protocol=protocol)
 
 
-def untrained_extractor(protocol: str = "clean") -> FeatureExtractor:
+def untrained_extractor(protocol: str = "clean", seed: int | None = 0) -> FeatureExtractor:
     """InceptionV3 with random weights: right shapes, meaningless numbers (comparable=False).
 
-    Builds offline in seconds. Each build draws new weights, so the name carries a hash of them:
-    real-image stats cached for one untrained network are never reused for another.
+    Builds offline in seconds. ``seed`` fixes the weights, so the demo's numbers repeat from one
+    process to the next (a sweep's runs, a rerun); None draws new ones. The name carries a hash
+    of the weights: real-image stats cached for one untrained network are never reused for
+    another.
     """
-    model = _keras_inception(None)
+    state = random.getstate()
+    if seed is not None:  # Keras draws the seeds of unseeded initializers from Python's random
+        random.seed(seed)
+    try:
+        model = _keras_inception(None)
+    finally:
+        random.setstate(state)
     h = hashlib.sha256()
     for w in model.weights:
         h.update(np.ascontiguousarray(np.asarray(w)).tobytes())
