@@ -95,12 +95,12 @@ def is_chief(spec: dict | None) -> bool:
 
 def tpu_address() -> str | None:
     """A TPU this process can reach: Colab's (``COLAB_TPU_ADDR``), a named one (``TPU_NAME``),
-    or ``"local"`` on a TPU VM whose chips are devices of this host; else None."""
+    or ``"local"`` on a TPU VM whose chips are devices of this host (``/dev/accel*``); else None."""
     if os.environ.get("TPU_NAME"):
         return os.environ["TPU_NAME"]
     if os.environ.get("COLAB_TPU_ADDR"):
         return "grpc://" + os.environ["COLAB_TPU_ADDR"]
-    return "local" if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") else None
+    return "local" if glob.glob("/dev/accel*") else None
 
 
 def resolve_strategy(setting: str) -> str:
@@ -130,7 +130,9 @@ def strategy(setting: str = "auto"):
                 '(index 1 on the second); README: "Several machines"')
         return tf.distribute.MultiWorkerMirroredStrategy()
     if kind == "tpu":
-        address = tpu_address()
+        # Newer TPU VMs show their chips as VFIO devices, which GPU passthrough boxes have too:
+        # taken as a TPU only when asked for by name, never guessed by auto.
+        address = tpu_address() or ("local" if glob.glob("/dev/vfio/[0-9]*") else None)
         if address is None:
             raise StrategyError("train.strategy: tpu, but no TPU is reachable (no TPU_NAME, no "
                                 "COLAB_TPU_ADDR, no TPU device); in Colab pick Runtime > Change "
