@@ -376,7 +376,7 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
         comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
     sampler = Sampler(comps, local=machine.kind == "multi_worker")
     evaluating = []
-    if t.eval_every:
+    if t.eval_every and machine.chief:  # the chief scores; the other workers wait for it
         from fashion_sd.evaluate import Scorer  # noqa: PLC0415 - Inception, CLIP: only when asked
 
         print(f"evaluating every {t.eval_every} epoch(s) on {t.eval_images} {cfg.eval.split} "

@@ -61,7 +61,7 @@ def test_captions_from_a_url_resolve_images_beside_them(tmp_path, demo_captions)
 
 
 def test_images_read_through_a_url_decode_as_local_ones(demo_captions):
-    path = pd.read_csv(demo_captions).image_path[0]
+    path = captions.read_captions(demo_captions).image_path[0]  # absolute
     np.testing.assert_array_equal(data.load_image(url(path), 64), data.load_image(path, 64))
 
 
