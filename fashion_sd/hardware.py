@@ -82,17 +82,6 @@ def tf_config() -> dict | None:
     return spec
 
 
-def is_chief(spec: dict | None) -> bool:
-    """The process that writes a multi-worker run's files: the ``chief`` task, or worker 0 when
-    the cluster names no chief (TensorFlow's own rule)."""
-    if spec is None:
-        return True
-    task = spec["task"]
-    if "chief" in spec["cluster"]:
-        return task["type"] == "chief"
-    return task["type"] == "worker" and int(task["index"]) == 0
-
-
 def tpu_address() -> str | None:
     """A TPU this process can reach: Colab's (``COLAB_TPU_ADDR``), a named one (``TPU_NAME``),
     or ``"local"`` on a TPU VM whose chips are devices of this host (``/dev/accel*``); else None."""

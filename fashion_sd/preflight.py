@@ -132,11 +132,12 @@ def output_folder(name: str, path) -> Path:
     from fashion_sd import remote
 
     if remote.is_remote(path):
+        mirror = remote.Mirror(path)
         try:
-            remote.Mirror(path).check(name)
+            mirror.check(name)
         except remote.RemoteError as exc:
             raise InputError(str(exc)) from None
-        return Path(remote.Mirror(path).local)
+        return mirror.local
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise InputError(f"{name} {p}: is a file; give a folder (it is created if missing)")

@@ -17,6 +17,7 @@ import posixpath
 from pathlib import Path
 
 from fashion_sd.errors import FashionSDError
+from fashion_sd.files import atomic_path
 
 
 class RemoteError(FashionSDError, OSError):
@@ -105,10 +106,8 @@ class Mirror:
                 if dst.is_file() and dst.stat().st_size == size:
                     self._pushed[str(dst.relative_to(self.local))] = _stamp(dst)
                     continue
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dst.with_name(f".{dst.name}.pull.tmp")
-                gfile.copy(src, str(tmp), overwrite=True)
-                os.replace(tmp, dst)
+                with atomic_path(dst) as tmp:
+                    gfile.copy(src, str(tmp), overwrite=True)
                 self._pushed[str(dst.relative_to(self.local))] = _stamp(dst)
                 copied += 1
         return copied
@@ -124,7 +123,7 @@ class Mirror:
                 gfile.remove(target)
             del self._pushed[rel]
         for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
-            if _is_temporary(path.name) or path.name.endswith(".pull.tmp"):
+            if _is_temporary(path.name):  # a write in progress (files.atomic_path)
                 continue
             rel = str(path.relative_to(self.local))
             stamp = _stamp(path)

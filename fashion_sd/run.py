@@ -159,9 +159,8 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
         raise TrainingError(f"{cfg.data.captions}: rows without image_path; rebuild it with "
                             "scripts/build_captions.py --images DIR")
     paths = table.image_path.tolist()
-    if paths and remote.is_remote(paths[0]):  # one request each: check a spread of 200
-        paths = [paths[i] for i in sorted({int(i) for i in range(0, len(paths),
-                                                                  max(1, len(paths) // 200))})]
+    if paths and remote.is_remote(paths[0]):  # one request each: check a spread of about 200
+        paths = paths[:: max(1, len(paths) // 200)]
     missing = [p for p in paths if not remote.is_file(p)]
     if missing:
         raise TrainingError(f"{cfg.data.captions}: {len(missing)} image(s) not found, e.g. "
@@ -227,8 +226,10 @@ def resolve_machine(cfg: Config) -> Machine:
                             f"a multiple of the {replicas} replicas it is split over")
     workers = len(spec["cluster"].get("worker", [])) + len(spec["cluster"].get("chief", [])) \
         if spec else 1
+    # TensorFlow's own answer to "does this process write?": the chief task, or worker 0 when
+    # the cluster names no chief; every single-process strategy says yes.
     return Machine(precision, strategy, replicas, jit, jit_reason, kind, workers,
-                   hardware.is_chief(spec))
+                   strategy.extended.should_checkpoint)
 
 
 def fit_segments(step: int, steps_per_epoch: int, end: int) -> list[tuple[int, int, int]]:

@@ -60,9 +60,9 @@ def test_auto_strategy(monkeypatch):
     assert hardware.resolve_strategy("multi_worker") == "multi_worker"
 
 
-def test_tf_config_and_the_chief(monkeypatch):
+def test_tf_config_is_checked(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert hardware.tf_config() is None and hardware.is_chief(None)
+    assert hardware.tf_config() is None
     with pytest.raises(hardware.StrategyError, match="multi_worker needs TF_CONFIG"):
         hardware.strategy("multi_worker")
     monkeypatch.setenv("TF_CONFIG", "{not json")
@@ -71,14 +71,6 @@ def test_tf_config_and_the_chief(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}}')  # no task
     with pytest.raises(hardware.StrategyError, match="TF_CONFIG is not a cluster spec"):
         hardware.tf_config()
-
-    def spec(kind, index, chief=False):
-        cluster = {"worker": ["a:1", "b:1"], **({"chief": ["c:1"]} if chief else {})}
-        return {"cluster": cluster, "task": {"type": kind, "index": index}}
-
-    assert hardware.is_chief(spec("worker", 0)) and not hardware.is_chief(spec("worker", 1))
-    assert hardware.is_chief(spec("chief", 0, chief=True))
-    assert not hardware.is_chief(spec("worker", 0, chief=True))  # TensorFlow's rule
 
 
 def test_tpu_asked_for_without_one_says_how_to_get_one(monkeypatch):
