@@ -173,9 +173,10 @@ class EvalConfig:
     batch_size: int = 4
     kid_subsets: int = 100
     kid_subset_size: int = 1000  # at most; smaller sets use half their size (the table says so)
-    # How images reach Inception's 299 px (metrics/inception.py): clean-fid's "clean" resize or
-    # TF-GAN's bilinear one; FIDs compare only within one protocol.
-    protocol: Literal["clean", "legacy_tensorflow"] = "clean"
+    # How images reach Inception's 299 px (metrics/inception.py): clean-fid's "clean" resize,
+    # TensorFlow 2's bilinear (tf.image.resize) or TensorFlow 1's (the 2015 FID graph's, TTUR's
+    # and clean-fid's legacy_tensorflow); FIDs compare only within one protocol.
+    protocol: Literal["clean", "tensorflow2", "tensorflow1"] = "clean"
     # CLIP for the CLIP score and zero-shot garment type / on-model rate (metrics/clip.py):
     # auto (pretrained when cached or downloadable, else those columns stay empty and the
     # summary says why), pretrained, random (labelled: numbers mean nothing), none, local:DIR.
@@ -310,6 +311,16 @@ def _unknown_key(key: str, source: str) -> str:
     return f"{source}: unknown key '{key}'{hint}"
 
 
+# Values that no longer exist under their old name: (key, old value) -> why and what to set.
+RENAMED_VALUES = {
+    ("eval.protocol", "legacy_tensorflow"):
+        "was renamed 'tensorflow2': it is TensorFlow 2's half-pixel bilinear resize "
+        "(tf.image.resize), not clean-fid's legacy_tensorflow mode, which resizes as TensorFlow 1 "
+        "did (no half-pixel offset; the original FID's): set eval.protocol: tensorflow2 to keep "
+        "the old numbers, or tensorflow1 to compare with clean-fid's legacy_tensorflow / TTUR",
+}
+
+
 def _apply(obj: Any, mapping: dict, source: str, prefix: str, errors: list[str],
            sources: dict[str, str]) -> None:
     """Set fields of dataclass ``obj`` from ``mapping``; a sub-mapping updates a nested section.
@@ -329,6 +340,9 @@ def _apply(obj: Any, mapping: dict, source: str, prefix: str, errors: list[str],
                               f", got {value!r}")
                 continue
             _apply(getattr(obj, name), value, source, key + ".", errors, sources)
+            continue
+        if isinstance(value, str) and (key, value) in RENAMED_VALUES:
+            errors.append(f"{source}: '{key}' {value!r} {RENAMED_VALUES[key, value]}")
             continue
         coerced = _coerce(value, tp)
         if coerced is _MISMATCH:

@@ -307,13 +307,14 @@ def test_constant_image_stays_constant(size, colour, protocol):
     np.testing.assert_allclose(x, (colour - 128) / 128, atol=1e-5)
 
 
-def test_clean_downsizing_is_antialiased_and_legacy_is_not():
-    """A 1-pixel checkerboard shrunk 3x: PIL's bicubic filter greys it; TF's bilinear resize
-    without antialiasing samples it, as TF-GAN's protocol does."""
+def test_clean_downsizing_is_antialiased_and_tensorflows_is_not():
+    """A 1-pixel checkerboard shrunk 3x: PIL's bicubic filter greys it; TensorFlow's bilinear
+    resizes (2's and 1's) without antialiasing sample it."""
     board = (np.indices((897, 897)).sum(axis=0) % 2 * 255).astype(np.uint8)
     board = np.repeat(board[..., None], 3, axis=-1)
     assert np.abs(preprocess(board, "clean").numpy()).max() < 0.5
-    assert np.abs(preprocess(board, "legacy_tensorflow").numpy()).max() > 0.9
+    assert np.abs(preprocess(board, "tensorflow2").numpy()).max() > 0.9
+    assert np.abs(preprocess(board, "tensorflow1").numpy()).max() > 0.9
 
 
 def test_preprocess_rejects_float_images():

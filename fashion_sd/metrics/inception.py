@@ -19,13 +19,33 @@ Preprocessing: a named protocol (``eval.protocol``), the same for real and gener
    pixels the model was trained to reproduce. Generated images are already that size. (Before
    this, real images went in at their own size and generated ones at the training size, so a
    model that reproduced its training set exactly still scored far from zero.)
-1. To 299x299 by the protocol's resize, in float, clipped to [0, 255]:
+1. To 299x299 by the protocol's resize, in float, clipped to [0, 255], never quantised:
    - ``clean``: clean-fid's "clean" resize (Parmar et al. 2022, https://arxiv.org/abs/2104.11222):
-     PIL bicubic on each channel as a float image, which antialiases when shrinking;
-   - ``legacy_tensorflow``: TensorFlow's bilinear resize without antialiasing, the resize of
-     the TF-GAN / TTUR tradition (clean-fid's ``make_resizer("TensorFlow", False, "bilinear")``).
-   Both are proven equal to clean-fid's own resizers (tests/test_fid_protocol.py).
-2. (x - 128) / 128, the input range of the FID Inception (TF-GAN's and clean-fid's mapping).
+     PIL bicubic on each channel as a float image, which antialiases when shrinking. Equal to
+     clean-fid's ``build_resizer("clean")``; compares with numbers computed in clean-fid's
+     ``clean`` mode (its tables and leaderboards).
+   - ``tensorflow2``: TensorFlow 2's bilinear resize, ``tf.image.resize(method="bilinear")``:
+     half-pixel centres (source = (dst + 0.5) * in/out - 0.5), no antialiasing. Equal to
+     clean-fid's ``make_resizer("TensorFlow", False, "bilinear")``, and the resize TF-GAN's own
+     examples apply before ``tfgan.eval.frechet_inception_distance`` today (since October 2019
+     TF-GAN has no preprocessing function; its tf.compat.v1 ``preprocess_image`` sampled as
+     ``tensorflow1``). pytorch-fid (``pytorch_fid/inception.py``) samples the same way
+     (``F.interpolate(mode="bilinear", align_corners=False)``, also unquantised; equal to this
+     resize, tested) but on x / 255, then maps to 2 * x - 1 = (x - 127.5) / 127.5 instead of
+     step 2's (x - 128) / 128, and through its own port of the weights: close to, not equal to,
+     pytorch-fid's numbers.
+   - ``tensorflow1``: TensorFlow 1's bilinear resize, the ``ResizeBilinear`` op with
+     ``align_corners=False, half_pixel_centers=False`` (source = dst * in/out, no half-pixel
+     offset), as ``tf.compat.v1.image.resize_bilinear``. This is the resize inside the 2015 FID
+     graph that the original FID code (TTUR) feeds images through, and the one clean-fid's
+     ``legacy_tensorflow`` mode leaves to its network (inception-2015-12-05.pt resizes inside).
+     Compares with TTUR's numbers and clean-fid's ``legacy_tensorflow`` ones. Tested equal to
+     TensorFlow's tf.compat.v1 function and to a closed form of that sampling; equality with
+     clean-fid's legacy path itself is not tested (its network file cannot be downloaded here).
+   Until PREPROCESSING v3, ``tensorflow2`` was called ``legacy_tensorflow``, a name that promised
+   clean-fid's mode of that name (``tensorflow1`` here); the old name is now a config error.
+2. (x - 128) / 128, the input range of the FID Inception (the 2015 graph's own mapping, as TF-GAN's
+   former ``preprocess_image`` and clean-fid apply it).
 
 FIDs compare only within one protocol, one network and one pair of set sizes; ``comparable``
 (the published FID Inception, ``tfhub``) marks numbers that may be read against papers using
@@ -49,9 +69,20 @@ FEATURE_DIM = 2048
 TFHUB_HANDLE = "https://tfhub.dev/tensorflow/tfgan/eval/inception/1"
 KERAS_WEIGHTS_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
                      "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5")
-PROTOCOLS = ("clean", "legacy_tensorflow")
+PROTOCOLS = ("clean", "tensorflow2", "tensorflow1")
 # The version of the steps in the module docstring; with the protocol, part of every stats key.
-PREPROCESSING = "v2:train-loader/{protocol}-299/x-128/128"
+# v3: legacy_tensorflow renamed tensorflow2, tensorflow1 added (stats cached under v2 recompute).
+PREPROCESSING = "v3:train-loader/{protocol}-299/x-128/128"
+
+
+def check_protocol(protocol: str) -> None:
+    """ValueError unless ``protocol`` is one of :data:`PROTOCOLS`; the old name says its new one."""
+    if protocol == "legacy_tensorflow":
+        raise ValueError("FID protocol 'legacy_tensorflow' was renamed 'tensorflow2' (TensorFlow "
+                         "2's half-pixel bilinear resize); clean-fid's legacy_tensorflow resizes "
+                         "as TensorFlow 1 did: 'tensorflow1'")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown FID protocol {protocol!r}; use one of {PROTOCOLS}")
 
 
 class InceptionUnavailable(FashionSDError, RuntimeError):
@@ -76,11 +107,15 @@ def resize(images: np.ndarray, protocol: str) -> np.ndarray:
     """uint8 (n, H, W, 3) -> float32 (n, 299, 299, 3) in [0, 255] by ``protocol``'s resize."""
     if protocol == "clean":
         x = np.stack([_resize_clean(im) for im in images])
-    elif protocol == "legacy_tensorflow":
+    elif protocol == "tensorflow2":  # half-pixel centres
         x = tf.image.resize(tf.cast(images, tf.float32), (INCEPTION_SIZE, INCEPTION_SIZE),
                             method="bilinear").numpy()
+    elif protocol == "tensorflow1":  # TF1's op as the 2015 FID graph runs it: no half-pixel offset
+        x = tf.raw_ops.ResizeBilinear(images=tf.cast(images, tf.float32),
+                                      size=[INCEPTION_SIZE, INCEPTION_SIZE],
+                                      align_corners=False, half_pixel_centers=False).numpy()
     else:
-        raise ValueError(f"unknown FID protocol {protocol!r}; use one of {PROTOCOLS}")
+        check_protocol(protocol)
     return np.clip(x, 0.0, 255.0).astype(np.float32)
 
 
@@ -131,8 +166,7 @@ class FeatureExtractor:
 
     def __init__(self, name: str, model, comparable: bool, batch_size: int = 32,
                  protocol: str = "clean"):
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"unknown FID protocol {protocol!r}; use one of {PROTOCOLS}")
+        check_protocol(protocol)
         self.name = name
         self.comparable = comparable
         self.protocol = protocol
