@@ -179,11 +179,12 @@ class EvalConfig:
     protocol: Literal["clean", "tensorflow2", "tensorflow1"] = "clean"
     # CLIP for the CLIP score and zero-shot garment type / on-model rate (metrics/clip.py):
     # auto (pretrained when cached or downloadable, else those columns stay empty and the
-    # summary says why), pretrained, random (labelled: numbers mean nothing), none, local:DIR.
+    # summary says why), pretrained, random (labelled: numbers mean nothing), none, local:DIR,
+    # hf:DIR (a transformers CLIP folder, e.g. FashionCLIP; converted once, cached beside it).
     clip: str = "auto"
     clip_preset: str = "clip-vit-large-patch14"
     # The column that marks a run's best checkpoint in fid.md, the grid and the sweep table.
-    select: Literal["kid", "fid", "clip", "type_accuracy"] = "kid"
+    select: Literal["kid", "fid", "clip", "type_accuracy", "colour_top1", "gender_top1"] = "kid"
 
 
 @dataclass
@@ -511,15 +512,16 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     for key in ("steps", "batch_size", "kid_subsets", "kid_subset_size"):
         need(getattr(cfg.eval, key) >= 1, f"eval.{key}", "must be >= 1")
     need(cfg.eval.clip in ("auto", "pretrained", "random", "none")
-         or (cfg.eval.clip.startswith("local:") and len(cfg.eval.clip) > 6), "eval.clip",
-         "must be auto, pretrained, random, none or local:DIR (a KerasCV CLIP preset folder)")
+         or (cfg.eval.clip.startswith(("local:", "hf:")) and len(cfg.eval.clip.split(":", 1)[1]) > 0),
+         "eval.clip", "must be auto, pretrained, random, none, local:DIR (a KerasCV CLIP preset "
+         "folder) or hf:DIR (a transformers CLIP folder)")
     from fashion_sd.metrics.clip import ARCHITECTURES  # noqa: PLC0415 - numpy only
 
-    need(cfg.eval.clip_preset in ARCHITECTURES or cfg.eval.clip.startswith("local:"),
+    need(cfg.eval.clip_preset in ARCHITECTURES or cfg.eval.clip.startswith(("local:", "hf:")),
          "eval.clip_preset", f"must be one of {', '.join(ARCHITECTURES)}")
-    need(cfg.eval.select not in ("clip", "type_accuracy") or cfg.eval.clip != "none",
-         "eval.select", f"{cfg.eval.select} needs CLIP: set eval.clip to auto, pretrained or "
-         "local:DIR, or eval.select: kid")
+    need(cfg.eval.select in ("kid", "fid") or cfg.eval.clip != "none",
+         "eval.select", f"{cfg.eval.select} needs CLIP: set eval.clip to auto, pretrained, "
+         "local:DIR or hf:DIR, or eval.select: kid")
     need(bool(cfg.output.dir), "output.dir", "must not be empty")
     need(len(set(cfg.output.export)) == len(cfg.output.export), "output.export",
          "must not repeat a format")

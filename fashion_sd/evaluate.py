@@ -35,13 +35,14 @@ from fashion_sd.rundir import RunDir
 log = logging.getLogger(__name__)
 
 COLUMNS = ["checkpoint", "epoch", "step", "fid", "kid_mean", "kid_std", "kid_subset_size",
-           "clip_score", "type_top1", "type_top3", "on_model_rate", "colour_accuracy",
-           "cut_off_rate", "n_real", "n_generated", "backend", "protocol", "comparable",
+           "clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1", "on_model_rate",
+           "colour_accuracy", "cut_off_rate", "n_real", "n_generated", "backend", "protocol", "comparable",
            "clip_model", "weights_source", "settings", "selected"]
 BASE = "base"
 # eval.select -> (column, lower is better)
 SELECT = {"kid": ("kid_mean", True), "fid": ("fid", True), "clip": ("clip_score", False),
-          "type_accuracy": ("type_top1", False)}
+          "type_accuracy": ("type_top1", False), "colour_top1": ("colour_top1", False),
+          "gender_top1": ("gender_top1", False)}
 
 
 class EvaluationError(FashionSDError, ValueError):
@@ -73,6 +74,8 @@ class Plan:
     types: list[str | None] = field(default_factory=list)  # each prompt's garment (singular)
     colours: list[str | None] = field(default_factory=list)  # each prompt's baseColour
     vocabulary: list[str] = field(default_factory=list)  # the run's garment types
+    genders: list[str | None] = field(default_factory=list)  # each prompt's gender
+    colour_names: list[str] = field(default_factory=list)  # the run's colours (zero-shot classes)
 
     @property
     def settings_id(self) -> str:
@@ -98,9 +101,20 @@ def make_plan(cfg: Config, split: str, num_images: int | None, backend_id: str =
                 "clip": f"{cfg.eval.clip}/{cfg.eval.clip_preset}", "captions": hashlib.sha256(
                     "\n".join(captions).encode()).hexdigest()[:12]}
     types, vocabulary = garment_types(table, rows)
-    colours = (rows.baseColour.tolist() if "baseColour" in rows else [None] * len(rows))
+    colours, colour_names = attribute(table, rows, "baseColour")
+    genders, _ = attribute(table, rows, "gender")
     return Plan(prompts, seeds, rows.image_path.tolist(), settings,
-                [types[i] for i in pick], [colours[i] or None for i in pick], vocabulary)
+                [types[i] for i in pick], [colours[i] for i in pick], vocabulary,
+                [genders[i] for i in pick], colour_names)
+
+
+def attribute(table: pd.DataFrame, rows: pd.DataFrame, column: str) -> tuple[list, list[str]]:
+    """Each row's value of a catalogue ``column`` (None where empty or absent) and the values
+    the whole captions file holds: the classes a zero-shot judge chooses from."""
+    if column not in table:
+        return [None] * len(rows), []
+    values = sorted({v for v in table[column] if isinstance(v, str) and v})
+    return [v if isinstance(v, str) and v else None for v in rows[column]], values
 
 
 def garment_types(table: pd.DataFrame, rows: pd.DataFrame) -> tuple[list, list[str]]:
@@ -177,8 +191,8 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
         df.to_csv(tmp, index=False, lineterminator="\n")
     comparable = bool(df.comparable.astype(str).isin(["True", "true"]).all())
     lines = ["| checkpoint | epoch | FID | KID (x1e3) | CLIP score | type top-1 / top-3 | "
-             "on-model | colour | cut off |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "colour (CLIP) | gender (CLIP) | on-model | colour | cut off |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for i, r in df.iterrows():
         mark = " **best**" if i == best else ""
         kid = f"{_num(r.kid_mean, '{:.4g}', 1e3)} ± {_num(r.kid_std, '{:.2g}', 1e3)}"
@@ -186,6 +200,7 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
                  if pd.notna(r.type_top1) else "")
         lines.append(f"| {r.checkpoint}{mark} | {_num(r.epoch, '{:g}')} | {_num(r.fid, '{:.4g}')} "
                      f"| {kid} | {_num(r.clip_score, '{:.1f}')} | {types} | "
+                     f"{_num(r.get('colour_top1'), '{:.2f}')} | {_num(r.get('gender_top1'), '{:.2f}')} | "
                      f"{_num(r.on_model_rate, '{:.2f}')} | {_num(r.colour_accuracy, '{:.2f}')} | "
                      f"{_num(r.cut_off_rate, '{:.2f}')} |")
     first = df.iloc[-1]
@@ -266,7 +281,8 @@ class Scorer:
         from fashion_sd.metrics.judge import load_judge
 
         if self._judge is None:
-            self._judge, self.clip_note = load_judge(self.cfg, self.plan.vocabulary)
+            self._judge, self.clip_note = load_judge(self.cfg, self.plan.vocabulary,
+                                                     self.plan.colour_names)
         return self._judge
 
     def score(self, sampler, name: str, meta: dict, weights_id: str) -> dict:
@@ -349,7 +365,7 @@ def judge_images(judge, images, plan: Plan, folder: Path | None = None) -> dict:
     """The judge's summary columns for one model's images; the per-image rows go to ``folder``."""
     from fashion_sd.metrics.judge import SUMMARY, summarise
 
-    judged = judge(images, plan.prompts, plan.types, plan.colours)
+    judged = judge(images, plan.prompts, plan.types, plan.colours, plan.genders)
     if folder is not None:
         judged.insert(0, "prompt", plan.prompts)
         judged.insert(0, "seed", plan.seeds)

@@ -66,7 +66,8 @@ def sample_grid(rows: list[tuple[str, np.ndarray]], path: str | Path, label: str
     return _save(fig, path, label)
 
 
-RATES = {"type_top1": "type top-1", "type_top3": "type top-3", "on_model_rate": "on model",
+RATES = {"type_top1": "type top-1", "type_top3": "type top-3", "colour_top1": "colour top-1 (CLIP)",
+         "gender_top1": "gender top-1 (CLIP)", "on_model_rate": "on model",
          "colour_accuracy": "colour right", "cut_off_rate": "cut off"}
 
 

@@ -223,8 +223,8 @@ def row_for(sweep: Sweep, run: dict[str, Any], outcome: dict | None = None) -> d
     return row
 
 
-SELECTED_METRICS = ["clip_score", "type_top1", "type_top3", "on_model_rate", "colour_accuracy",
-                    "cut_off_rate"]
+SELECTED_METRICS = ["clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1",
+                    "on_model_rate", "colour_accuracy", "cut_off_rate"]
 RESULT_COLUMNS = ["run", "rank", "learning_rate", "batch_size", "status", "final_loss",
                   "final_val_loss", "best_fid", "best_fid_epoch", "best_kid", "best_kid_epoch",
                   "selected", *SELECTED_METRICS, "paper_fid", "trainable_parameters",
@@ -235,6 +235,7 @@ def _selected(r, num) -> str:
     if not isinstance(r.get("selected"), str):
         return ""
     return (f"{r.selected}: {num(r.clip_score, '{:.1f}') or '-'} / {num(r.type_top1, '{:.2f}') or '-'}"
+            f" / {num(r.get('colour_top1'), '{:.2f}') or '-'} / {num(r.get('gender_top1'), '{:.2f}') or '-'}"
             f" / {num(r.colour_accuracy, '{:.2f}') or '-'} / {num(r.cut_off_rate, '{:.2f}') or '-'}")
 
 
@@ -255,7 +256,7 @@ def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | N
     with atomic_path(out / "results.csv") as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
     lines = ["| run | rank | lr | batch | status | train loss | val loss | best FID (epoch) | "
-             "best KID (epoch) | selected: CLIP / type top-1 / colour / cut off | paper FID | "
+             "best KID (epoch) | selected: CLIP / type, colour, gender top-1 (CLIP) / colour / cut off | paper FID | "
              "trainable | seconds |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
 

@@ -9,14 +9,17 @@ from tiny import FakeClip
 from fashion_sd.metrics import adherence, judge
 
 
-def test_clip_score_is_100_times_the_clipped_cosine():
+def test_clip_score_is_100_times_the_cosine_and_the_set_clamps_its_mean():
     img = np.array([[1.0, 0.0], [3.0, 4.0], [1.0, 1.0], [0.0, 2.0]])
     txt = np.array([[2.0, 0.0], [4.0, 3.0], [-1.0, -1.0], [1.0, 0.0]])
-    # cos: 1, 24/25, -1 (clipped to 0), 0
-    np.testing.assert_allclose(adherence.clip_score(img, txt), [100.0, 96.0, 0.0, 0.0])
+    # cos: 1, 24/25, -1, 0
+    np.testing.assert_allclose(adherence.clip_scores(img, txt), [100.0, 96.0, -100.0, 0.0])
     # scale-free, as a cosine is
-    np.testing.assert_allclose(adherence.clip_score(7 * img, 0.1 * txt),
-                               adherence.clip_score(img, txt))
+    np.testing.assert_allclose(adherence.clip_scores(7 * img, 0.1 * txt),
+                               adherence.clip_scores(img, txt))
+    # the mean is clamped, not each image: (100 + 96 - 100 + 0) / 4, not (100 + 96) / 4
+    assert adherence.set_clip_score(adherence.clip_scores(img, txt)) == pytest.approx(24.0)
+    assert adherence.set_clip_score([-5.0, 3.0]) == 0.0
 
 
 def test_zero_shot_top_k_against_argsort():

@@ -206,6 +206,7 @@ ROWS = [
     ("evaluate: --images folder missing", "evaluate --images {w}/noimg --captions {w}/captions.csv --out {w}/j", "--images"),
     ("evaluate: --images without --captions", "evaluate --images {w}/images --out {w}/j", "go together"),
     ("evaluate: CLIP folder without a preset", "{ev} --set eval.clip=local:{w}/adir", "adir; give a KerasCV CLIP preset folder"),
+    ("evaluate: transformers CLIP folder without its config", "{ev} --set eval.clip=hf:{w}/adir", "adir; give the folder a transformers CLIPModel was saved to"),
     ("evaluate: CLIP spec unknown", "{ev} --set eval.clip=openai", "'eval.clip' must be auto, pretrained"),
     ("evaluate: select clip with CLIP off", "{ev} --set eval.select=clip --set eval.clip=none", "'eval.select' clip needs CLIP"),
     ("evaluate: --images with a CLIP folder that is not one", "evaluate --images {w}/images --captions {w}/captions.csv --out {w}/j --set eval.clip=local:{w}/adir", "no config.json"),

@@ -102,8 +102,11 @@ def test_evaluate_folder_with_clip(tiny_preset, tmp_path, demo_captions, capsys)
     assert rc == 0, capsys.readouterr().err
     table = pd.read_csv(out / "garment.csv")
     assert len(table) == len(pd.read_csv(demo_captions))
-    for column in ("clip_score", "type_judged", "type_top1", "type_top3", "on_model"):
+    for column in ("clip_score", "type_judged", "type_top1", "type_top3", "on_model",
+                   "colour_clip", "colour_top1", "gender_judged", "gender_top1"):
         assert table[column].notna().all(), column
-    assert ((0 <= table.clip_score) & (table.clip_score <= 100)).all()
+    # each image's own 100 cos, unclamped (docs/evaluation.md: the set's mean is clamped)
+    assert ((-100 <= table.clip_score) & (table.clip_score <= 100)).all()
+    assert set(table.gender_judged) <= {"Men", "Women", "Boys", "Girls", "Unisex"}
     md = (out / "garment.md").read_text()
-    assert "CLIP: local:tiny-clip" in md and "type top-1" in md
+    assert "CLIP: local:tiny-clip" in md and "type top-1" in md and "gender top-1" in md

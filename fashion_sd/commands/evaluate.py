@@ -33,7 +33,7 @@ def judge_folder(args) -> int:
     always, CLIP score, garment type and on-model when ``eval.clip`` gives a CLIP model."""
     import pandas as pd
 
-    from fashion_sd.evaluate import garment_types
+    from fashion_sd.evaluate import attribute, garment_types
     from fashion_sd.files import atomic_path, atomic_write_text
     from fashion_sd.metrics.judge import load_judge, summarise
 
@@ -67,19 +67,20 @@ def judge_folder(args) -> int:
     rows = table[[f is not None for f in found]].reset_index(drop=True)
     paths = [f for f in found if f is not None]
     types, vocabulary = garment_types(table, rows)
+    colours, colour_names = attribute(table, rows, "baseColour")
+    genders, _ = attribute(table, rows, "gender")
     try:
-        judge, clip_note = load_judge(cfg, vocabulary)
+        judge, clip_note = load_judge(cfg, vocabulary, colour_names)
     except FashionSDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prompts = rows.caption.tolist() if "caption" in rows else [""] * len(rows)
     if judge.clip is not None and "caption" not in rows:
         judge.clip, clip_note = None, f"--captions {args.captions} has no caption column"
-    colours = [c or None for c in rows.baseColour] if "baseColour" in rows else [None] * len(rows)
     # A catalogue's photos are up to 1800x2400: decoded a chunk at a time, never all at once.
     chunk = 64
     scored = pd.concat([judge([_rgb(p) for p in paths[s: s + chunk]], prompts[s: s + chunk],
-                              types[s: s + chunk], colours[s: s + chunk])
+                              types[s: s + chunk], colours[s: s + chunk], genders[s: s + chunk])
                         for s in range(0, len(paths), chunk)] or [judge([], [], [], [])],
                        ignore_index=True)
     scored.insert(0, "image", [str(p) for p in paths])
@@ -87,10 +88,12 @@ def judge_folder(args) -> int:
     with atomic_path(out / "garment.csv") as tmp:
         scored.to_csv(tmp, index=False, lineterminator="\n")
     clip = (f"| {summary['clip_score']:.1f} | {summary['type_top1']:.3f} / "
-            f"{summary['type_top3']:.3f} | {summary['on_model_rate']:.3f} "
-            if judge.clip is not None else "| | | ")
+            f"{summary['type_top3']:.3f} | {summary['colour_top1']:.3f} | "
+            f"{summary['gender_top1']:.3f} | {summary['on_model_rate']:.3f} "
+            if judge.clip is not None else "| | | | | ")
     text = (f"# Garment metrics: {folder}\n\n| images | colour accuracy (scored) | cut-off rate "
-            f"| CLIP score | type top-1 / top-3 | on-model |\n| ---: | ---: | ---: | ---: | ---: | ---: |\n"
+            f"| CLIP score | type top-1 / top-3 | colour top-1 (CLIP) | gender top-1 (CLIP) "
+            f"| on-model |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
             f"| {summary['images']} | {summary['colour_accuracy']:.3f} ({summary['colour_scored']}) "
             f"| {summary['cut_off_rate']:.3f} {clip}|\n"
             + (f"\nCLIP: {judge.clip.label}.\n" if judge.clip is not None else

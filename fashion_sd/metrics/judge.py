@@ -15,17 +15,28 @@ import pandas as pd
 from fashion_sd.metrics import adherence, garment
 
 # Summary columns of a judged set, in table order (the checkpoint tables carry them too).
-SUMMARY = ["clip_score", "type_top1", "type_top3", "on_model_rate", "colour_accuracy",
-           "cut_off_rate"]
+SUMMARY = ["clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1", "on_model_rate",
+           "colour_accuracy", "cut_off_rate"]
+
+
+def _known(values, vocabulary) -> list:
+    return [v if v in vocabulary else None for v in values]
+
+
+def _scored(values, known) -> pd.arrays.BooleanArray:
+    """Per-image booleans, NA where the prompt's value is unknown (not scored)."""
+    return pd.array(np.where([k is not None for k in known], values, None), dtype="boolean")
 
 
 class Judge:
     """``clip``: a :class:`fashion_sd.metrics.clip.ClipModel` or None (weight-free metrics only);
-    ``vocabulary``: the singular garment types the zero-shot classifier chooses from."""
+    ``vocabulary``: the singular garment types the zero-shot classifier chooses from;
+    ``colours``: the colour names it chooses from (the run's own); genders are the catalogue's."""
 
-    def __init__(self, clip=None, vocabulary=()):
+    def __init__(self, clip=None, vocabulary=(), colours=()):
         self.clip = clip
         self.vocabulary = sorted(set(vocabulary))
+        self.colours = sorted(set(colours))
         self._texts: dict[str, np.ndarray] = {}
 
     def texts(self, texts: list[str]) -> np.ndarray:
@@ -34,55 +45,69 @@ class Judge:
             self._texts.update(zip(new, self.clip.embed_texts(new)))
         return np.stack([self._texts[t] for t in texts])
 
-    def __call__(self, images, prompts, types, colours) -> pd.DataFrame:
-        """One row per image. ``types``/``colours``: the prompt's garment type (singular) and
-        colour name, None where unknown."""
+    def _zero_shot(self, img, classes: list[str], texts: list[str], labels: list, k: int = 1):
+        """(the most similar class per image, whether each label is in the top ``k``)."""
+        sims = adherence.similarity(img, self.texts(texts))
+        index = [classes.index(label) if label is not None else 0 for label in labels]
+        return ([classes[i] for i in np.argmax(sims, axis=1)],
+                _scored(adherence.top_k_correct(sims, index, k), labels), sims, index)
+
+    def __call__(self, images, prompts, types, colours, genders=None) -> pd.DataFrame:
+        """One row per image. ``types``/``colours``/``genders``: the prompt's garment type
+        (singular), colour name and gender, None where unknown."""
         table = garment.score_images(list(images), colours).drop(columns="image")
         if self.clip is None:
             return table
-        types = [t if t in self.vocabulary else None for t in types]
-        known = [t or self.vocabulary[0] for t in types] if self.vocabulary else []
         img = self.clip.embed_images(images)
-        table["clip_score"] = adherence.clip_score(img, self.texts(list(prompts)))
+        table["clip_score"] = adherence.clip_scores(img, self.texts(list(prompts)))
         if self.vocabulary:
-            sims = adherence.similarity(img, self.texts(adherence.type_texts(self.vocabulary)))
-            labels = [self.vocabulary.index(t) for t in known]
+            types = _known(types, self.vocabulary)
+            table["type"] = types
+            judged, top1, sims, index = self._zero_shot(
+                img, self.vocabulary, adherence.type_texts(self.vocabulary), types)
+            table["type_judged"], table["type_top1"] = judged, top1
+            table["type_top3"] = _scored(adherence.top_k_correct(sims, index, 3), types)
+            known = [t or self.vocabulary[0] for t in types]
             worn = adherence.on_model(img, self.texts([adherence.PRODUCT_TEXT.format(t) for t in known]),
                                       self.texts([adherence.WORN_TEXT.format(t) for t in known]))
-            ok = [t is not None for t in types]
-
-            def scored(values):  # an image whose prompt type is unknown is not scored
-                return pd.array(np.where(ok, values, None), dtype="boolean")
-
-            table["type"] = types
-            table["type_judged"] = [self.vocabulary[i] for i in np.argmax(sims, axis=1)]
-            table["type_top1"] = scored(adherence.top_k_correct(sims, labels, 1))
-            table["type_top3"] = scored(adherence.top_k_correct(sims, labels, 3))
-            table["on_model"] = scored(worn)
+            table["on_model"] = _scored(worn, types)
+        if self.colours:
+            labels = _known(colours, self.colours)
+            table["colour_clip"], table["colour_top1"], _, _ = self._zero_shot(
+                img, self.colours, adherence.colour_texts(self.colours), labels)
+        if genders is not None:
+            genders = _known(genders, adherence.GENDERS)
+            table["gender"] = genders
+            table["gender_judged"], table["gender_top1"], _, _ = self._zero_shot(
+                img, list(adherence.GENDERS), adherence.gender_texts(list(adherence.GENDERS)),
+                genders)
         return table
 
 
-def _mean(column) -> float:
-    values = column.dropna().astype(float)
+def _mean(table: pd.DataFrame, column: str) -> float:
+    if column not in table:
+        return math.nan
+    values = table[column].dropna().astype(float)
     return float(values.mean()) if len(values) else math.nan
 
 
 def summarise(table: pd.DataFrame) -> dict:
-    """The :data:`SUMMARY` columns of a judged set (NaN where not measured) and the counts."""
+    """The :data:`SUMMARY` columns of a judged set (NaN where not measured) and the counts. The
+    set's CLIP score clamps the mean, as torchmetrics does (:func:`adherence.set_clip_score`)."""
     base = garment.summarise(table)
-    return {"clip_score": _mean(table["clip_score"]) if "clip_score" in table else math.nan,
-            "type_top1": _mean(table["type_top1"]) if "type_top1" in table else math.nan,
-            "type_top3": _mean(table["type_top3"]) if "type_top3" in table else math.nan,
-            "on_model_rate": _mean(table["on_model"]) if "on_model" in table else math.nan,
-            "colour_accuracy": base["colour_accuracy"], "cut_off_rate": base["cut_off_rate"],
-            "colour_scored": base["colour_scored"], "images": base["images"]}
+    clip = (adherence.set_clip_score(table["clip_score"].dropna())
+            if "clip_score" in table else math.nan)
+    return {"clip_score": clip, "type_top1": _mean(table, "type_top1"),
+            "type_top3": _mean(table, "type_top3"), "colour_top1": _mean(table, "colour_top1"),
+            "gender_top1": _mean(table, "gender_top1"), "on_model_rate": _mean(table, "on_model"),
+            **base}
 
 
-def load_judge(cfg, vocabulary) -> tuple[Judge, str]:
+def load_judge(cfg, vocabulary, colours=()) -> tuple[Judge, str]:
     """The judge ``cfg.eval.clip`` asks for, and why CLIP is off when it is (empty when on)."""
     from fashion_sd.metrics.clip import load_clip  # noqa: PLC0415 - imports TensorFlow
 
     clip, why = load_clip(cfg.eval.clip, cfg.eval.clip_preset, cfg.seed)
     if why:
         print(f"CLIP metrics off: {why}")
-    return Judge(clip, vocabulary), why
+    return Judge(clip, vocabulary, colours), why
