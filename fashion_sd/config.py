@@ -109,6 +109,10 @@ class LoraConfig:
     # Also train LoRA on the CLIP text encoder's q/k/v/out projections (te00.q_proj, ...), at
     # this rank and alpha and train.text_encoder_lr; captions are then encoded at every step.
     text_encoder: bool = False
+    # How A starts (B starts at zero): kaiming = loralib / PEFT / kohya (uniform +-1/sqrt(fan_in));
+    # gaussian = PEFT's and diffusers' init_lora_weights="gaussian" (std 1/rank); keras = Keras'
+    # enable_lora (he_uniform, 2.45x kaiming's spread; what runs before this key used).
+    init: Literal["kaiming", "gaussian", "keras"] = "kaiming"
 
     def to_meta(self) -> dict[str, str]:
         """What a LoRA file's metadata says of this section (safetensors metadata are strings)."""

@@ -75,9 +75,34 @@ def lora_parameter_count(layers: dict[str, keras.layers.Dense], rank: int) -> in
     return sum(rank * (int(d.kernel.shape[0]) + int(d.kernel.shape[1])) for d in layers.values())
 
 
+LORA_INITS = ("kaiming", "gaussian", "keras")
+
+
+def a_initializer(init: str, rank: int):
+    """The initializer of A (shape fan_in x rank) for ``lora.init``; B always starts at zero.
+
+    - ``kaiming``: loralib's, PEFT's default (``init_lora_weights=True``) and kohya's,
+      ``kaiming_uniform_(a=sqrt(5))``: uniform on +-1/sqrt(fan_in), std 1/sqrt(3 fan_in);
+    - ``gaussian``: PEFT's and diffusers' ``init_lora_weights="gaussian"``, normal with std 1/rank;
+    - ``keras``: Keras' ``enable_lora`` default, he_uniform: uniform on +-sqrt(6/fan_in), std
+      sqrt(2/fan_in), sqrt(6) = 2.45x kaiming's.
+
+    Unseeded, as Keras' own: ``keras.utils.set_random_seed`` makes the draw reproducible.
+    """
+    if init == "kaiming":
+        # gain sqrt(2 / (1 + a^2)) = sqrt(1/3): variance 1 / (3 fan_in), bound sqrt(1 / fan_in)
+        return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in",
+                                                  distribution="uniform")
+    if init == "gaussian":
+        return keras.initializers.RandomNormal(mean=0.0, stddev=1.0 / rank)
+    if init == "keras":
+        return keras.initializers.HeUniform()
+    raise LoraError(f"lora.init: {init!r}: use one of {', '.join(LORA_INITS)}")
+
+
 def apply_lora(model: keras.Model, spec: LoraConfig):
-    """Freeze ``model`` and train LoRA (A he-uniform, B zero) on ``spec.targets`` only, at
-    ``spec.rank`` and ``spec.alpha``.
+    """Freeze ``model`` and train LoRA (A as ``spec.init`` says, B zero) on ``spec.targets``
+    only, at ``spec.rank`` and ``spec.alpha`` (scale alpha / rank, as PEFT's lora_alpha / r).
 
     ``spec.form``: ``separate`` computes ``x W + s (x A) B`` (no weight gradient for the frozen
     W), ``merged`` Keras' ``x (W + s A B)``; the same variables and the same function.
@@ -92,7 +117,8 @@ def apply_lora(model: keras.Model, spec: LoraConfig):
     for v in model.trainable_weights:
         v.trainable = False
     for layer in layers.values():
-        layer.enable_lora(spec.rank, lora_alpha=spec.alpha)
+        layer.enable_lora(spec.rank, lora_alpha=spec.alpha,
+                          a_initializer=a_initializer(spec.init, spec.rank))
         use_lora_form(layer, spec.form)
     expected = lora_parameter_count(layers, spec.rank)
     got = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
@@ -208,7 +234,7 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 def apply_text_encoder_lora(text_encoder: keras.Model, spec: LoraConfig):
     """Freeze the text encoder and train LoRA on its attention's q/k/v/out (``lora.text_encoder``),
-    at ``spec``'s rank and alpha, as :func:`apply_lora` does for the U-Net. Returns the layers by
+    at ``spec``'s rank, alpha and init, as :func:`apply_lora` does for the U-Net. Returns the layers by
     name (``te{i:02d}.q_proj``, ...): the names imported LoRAs use, so checkpoints, merging, the
     app and export handle them as they are.
 
@@ -224,7 +250,8 @@ def apply_text_encoder_lora(text_encoder: keras.Model, spec: LoraConfig):
     for v in text_encoder.trainable_weights:
         v.trainable = False
     for layer in layers.values():
-        layer.enable_lora(spec.rank, lora_alpha=spec.alpha)
+        layer.enable_lora(spec.rank, lora_alpha=spec.alpha,
+                          a_initializer=a_initializer(spec.init, spec.rank))
     expected = lora_parameter_count(layers, spec.rank)
     got = sum(int(np.prod(v.shape)) for v in text_encoder.trainable_weights)
     if got != expected:

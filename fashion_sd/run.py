@@ -57,6 +57,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def check_resume_config(saved: Path, cfg: Config) -> None:
     old = _flat(_load_yaml(saved))
+    # Runs written before lora.init existed drew A as Keras does (he_uniform).
+    old.setdefault("lora.init", "keras")
     new = _flat(cfg.to_dict())
     diffs = [f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
@@ -373,6 +375,8 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
                 "resolution": str(cfg.data.resolution)}
     if cfg.lora.init_from:
         metadata["init_from"] = str(cfg.lora.init_from)
+    else:  # how A started (B = 0): the config's lora.init, so a checkpoint says how to repeat it
+        metadata["lora_init"] = cfg.lora.init
     if machine.jit:
         comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predict calls
     sampler = Sampler(comps, local=machine.kind == "multi_worker")
