@@ -82,16 +82,63 @@ def make_optimizer(train: TrainConfig, total_steps: int, precision: str, replica
 
 def _adamw(train: TrainConfig, learning_rate: float, total_steps: int, replicas: int):
     t = train
-    # EMA of the weights is Keras' own (use_ema): float32 averages kept as optimizer variables,
-    # so the train state saves them and a resume stays exact. Keras moves the average at every
-    # micro-batch; decay^(1/grad_accum) per micro-batch decays it by ema_decay per optimizer step.
-    ema = {} if t.ema_decay is None else {
-        "use_ema": True, "ema_momentum": t.ema_decay ** (1.0 / t.grad_accum)}
-    return keras.optimizers.AdamW(
+    return EmaAdamW(
         learning_rate=WarmupCosine(learning_rate, total_steps, t.warmup_steps, t.grad_accum),
         weight_decay=t.weight_decay,
         global_clipnorm=None if t.grad_clip is None else t.grad_clip / replicas,
-        gradient_accumulation_steps=t.grad_accum if t.grad_accum > 1 else None, **ema)
+        gradient_accumulation_steps=t.grad_accum if t.grad_accum > 1 else None,
+        ema_decay=t.ema_decay, ema_grad_accum=t.grad_accum)
+
+
+def ema_decay_at(step, decay: float):
+    """The EMA decay of the average update after optimizer step ``step`` (0-based), as diffusers'
+    ``EMAModel`` (``use_ema_warmup=False``, ``update_after_step=0``, ``min_decay=0``) uses at its
+    ``step + 1``-th ``step()``: 0 at the first (the average becomes the weights), then
+    ``min(decay, (1 + step) / (10 + step))``. Float32; ``step`` a tensor or a number.
+    """
+    k = ops.cast(step, "float32")
+    warm = ops.minimum(ops.cast(decay, "float32"), (1.0 + k) / (10.0 + k))
+    return ops.where(ops.equal(k, 0.0), ops.zeros_like(warm), warm)
+
+
+class EmaAdamW(keras.optimizers.AdamW):
+    """Keras' AdamW whose EMA of the weights (``ema_decay``; None: no EMA) is diffusers'
+    ``EMAModel``: warm-up decay (:func:`ema_decay_at`), moved once per optimizer step, in
+    EMAModel's form ``average -= (1 - decay) * (average - weight)``.
+
+    Keras' own ``use_ema`` decays at a constant ``ema_momentum`` from the first step (after 300
+    steps at 0.999 the average is still 74% the initial LoRA, i.e. the base model) and moves at
+    every micro-batch under gradient accumulation. Only the per-step decay is ours: the averages
+    stay Keras' optimizer variables (saved in the train state, so a resume stays exact) and the
+    step counter is the optimizer's own iteration count.
+    """
+
+    def __init__(self, *args, ema_decay: float | None = None, ema_grad_accum: int = 1, **kwargs):
+        kwargs.pop("use_ema", None), kwargs.pop("ema_momentum", None)
+        super().__init__(*args, use_ema=ema_decay is not None,
+                         ema_momentum=0.99 if ema_decay is None else ema_decay, **kwargs)
+        self.ema_decay, self.ema_grad_accum = ema_decay, int(ema_grad_accum)
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        # Keras calls this after each micro-batch's update, before counting it in _iterations.
+        if not self.use_ema:
+            return
+        micro = ops.cast(self._iterations, "int64")
+        n = self.ema_grad_accum
+        at_update = ops.equal(ops.mod(micro + 1, n), 0)  # the micro-batch that applies
+        decay = ema_decay_at(ops.floor_divide(micro, n), self.ema_decay)
+        # decay 1 between updates: average - 0 * (...) is the average, bit for bit
+        one_minus = 1.0 - ops.where(at_update, decay, ops.ones_like(decay))
+        for var, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                average.assign(ops.subtract(
+                    average, ops.multiply(ops.cast(one_minus, average.dtype),
+                                          ops.subtract(average, var))))
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("use_ema", None), config.pop("ema_momentum", None)
+        return {**config, "ema_decay": self.ema_decay, "ema_grad_accum": self.ema_grad_accum}
 
 
 def _adams(optimizer) -> list:

@@ -99,41 +99,116 @@ def test_dropped_captions_train_on_the_samplers_unconditional_context(small_part
     assert 0 < drops.mean() < 1
 
 
-def test_ema_follows_the_hand_computed_sequence():
-    decay = 0.8
-    t, layers = make()
-    opt = tr.make_optimizer(TrainConfig(learning_rate=1e-3, weight_decay=0.01, grad_clip=1.0,
-                                        ema_decay=decay), 100, "float32")
-    t.compile(optimizer=opt, jit_compile=False)
-    t.optimizer.build(t.trainable_variables)
+def diffusers_decays(decay, steps):
+    """diffusers' EMAModel.get_decay at each of its step() calls, from its own code."""
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=decay)
+    out = []
+    for _ in range(steps):
+        ema.step([torch.nn.Parameter(torch.zeros(1))])
+        out.append(ema.cur_decay_value)
+    return out
+
+
+def test_ema_decay_is_diffusers_warm_up_in_closed_form():
+    for decay in (0.999, 0.9999, 0.8):
+        k = np.arange(20000)
+        ours = np.asarray(tr.ema_decay_at(k, decay))
+        closed = np.where(k == 0, 0.0, np.minimum(decay, (1 + k) / (10 + k)))
+        np.testing.assert_allclose(ours, closed, rtol=1e-7, atol=0)
+        np.testing.assert_allclose(ours[:300], diffusers_decays(decay, 300), rtol=1e-7, atol=0)
+    # 0.999 is reached at step 8990, where (1 + k) / (10 + k) = 8991 / 9000
+    d = np.asarray(tr.ema_decay_at(np.arange(8984, 9000), 0.999))
+    assert (d[:6] < np.float32(0.999)).all() and (d[6:] == np.float32(0.999)).all()
+    # the initial LoRA's weight in the average after 300 steps: 74% at a constant 0.999,
+    # 3% with the warm-up (prod over k of the decays)
+    assert 0.999 ** 300 == pytest.approx(0.741, abs=1e-3)
+    assert np.prod(np.asarray(tr.ema_decay_at(np.arange(1, 300), 0.999), np.float64)) < 0.04
+
+
+def fit_recording(t, steps, n=4, batch=4, callbacks=()):
     seen = []
 
     class Record(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
+        def on_train_batch_end(self, b, logs=None):
             seen.append([v.numpy().copy() for v in t.trainable_variables])
 
-    t.fit(batches(n=4).repeat(), epochs=1, steps_per_epoch=6, verbose=0, shuffle=False,
-          callbacks=[Record(), KeepRawWeights()])  # as run.train fits
-    expected = [x.copy() for x in seen[0]]  # Keras starts the average at the first step's value
-    for values in seen[1:]:
-        expected = [decay * a + (1 - decay) * v for a, v in zip(expected, values)]
+    t.fit(batches(n=n, batch=batch).repeat(), epochs=1, steps_per_epoch=steps, verbose=0,
+          shuffle=False, callbacks=[Record(), *callbacks])
+    return seen
+
+
+def ema_trainer(decay, grad_accum=1):
+    t, layers = make()
+    opt = tr.make_optimizer(TrainConfig(learning_rate=1e-3, weight_decay=0.01, grad_clip=1.0,
+                                        ema_decay=decay, grad_accum=grad_accum), 100, "float32")
+    t.compile(optimizer=opt, jit_compile=False)
+    t.optimizer.build(t.trainable_variables)
+    return t
+
+
+def test_ema_follows_diffusers_emamodel_step_for_step():
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    decay = 0.999
+    t = ema_trainer(decay)
+    initial = [v.numpy().copy() for v in t.trainable_variables]
+    seen = fit_recording(t, 12, callbacks=[KeepRawWeights()])  # as run.train fits
+    # diffusers: EMAModel over the same parameters, stepped after each optimizer step
+    params = [torch.nn.Parameter(torch.tensor(v)) for v in initial]
+    ema = EMAModel(params, decay=decay)
+    for values in seen:
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(torch.tensor(v))
+        ema.step(params)
+    # and the closed form, in float64
+    expected = [x.astype(np.float64) for x in seen[0]]
+    for k, values in enumerate(seen[1:], start=1):
+        d = min(decay, (1 + k) / (10 + k))
+        expected = [d * a + (1 - d) * v for a, v in zip(expected, values)]
     raw = [v.numpy().copy() for v in t.trainable_variables]
     with tr.ema_weights(t.optimizer, t.trainable_variables):
-        for v, e in zip(t.trainable_variables, expected):
-            np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-7)
+        for v, s, e in zip(t.trainable_variables, ema.shadow_params, expected):
+            np.testing.assert_allclose(v.numpy(), s.numpy(), rtol=1e-6, atol=1e-8)
+            np.testing.assert_allclose(v.numpy(), e, rtol=1e-6, atol=1e-8)
     for v, r in zip(t.trainable_variables, raw):  # the raw weights are back after the block
         np.testing.assert_array_equal(v.numpy(), r)
+    # with the warm-up the average has left the start: a constant 0.999 would sit at 99% of it
     assert any(not np.allclose(e, r) for e, r in zip(expected, raw))
+    moved = [np.abs(e - i).max() / np.abs(r - i).max() for e, r, i in zip(expected, raw, initial)
+             if np.abs(r - i).max() > 0]
+    assert min(moved) > 0.3
+
+
+def test_ema_moves_once_per_optimizer_step_under_accumulation():
+    decay = 0.999
+    t = ema_trainer(decay, grad_accum=2)
+    seen = fit_recording(t, 8, batch=2, callbacks=[KeepRawWeights()])
+    updates = seen[1::2]  # the micro-batches that apply
+    for a, b in zip(seen[1::2], seen[2::2]):  # a micro-batch that only accumulates
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    expected = [x.astype(np.float64) for x in updates[0]]
+    for k, values in enumerate(updates[1:], start=1):
+        d = min(decay, (1 + k) / (10 + k))
+        expected = [d * a + (1 - d) * v for a, v in zip(expected, values)]
+    with tr.ema_weights(t.optimizer, t.trainable_variables):
+        for v, e in zip(t.trainable_variables, expected):
+            np.testing.assert_allclose(v.numpy(), e, rtol=1e-6, atol=1e-8)
+    assert int(t.optimizer.iterations.numpy()) == 4
 
 
 OPTIONS = ["train.snr_gamma=5", "train.noise_offset=0.05", "train.caption_dropout=0.2",
-           "train.ema_decay=0.9"]
+           "train.ema_decay=0.999", "lora.init=gaussian"]
 
 
 def test_all_options_on_resume_bit_exact(tmp_path, demo_captions, encoder_cache, build):  # noqa: F811
     straight = train(config(tmp_path, demo_captions, encoder_cache, *OPTIONS, name="straight"), build)
     assert straight["options"] == {"snr_gamma": 5.0, "noise_offset": 0.05, "caption_dropout": 0.2,
-                                   "ema_decay": 0.9}
+                                   "ema_decay": 0.999}
     train(config(tmp_path, demo_captions, encoder_cache, *OPTIONS, "train.max_steps=5",
                  name="resumed"), build)
     train(config(tmp_path, demo_captions, encoder_cache, *OPTIONS, name="resumed"), build, resume=True)
