@@ -263,20 +263,30 @@ class LoraTrainer(keras.Model):
             # Average across replicas here so that every replica sees the same gradients (the
             # skip decision must agree) and clipping acts on the global gradient; Keras' own
             # apply() would clip each replica's share and then sum.
-            grads = [g / replicas for g in ctx.all_reduce("mean", grads)]
+            mean = ctx.all_reduce("mean", grads)
+            grads = [g / replicas for g in mean]
             loss_all = ctx.all_reduce("mean", loss)
         else:
-            loss_all = loss
+            mean, loss_all = grads, loss
         loss_ok = tf.math.is_finite(loss_all)
         grads_ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        lso = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        # Finite gradients can still overflow what the optimizer computes from them: the squared
+        # global norm of global-norm clipping (a gradient of about 2e19 makes it inf, and Keras'
+        # clip then multiplies by NaN) and Adam's g * g. Sum of squares of the (unscaled, global)
+        # gradient in float32, as Keras' clip computes it; not finite -> skipped like a NaN.
+        unscale = 1.0 / ops.cast(self.optimizer.dynamic_scale, "float32") if lso else 1.0
+        sumsq = tf.add_n([tf.reduce_sum(tf.square(ops.cast(g, "float32") * unscale)) for g in mean])
+        norm_ok = tf.math.is_finite(sumsq)
+        if lso:
             # Overflowing scaled gradients are the loss-scale optimizer's business: it skips the
             # step and halves the scale. A non-finite *unscaled* loss is not an overflow (no
-            # scale would help), so it is skipped here, the scale left alone, and counted.
-            finite = loss_ok
+            # scale would help), so it is skipped here, the scale left alone, and counted; so is
+            # a finite scaled gradient whose unscaled norm overflows.
             overflow = tf.logical_and(loss_ok, tf.logical_not(grads_ok))
+            finite = tf.logical_and(loss_ok, tf.logical_or(tf.logical_not(grads_ok), norm_ok))
         else:
-            finite = tf.logical_and(loss_ok, grads_ok)
+            finite = tf.logical_and(loss_ok, tf.logical_and(grads_ok, norm_ok))
             overflow = tf.constant(False)
         self._apply_if(finite, grads, variables, ctx, replicas)
         bad = tf.cast(tf.logical_not(finite), "int64")

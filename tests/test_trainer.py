@@ -139,3 +139,58 @@ def test_mirrored_strategy_matches_one_device():
     single, mirrored = map(float, result["fp16_loss"].split(","))
     assert abs(single - mirrored) < 1e-3 * abs(single)
     assert float(result["fp16_max_lora_diff"]) < 1e-3
+
+
+class HugeGradient(tr.LoraTrainer):
+    """A loss whose gradient is ``value`` in every element of the first LoRA matrix, 0 elsewhere:
+    finite, but its squared global norm overflows float32 from about 1.8e19."""
+
+    value = 3e19
+
+    def _loss(self, batch, training):
+        first, *rest = self.trainable_variables
+        loss = keras.ops.sum(first) * self.value + self.value * 0.0 * keras.ops.sum(batch["noise"])
+        return loss + sum(keras.ops.sum(v) * 0.0 for v in rest)
+
+
+def huge(precision="float32"):
+    keras.utils.set_random_seed(0)
+    unet = tiny_unet()
+    layers = lora.apply_lora(unet, LoraConfig(rank=2, alpha=4.0, targets=TARGETS))
+    t = HugeGradient(unet)
+    t.compile(optimizer=optimizer(clip=1.0, precision=precision), jit_compile=False)
+    t.optimizer.build(t.trainable_variables)
+    return t, layers
+
+
+def test_keras_clipping_turns_a_finite_huge_gradient_into_nan():
+    # The issue's reproduction, on Keras' own optimizer: why the step checks the norm itself.
+    v = keras.Variable(np.zeros(4, "float32"))
+    opt = keras.optimizers.AdamW(learning_rate=1e-3, global_clipnorm=1.0)
+    opt.apply([np.full(4, 3e19, "float32")], [v])
+    assert np.isnan(v.numpy()).all()
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_gradient_whose_norm_overflows_is_skipped_and_counted(precision):
+    keras.mixed_precision.set_dtype_policy(precision)
+    try:
+        t, layers = huge(precision)
+        before = snapshot(layers)
+        opt_before = [v.numpy().copy() for v in t.optimizer.variables]
+        t.fit(batches(n=4), epochs=1, verbose=0, shuffle=False)
+        after = snapshot(layers)
+        assert all(np.array_equal(before[k], after[k]) for k in before)  # weights unchanged
+        for a, v in zip(opt_before, t.optimizer.variables):  # no moments, no iteration, no scale change
+            np.testing.assert_array_equal(a, v.numpy())
+        assert int(t.skipped_steps.numpy()) == 1 and int(t.nonfinite_streak.numpy()) == 1
+        assert int(t.overflow_steps.numpy()) == 0  # not a float16 overflow: the scale stays
+        t.value = 1e3  # a gradient clipping can handle: applied, finite, streak over
+        t.make_train_function(force=True)
+        t.fit(batches(n=4), epochs=1, verbose=0, shuffle=False)
+        state = snapshot(layers)
+        assert all(np.isfinite(v).all() for v in state.values())
+        assert not all(np.array_equal(after[k], state[k]) for k in state)
+        assert int(t.skipped_steps.numpy()) == 1 and int(t.nonfinite_streak.numpy()) == 0
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
