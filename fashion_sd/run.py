@@ -322,7 +322,8 @@ def _train(cfg: Config, resume, fresh, progress, verbose, build) -> dict:
                   f"{t.text_encoder_lr or t.learning_rate:g}")
         layers = {**layers, **te_layers}  # one checkpoint holds both (te00.q_proj, ...)
         if t.ema_decay:
-            print(f"EMA of the LoRA weights (decay {t.ema_decay:g} per optimizer step): "
+            print(f"EMA of the LoRA weights (diffusers' EMAModel: decay min({t.ema_decay:g}, "
+                  "(1 + k) / (10 + k)) after optimizer step k): "
                   f"checkpoints hold it, their raw weights go to {run.checkpoints / 'raw'}")
         trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
         print(f"trainable LoRA parameters: {trainable:,} "

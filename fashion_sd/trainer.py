@@ -3,7 +3,9 @@
 Per step: draw a latent from the cached VAE posterior, noise it at a random timestep, let the
 U-Net (LoRA enabled, all else frozen) predict the noise, minimise the MSE (Ho et al. 2020, the
 "simple" loss with the epsilon target). AdamW, global-norm clipping and gradient accumulation are
-Keras' own optimizer features; the warm-up + cosine schedule counts optimizer steps.
+Keras' own optimizer features; the warm-up + cosine schedule counts optimizer steps; the EMA of
+the weights is Keras' with diffusers' warm-up decay (:class:`EmaAdamW`). A step whose loss or
+gradient is not finite, or whose gradient's squared norm overflows float32, is skipped and counted.
 """
 
 from __future__ import annotations
