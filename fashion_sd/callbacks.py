@@ -1,5 +1,7 @@
-"""What a run leaves behind, as Keras callbacks around ``fit``: step limits, checkpoints, history,
-plots and sample grids. They share one :class:`RunState`, the run's position and bookkeeping.
+"""What a run leaves behind, as Keras callbacks around ``fit``: step limits, stop requests,
+checkpoints (by epoch and by step), history, plots and sample grids. They share one
+:class:`RunState`, the run's position and bookkeeping; files go through the run's
+:class:`fashion_sd.rundir.RunWriter`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import pandas as pd
 
 from fashion_sd import lora, plots
 from fashion_sd.config import Config, TrainConfig
-from fashion_sd.files import atomic_path
-from fashion_sd.rundir import BEST, LAST, RunDir, checkpoint_name
+from fashion_sd.rundir import BEST, LAST, SCORES_CSV, RunDir, RunWriter, checkpoint_name
 from fashion_sd.trainer import (
     ema_weights,
     learning_rate,
@@ -24,12 +25,8 @@ from fashion_sd.trainer import (
     uses_ema,
 )
 
-# skipped_steps: non-finite losses or gradients (never applied); overflow_steps: float16 steps
-# the loss-scale optimizer skipped; loss_scale: its scale (empty without float16).
 # What the train state's schedule counts; states without it counted micro-batches.
 SCHEDULE = "optimizer_steps"
-HISTORY_COLUMNS = ["epoch", "step", "loss", "val_loss", "lr", "skipped_steps", "overflow_steps",
-                   "loss_scale", "seconds"]
 
 
 @dataclass
@@ -43,7 +40,7 @@ class RunState:
     best_val: float = math.inf
     elapsed: float = 0.0  # seconds of training in earlier sessions
     history: list[dict] = field(default_factory=list)
-    stop_reason: str | None = None  # "max_steps" | "nonfinite" | "loss_scale" | None
+    stop_reason: str | None = None  # "max_steps" | "nonfinite" | "loss_scale" | "signal" | None
     session_start: float = field(default_factory=time.time)
 
     @property
@@ -63,6 +60,11 @@ class RunState:
         return self.step % self.steps_per_epoch == 0
 
     @property
+    def at_optimizer_step(self) -> bool:
+        """Whether the last micro-batch completed an optimizer step (train.grad_accum)."""
+        return self.step % self.grad_accum == 0
+
+    @property
     def seconds(self) -> float:
         return self.elapsed + time.time() - self.session_start
 
@@ -75,19 +77,30 @@ class RunState:
 FAILURES = ("nonfinite", "loss_scale")  # stop reasons after which nothing more is written
 
 
+class StopRequested(Exception):
+    """Raised out of ``fit`` once the step a stop request (SIGTERM, Ctrl-C) ended is saved: fit
+    must not go on to its validation pass and epoch-end writes, which may take minutes."""
+
+
 class StepGuard(keras.callbacks.Callback):
     """Counts steps; stops at the end step (train.max_steps), after ``max_nonfinite`` non-finite
-    losses in a row, or when the float16 loss scale falls below ``min_loss_scale``."""
+    losses in a row, when the float16 loss scale falls below ``min_loss_scale``, or at the first
+    optimizer step after a stop request (``stop``: :class:`fashion_sd.stopping.StopRequest`)."""
 
-    def __init__(self, state: RunState, max_nonfinite: int, min_loss_scale: float = 1.0):
+    def __init__(self, state: RunState, max_nonfinite: int, min_loss_scale: float = 1.0,
+                 stop=None):
         super().__init__()
         self.state, self.max_nonfinite, self.min_loss_scale = state, max_nonfinite, min_loss_scale
+        self.stop = stop
 
     def on_train_batch_end(self, batch, logs=None):
         st = self.state
         st.step += 1
         scale = loss_scale(self.model.optimizer)
-        if int(self.model.nonfinite_streak.numpy()) >= self.max_nonfinite:
+        if self.stop is not None and self.stop.requested and st.at_optimizer_step:
+            st.stop_reason = "signal"
+            self.model.stop_training = True
+        elif int(self.model.nonfinite_streak.numpy()) >= self.max_nonfinite:
             st.stop_reason = "nonfinite"
             self.model.stop_training = True
         elif scale is not None and scale < self.min_loss_scale:
@@ -99,8 +112,24 @@ class StepGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class StopWhenRequested(keras.callbacks.Callback):
+    """Last in the list: after the step a stop request ended was saved (the chief's
+    Checkpointer), leave ``fit`` at once (:class:`StopRequested`)."""
+
+    def __init__(self, state: RunState):
+        super().__init__()
+        self.state = state
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.state.stop_reason == "signal":
+            raise StopRequested
+
+
 class Checkpointer(keras.callbacks.Callback):
-    """At each epoch end (and at train.max_steps): LoRA checkpoints, train state, history, plot.
+    """At each epoch end (and at train.max_steps): LoRA checkpoints, train state, history, plot;
+    every ``train.save_every_steps`` optimizer steps and at a stop request, the train state
+    (``--resume`` continues there, mid-epoch); every ``train.checkpoint_every_steps``, a
+    step-named LoRA checkpoint too.
 
     An epoch checkpoint (the last ``keep_last`` kept), ``best`` by val loss (train loss when
     there is no val split: ``monitor``), ``last`` (always the
@@ -110,10 +139,13 @@ class Checkpointer(keras.callbacks.Callback):
     formats (``output.export``) are written beside each checkpoint, e.g. ``best.kohya.safetensors``.
     """
 
-    def __init__(self, state: RunState, layers: dict, cfg: Config, metadata: dict, label: str,
-                 monitor: str = "val_loss"):
+    def __init__(self, state: RunState, writer: RunWriter, layers: dict, cfg: Config,
+                 metadata: dict, label: str, monitor: str = "val_loss"):
         super().__init__()
-        self.state, self.layers, self.spec, self.meta = state, layers, cfg.lora, metadata
+        self.state, self.writer = state, writer
+        self.layers, self.spec, self.meta = layers, cfg.lora, metadata
+        self.save_every = cfg.train.save_every_steps
+        self.checkpoint_every = cfg.train.checkpoint_every_steps
         self.monitor = monitor  # "loss" (train loss) when the val split is empty
         self.keep_last, self.label = cfg.train.keep_last, label
         self.export = tuple(cfg.output.export)
@@ -137,13 +169,27 @@ class Checkpointer(keras.callbacks.Callback):
                 export_lora(path, fmt, target)
         return path
 
+    def _every(self, n: int) -> bool:
+        return bool(n) and self.state.at_optimizer_step and self.state.optimizer_step % n == 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        st = self.state
+        if st.stop_reason in FAILURES or (st.epoch_complete and st.stop_reason != "signal"):
+            return  # an epoch end writes everything in on_epoch_end
+        if self._every(self.checkpoint_every):
+            self._save_lora(RunDir.step_name(st.optimizer_step))
+            self._prune(st.run.step_checkpoints())
+        if st.stop_reason == "signal" or self._every(self.save_every):
+            save_train_state(st.run.train_state, self.model, self.layers, st.info())
+            self.writer.push()
+
     def on_epoch_end(self, epoch, logs=None):
         st, logs = self.state, logs or {}
         if st.stop_reason in FAILURES:
             return
         if st.epoch_complete:
             self._save_lora(RunDir.epoch_name(epoch + 1))
-            self._prune()
+            self._prune(st.run.epoch_checkpoints())
         val = float(logs.get("val_loss", math.nan))
         watched = float(logs.get(self.monitor, math.nan))
         if math.isfinite(watched) and watched < st.best_val:
@@ -159,14 +205,15 @@ class Checkpointer(keras.callbacks.Callback):
             "loss_scale": loss_scale(self.model.optimizer),
             "seconds": round(st.seconds, 1)})
         save_train_state(st.run.train_state, self.model, self.layers, st.info())
-        write_history(st.history, st.run.history)
+        self.writer.write_history(st.history)
         plots.loss_curves(pd.DataFrame(st.history), st.run.loss_plot, self.label)
 
-    def _prune(self):
+    def _prune(self, kept: list[Path]):
+        """The oldest of ``kept`` (epoch or step checkpoints) beyond train.keep_last, with their
+        raw weights and exports."""
         from fashion_sd.interop.lora_formats import FORMATS
 
         run = self.state.run
-        kept = run.epoch_checkpoints()
         for old in kept[: max(0, len(kept) - self.keep_last)]:
             old.unlink()
             run.raw_checkpoint(checkpoint_name(old)).unlink(missing_ok=True)
@@ -252,7 +299,7 @@ class EvalDuringTraining(keras.callbacks.Callback):
         self.scorer.record(self.scorer.previous(), row, self.label)
         print(f"epoch {epoch + 1}: KID {row['kid_mean']:.4g}, FID {row['fid']:.4g}"
               + (f", CLIP score {row['clip_score']:.1f}" if pd.notna(row["clip_score"]) else "")
-              + f" -> {self.scorer.out / 'fid.csv'}")
+              + f" -> {self.scorer.out / SCORES_CSV}")
 
 
 class AfterWrites(keras.callbacks.Callback):
@@ -274,16 +321,3 @@ def render_samples(sampler, prompts, seeds, steps, guidance, path, label, title)
     rows = [(p, sampler.generate(p, seeds, steps, guidance)) for p in prompts]
     return plots.sample_grid(rows, path, label, f"{title} ({steps} sampler steps)",
                              [f"seed {s}" for s in seeds])
-
-
-def write_history(rows: list[dict], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(tmp, index=False, lineterminator="\n")
-
-
-def read_history(path: Path, up_to_step: int) -> list[dict]:
-    """Rows of an earlier session, without any written after the train state it resumes from."""
-    if not path.is_file():
-        return []
-    df = pd.read_csv(path)
-    return df[df.step <= up_to_step].to_dict("records")

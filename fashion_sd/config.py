@@ -143,7 +143,15 @@ class TrainConfig:
     # train.batch_size is the global batch, split over every replica of every worker.
     strategy: Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"] = "auto"
     deterministic: bool = False  # TensorFlow op determinism (slower; exact resume on CPU)
-    keep_last: int = 3  # epoch checkpoints kept besides best and last
+    keep_last: int = 3  # epoch checkpoints kept besides best and last (and as many step ones)
+    # Every N optimizer steps the train state is written (atomically, replacing the last one), so
+    # --resume continues mid-epoch from there: a disconnect loses at most N steps (500: a few
+    # minutes of a GPU run; the state is the LoRA and its optimizer moments, ~10 MB at rank 4).
+    # 0: at epoch ends only.
+    save_every_steps: int = 500
+    # Every N optimizer steps also a step-named LoRA checkpoint (step_000500.lora.safetensors,
+    # ~3 MB at rank 4; the last keep_last kept) that evaluation and the app list; 0: none.
+    checkpoint_every_steps: int = 0
     max_nonfinite: int = 20  # consecutive non-finite (unscaled) losses that stop the run
     # float16: the run stops when the dynamic loss scale falls below this (gradients would
     # underflow silently); overflow skips themselves are routine and never stop a run.
@@ -489,6 +497,8 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
     need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     need(t.keep_last >= 0, "train.keep_last", "must be >= 0")
+    need(t.save_every_steps >= 0, "train.save_every_steps", "must be >= 0 (0: at epoch ends only)")
+    need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: none)")
     need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
     need(t.min_loss_scale > 0 and math.isfinite(t.min_loss_scale), "train.min_loss_scale",
          "must be a positive number")

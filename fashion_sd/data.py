@@ -152,13 +152,15 @@ def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=Non
     if text_cache:
         contexts = sharded(cache_dir, cache_key("text", weights_id, distinct, dtype=text_dtype),
                            len(distinct), text, "float32", shard_rows,
-                           progress if len(distinct) > shard_rows else None, on_write)
+                           progress if len(distinct) > shard_rows else None, on_write,
+                           row_shape=(MAX_LENGTH, 768))
     else:
         tokens = tokenize(distinct, comps.tokenizer)[0]
     moments = sharded(cache_dir, cache_key("images", weights_id, [file_id(p) for p in paths],
                                            resolution, dtype=image_dtype),
                       len(paths), images, cache_dtype, shard_rows,
-                      progress if n_shards > 1 else None, on_write)
+                      progress if n_shards > 1 else None, on_write,
+                      row_shape=(2, image_size(resolution)[1] // 8, image_size(resolution)[0] // 8, 8))
     splits = {name: np.flatnonzero((table.split == name).to_numpy()) for name in ("train", "val", "test")}
     return EncodedData(moments, contexts, np.array([index[c] for c in table.caption]), splits,
                        index[""], tokens)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from fashion_sd.errors import FashionSDError
 
 # mkstemp makes 0600 files; outputs should get the permissions any other new file would.
 _UMASK = os.umask(0)
@@ -28,10 +32,48 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        written = _size(Path(tmp))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if is_disk_full(exc):
+            raise DiskFull(path, max(written, _size(path))) from None
         raise
+
+
+class DiskFull(FashionSDError, OSError):
+    """A write that failed for space; the file it would have replaced is untouched."""
+
+    def __init__(self, path: Path, needed: int):
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        super().__init__(f"no space left on the device writing {path}: {human_size(free)} free in "
+                         f"{path.parent}, and it needs about {human_size(needed)} more "
+                         f"(the previous {path.name}, if any, is intact)")
+        self.path, self.needed = path, needed
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, whether raised as an OSError or wrapped by a library (safetensors' Rust
+    writer raises its own error whose message carries the OS error)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "StorageFull" in text or "os error 28" in text
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

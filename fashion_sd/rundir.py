@@ -6,6 +6,7 @@
                     train_state.safetensors  (+ exports: best.kohya.safetensors, ...)
                     raw/  (with train.ema_decay: the raw weights of each checkpoint)
       samples/  tensorboard/  eval/fid.csv (fid.md, fid.png)
+      .fashion-sd.lock  (held by the live run: one run per folder, fashion_sd.runlock)
 
 Writers (the trainer's callbacks, the evaluator) and readers (the sweep, the app, the
 evaluator's checkpoint lookup, the exporter) all go through :class:`RunDir` and
@@ -25,6 +26,13 @@ TRAIN_STATE = "train_state.safetensors"
 SCORES_CSV, SCORES_MD, SCORES_PLOT = "fid.csv", "fid.md", "fid.png"
 SCORES_GRID = "real_vs_generated.png"  # one row per prompt: real, base, best, last
 JUDGED_CSV = "scores.csv"  # per image, beside each model's images in eval/images/NAME/
+STEP_PREFIX = "step_"  # step checkpoints (train.checkpoint_every_steps): step_000500.lora...
+LOCK = ".fashion-sd.lock"
+# history.csv's columns. skipped_steps: non-finite losses or gradients (never applied);
+# overflow_steps: float16 steps the loss-scale optimizer skipped; loss_scale: its scale (empty
+# without float16).
+HISTORY_COLUMNS = ["epoch", "step", "loss", "val_loss", "lr", "skipped_steps", "overflow_steps",
+                   "loss_scale", "seconds"]
 
 
 def checkpoint_name(path: str | Path) -> str:
@@ -54,9 +62,11 @@ def export_path(checkpoint: str | Path, fmt: str) -> Path:
 
 
 def scored_in(folder: str | Path) -> list[Path]:
-    """What an evaluation of a checkpoints folder scores: its epoch checkpoints, else ``last``."""
+    """What an evaluation of a checkpoints folder scores: its epoch and step checkpoints, else
+    ``last``."""
     folder = Path(folder)
     found = sorted(folder.glob(f"{EPOCH_PREFIX}*{CHECKPOINT_SUFFIX}"))
+    found += sorted(folder.glob(f"{STEP_PREFIX}*{CHECKPOINT_SUFFIX}"))
     last = folder / f"{LAST}{CHECKPOINT_SUFFIX}"
     if not found and last.is_file():
         found = [last]
@@ -121,7 +131,11 @@ class RunDir:
         return self.samples / f"{self.epoch_name(epoch)}.png"
 
     def samples_at_step(self, step: int) -> Path:
-        return self.samples / f"step_{step:06d}.png"
+        return self.samples / f"{self.step_name(step)}.png"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK
 
     # ---- checkpoints
     def checkpoint(self, name: str) -> Path:
@@ -139,6 +153,17 @@ class RunDir:
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoint(self.epoch_name(epoch))
+
+    @staticmethod
+    def step_name(step: int) -> str:
+        return f"{STEP_PREFIX}{step:06d}"
+
+    def step_checkpoint(self, step: int) -> Path:
+        return self.checkpoint(self.step_name(step))
+
+    def step_checkpoints(self) -> list[Path]:
+        """The step checkpoints on disk (``train.checkpoint_every_steps``), oldest first."""
+        return sorted(self.checkpoints.glob(f"{STEP_PREFIX}*{CHECKPOINT_SUFFIX}"))
 
     @property
     def best(self) -> Path:
@@ -161,13 +186,17 @@ class RunDir:
         return sorted(self.checkpoints.glob(f"*{CHECKPOINT_SUFFIX}"))
 
     def scored_checkpoints(self) -> list[Path]:
-        """What an evaluation of the run scores: its epoch checkpoints, else ``last``."""
+        """What an evaluation of the run scores: its epoch and step checkpoints, else ``last``."""
         return scored_in(self.checkpoints)
 
     # ---- reading
-    def read_history(self):
-        """``history.csv`` as a DataFrame, or None when there is none (yet) or it is unreadable."""
-        return _read_csv(self.history)
+    def read_history(self, up_to_step: int | None = None):
+        """``history.csv`` as a DataFrame, or None when there is none (yet) or it is unreadable;
+        ``up_to_step``: without the rows written after the train state a run resumes from."""
+        df = _read_csv(self.history)
+        if df is None or up_to_step is None:
+            return df
+        return df[df.step <= up_to_step]
 
     def read_scores(self):
         """``eval/fid.csv`` as a DataFrame, or None."""
@@ -195,3 +224,61 @@ def _read_csv(path: Path):
         return pd.read_csv(path)
     except (OSError, ValueError):
         return None
+
+
+class RunWriter:
+    """The one writer of a run folder, for one process of one run: it knows whether this process
+    writes (the chief of a multi-worker run; every other process is a no-op writer) and where
+    a remote output.dir's local mirror is copied out to (``mirror``: a
+    :class:`fashion_sd.remote.Mirror`, or None)."""
+
+    def __init__(self, run: RunDir, chief: bool = True, mirror=None):
+        self.run, self.chief, self.mirror = run, chief, mirror
+
+    def push(self) -> None:
+        """Copy what was written out to the remote output.dir, if there is one."""
+        if self.mirror is not None and self.chief:
+            self.mirror.push()
+
+    def lock(self):
+        """The folder's lock (:class:`fashion_sd.runlock.RunLock`), held by the chief only."""
+        import contextlib
+
+        from fashion_sd.runlock import RunLock
+
+        return RunLock(self.run.lock_file, self.run.root) if self.chief else contextlib.nullcontext()
+
+    def clear(self) -> None:
+        """``--fresh``: remove an earlier run's outputs (never other files in the folder)."""
+        if not self.chief:
+            return
+        import shutil
+
+        for name in RunDir.OUTPUTS:
+            p = self.run.root / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        self.push()
+
+    def save_config(self, cfg) -> None:
+        if self.chief:
+            self.run.root.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run.config)
+            self.push()
+
+    def write_record(self, record: dict) -> None:
+        """``run.json``: the run's config, weights, machine and status."""
+        if self.chief:
+            from fashion_sd.files import atomic_write_text
+
+            atomic_write_text(self.run.run_json, json.dumps(record, indent=2, default=str) + "\n")
+            self.push()
+
+    def write_history(self, rows: list[dict]) -> None:
+        if self.chief:
+            import pandas as pd
+
+            from fashion_sd.files import atomic_path
+
+            with atomic_path(self.run.history) as tmp:
+                pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(tmp, index=False,
+                                                                     lineterminator="\n")

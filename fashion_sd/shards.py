@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from fashion_sd.cache import key_path
-from fashion_sd.files import atomic_path, atomic_write_text
+from fashion_sd.errors import FashionSDError
+from fashion_sd.files import atomic_path, atomic_write_text, human_size
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,26 @@ def shard_folder(folder: str | Path, key: dict) -> Path:
     return key_path(Path(folder), key).with_suffix("")
 
 
+class CacheSpaceError(FashionSDError, OSError):
+    """A cache that would not fit on its disk; found before encoding starts."""
+
+
+def check_space(out: Path, rows: int, row_nbytes: int, what: str) -> None:
+    """Refuse to start encoding ``rows`` rows of ``row_nbytes`` when the disk has less room
+    (5% slack for the .npy headers and the index): better now than a full disk an hour in."""
+    needed = int(rows * row_nbytes * 1.05)
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise CacheSpaceError(
+            f"data.cache_dir {out.parent}: the {what} cache needs about {human_size(needed)} for "
+            f"{rows} rows still to encode, and the disk has {human_size(free)} free; free some "
+            "space or set data.cache_dir to a larger disk (data.cache_dtype: float16 halves the "
+            "image cache)")
+
+
 def sharded(folder: str | Path, key: dict, rows: int, compute, store_dtype: str = "float32",
-            rows_per_shard: int = ROWS_PER_SHARD, progress=None, on_write=None) -> ShardedArray:
+            rows_per_shard: int = ROWS_PER_SHARD, progress=None, on_write=None,
+            row_shape: tuple | None = None) -> ShardedArray:
     """The shard folder for ``key`` under ``folder``, computing what is missing.
 
     ``compute(start, stop)`` returns rows [start, stop) as an array. ``key`` gains the storage
@@ -98,6 +117,7 @@ def sharded(folder: str | Path, key: dict, rows: int, compute, store_dtype: str 
     written for the same key are kept: an interrupted encoding resumes where it stopped. A
     folder made for another key (a hash collision, a damaged key file) is rebuilt.
     ``on_write()`` is called after each shard and after the index (a remote cache's push).
+    ``row_shape``, when known beforehand, lets the free space be checked before any encoding.
     """
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {STORE_DTYPES}, got {store_dtype!r}")
@@ -120,6 +140,10 @@ def sharded(folder: str | Path, key: dict, rows: int, compute, store_dtype: str 
     atomic_write_text(stored, text)
     n_shards = -(-rows // rows_per_shard)
     todo = [i for i in range(n_shards) if not _valid(out / f"shard-{i:05d}.npy")]
+    if row_shape is not None and todo:
+        todo_rows = sum(min(rows, (i + 1) * rows_per_shard) - i * rows_per_shard for i in todo)
+        check_space(out, todo_rows, int(np.prod(row_shape)) * np.dtype(store_dtype).itemsize,
+                    str(key.get("kind", "encoder")))
     if len(todo) < n_shards:
         print(f"{out.name}: {n_shards - len(todo)} of {n_shards} shards already encoded; "
               "resuming")

@@ -37,10 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # TensorFlow loads only once the config is known to be good.
-    from fashion_sd.run import TrainingStopped, summary_line, train
+    from fashion_sd.run import TrainingInterrupted, TrainingStopped, summary_line, train
 
     try:
         summary = train(cfg, resume=args.resume, fresh=args.fresh)
+    except TrainingInterrupted as exc:  # SIGTERM / Ctrl-C: saved; 128 + the signal, as a shell
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except TrainingStopped as exc:  # it ran, then had to stop: not a bad input
         print(f"error: {exc}", file=sys.stderr)
         return 1
