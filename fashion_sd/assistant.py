@@ -115,17 +115,29 @@ def prompt_warnings(prompt: str, tokenizer) -> list[str]:
     return []
 
 
+def _as_number(name: str, value) -> float:
+    """``value`` (a number, or its text, as a script may send it) as a float, or a RequestError
+    naming the field; never a TypeError from the server."""
+    label = name.replace("_", " ")
+    if value is None or isinstance(value, bool):
+        raise RequestError(name, f"{label} must be a number, not {value!r}")
+    try:
+        return float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise RequestError(name, f"{label} must be a number, not {shown}") from None
+
+
 def check_settings(num_images, steps, guidance, strength, seed) -> dict:
-    """Numbers from the page or the API, checked and typed; a RequestError names the field."""
+    """Numbers from the page or the API, checked and typed; a RequestError names the field.
+    Text that is not a number, NaN, infinities and fractions where a whole number is needed are
+    all RequestErrors."""
     values = {"num_images": num_images, "steps": steps, "guidance": guidance,
               "strength": strength}
     out = {}
     for name, value in values.items():
         lo, hi = LIMITS[name]
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise RequestError(name, f"{name.replace('_', ' ')} must be a number") from None
+        number = _as_number(name, value)
         if not (lo <= number <= hi) or not math.isfinite(number):
             raise RequestError(name, f"{name.replace('_', ' ')} must be between {lo:g} and {hi:g}, "
                                      f"not {value}")
@@ -134,10 +146,10 @@ def check_settings(num_images, steps, guidance, strength, seed) -> dict:
         if out[name] != int(out[name]):
             raise RequestError(name, f"{name.replace('_', ' ')} must be a whole number")
         out[name] = int(out[name])
-    try:
-        out["seed"] = int(seed)
-    except (TypeError, ValueError):
-        raise RequestError("seed", "seed must be a whole number") from None
+    number = _as_number("seed", seed)
+    if not math.isfinite(number) or number != int(number):
+        raise RequestError("seed", f"seed must be a whole number, not {seed}")
+    out["seed"] = int(number)
     if not 0 <= out["seed"] < 2**31:
         raise RequestError("seed", "seed must be between 0 and 2147483647")
     return out

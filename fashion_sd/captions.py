@@ -160,7 +160,7 @@ def build_captions(
     if images_dir is not None:
         index = images.index_folder(images_dir)
         paths = [index.get(str(i)) for i in df["id"]]
-        paths = [p.resolve() if p is not None else None for p in paths]
+        paths = [images.resolved(p) if p is not None else None for p in paths]
     keep: list[int] = []
     rejected: dict[int, str] = {}
     pos = 0

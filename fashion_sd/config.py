@@ -383,7 +383,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set lora.rank=8")
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = strict_yaml(raw) if raw.strip() else None
+    except YamlLimitError as exc:
+        raise ConfigError(f"--set {text!r}: {exc}") from None
     except yaml.YAMLError:
         value = raw  # every non-string value has a YAML form, so this was meant as text
     if not isinstance(value, str) and value is not None and _accepts_str(key):
@@ -401,13 +403,105 @@ def _accepts_str(key: str) -> bool:
     return not dataclasses.is_dataclass(cls) and _coerce("x", cls) is not _MISMATCH
 
 
+# A config or sweep file is a few hundred values nested four deep; these bounds are far above
+# that and far below what a crafted file (YAML aliases that expand to billions of values, a
+# nesting that overflows the parser's recursion) would need.
+YAML_MAX_DEPTH = 32  # nested mappings / lists
+YAML_MAX_VALUES = 100_000  # values once every alias is expanded
+
+
+class YamlLimitError(yaml.YAMLError):
+    """A YAML file this project refuses to read: a duplicate key, too deep, too large."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (YAML forbids it;
+    PyYAML keeps the last silently), nesting deeper than ``YAML_MAX_DEPTH`` and documents whose
+    aliases expand to more than ``YAML_MAX_VALUES`` values (a "billion laughs" file)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > YAML_MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise YamlLimitError(f"nested more than {YAML_MAX_DEPTH} levels deep (line "
+                                     f"{mark.line + 1}); a config is a few levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
+                except TypeError:
+                    continue  # an unhashable key: PyYAML's own error says so
+                if first is not None:
+                    where = f"on lines {first} and {line}" if first != line else f"on line {line}"
+                    raise YamlLimitError(f"key {key!r} is given twice, {where}; keep one (YAML "
+                                         "forbids duplicates, and only one value would count)")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, sizes: dict, open_: set) -> int:
+    """How many values ``node`` stands for once every alias is expanded (memoised: linear in
+    the distinct nodes, however far the aliases expand)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise YamlLimitError(f"an alias refers to a value that contains it (line "
+                             f"{node.start_mark.line + 1}): it would expand without end")
+    open_.add(id(node))
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, sizes, open_) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_)
+                     for k, v in node.value)
+    open_.discard(id(node))
+    sizes[id(node)] = total
+    if total > YAML_MAX_VALUES:
+        raise YamlLimitError(f"expands to more than {YAML_MAX_VALUES:,} values (line "
+                             f"{node.start_mark.line + 1}: aliases that repeat aliases?); a "
+                             "config holds a few hundred")
+    return total
+
+
+def strict_yaml(text: str):
+    """``yaml.safe_load(text)`` that raises :class:`YamlLimitError` for a duplicate key, nesting
+    deeper than ``YAML_MAX_DEPTH`` or more than ``YAML_MAX_VALUES`` values after aliases."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: Path, error: type[Exception], example: str, what: str) -> dict:
     """A YAML file's top-level mapping, or ``error`` naming the file: not text, not YAML, not a
-    mapping (of ``what``); ``example`` is what to give instead."""
+    mapping (of ``what``), a key given twice, too deep or too large (:func:`strict_yaml`);
+    ``example`` is what to give instead."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = strict_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise error(f"{path}: not a text file; give {example}") from None
+    except YamlLimitError as exc:
+        raise error(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -446,6 +540,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 # Values that type-check but cannot run.
 
 _WEIGHTS = re.compile(r"^(pretrained|random|auto|local:.+)$")
+# Seeds go to NumPy's and TensorFlow's generators, which take 32-bit unsigned ones.
+SEED_END = 2**32
+SEED_RULE = "from 0 to 4294967295 (2**32 - 1): NumPy and TensorFlow take 32-bit seeds"
 
 
 def validate(cfg: Config) -> list[tuple[str, str]]:
@@ -456,7 +553,7 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
         if not ok:
             errs.append((key, f"'{key}' {msg}, got {_get(cfg, key)!r}"))
 
-    need(cfg.seed >= 0, "seed", "must be >= 0")
+    need(0 <= cfg.seed < SEED_END, "seed", "must be " + SEED_RULE)
     need(valid_size(cfg.data.resolution), "data.resolution",
          "must be a positive multiple of 64, or [width, height] of two (the VAE downsamples by "
          "8, the U-Net by 8 more)")
@@ -482,7 +579,11 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     need(bool(_WEIGHTS.match(cfg.model.weights)), "model.weights",
          "must be pretrained, random, auto or local:DIR")
     need(cfg.lora.rank > 0, "lora.rank", "must be > 0")
+    need(cfg.lora.rank <= 1024, "lora.rank", "must be at most 1024 (SD 1.x's widest projection "
+         "is 1280; 4 to 128 is usual)")
     need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    need(cfg.lora.alpha <= 64 * max(cfg.lora.rank, 1), "lora.alpha",
+         "must be at most 64 x lora.rank (the LoRA's scale alpha / rank; 1 to 2 is usual)")
     need(len(cfg.lora.targets) > 0, "lora.targets", "must name at least one layer")
     need(cfg.lora.init_from is None or bool(cfg.lora.init_from.strip()), "lora.init_from",
          "must be a LoRA checkpoint path or null")
@@ -490,41 +591,53 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     need(t.epochs > 0, "train.epochs", "must be > 0")
     need(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
     need(t.batch_size > 0, "train.batch_size", "must be > 0")
-    need(t.learning_rate > 0 and math.isfinite(t.learning_rate), "train.learning_rate",
-         "must be a positive number")
+    need(0 < t.learning_rate <= 1, "train.learning_rate",
+         "must be a positive number, at most 1 (1e-5 to 1e-3 is usual for LoRA)")
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
+    need(0 <= t.weight_decay <= 1, "train.weight_decay", "must be from 0 to 1 (0.01 is usual)")
+    need(t.grad_clip is None or 0 < t.grad_clip <= 1e6, "train.grad_clip",
+         "must be above 0 and at most 1e6 (1 is usual), or null (off)")
     need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     need(t.keep_last >= 0, "train.keep_last", "must be >= 0")
     need(t.save_every_steps >= 0, "train.save_every_steps", "must be >= 0 (0: at epoch ends only)")
     need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: none)")
     need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
-    need(t.min_loss_scale > 0 and math.isfinite(t.min_loss_scale), "train.min_loss_scale",
-         "must be a positive number")
+    need(0 < t.min_loss_scale <= 2.0**15, "train.min_loss_scale",
+         "must be above 0 and at most 32768 (Keras' first loss scale; 1 is usual)")
     need(not (t.jit_compile is True and t.deterministic), "train.jit_compile",
          "true cannot hold with train.deterministic: true (Keras runs op-deterministic steps "
          "without XLA); set train.jit_compile: auto or false, or train.deterministic: false")
-    need(t.snr_gamma is None or (t.snr_gamma > 0 and math.isfinite(t.snr_gamma)),
-         "train.snr_gamma", "must be a positive number (5 is usual) or null (off)")
+    need(t.snr_gamma is None or 0 < t.snr_gamma <= 1000,
+         "train.snr_gamma", "must be above 0 and at most 1000 (5 is usual) or null (off)")
     need(0 <= t.noise_offset <= 1, "train.noise_offset", "must be from 0 (off) to 1; 0.05 is usual")
     need(0 <= t.caption_dropout < 1, "train.caption_dropout", "must be from 0 (off) to below 1")
     need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay",
          "must be between 0 and 1 (0.999 is usual) or null (off)")
-    need(t.text_encoder_lr is None or (t.text_encoder_lr > 0 and math.isfinite(t.text_encoder_lr)),
-         "train.text_encoder_lr", "must be a positive number or null (train.learning_rate)")
+    need(t.text_encoder_lr is None or 0 < t.text_encoder_lr <= 1, "train.text_encoder_lr",
+         "must be above 0 and at most 1, or null (train.learning_rate)")
     need(t.val_repeats >= 1, "train.val_repeats", "must be >= 1")
     need(cfg.data.shard_rows >= 1, "data.shard_rows", "must be >= 1 (1024 is usual)")
     need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
     need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: no evaluation while training)")
     need(t.eval_images >= 2, "train.eval_images", "must be >= 2 (a covariance needs two images)")
-    need(t.sample_steps >= 1, "train.sample_steps", "must be >= 1")
+    # The sampling settings as generate.py's flags take them (--steps, --guidance, --seed).
+    need(1 <= t.sample_steps <= 1000, "train.sample_steps", "must be from 1 to 1000")
+    need(0 <= t.sample_guidance <= 100, "train.sample_guidance",
+         "must be from 0 to 100 (classifier-free guidance; 7.5 is usual)")
+    need(all(0 <= s < SEED_END for s in t.sample_seeds), "train.sample_seeds",
+         "must each be " + SEED_RULE)
     need(all(p.strip() for p in t.sample_prompts), "train.sample_prompts",
          "must not contain empty prompts")
     need(cfg.eval.num_images is None or cfg.eval.num_images > 0, "eval.num_images",
          "must be > 0 or null")
     for key in ("steps", "batch_size", "kid_subsets", "kid_subset_size"):
         need(getattr(cfg.eval, key) >= 1, f"eval.{key}", "must be >= 1")
+    need(cfg.eval.steps <= 1000, "eval.steps", "must be from 1 to 1000 (50 is the paper's)")
+    need(0 <= cfg.eval.guidance <= 100, "eval.guidance",
+         "must be from 0 to 100 (classifier-free guidance; 7.5 is usual)")
+    errs.extend((key, f"'{key}' must be below 2**31 (2147483648), got {value}")
+                for key, value in _integers(cfg)
+                if key not in ("seed", "train.sample_seeds") and abs(value) >= 2**31)
     need(cfg.eval.clip in ("auto", "pretrained", "random", "none")
          or (cfg.eval.clip.startswith(("local:", "hf:")) and len(cfg.eval.clip.split(":", 1)[1]) > 0),
          "eval.clip", "must be auto, pretrained, random, none, local:DIR (a KerasCV CLIP preset "
@@ -540,6 +653,17 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
     need(len(set(cfg.output.export)) == len(cfg.output.export), "output.export",
          "must not repeat a format")
     return errs
+
+
+def _integers(obj: Any, prefix: str = ""):
+    """(key, value) of every integer setting, in lists too."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            yield from _integers(value, key + ".")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool):
+                yield key, v
 
 
 def _get(cfg: Config, key: str) -> Any:

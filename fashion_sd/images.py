@@ -3,6 +3,7 @@ sees them, and decoding one the way training, generation and FID all see it (:fu
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,52 @@ def index_folder(folder: str | Path) -> dict[str, Path]:
     return {stem: folder / name for stem, (_, name) in best.items()}
 
 
+# The most pixels an image may have. The catalogue's photos are 1800x2400 (4.3 MP) and a 24 MP
+# camera's 6000x4000; 64 MP is far above both, and below Pillow's own decompression-bomb warning
+# (89 MP; an error from 179 MP): a small PNG or JPEG that claims more is refused from its header,
+# before it is decoded (64 MP of RGB is 192 MB, times captions.image_workers threads).
+MAX_PIXELS = 64_000_000
+
+
+def too_large(width: int, height: int) -> str | None:
+    """Why an image of this size is refused, or None."""
+    if width * height <= MAX_PIXELS:
+        return None
+    return (f"too large: {width}x{height} is {width * height / 1e6:.0f} megapixels, above the "
+            f"{MAX_PIXELS // 1_000_000} MP limit (a decompression bomb, or a photo to downscale "
+            "first)")
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "unreadable: a symbolic-link loop (the link leads back to itself); replace it " \
+               "with the image file"
+    return f"unreadable: {exc.strerror or exc}"
+
+
+def header_problem(path: str | Path) -> str | None:
+    """Why the image at ``path`` cannot be used, from its header alone (no pixel decoded): not
+    there, a symbolic-link loop, empty, not JPEG or PNG, too large. None when the header is
+    fine; :func:`check_image` decodes it too."""
+    try:
+        if os.stat(path).st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as im:
+            if im.format not in ACCEPTED_FORMATS:
+                return f"unsupported format {im.format} (JPEG or PNG expected)"
+            return too_large(*im.size)
+    except FileNotFoundError:
+        return "missing file"
+    except Image.DecompressionBombError as exc:
+        return f"too large: {exc}"
+    except UnidentifiedImageError:
+        return "unreadable: not an image Pillow recognises"
+    except OSError as exc:
+        return _os_reason(exc)
+    except (SyntaxError, ValueError) as exc:
+        return f"unreadable: {exc}"
+
+
 def check_image(path: Path | None) -> str | None:
     """Why the image at ``path`` cannot be used, or None when it decodes completely."""
     if path is None:
@@ -47,20 +94,40 @@ def check_image(path: Path | None) -> str | None:
         with Image.open(path) as im:
             if im.format not in ACCEPTED_FORMATS:
                 return f"unsupported format {im.format} (JPEG or PNG expected)"
+            if reason := too_large(*im.size):
+                return reason
             # Decode at 1/8 scale where JPEG allows it: every byte is still read, so truncation
             # shows, but a 1800x2400 catalogue photo costs a fraction of a full decode.
             im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
     except FileNotFoundError:
         return "missing file"
+    except Image.DecompressionBombError as exc:
+        return f"too large: {exc}"
     except UnidentifiedImageError:
         return "unreadable: not an image Pillow recognises"
-    except (OSError, SyntaxError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's, not the decoder's
+            return _os_reason(exc)
+        text = str(exc)
+        if "truncated" in text or "broken data stream" in text:
+            return f"truncated: {text}"
+        return f"unreadable: {text}"
+    except (SyntaxError, ValueError) as exc:
         text = str(exc)
         if "truncated" in text or "broken data stream" in text:
             return f"truncated: {text}"
         return f"unreadable: {text}"
     return None
+
+
+def resolved(path: Path) -> Path:
+    """``path.resolve()``, or ``path`` itself when it cannot be resolved (a symbolic-link loop,
+    which :func:`check_image` then names)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError for a loop
+        return path
 
 
 def check_images(
@@ -117,6 +184,8 @@ def load_image(path: str | Path, resolution: int | list[int] | None) -> np.ndarr
     a square at the image's own size (its longer side) and does not resample.
     """
     with remote.open_file(path) as fh, Image.open(fh) as im:
+        if reason := too_large(*im.size):
+            raise ValueError(f"{path}: {reason}")
         if resolution is None:
             resolution = max(im.size)
         elif im.format == "JPEG":
@@ -151,7 +220,7 @@ def upscale_factors(paths, resolution, limit: int = 200) -> np.ndarray:
         try:
             with remote.open_file(paths[i]) as fh, Image.open(fh) as im:
                 w, h = im.size
-        except OSError:
+        except (OSError, Image.DecompressionBombError):
             continue  # reported by the image checks, not here
         out.append(min(width / w, height / h))
     return np.asarray(out, float)

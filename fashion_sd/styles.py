@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,8 @@ def read_styles(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[int]
 
     Lines with more fields than the header are recovered by joining the extras back into the
     last column (``productDisplayName`` is unquoted free text with commas in 22 real lines).
-    Lines with fewer fields cannot be placed and are returned as malformed, never shifted.
+    Lines with fewer fields cannot be placed and are returned as malformed, never shifted; so are
+    lines whose id is a number no integer column holds (:func:`id_problem`).
     All values are strings with surrounding spaces removed; missing values are None.
     The ``line`` column holds each row's line number in the file (the header is line 1).
 
@@ -53,6 +55,11 @@ def read_styles(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[int]
                     bad.append({"line": line, "id": fields[0].strip(),
                                 "reason": f"malformed: {len(fields)} fields, expected {n}"})
                     continue
+                reason = id_problem(fields[0])
+                if reason:
+                    bad.append({"line": line, "id": fields[0].strip(), "reason": reason})
+                    continue
+                fields[0] = _whole(fields[0])
                 rows.append([line, *fields])
     except UnicodeDecodeError as exc:
         raise CaptionError(f"{path}: not UTF-8 text ({exc}); re-save it as UTF-8") from None
@@ -73,3 +80,32 @@ def normalise_year(value: str | None) -> str | None:
     except ValueError:
         return None
     return str(int(year)) if year.is_integer() else None
+
+
+# Ids are read into a 64-bit integer column (and name the image file {id}.jpg).
+ID_LIMIT = 2**63
+
+
+def id_problem(text: str) -> str | None:
+    """Why a numeric id cannot be an id: a whole number outside the 64-bit range (``1e30`` would
+    wrap to -9223372036854775808, and a second such id would be called a duplicate). Text that
+    is no number at all, or not whole, is left to the captions' own "invalid id"."""
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        return None
+    if value.is_finite() and value == value.to_integral_value() and abs(value) >= ID_LIMIT:
+        return "invalid id: does not fit a 64-bit integer"
+    if value.is_infinite():
+        return "invalid id: not a finite number"
+    return None
+
+
+def _whole(text: str) -> str:
+    """A whole-number id as its digits (``2e3`` -> ``2000``), so the integer column is read from
+    digits, exactly, not through a float; anything else as it is."""
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        return text
+    return str(int(value)) if value.is_finite() and value == value.to_integral_value() else text

@@ -95,6 +95,13 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
         return [verdict[name] for name in API_INPUTS]
 
     def _request(prompt, seed, num_images, steps, negative_prompt, guidance, checkpoint, strength):
+        # The API endpoint hands its inputs over unprocessed (preprocess=False): a script's
+        # "abc" for a number reaches check_settings, which names the field, instead of failing
+        # inside Gradio's Slider with a TypeError and a server traceback. Text fields likewise.
+        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt),
+                            ("checkpoint", checkpoint)):
+            if value is not None and not isinstance(value, str):
+                raise gr.Error(f"{name.replace('_', ' ')} must be text, not {value!r:.40}")
         return Request(prompt=prompt, seed=seed, num_images=num_images, steps=steps,
                        negative_prompt=negative_prompt or "", guidance=guidance,
                        checkpoint=checkpoint or BASE, strength=strength)
@@ -198,7 +205,7 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
             .then(history, None, past, **private)
         api_only = gr.Button(visible="hidden")
         api_only.click(generate, inputs, [results, status], api_name="generate",
-                       concurrency_limit=1, concurrency_id="model")
+                       concurrency_limit=1, concurrency_id="model", preprocess=False)
         same.click(generate, inputs, [results, status], api_name="page_same_seed", **model,
                    **private) \
             .then(history, None, past, **private)

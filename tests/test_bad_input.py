@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import socket
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,67 @@ def _lora(path: Path, layers: dict[str, tuple[tuple, tuple]], meta: dict | None 
             "targets": json.dumps(["to_q"]), "layers": json.dumps(sorted(layers))}
     save_file(tensors, str(path), metadata=base if meta is None else meta)
     return path
+
+
+def _raw_safetensors(path: Path, header, data: bytes = b"") -> Path:
+    """A safetensors file written byte by byte, so its header can be wrong in ways no writer
+    allows: ``header`` a dict (as JSON) or the JSON text itself."""
+    text = header if isinstance(header, (str, bytes)) else json.dumps(header)
+    raw = text.encode() if isinstance(text, str) else text
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims width x height pixels in a few dozen bytes: a decompression bomb's
+    header (nothing is decoded before the size is judged)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
+                                                                       8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+LORA_META = {"format": "fashion-sd-lora", "format_version": "1", "rank": "4", "alpha": "4.0",
+             "targets": json.dumps(["to_q"]), "layers": json.dumps(["st00.attn1.to_q"])}
+
+
+def _bad_loras(d: Path) -> None:
+    """LoRA files whose values or header are wrong in the ways issue 25 lists."""
+    a, b = np.zeros((320, 4), np.float32), np.zeros((4, 320), np.float32)
+    nan_b = b.copy()
+    nan_b[1, 2] = np.nan
+    save_file({"st00.attn1.to_q.lora_a": a, "st00.attn1.to_q.lora_b": nan_b},
+              str(d / "nan.lora.safetensors"), metadata=LORA_META)
+    inf_a = a.copy()
+    inf_a[0, :2] = [np.inf, -np.inf]
+    save_file({"st00.attn1.to_q.lora_a": inf_a, "st00.attn1.to_q.lora_b": b},
+              str(d / "inf.lora.safetensors"), metadata=LORA_META)
+    for name, meta in (("rankword", {**LORA_META, "rank": "four"}),
+                       ("ranknan", {**LORA_META, "rank": "nan"}),
+                       ("alphainf", {**LORA_META, "alpha": "inf"}),
+                       ("targetsnotjson", {**LORA_META, "targets": "[to_q, to_k"})):
+        save_file({"st00.attn1.to_q.lora_a": a, "st00.attn1.to_q.lora_b": b},
+                  str(d / f"{name}.lora.safetensors"), metadata=meta)
+    n = 320 * 4 * 4  # bytes of each F32 tensor
+    entry = {"dtype": "F32", "shape": [320, 4]}
+    entries = {"st00.attn1.to_q.lora_a": {**entry, "data_offsets": [0, n]},
+               "st00.attn1.to_q.lora_b": {"dtype": "F32", "shape": [4, 320],
+                                          "data_offsets": [n, 2 * n]}}
+    _raw_safetensors(d / "metalist.lora.safetensors",
+                     {"__metadata__": [["format", "fashion-sd-lora"]], **entries}, bytes(2 * n))
+    _raw_safetensors(d / "overlap.lora.safetensors", {
+        "__metadata__": LORA_META, **entries,
+        "st00.attn1.to_q.lora_b": {"dtype": "F32", "shape": [4, 320],
+                                   "data_offsets": [n - 16, 2 * n - 16]}}, bytes(2 * n - 16))
+    _raw_safetensors(d / "backwards.lora.safetensors", {
+        "__metadata__": LORA_META, **entries,
+        "st00.attn1.to_q.lora_a": {**entry, "data_offsets": [n, 0]}}, bytes(2 * n))
+    deep = '{"__metadata__": {"format": "fashion-sd-lora"}, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    _raw_safetensors(d / "deep.lora.safetensors", deep, b"")
 
 
 def _unwritable(root: Path) -> Path | None:
@@ -88,6 +152,7 @@ def w(tmp_path_factory):
     _lora(d / "te.lora.safetensors", {"te00.q_proj": ((768, 4), (4, 768))})
     _lora(d / "kohya.safetensors", {"x": ((320, 4), (4, 320))}, meta={"ss_network_dim": "4"})
     (d / "truncated.lora.safetensors").write_bytes(good.read_bytes()[:-100])
+    _bad_loras(d)
     ck = d / "ck"
     ck.mkdir()
     for name in ("epoch_001", "epoch_002"):
@@ -105,11 +170,31 @@ def w(tmp_path_factory):
     cfg["output"] = {**cfg.get("output", {}), "dir": str(d / "run")}
     cfg["train"]["batch_size"] = 2
     (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    # config files YAML would read with a value silently lost, or could not read at all
+    text = (d / "cfg.yaml").read_text()
+    (d / "dupkey.yaml").write_text(text + "model:\n  weights: random\n")
+    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (d / "bomb.yaml").write_text(text + "\n".join(laughs) + "\n")
+    (d / "deep.yaml").write_text(text + "lists: " + "[" * 200 + "]" * 200 + "\n")
+    # run folders to --resume whose config.yaml is missing, not YAML, or not a mapping
+    for name, config in (("noconfig", None), ("badconfig", "seed: [1,\n"),
+                         ("listconfig", "- seed\n- 42\n")):
+        (d / name / "checkpoints").mkdir(parents=True)
+        (d / name / "checkpoints" / "train_state.safetensors").write_bytes(good.read_bytes())
+        if config is not None:
+            (d / name / "config.yaml").write_text(config)
+    # image folders for evaluate --images: a bomb-sized PNG, a symbolic link to itself
+    (d / "bigimgs").mkdir()
+    _png_header(d / "bigimgs" / "1.png", 20_000, 20_000)
+    (d / "loopimgs").mkdir()
+    os.symlink("1.jpg", d / "loopimgs" / "1.jpg")
     sweep = {"base": str(d / "cfg.yaml"), "output": str(d / "sweep"), "runs": [{"lora.rank": 2}]}
     (d / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     (d / "sweep_badgrid.yaml").write_text(yaml.safe_dump(
         {"base": str(d / "cfg.yaml"), "output": str(d / "sweep"), "grid": {"lora.rank": [2, 0]}}))
     (d / "sweep_outfile.yaml").write_text(yaml.safe_dump({**sweep, "output": str(d / "afile")}))
+    (d / "sweep_dupkey.yaml").write_text(yaml.safe_dump(sweep) + "output: elsewhere\n")
     return d
 
 
@@ -179,6 +264,24 @@ ROWS = [
     ("train: init_from of another model", "train {cfg} --set lora.init_from={w}/wrongshape.lora.safetensors", "st00.attn1.to_q has A (1280, 4)"),
     ("train: init_from not safetensors", "train {cfg} --set lora.init_from={w}/junk.safetensors", "junk.safetensors: not a readable safetensors"),
     ("train: init_from with text-encoder layers", "train {cfg} --set lora.init_from={w}/te.lora.safetensors", "text-encoder layer te00.q_proj"),
+    ("train: init_from with NaN values", "train {cfg} --set lora.init_from={w}/nan.lora.safetensors", "nan.lora.safetensors: 1 tensor(s) hold values that are not finite (st00.attn1.to_q.lora_b: 1 NaN)"),
+    ("train: config with a key given twice", "train --config {w}/dupkey.yaml", "key 'model' is given twice, on lines"),
+    ("train: config whose aliases explode", "train --config {w}/bomb.yaml", "bomb.yaml: expands to more than 100,000 values"),
+    ("train: config nested too deep", "train --config {w}/deep.yaml", "deep.yaml: nested more than 32 levels deep"),
+    ("train: --set with a key given twice", 'train {cfg} --set captions.include={{"articleType":[Tops],"articleType":[Tshirts]}}', "key 'articleType' is given twice, on line 1"),
+    ("train: learning rate 1e308", "train {cfg} --set train.learning_rate=1e308", "'train.learning_rate' must be a positive number, at most 1"),
+    ("train: text-encoder rate inf", "train {cfg} --set train.text_encoder_lr=inf", "'train.text_encoder_lr' must be above 0 and at most 1"),
+    ("train: weight decay 1e300", "train {cfg} --set train.weight_decay=1e300", "'train.weight_decay' must be from 0 to 1"),
+    ("train: lora alpha 1e30", "train {cfg} --set lora.alpha=1e30", "'lora.alpha' must be at most 64 x lora.rank"),
+    ("train: min loss scale 1e300", "train {cfg} --set train.min_loss_scale=1e300", "'train.min_loss_scale' must be above 0 and at most 32768"),
+    ("train: epochs beyond any counter", "train {cfg} --set train.epochs=100000000000000000000", "'train.epochs' must be below 2**31"),
+    ("train: sample guidance nan", "train {cfg} --set train.sample_guidance=nan", "'train.sample_guidance' must be from 0 to 100"),
+    ("train: sample guidance 1e9", "train {cfg} --set train.sample_guidance=1e9", "'train.sample_guidance' must be from 0 to 100"),
+    ("train: a negative sample seed", "train {cfg} --set train.sample_seeds=[0,-1]", "'train.sample_seeds' must each be from 0 to 4294967295"),
+    ("train: seed 2**32", "train {cfg} --set seed=4294967296", "'seed' must be from 0 to 4294967295"),
+    ("train: --resume, no config.yaml", "train {cfg} --set output.dir={w}/noconfig --resume", "noconfig/config.yaml not found"),
+    ("train: --resume, config.yaml not YAML", "train {cfg} --set output.dir={w}/badconfig --resume", "badconfig/config.yaml: not valid YAML"),
+    ("train: --resume, config.yaml not a mapping", "train {cfg} --set output.dir={w}/listconfig --resume", "listconfig/config.yaml: expected a mapping"),
     # generate
     ("generate: guidance nan", "{gen} --guidance nan", "--guidance nan"),
     ("generate: guidance inf", "{gen} --guidance inf", "--guidance inf"),
@@ -192,6 +295,18 @@ ROWS = [
     ("generate: LoRA layer not in SD 1.x", "{gen} --lora {w}/sdxl.lora.safetensors", "st20.attn1.to_q is not in Stable Diffusion 1.x"),
     ("generate: LoRA truncated", "{gen} --lora {w}/truncated.lora.safetensors", "truncated"),
     ("generate: kohya LoRA not imported", "{gen} --lora {w}/kohya.safetensors", "convert import-lora"),
+    ("generate: LoRA with NaN values", "{gen} --lora {w}/nan.lora.safetensors", "st00.attn1.to_q.lora_b: 1 NaN"),
+    ("generate: LoRA with Inf values", "{gen} --lora {w}/inf.lora.safetensors", "inf.lora.safetensors: 1 tensor(s) hold values that are not finite (st00.attn1.to_q.lora_a: 2 Inf)"),
+    ("generate: LoRA metadata not a mapping", "{gen} --lora {w}/metalist.lora.safetensors", "metalist.lora.safetensors: not a readable safetensors file (its __metadata__ is a list, not a mapping"),
+    ("generate: LoRA rank not a number", "{gen} --lora {w}/rankword.lora.safetensors", "rankword.lora.safetensors: metadata rank 'four' is not a finite number"),
+    ("generate: LoRA rank nan", "{gen} --lora {w}/ranknan.lora.safetensors", "metadata rank 'nan' is not a finite number"),
+    ("generate: LoRA alpha inf", "{gen} --lora {w}/alphainf.lora.safetensors", "alphainf.lora.safetensors: metadata alpha 'inf' is not a finite number"),
+    ("generate: LoRA targets not JSON", "{gen} --lora {w}/targetsnotjson.lora.safetensors", "metadata targets '[to_q, to_k' is not JSON"),
+    ("generate: LoRA tensors overlap", "{gen} --lora {w}/overlap.lora.safetensors", "overlap.lora.safetensors: not a readable safetensors file (tensors 'st00.attn1.to_q.lora_a' and 'st00.attn1.to_q.lora_b' overlap"),
+    ("generate: LoRA offsets backwards", "{gen} --lora {w}/backwards.lora.safetensors", "data_offsets [5120, 0] that run backwards"),
+    ("generate: LoRA header nested too deep", "{gen} --lora {w}/deep.lora.safetensors", "deep.lora.safetensors: not a readable safetensors file (its safetensors header is nested too deeply"),
+    ("generate: config with a key given twice", "generate --config {w}/dupkey.yaml --prompt shirt --out {w}/gen", "dupkey.yaml: key 'model' is given twice"),
+    ("generate: --seed 2**32", "{gen} --seed 4294967296", "--seed 4294967296"),
     ("generate: --out is a file", "generate {cfg} --prompt shirt --out {w}/afile", "afile: is a file"),
     ("generate: prompts file is an image", "{gen} --prompts-file {w}/photo.png", "--prompts-file"),
     ("generate: --from-png not a PNG", "generate {cfg} --from-png {w}/notes.pt --out {w}/gen", "--from-png"),
@@ -205,6 +320,11 @@ ROWS = [
     ("evaluate: checkpoint not safetensors", "evaluate {cfg} --checkpoints {w}/junk.safetensors --out {w}/eval", "junk.safetensors: not a readable safetensors"),
     ("evaluate: --images folder missing", "evaluate --images {w}/noimg --captions {w}/captions.csv --out {w}/j", "--images"),
     ("evaluate: --images without --captions", "evaluate --images {w}/images --out {w}/j", "go together"),
+    ("evaluate: --images with a bomb-sized image", "evaluate --images {w}/bigimgs --captions {w}/captions.csv --out {w}/j", "1.png: too large"),
+    ("evaluate: --images with a symbolic-link loop", "evaluate --images {w}/loopimgs --captions {w}/captions.csv --out {w}/j", "1.jpg: unreadable: a symbolic-link loop"),
+    ("evaluate: checkpoint with Inf values", "evaluate {cfg} --checkpoints {w}/inf.lora.safetensors --out {w}/eval", "st00.attn1.to_q.lora_a: 2 Inf"),
+    ("evaluate: guidance nan", "{ev} --set eval.guidance=nan", "'eval.guidance' must be from 0 to 100"),
+    ("evaluate: steps 1e6", "{ev} --set eval.steps=1000000", "'eval.steps' must be from 1 to 1000"),
     ("evaluate: CLIP folder without a preset", "{ev} --set eval.clip=local:{w}/adir", "adir; give a KerasCV CLIP preset folder"),
     ("evaluate: transformers CLIP folder without its config", "{ev} --set eval.clip=hf:{w}/adir", "adir; give the folder a transformers CLIPModel was saved to"),
     ("evaluate: CLIP spec unknown", "{ev} --set eval.clip=openai", "'eval.clip' must be auto, pretrained"),
@@ -226,6 +346,7 @@ ROWS = [
     ("sweep: a run with rank 0", "sweep --config {w}/sweep_badgrid.yaml", "'lora.rank' must be > 0"),
     ("sweep: --only unknown run", "sweep --config {w}/sweep.yaml --only r9", "--only r9"),
     ("sweep: output is a file", "sweep --config {w}/sweep_outfile.yaml", "afile: is a file"),
+    ("sweep: a key given twice", "sweep --config {w}/sweep_dupkey.yaml", "sweep_dupkey.yaml: key 'output' is given twice"),
     ("sweep: no trials", "sweep --config {w}/sweep.yaml --tuner random --max-trials 0", "--max-trials 0"),
     ("sweep: --distributed without KerasTuner's variables", "sweep --config {w}/sweep.yaml --distributed", "KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT not set"),
     # convert
@@ -234,6 +355,8 @@ ROWS = [
     ("convert: import-lora of junk", "convert import-lora --from {w}/junk.safetensors --out {w}/x.lora.safetensors", "junk.safetensors: not a readable safetensors"),
     ("convert: export-lora of a truncated file", "convert export-lora --lora {w}/truncated.lora.safetensors --format kohya --out {w}/x.safetensors", "truncated"),
     ("convert: merge of another model's LoRA", "convert merge --weights random --lora {w}/wrongshape.lora.safetensors --out {w}/m", "st00.attn1.to_q"),
+    ("convert: export-lora of a LoRA with NaN values", "convert export-lora --lora {w}/nan.lora.safetensors --format kohya --out {w}/x.safetensors", "1 NaN"),
+    ("convert: export-lora of a LoRA whose tensors overlap", "convert export-lora --lora {w}/overlap.lora.safetensors --format kohya --out {w}/x.safetensors", "overlap"),
     ("convert: export-lora --out is a folder", "convert export-lora --lora {w}/good.lora.safetensors --format kohya --out {w}/adir", "adir: is a folder"),
     ("convert: merge strength nan", "convert merge --weights random --lora {w}/good.lora.safetensors --strength nan --out {w}/m", "--strength nan"),
     ("convert: merge --out is a file", "convert merge --weights random --lora {w}/good.lora.safetensors --out {w}/afile", "afile: is a file"),
@@ -243,6 +366,7 @@ ROWS = [
     ("app: port out of range", "{app} --port 70000", "--port 70000"),
     ("app: run folder missing", "{app} --run {w}/norun", "--run"),
     ("app: LoRA of another model", "{app} --lora {w}/wrongshape.lora.safetensors", "st00.attn1.to_q"),
+    ("app: LoRA with NaN values", "{app} --lora {w}/nan.lora.safetensors", "1 NaN"),
     ("app: queue of 0", "{app} --queue-size 0", "--queue-size 0"),
     ("app: auth without password", "{app} --auth alice", "--auth must be USER:PASS"),
 ]
@@ -346,3 +470,71 @@ def test_the_header_reader_agrees_with_safetensors(w):
         assert meta == fh.metadata()
         assert {k: list(e["shape"]) for k, e in entries.items()} == {
             k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+
+
+def test_header_faults_are_the_format_readers_own(w):
+    """Every header fault the check refuses, safetensors' own reader refuses too (the check is
+    the format, not a stricter one); the value faults (NaN, rank text) it reads without
+    complaint, which is why the check reads them."""
+    from safetensors import safe_open
+
+    for name in ("metalist", "overlap", "backwards", "deep"):
+        with pytest.raises(Exception):  # noqa: B017, PT011 - SafetensorError, or its panic
+            with safe_open(str(w / f"{name}.lora.safetensors"), "numpy") as fh:
+                [fh.get_tensor(k) for k in fh.keys()]
+    for name in ("nan", "inf", "rankword", "targetsnotjson"):
+        with safe_open(str(w / f"{name}.lora.safetensors"), "numpy") as fh:
+            [fh.get_tensor(k) for k in fh.keys()]
+
+
+def test_the_api_answers_non_numbers_with_a_message_not_a_traceback(tmp_path, caplog):
+    """The app's /generate endpoint, served, sent text and NaN where numbers go: each answer
+    names the field; nothing reaches the model and the server logs no traceback."""
+    from types import SimpleNamespace
+
+    from gradio_client import Client
+
+    from fashion_sd.assistant import Assistant
+    from fashion_sd.config import load_config
+    from fashion_sd.webapp import build_app, launch
+
+    class Stub:  # Assistant's own generate(); everything after its checks is a tripwire
+        generate = Assistant.generate
+        random_init = False
+
+        def __init__(self):
+            self.cfg = load_config(ROOT / "configs/demo.yaml",
+                                   [f"data.captions={tmp_path}/none.csv"])
+            self.comps = SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda p: p.split()))
+            self.gallery = SimpleNamespace(folder=tmp_path, items=lambda: [])
+
+        def checkpoints(self):
+            return []
+
+        def find_checkpoint(self, name):
+            raise HeavyWork("a request with bad numbers reached the checkpoint lookup")
+
+    stub = Stub()
+    app = build_app(stub)
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    caplog.set_level(logging.ERROR)
+    launch(app, stub, port=number, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{number}/", verbose=False)
+        for field, value, message in (("num_images", "four", "num images must be a number"),
+                                      ("steps", "abc", "steps must be a number"),
+                                      ("guidance", "NaN", "guidance must be between 0 and 30"),
+                                      ("strength", [1], "strength must be a number"),
+                                      ("seed", "1.5", "seed must be a whole number"),
+                                      ("seed", "x", "seed must be a number")):
+            args = {"prompt": "a shirt", "seed": 1, "num_images": 1, "steps": 2, field: value}
+            with pytest.raises(Exception, match=message):
+                client.predict(**args, api_name="/generate")
+        with pytest.raises(Exception, match="prompt must be text"):
+            client.predict(prompt=5, seed=1, num_images=1, steps=2, api_name="/generate")
+    finally:
+        app.close()
+    assert "Traceback" not in caplog.text and "HeavyWork" not in caplog.text

@@ -328,3 +328,54 @@ def test_caption_from_attributes_matches_training_captions():
         caption_from_attributes(year="2011")
     with pytest.raises(CaptionError, match="unknown attribute 'brand'"):
         caption_from_attributes(brand="Nike", article="Tshirts")
+
+
+def test_ids_beyond_an_integer_are_rejected_with_the_reason(tmp_path):
+    """1e30 once wrapped to -9223372036854775808, and a second such id was called a duplicate."""
+    row = ",Men,Apparel,Topwear,Tshirts,White,Fall,2011,Sports,a"
+    p = write_styles(tmp_path / "s.csv", [f"{i}{row}" for i in (
+        "1", "1e30", "2e30", "-1e30", "9223372036854775808", "9223372036854775807", "inf", "2e3")])
+    r = build(p)
+    assert r.table.id.tolist() == [1, 9223372036854775807, 2000]  # exact, not through a float
+    assert r.dropped.id.tolist() == ["1e30", "2e30", "-1e30", "9223372036854775808", "inf"]
+    assert r.dropped.reason.tolist() == ["invalid id: does not fit a 64-bit integer"] * 4 + [
+        "invalid id: not a finite number"]
+    assert "duplicate id" not in r.dropped.reason.tolist()
+
+
+def _png_claiming(path, width, height):
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                                     0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def test_bomb_sized_images_and_link_loops_are_rejected_with_the_reason(tmp_path):
+    """A PNG that claims 81 MP (above images.MAX_PIXELS, below Pillow's warning), one that claims
+    400 MP (Pillow's DecompressionBombError) and a symbolic link to itself: each a rejected row
+    with its reason, no traceback, nothing decoded."""
+    row = ",Men,Apparel,Topwear,Tshirts,White,Fall,2011,Sports,a"
+    p = write_styles(tmp_path / "s.csv", [f"{i}{row}" for i in range(1, 5)])
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    write_image(imgs / "1.jpg")
+    _png_claiming(imgs / "2.png", 9000, 9000)
+    _png_claiming(imgs / "3.png", 20000, 20000)
+    (imgs / "4.jpg").symlink_to("4.jpg")
+    r = build(p, images_dir=imgs)
+    assert r.table.id.tolist() == [1]
+    reasons = dict(zip(r.dropped.id, r.dropped.reason))
+    assert reasons["2"].startswith("too large: 9000x9000 is 81 megapixels, above the 64 MP limit")
+    assert reasons["3"].startswith("too large:") and "decompression bomb" in reasons["3"]
+    assert reasons["4"].startswith("unreadable: a symbolic-link loop")
+    assert images.header_problem(imgs / "2.png") == reasons["2"]
+    assert images.header_problem(imgs / "4.jpg") == reasons["4"]
+    assert images.header_problem(imgs / "1.jpg") is None
+    with pytest.raises(ValueError, match="2.png: too large"):
+        images.load_image(imgs / "2.png", 64)

@@ -160,3 +160,43 @@ def test_text_overrides_stay_text():
                              "output.dir=runs/a: b", "model.weights=local:/tmp/w"])
     assert cfg.captions.template == "{article} {productDisplayName}"
     assert cfg.output.dir == "runs/a: b" and cfg.model.weights == "local:/tmp/w"
+
+
+def test_yaml_that_would_lose_a_value_or_explode_is_refused(tmp_path):
+    """A key given twice (PyYAML keeps the last silently), aliases that expand without bound
+    and nesting past YAML_MAX_DEPTH: refused with the file and line; merge keys still merge."""
+    from fashion_sd.config import YAML_MAX_DEPTH, YamlLimitError, strict_yaml
+
+    assert strict_yaml("b: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n") == {
+        "b": {"x": 1, "y": 2}, "c": {"x": 3, "y": 2}}
+    with pytest.raises(YamlLimitError, match="key 'lr' is given twice, on lines 2 and 4"):
+        strict_yaml("train:\n  lr: 1\n  epochs: 2\n  lr: 3\n")
+    with pytest.raises(YamlLimitError, match="contains it"):
+        strict_yaml("a: &a [1, *a]\n")
+    with pytest.raises(YamlLimitError, match=f"nested more than {YAML_MAX_DEPTH} levels"):
+        strict_yaml("a: " + "[" * 100_000 + "]" * 100_000)
+    strict_yaml("a: " + "[" * (YAML_MAX_DEPTH - 1) + "]" * (YAML_MAX_DEPTH - 1))
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 1\ntrain:\n  epochs: 2\nseed: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: key 'seed' is given twice, on lines 1 and 4"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("train.learning_rate", "1e308"), ("train.learning_rate", "2"), ("train.text_encoder_lr", "inf"),
+    ("train.weight_decay", "1e300"), ("train.grad_clip", "1e300"), ("lora.alpha", "1e30"),
+    ("lora.rank", "100000"), ("train.min_loss_scale", "1e300"), ("train.snr_gamma", "1e300"),
+    ("train.sample_guidance", "nan"), ("train.sample_guidance", "-1"), ("eval.guidance", "inf"),
+    ("train.sample_steps", "100000"), ("eval.steps", "100000"), ("train.sample_seeds", "[0, -1]"),
+    ("train.sample_seeds", "[4294967296]"), ("seed", "4294967296"), ("seed", "-1"),
+    ("train.max_steps", "4294967296")])
+def test_absurd_numbers_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_the_edges_of_each_range_are_accepted():
+    cfg = load_config(None, ["train.learning_rate=1", "seed=4294967295", "train.sample_seeds=[0, 4294967295]",
+                             "train.sample_guidance=100", "eval.guidance=0", "lora.rank=1024",
+                             "lora.alpha=65536", "train.min_loss_scale=32768", "eval.steps=1000"])
+    assert cfg.seed == 2**32 - 1 and cfg.lora.alpha == 65536

@@ -57,7 +57,7 @@ def judge_folder(args) -> int:
         return 2
     files = {}  # by file name and by stem (an id column names no extension)
     for p in folder.iterdir():
-        if p.is_file():
+        if p.is_file() or p.is_symlink():  # a broken link or a loop is named below
             files[p.name] = p
             files.setdefault(p.stem, p)
     keys = (table.image_path.map(lambda s: Path(s).name) if "image_path" in table.columns
@@ -66,6 +66,13 @@ def judge_folder(args) -> int:
     missing = sum(f is None for f in found)
     rows = table[[f is not None for f in found]].reset_index(drop=True)
     paths = [f for f in found if f is not None]
+    from fashion_sd.images import header_problem  # noqa: PLC0415
+
+    bad = [(p, r) for p in paths if (r := header_problem(p))]  # headers only: no pixel decoded
+    if bad:
+        print(f"error: --images {folder}: {len(bad)} image(s) cannot be judged, e.g. "
+              + "; ".join(f"{p.name}: {r}" for p, r in bad[:3]), file=sys.stderr)
+        return 2
     types, vocabulary = garment_types(table, rows)
     colours, colour_names = attribute(table, rows, "baseColour")
     genders, _ = attribute(table, rows, "gender")

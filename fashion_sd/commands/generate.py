@@ -65,7 +65,11 @@ def check_numbers(args, resolution) -> None:
     preflight.number("--steps", args.steps, low=1, high=1000, integer=True,
                      hint=" (DDIM steps; 50 is the usual)")
     preflight.number("--batch-size", args.batch_size, low=1, integer=True)
-    preflight.number("--seed", args.seed, low=0, integer=True)
+    preflight.number("--seed", args.seed, low=0, high=2**32 - 1, integer=True,
+                     hint=" (NumPy and TensorFlow take 32-bit seeds)")
+    if getattr(args, "batch_seeds", None):  # from --from-png: the seeds of the image's batch
+        for seed in args.batch_seeds:
+            preflight.number("--from-png seed", seed, low=0, high=2**32 - 1, integer=True)
     preflight.number("--guidance", args.guidance, low=0, high=100,
                      hint=" (classifier-free guidance; 7.5 is the usual)")
     preflight.number("--lora-strength", args.lora_strength, low=-10, high=10,

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         preflight.output_folder("output.dir", cfg.output.dir)
+        if args.resume:  # the run's own config.yaml, which --resume compares with
+            preflight.resume_config(cfg.output.dir)
         if cfg.lora.init_from and not args.resume:  # its shapes against SD 1.x, from the header
             preflight.lora_file("lora.init_from", cfg.lora.init_from, unet_only=True)
     except FashionSDError as exc:
