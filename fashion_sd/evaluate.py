@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["checkpoint", "epoch", "step", "fid", "kid_mean", "kid_std", "kid_subset_size",
            "clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1", "on_model_rate",
-           "colour_accuracy", "cut_off_rate", "n_real", "n_generated", "backend", "protocol", "comparable",
+           "colour_accuracy", "colour_judged_share", "cut_off_rate", "cut_off_judged_share", "n_real", "n_generated", "backend", "protocol", "comparable",
            "clip_model", "weights_source", "settings", "selected"]
 BASE = "base"
 # eval.select -> (column, lower is better)
@@ -180,6 +180,12 @@ def _num(value, fmt: str = "{:.3g}", scale: float = 1.0) -> str:
     return "" if value is None or pd.isna(value) else fmt.format(scale * float(value))
 
 
+def _judged(row, rate: str) -> str:
+    """A garment rate with the share of images it could judge: ``0.62 (95%)``."""
+    share = row.get(rate.replace("accuracy", "judged_share").replace("rate", "judged_share"))
+    return _num(row.get(rate), "{:.2f}") + (f" ({_num(share, '{:.0%}')})" if _num(share) else "")
+
+
 def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
                  clip_note: str = "") -> pd.DataFrame:
     """The scores table (the best row per ``select`` marked ``selected``), its one-screen
@@ -201,8 +207,8 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
         lines.append(f"| {r.checkpoint}{mark} | {_num(r.epoch, '{:g}')} | {_num(r.fid, '{:.4g}')} "
                      f"| {kid} | {_num(r.clip_score, '{:.1f}')} | {types} | "
                      f"{_num(r.get('colour_top1'), '{:.2f}')} | {_num(r.get('gender_top1'), '{:.2f}')} | "
-                     f"{_num(r.on_model_rate, '{:.2f}')} | {_num(r.colour_accuracy, '{:.2f}')} | "
-                     f"{_num(r.cut_off_rate, '{:.2f}')} |")
+                     f"{_num(r.on_model_rate, '{:.2f}')} | {_judged(r, 'colour_accuracy')} | "
+                     f"{_judged(r, 'cut_off_rate')} |")
     first = df.iloc[-1]
     notes = [f"Best by {column} (eval.select: {select}). {int(first.n_generated)} generated "
              f"images against {int(first.n_real)} real ones (the {'same' if df.n_real.nunique() == 1 else 'varying'} "
@@ -228,7 +234,9 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
         notes.append("**CLIP RANDOM-INIT**: CLIP score, type accuracy and on-model rate mean "
                      "nothing.")
     notes.append("Colour: the garment's dominant colour within the prompt's colour or a named "
-                 "neighbour; cut off: the garment runs along a frame edge (metrics/garment.py).")
+                 "neighbour; cut off: the garment (not the person wearing it) runs off the frame "
+                 "(metrics/garment.py). Both are rates over the images where a garment was found "
+                 "(share judged in brackets); the others are undetermined, not wrong.")
     # drawn by evaluate() once every model is scored (write_grid)
     grid = f"\n![real vs generated, one row per prompt]({GRID})\n"
     atomic_write_text(out / rundir.SCORES_MD, "# Scores per checkpoint\n\n" + "\n".join(lines)

@@ -224,7 +224,8 @@ def row_for(sweep: Sweep, run: dict[str, Any], outcome: dict | None = None) -> d
 
 
 SELECTED_METRICS = ["clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1",
-                    "on_model_rate", "colour_accuracy", "cut_off_rate"]
+                    "on_model_rate", "colour_accuracy", "colour_judged_share", "cut_off_rate",
+                    "cut_off_judged_share"]
 RESULT_COLUMNS = ["run", "rank", "learning_rate", "batch_size", "status", "final_loss",
                   "final_val_loss", "best_fid", "best_fid_epoch", "best_kid", "best_kid_epoch",
                   "selected", *SELECTED_METRICS, "paper_fid", "trainable_parameters",

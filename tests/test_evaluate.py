@@ -50,7 +50,8 @@ def trained(tmp_path, demo_captions, encoder_cache, build):
 
 
 def fake_judge(cfg):
-    return Judge(FakeClip(), ev.make_plan(cfg, "test", None).vocabulary)
+    plan = ev.make_plan(cfg, "test", None)
+    return Judge(FakeClip(), plan.vocabulary, plan.colour_names)
 
 
 def test_scores_base_and_checkpoints(trained, build, monkeypatch):
@@ -62,8 +63,13 @@ def test_scores_base_and_checkpoints(trained, build, monkeypatch):
     assert np.isfinite(out.fid).all() and np.isfinite(out.kid_mean).all()
     # four images each: KID subsets of two, said in the table and the summary
     assert (out.kid_subset_size == 2).all()
-    for column in ("clip_score", "type_top1", "type_top3", "on_model_rate", "cut_off_rate"):
+    for column in ("clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1",
+                   "on_model_rate", "cut_off_judged_share"):
         assert out[column].notna().all(), column
+    # noise from a tiny random U-Net shows no garment on a plain background: undetermined for
+    # cut-off (NaN, with the share it could judge: 0), never called wrong
+    judged = out.cut_off_judged_share > 0
+    assert (out.cut_off_rate.notna() == judged).all()
     assert out.selected.sum() == 1 and not out.selected.iloc[0]  # never the base model
     assert out.kid_mean[out.selected].iloc[0] == out.kid_mean.iloc[1:].min()  # eval.select: kid
     folder = Path(trained.output.dir) / "eval"
@@ -153,7 +159,8 @@ def test_evaluation_while_training(tmp_path, demo_captions, encoder_cache, build
     table = pd.read_csv(Path(cfg.output.dir) / "eval" / "fid.csv")
     assert table.checkpoint.tolist() == ["epoch_001", "epoch_002"]
     assert table.epoch.tolist() == [1.0, 2.0] and table.selected.sum() == 1
-    assert np.isfinite(table.kid_mean).all() and table.colour_accuracy.notna().all()
+    # the garment metrics reach the table (noise shows no garment: the share judged says so)
+    assert np.isfinite(table.kid_mean).all() and table.colour_judged_share.notna().all()
     monkeypatch.setattr(ev, "generate_for", lambda *a, **k: pytest.fail("scored twice"))
     again = ev.evaluate(cfg, f"{cfg.output.dir}/checkpoints", num_images=4,
                         extractor=SmallExtractor(), build=build)

@@ -98,11 +98,12 @@ def judge_folder(args) -> int:
             f"{summary['type_top3']:.3f} | {summary['colour_top1']:.3f} | "
             f"{summary['gender_top1']:.3f} | {summary['on_model_rate']:.3f} "
             if judge.clip is not None else "| | | | | ")
-    text = (f"# Garment metrics: {folder}\n\n| images | colour accuracy (scored) | cut-off rate "
+    text = (f"# Garment metrics: {folder}\n\n| images | colour accuracy (scored, share judged) | cut-off rate "
             f"| CLIP score | type top-1 / top-3 | colour top-1 (CLIP) | gender top-1 (CLIP) "
             f"| on-model |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-            f"| {summary['images']} | {summary['colour_accuracy']:.3f} ({summary['colour_scored']}) "
-            f"| {summary['cut_off_rate']:.3f} {clip}|\n"
+            f"| {summary['images']} | {summary['colour_accuracy']:.3f} ({summary['colour_scored']}, "
+            f"{summary['colour_judged_share']:.0%} judged) | {summary['cut_off_rate']:.3f} "
+            f"({summary['cut_off_judged_share']:.0%} judged) {clip}|\n"
             + (f"\nCLIP: {judge.clip.label}.\n" if judge.clip is not None else
                f"\nCLIP metrics off: {clip_note}\n")
             + (f"\n{missing} captions row(s) had no image in the folder.\n" if missing else ""))

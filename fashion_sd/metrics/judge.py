@@ -16,7 +16,7 @@ from fashion_sd.metrics import adherence, garment
 
 # Summary columns of a judged set, in table order (the checkpoint tables carry them too).
 SUMMARY = ["clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1", "on_model_rate",
-           "colour_accuracy", "cut_off_rate"]
+           "colour_accuracy", "colour_judged_share", "cut_off_rate", "cut_off_judged_share"]
 
 
 def _known(values, vocabulary) -> list:
