@@ -203,6 +203,12 @@ def _check_images(cfg: Config, table) -> None:
     if missing:
         raise TrainingError(f"{cfg.data.captions}: {len(missing)} image(s) not found, e.g. "
                             f"{missing[0]}; rebuild the captions or fix data.images")
+    if not remote.is_remote(paths[0] if paths else ""):  # headers only: no pixel decoded
+        bad = [(p, why) for p in paths if (why := images.header_problem(p))]
+        if bad:
+            raise TrainingError(f"{cfg.data.captions}: {len(bad)} image(s) cannot be used, e.g. "
+                                f"{bad[0][0]}: {bad[0][1]}; replace or drop them and rebuild "
+                                "the captions")
     if warning := images.upscale_warning(images.upscale_factors(table.image_path,
                                                                  cfg.data.resolution),
                                          cfg.data.resolution):

@@ -189,6 +189,7 @@ def w(tmp_path_factory):
     _png_header(d / "bigimgs" / "1.png", 20_000, 20_000)
     (d / "loopimgs").mkdir()
     os.symlink("1.jpg", d / "loopimgs" / "1.jpg")
+    (d / "bombimage.csv").write_text("\n".join([*rows, "7,bigimgs/1.png,a coat,train"]) + "\n")
     sweep = {"base": str(d / "cfg.yaml"), "output": str(d / "sweep"), "runs": [{"lora.rank": 2}]}
     (d / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     (d / "sweep_badgrid.yaml").write_text(yaml.safe_dump(
@@ -251,6 +252,7 @@ ROWS = [
     ("train: captions lack a column", "train {cfg} --set data.captions={w}/nocaptioncol.csv", "missing column(s) caption"),
     ("train: empty caption", "train {cfg} --set data.captions={w}/emptycaption.csv", "line 4: empty caption"),
     ("train: image missing", "train {cfg} --set data.captions={w}/noimage.csv", "7.jpg"),
+    ("train: a bomb-sized image", "train {cfg} --set data.captions={w}/bombimage.csv", "1.png: too large"),
     ("train: batch size 0", "train {cfg} --set train.batch_size=0", "'train.batch_size' must be > 0"),
     ("train: batch larger than the data", "train {cfg} --set train.batch_size=64", "train.batch_size=64"),
     ("train: learning rate nan", "train {cfg} --set train.learning_rate=nan", "'train.learning_rate'"),
