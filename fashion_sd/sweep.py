@@ -32,6 +32,7 @@ from fashion_sd import paper, plots
 from fashion_sd.config import ConfigError, load_config, read_yaml_mapping
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path, atomic_write_text
+from fashion_sd.interrupt import SIGNALS, Stopped
 from fashion_sd.rundir import RunDir
 
 SHORT = {"lora.rank": "r", "lora.alpha": "a", "train.learning_rate": "lr", "train.batch_size": "bs",
@@ -138,13 +139,21 @@ def config_for(sweep: Sweep, run: dict[str, Any]):
 
 
 def _call(args: list[str], log: Path) -> int:
-    """Run a script, its output teed to the console and appended to ``log``."""
+    """Run a script, its output appended to ``log``.
+
+    A stop signal to this process is passed on to the script (a training run saves its train
+    state and stops) and this process stops after it (:class:`~fashion_sd.interrupt.Stopped`);
+    its own session keeps a terminal's Ctrl-C from reaching it a second time, directly, which a
+    training run would take for "stop at once".
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as fh:
         fh.write(f"\n$ {' '.join(args)}\n")
         fh.flush()
-        proc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, cwd=Path.cwd())
-    return proc.returncode
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=Path.cwd(),
+                                start_new_session=True)
+        (code,) = SIGNALS.wait([proc])
+    return code
 
 
 def execute(sweep: Sweep, run: dict[str, Any], python: str = sys.executable) -> dict:
@@ -319,6 +328,7 @@ def _label(rows: list[dict]) -> str:
 TUNER_ENV = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
 OUTCOME = "sweep_outcome.json"  # execute()'s outcome, in the trial's KerasTuner folder
 WATCH_SECONDS = 600.0  # how often a distributed chief names the trials it is waiting for
+SERVE_POLL = 0.5  # seconds between a chief's checks for a stop signal or the last worker gone
 
 
 def _objective_column(sweep: Sweep) -> str:
@@ -407,14 +417,18 @@ def _tuner(sweep: Sweep, kind: str, max_trials: int, seed: int = 1,
         oracle = cls(max_trials=max_trials, hyperparameters=_space(sweep), **common)
 
     class SweepTuner(kt.engine.base_tuner.BaseTuner):
+        current: str | None = None  # the run in progress: a stopped worker names it
+
         def run_trial(self, trial, *args, **kwargs):
             run = _trial_run(sweep, kind, trial.hyperparameters.values)
+            self.current = run_name(run)
             done = Path(self.get_trial_dir(trial.trial_id)) / OUTCOME
             done.unlink(missing_ok=True)  # a rerun trial that dies again must not read as done
             outcome = execute(sweep, run)
             # The table is written from the run folders and this file (a Trial sent over gRPC
             # carries no message): serial and distributed tables are built the same way.
             atomic_write_text(done, json.dumps(outcome, default=str))
+            self.current = None
             value = row_for(sweep, run, outcome).get(column)
             finite = value is not None and math.isfinite(value)
             if outcome["status"] != "finished" or (kind != "grid" and not finite):
@@ -513,8 +527,11 @@ def distributed(sweep: Sweep, kind: str = "grid", max_trials: int = 10, seed: in
     A worker takes trials from the chief and runs each with :func:`execute` until the chief has
     none left; it returns None. The chief serves the oracle until every trial has ended and
     every worker has been told to stop, then writes the table (:func:`trials_table`, the serial
-    sweep's) and returns it. Stopped early (Ctrl-C, SIGTERM) it still writes the table, with the
-    runs whose trials never reported marked failed, and ``table.attrs["interrupted"]`` set.
+    sweep's) and returns it. Stopped (SIGINT, SIGTERM) it still writes the table, with the
+    runs whose trials never reported marked failed, ``table.attrs["exit_code"]`` 130 or 143;
+    a stopped worker raises :class:`~fashion_sd.interrupt.Stopped` after naming its run.
+    SIGINT and SIGTERM are handled as :data:`fashion_sd.interrupt.SIGNALS` says once the
+    command installed it.
     """
     role = distributed_role()
     if kind == "grid":
@@ -529,7 +546,11 @@ def distributed(sweep: Sweep, kind: str = "grid", max_trials: int = 10, seed: in
         f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}")
     if role == "worker":
         print(f"[{me}] taking {kind} trials from the chief at {address}", flush=True)
-        tuner.search()
+        try:
+            tuner.search()
+        except KeyboardInterrupt as stop:
+            _worker_stopped(me, stop, tuner.current)
+            raise
         print(f"[{me}] the chief has no trials left", flush=True)
         return None
     _check_port_free(os.environ["KERASTUNER_ORACLE_IP"], int(os.environ["KERASTUNER_ORACLE_PORT"]))
@@ -537,23 +558,76 @@ def distributed(sweep: Sweep, kind: str = "grid", max_trials: int = 10, seed: in
           "and KERASTUNER_TUNER_ID=tuner1, tuner2, ...", flush=True)
     stop = threading.Event()
     threading.Thread(target=_watch, args=(tuner.oracle, stop, sweep, kind), daemon=True).start()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    interrupted = False
+    exit_code = 0
     try:
-        tuner.search()  # KerasTuner's server; returns when every trial ended, every worker stopped
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"[{me}] stopped: writing the table; runs still out are marked failed "
-              "(unfinished). Start the chief again to hand them out again.", flush=True)
+        _serve(tuner, address)  # returns when every trial ended and every worker was told to stop
+    except KeyboardInterrupt as signal_:
+        exit_code = _exit_code(signal_)
+        print(f"[{me}] stopped by {_signal_name(signal_)}: writing the table; runs still out are "
+              "marked failed (unfinished). Start the chief again to hand them out again.",
+              flush=True)
     finally:
         stop.set()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     table = trials_table(sweep, kind, tuner.oracle, names)
-    table.attrs["interrupted"] = interrupted
+    table.attrs["exit_code"] = exit_code
     return table
+
+
+def _serve(tuner, address: str) -> None:
+    """KerasTuner's chief (``oracle_chief.start_server``: its servicer, its rule for the end) in a
+    loop that a stop signal ends within SERVE_POLL seconds, its gRPC server stopped.
+
+    KerasTuner's own loop checks every 20 s, never stops its server, and is left only by an
+    exception raised wherever its main thread is, possibly inside the oracle's lock, which its
+    ``synchronized`` never releases then: a gRPC thread waiting on it would hang the exit.
+    """
+    from concurrent import futures
+
+    import grpc
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute import oracle_chief
+
+    tuner.save()  # as BaseTuner.search does before serving
+    servicer = oracle_chief.OracleServicer(tuner.oracle)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    server.add_insecure_port(address)
+    server.start()
+    try:
+        with SIGNALS.deferred():  # a signal is only recorded here; the loop sees it
+            while not SIGNALS.received:
+                if servicer.stop_triggered and _all_ended(tuner.oracle):
+                    return
+                time.sleep(SERVE_POLL)
+    finally:
+        server.stop(grace=None)
+    SIGNALS.raise_if_stopped()
+
+
+def _all_ended(oracle) -> bool:
+    """``oracle_chief.exit_chief`` (no trial out, every worker told to stop) under the oracle's
+    lock held by ``with``, which a second signal's exception releases."""
+    from keras_tuner.src.engine import oracle as oracle_module
+
+    with oracle_module.LOCKS[oracle]:
+        return not oracle.ongoing_trials and not oracle.tuner_ids
+
+
+def _signal_name(stop: KeyboardInterrupt) -> str:
+    return stop.name if isinstance(stop, Stopped) else "SIGINT"
+
+
+def _exit_code(stop: KeyboardInterrupt) -> int:
+    return stop.exit_code if isinstance(stop, Stopped) else 128 + signal.SIGINT
+
+
+def _worker_stopped(me: str, stop: KeyboardInterrupt, run: str | None) -> None:
+    """A stopped worker leaves its trial with the chief (no report): the same tuner id started
+    again gets it back and resumes the run from what it saved."""
+    where = (f" during run {run}: the chief keeps its trial for {me}; start this worker again "
+             f"with KERASTUNER_TUNER_ID={me} to resume the run" if run else
+             " between runs; start it again with the same command to take more")
+    print(f"[{me}] stopped by {_signal_name(stop)}{where}", flush=True)
 
 
 def _check_port_free(ip: str, port: int) -> None:
@@ -568,10 +642,6 @@ def _check_port_free(ip: str, port: int) -> None:
         raise SweepError(f"--distributed: the chief cannot serve on {ip}:{port} ({exc.strerror}): "
                          "is another chief running there? Pick a free KERASTUNER_ORACLE_PORT, "
                          "and set KERASTUNER_ORACLE_IP to an address of the chief's host") from None
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _watch(oracle, stop: threading.Event, sweep: Sweep, kind: str) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -52,17 +53,31 @@ def settings(tmp_path, captions, cache, name, *more):
             "train.sample_every=0", "train.deterministic=true", "train.epochs=2", *more]
 
 
-def workers(sets, ports, *extra, die=None, timeout=300):
-    """Start worker 0 and 1 with the same settings; returns their (returncode, output)."""
-    procs = []
+TIMEOUT = 1800  # seconds for a worker to end: a bound for a hung test only (each takes about a minute)
+
+
+def workers(sets, ports, *extra, tmp: Path, die=None):
+    """Start worker 0 and 1 with the same settings; returns their (returncode, output).
+
+    Their output goes to files, not pipes: a pipe read only after the first worker has ended
+    fills up, and the second worker then blocks on its next line, whatever the time limit."""
+    procs, outs = [], []
     for index in (0, 1):
         args = [sys.executable, str(SCRIPT), json.dumps(sets), "--worker", str(index),
                 "--ports", ports, *extra]
         if die is not None and index == 1:
             args += ["--die-at-step", str(die)]
-        procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}))
-    return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+        outs.append(tmp / f"worker{index}.{len(list(tmp.glob('worker*')))}.out")
+        procs.append(subprocess.Popen(args, stdout=outs[-1].open("w"), stderr=subprocess.STDOUT,
+                                      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}))
+    try:
+        codes = [p.wait(timeout=TIMEOUT) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("a worker hung:\n" + "\n".join(o.read_text()[-3000:] for o in outs))
+    finally:
+        for p in procs:
+            p.kill()
+    return [(code, out.read_text()) for code, out in zip(codes, outs)]
 
 
 def assert_same_lora(a, b):
@@ -79,7 +94,7 @@ def test_two_workers_train_as_one_process_with_the_same_global_batch(
               build=build)
     two = settings(tmp_path, small_captions, encoder_cache, "two", "train.max_steps=3",
                    "train.strategy=multi_worker", "train.sample_every=1", "train.sample_steps=2")
-    (rc0, out0), (rc1, out1) = workers(two, ",".join(map(str, free_ports(2))))
+    (rc0, out0), (rc1, out1) = workers(two, ",".join(map(str, free_ports(2))), tmp=tmp_path)
     assert (rc0, rc1) == (0, 0), out0[-3000:] + out1[-3000:]
     for out in (out0, out1):
         assert '"step": 3, "strategy": "multi_worker", "workers": 2, "replicas": 2' in out
@@ -106,11 +121,11 @@ def test_a_killed_worker_and_a_resume_lose_nothing(tmp_path, small_captions, enc
     two = settings(tmp_path, small_captions, encoder_cache, "two", "train.strategy=multi_worker")
     ports = ",".join(map(str, free_ports(2)))
     # worker 1 dies (SIGKILL) at step 6, after epoch 1's checkpoint at step 4
-    (rc0, out0), (rc1, _) = workers(two, ports, die=6)
+    (rc0, out0), (rc1, _) = workers(two, ports, die=6, tmp=tmp_path)
     assert rc1 == -9
     assert rc0 == 1 and "a worker of the cluster was lost" in out0
     assert "(step 4) is intact: restart every worker with the same command and --resume" in out0
-    (rc0, out0), (rc1, out1) = workers(two, ports, "--resume")
+    (rc0, out0), (rc1, out1) = workers(two, ports, "--resume", tmp=tmp_path)
     assert (rc0, rc1) == (0, 0), out0[-3000:] + out1[-3000:]
     assert '"status": "finished", "step": 8' in out0
     assert pd.read_csv(tmp_path / "two/history.csv").step.tolist() == [4, 8]

@@ -4,6 +4,10 @@ Each multi-process test starts a chief and workers as real processes running the
 command; only the run itself (training + evaluation) is replaced by a one-second fake that
 writes the run folder a finished run leaves. The tables they write are compared with a serial
 sweep's of the same runs, built in this process with the same fake.
+
+The tests wait for events (a line printed, a line in the trials log, a process's exit), each
+with a bound of minutes that only a broken test reaches: never for a guess of how fast this
+machine is (a loaded 2-core CI machine starts a TensorFlow process in 10 s or more).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from fashion_sd.commands import sweep as command
 
 DEMO_SWEEP = ROOT / "configs" / "sweep_demo.yaml"
 WORKER = ROOT / "tests" / "sweep_worker.py"
-TIMEOUT = 60  # seconds a process may take; the tests take a few each
+TIMEOUT = 600  # seconds an awaited event may take; they take seconds, more on a loaded machine
+STOP_BOUND = 60  # seconds a signalled process may take to stop (measured: well under 1 s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,9 +172,13 @@ class Cluster:
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
 
     def start(self, tuner_id: str, **env) -> subprocess.Popen:
+        """One sweep process, started with SIGINT ignored as a script's background job (and
+        issue 25's CI run) starts it: its Ctrl-C must work all the same."""
         out = self.tmp / f"{tuner_id}.{len(self.procs)}.out"
+        command = [sys.executable, str(WORKER), "--config", str(self.config), "--distributed",
+                   *self.args]
         proc = subprocess.Popen(
-            [sys.executable, str(WORKER), "--config", str(self.config), "--distributed", *self.args],
+            ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command],
             cwd=self.cwd, stdout=out.open("w"), stderr=subprocess.STDOUT,
             env={**self.env, "KERASTUNER_TUNER_ID": tuner_id, **env})
         self.procs.append((tuner_id, proc, out))
@@ -186,8 +195,9 @@ class Cluster:
             pytest.fail("a sweep process hung:\n" + self.outputs())
 
     def wait_for(self, what, timeout=TIMEOUT):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+        """Poll for an event (a line printed or logged); the bound is for a broken test only."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             if what():
                 return
             time.sleep(0.1)
@@ -332,3 +342,83 @@ def test_a_killed_worker_restarted_with_its_id_finishes_its_trial(tmp_path, clus
     s = sw.load_sweep(DEMO_SWEEP)
     assert_same_table(out, serial_table(monkeypatch, s, tmp_path / "serial", "random",
                                         max_trials=3))
+
+
+def _stop(c: Cluster, proc, signum) -> float:
+    """Signal a sweep process; its exit code (128 + the signal) and how long it took."""
+    t0 = time.monotonic()
+    proc.send_signal(signum)
+    assert c.wait(proc, STOP_BOUND) == 128 + signum, c.outputs()
+    return time.monotonic() - t0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_chief_waiting_for_a_worker_and_the_worker_in_its_run_stop_on_a_signal(
+        tmp_path, cluster, signum):
+    """Issue 25: SIGINT and SIGTERM stop the chief while it waits for a worker's run, and the
+    worker inside that run, each within STOP_BOUND seconds (measured: under a second), with
+    130 or 143 and what each leaves: the chief's table marks the run unfinished, the worker
+    names the run and the tuner id that resumes it. Both started with SIGINT ignored."""
+    c = cluster(DEMO_SWEEP, ["--only", "r2"], SWEEP_TEST_HOLD="r2", SWEEP_TEST_WATCH=0.3)
+    chief, worker = c.start("chief"), c.start("tuner1")
+    c.wait_for(lambda: "(run r2) on tuner1" in c.output(chief))
+    c.wait_for(lambda: started(c.trials(), "r2"))
+    name = signal.Signals(signum).name
+    seconds = [_stop(c, chief, signum), _stop(c, worker, signum)]
+    print(f"{name}: the chief stopped in {seconds[0]:.2f} s, the worker in {seconds[1]:.2f} s")
+    assert f"[chief] stopped by {name}: writing the table; runs still out are marked failed" \
+        in c.output(chief)
+    assert (f"[tuner1] stopped by {name} during run r2: the chief keeps its trial for tuner1; "
+            "start this worker again with KERASTUNER_TUNER_ID=tuner1 to resume the run"
+            in c.output(worker))
+    assert "Traceback" not in c.outputs()
+    table = pd.read_csv(c.cwd / "runs" / "sweep_demo" / "results.csv")
+    assert table.run.tolist() == ["r2"] and table.status.tolist() == ["failed"]
+    assert table.error.iloc[0].startswith("unfinished: trial")
+
+
+@pytest.mark.multiprocess
+def test_a_worker_waiting_for_a_chief_stops_on_sigterm(tmp_path, cluster):
+    """A worker whose chief never answers waits in KerasTuner's gRPC call (for up to an hour):
+    SIGTERM stops it all the same."""
+    c = cluster(DEMO_SWEEP)
+    worker = c.start("tuner1")
+    c.wait_for(lambda: "[tuner1] taking grid trials from the chief" in c.output(worker))
+    seconds = _stop(c, worker, signal.SIGTERM)
+    print(f"SIGTERM: the waiting worker stopped in {seconds:.2f} s")
+    assert "[tuner1] stopped by SIGTERM between runs" in c.output(worker)
+
+
+def test_a_signal_goes_to_the_run_in_progress_and_the_sweep_stops_after_it(tmp_path):
+    """What a sweep process does with a run (a training process) going when a signal comes: the
+    run gets the signal (to save and stop) and the sweep stops once the run has ended."""
+    import threading
+
+    from fashion_sd.interrupt import SIGNALS, Stopped
+
+    got = tmp_path / "got"
+    child = [sys.executable, "-c", "import signal, sys, time, pathlib\n"
+             "def bye(s, f):\n"
+             f"    pathlib.Path({str(got)!r}).write_text(signal.Signals(s).name)\n"
+             "    sys.exit(7)\n"
+             "signal.signal(signal.SIGTERM, bye)\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(600)\n"]
+    with SIGNALS.installed():
+        proc = subprocess.Popen(child, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert proc.stdout.readline() == "ready\n"
+
+        def signal_once_waiting():  # an event, not a delay: the sweep is waiting for its run
+            while not SIGNALS.children:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=signal_once_waiting, daemon=True).start()
+        try:
+            with pytest.raises(Stopped) as info:
+                SIGNALS.wait([proc])
+        finally:
+            proc.kill()
+    assert proc.returncode == 7 and got.read_text() == "SIGTERM"
+    assert (info.value.name, info.value.exit_code) == ("SIGTERM", 143)

@@ -7,6 +7,9 @@ Lists the base model and every checkpoint of --run (with val loss and FID/KID wh
 --lora adds checkpoints from elsewhere. Images are saved under output.dir/assistant/ with their
 settings; `scripts/generate.py --from-png FILE` reproduces any of them. Scripts can call the
 app's `generate` endpoint with gradio_client (see the README).
+
+SIGINT (Ctrl-C) or SIGTERM closes the server and exits with 130 (SIGINT) or 143 (SIGTERM), also
+when started with SIGINT ignored (a script's background job); a picture being made is dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import FashionSDError
+from fashion_sd.interrupt import SIGNALS, Stopped
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -76,6 +80,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
         logging.warning("the app is reachable from other machines without --auth")
+    with SIGNALS.installed():
+        try:
+            code = serve(args, cfg, run, auth)
+        except Stopped:  # before the server was up (building the model)
+            code = 0
+        if SIGNALS.received:  # Gradio's wait takes the signal's Stopped as Ctrl-C and returns
+            stop = Stopped(SIGNALS.received[0])
+            print(f"stopped by {stop.name}: the server is closed", file=sys.stderr)
+            return stop.exit_code
+    return code
+
+
+def serve(args, cfg, run: Path | None, auth) -> int:
+    """Build the model and serve the page until a stop signal (Gradio's ``block_thread``)."""
     from fashion_sd.assistant import Assistant
     from fashion_sd.models import WeightsError
     from fashion_sd.webapp import build_app, launch

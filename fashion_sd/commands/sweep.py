@@ -27,6 +27,10 @@ folder (the same path on every host). A worker killed mid-run and started again 
 KERASTUNER_TUNER_ID resumes its run; the chief waits for it, naming it every 10 minutes. Stopped
 (Ctrl-C), the chief writes the table with such a run marked failed (unfinished), and hands it out
 again when started again. See docs/distributed-sweeps.md.
+
+Stopping: SIGINT (Ctrl-C) or SIGTERM stops any of these processes within a second or so (a run
+in progress is passed the signal first: training saves its state), with exit code 130 (SIGINT)
+or 143 (SIGTERM); a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import sys
 from fashion_sd import preflight
 from fashion_sd import sweep as sw
 from fashion_sd.errors import FashionSDError
+from fashion_sd.interrupt import SIGNALS, Stopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
                              "address from KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT "
                              "(see above)")
     args = parser.parse_args(argv)
+    with SIGNALS.installed():
+        try:
+            return _run(args)
+        except Stopped as stop:
+            if not args.distributed:  # the chief and a worker have said what they leave
+                print(f"stopped by {stop.name}: finished runs are kept; the same command again "
+                      "skips them and resumes the interrupted one", file=sys.stderr)
+            return stop.exit_code
+
+
+def _run(args) -> int:
     try:
         role = sw.distributed_role() if args.distributed else None
         if not args.distributed and args.tuner and os.environ.get("KERASTUNER_ORACLE_IP"):
@@ -91,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if table is None:  # a worker: the chief writes the table
             return 0
         print((sweep.output / "results.md").read_text())
-        if table.attrs.get("interrupted"):
-            return 130
+        if table.attrs.get("exit_code"):
+            return table.attrs["exit_code"]
         return 1 if (table.status == "failed").all() else 0
     if args.tuner:
         table = sw.tune(sweep, args.tuner, args.max_trials)

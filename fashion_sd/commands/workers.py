@@ -6,6 +6,10 @@ with its own ``TF_CONFIG`` on loopback ports, their output prefixed with the wor
 What each host of a real cluster runs by hand (README: "Several machines"), here on one machine:
 to try a multi-worker run, or to split one box's GPUs into processes. When one worker fails
 the others are stopped (they would wait for it); rerun with --resume to continue.
+
+SIGINT (Ctrl-C) or SIGTERM is passed on to every worker once (the chief saves the train state,
+the others stop); this launcher exits after them with 130 (SIGINT) or 143 (SIGTERM). A second
+signal kills them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import socket
 import subprocess
 import sys
 import threading
+
+from fashion_sd.interrupt import SIGNALS, Stopped
 
 
 def free_ports(n: int) -> list[int]:
@@ -56,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     procs = []
     for i in range(args.n):
         env = {**os.environ, "TF_CONFIG": tf_config(ports, i)}
+        # their own session: a terminal's Ctrl-C reaches them once, from here, not twice (a
+        # second signal means "stop at once" to a training run)
         procs.append(subprocess.Popen([sys.executable, "-m", "fashion_sd", "train", *rest],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, bufsize=1))
+                                      text=True, bufsize=1, start_new_session=True))
 
     def relay(i, proc):
         for line in proc.stdout:
@@ -68,20 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     threads = [threading.Thread(target=relay, args=(i, p), daemon=True) for i, p in enumerate(procs)]
     for t in threads:
         t.start()
-    codes: list[int | None] = [None] * args.n
-    while None in codes:
-        for i, p in enumerate(procs):
-            if codes[i] is None:
-                try:
-                    codes[i] = p.wait(timeout=0.5)
-                except subprocess.TimeoutExpired:
-                    continue
-                if codes[i] != 0:  # the others would wait for it: stop them
-                    for q in procs:
-                        if q.poll() is None:
-                            q.terminate()
-    for t in threads:
-        t.join(timeout=5)
+    with SIGNALS.installed():
+        try:
+            codes = _wait(procs)
+        except Stopped as stop:
+            _join(threads)
+            print(f"stopped by {stop.name}: every worker was passed it and has exited; continue "
+                  "with the same command and --resume", file=sys.stderr)
+            return stop.exit_code
+    _join(threads)
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]
     if failed:
         first = failed[0]
@@ -89,3 +92,27 @@ def main(argv: list[str] | None = None) -> int:
               "Continue with the same command and --resume", file=sys.stderr)
         return first[1] if first[1] and first[1] > 0 else 1
     return 0
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[int]:
+    """Every worker's exit code; when one fails the others are stopped (they would wait for it),
+    unless a stop signal, already passed on to them, is why it failed."""
+    codes: list[int | None] = [None] * len(procs)
+    with SIGNALS.forwarding(procs):
+        while None in codes:
+            for i, p in enumerate(procs):
+                if codes[i] is None:
+                    try:
+                        codes[i] = p.wait(timeout=0.5)
+                    except subprocess.TimeoutExpired:
+                        continue
+                    if codes[i] != 0 and not SIGNALS.received:
+                        for q in procs:
+                            if q.poll() is None:
+                                q.terminate()
+    return codes
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for t in threads:  # the rest of each worker's output
+        t.join(timeout=5)
