@@ -339,7 +339,7 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
     if not paths and not include_base:
         raise EvaluationError("nothing to score: give --checkpoints DIR|GLOB and/or --include-base")
     for p in paths:  # a bad file fails here, before any work (headers only)
-        lora.lora_metadata(p)
+        lora_file.check(p, fits_model=False)
     scorer = Scorer(cfg, split, num_images, out, extractor, judge, progress)
     settings = scorer.plan.settings_id
     previous = scorer.previous()

@@ -164,7 +164,7 @@ def load_sampler(weights: str, resolution, lora_path=None, cache_dir=None, seed:
 
     if not valid_size(resolution):  # before the weights are resolved (maybe downloaded)
         raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
-    meta = lora.lora_metadata(lora_path) if lora_path else None  # checked before any build
+    meta = lora_file.check(lora_path, fits_model=False) if lora_path else None  # checked before any build
     source = resolve_inference_weights(weights, cache_dir, seed)
     if meta is not None and meta.get("base_weights") not in (None, source.id):
         log.warning("%s was trained on base weights %s; generating with %s", lora_path,

@@ -28,17 +28,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from fashion_sd import lora_file
 from fashion_sd.config import LoraConfig
-from fashion_sd.errors import FashionSDError
-from fashion_sd.files import atomic_path
+from fashion_sd.lora_file import LoraError, is_text_encoder_layer, layer_scale
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "out_proj")
-FORMAT = "fashion-sd-lora"
-FORMAT_VERSION = "1"
-
-
-class LoraError(FashionSDError, ValueError):
-    """A LoRA file or setting that does not fit the model; the message says how."""
 
 
 def attention_projections(model: keras.Model) -> dict[str, keras.layers.Dense]:
@@ -139,45 +133,9 @@ def save_lora(path: str | Path, layers: dict[str, keras.layers.Dense], spec: Lor
               **metadata) -> Path:
     """Write the LoRA matrices and their metadata (``spec``'s rank, alpha, targets and
     ``metadata``) to a safetensors file, atomically."""
-    from safetensors.numpy import save_file
-
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **spec.to_meta(),
-            "layers": json.dumps(sorted(layers))}
+    meta = {**spec.to_meta(), "layers": json.dumps(sorted(layers))}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    with atomic_path(path) as tmp:
-        save_file(lora_state(layers), str(tmp), metadata=meta)
-    return Path(path)
-
-
-def lora_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a LoRA checkpoint, after checking it is one, from its header alone (no
-    tensor is read: callers that only check a file before heavy work use this)."""
-    from fashion_sd.preflight import safetensors_header
-
-    path = Path(path)
-    if not path.is_file():
-        raise LoraError(f"{path}: LoRA checkpoint not found")
-    try:
-        _, meta = safetensors_header(path)
-    except (OSError, ValueError) as exc:
-        raise LoraError(f"{path}: not a readable safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise LoraError(f"{path}: not a fashion-sd LoRA checkpoint (format "
-                        f"{meta.get('format')!r}); import other formats first")
-    return meta
-
-
-def read_lora(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The tensors and metadata of a LoRA checkpoint, after checking it is one."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    meta = lora_metadata(path)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoraError(f"{path}: not a readable safetensors file ({exc})") from None
-    return tensors, meta
+    return lora_file.write(path, lora_state(layers), meta)
 
 
 def load_lora(path: str | Path, layers: dict[str, keras.layers.Dense]) -> dict[str, str]:
@@ -186,7 +144,7 @@ def load_lora(path: str | Path, layers: dict[str, keras.layers.Dense]) -> dict[s
     The checkpoint's rank and layer set must equal the model's: a mismatch is an error that
     names both, never a partial load.
     """
-    tensors, meta = read_lora(path)
+    tensors, meta = lora_file.read(path, fits_model=False)
     spec = LoraConfig.from_meta(meta)
     rank, targets = spec.rank, spec.targets
     model_ranks = {layer.lora_rank for layer in layers.values()}
@@ -259,16 +217,6 @@ def apply_text_encoder_lora(text_encoder: keras.Model, spec: LoraConfig):
     return layers
 
 
-def is_text_encoder_layer(key: str) -> bool:
-    return key.startswith("te")
-
-
-def layer_scale(meta: dict[str, str], key: str, rank: int) -> float:
-    """alpha / rank of one layer: the file's alpha, or its per-layer alpha where they differ."""
-    per_layer = json.loads(meta["layer_alpha"]) if "layer_alpha" in meta else {}
-    return float(per_layer.get(key, meta["alpha"])) / rank
-
-
 def lora_deltas(path: str | Path, model: keras.Model, text_encoder: keras.Model | None = None):
     """The weight changes a LoRA checkpoint makes to ``model`` (LoRA not enabled), unapplied.
 
@@ -276,7 +224,7 @@ def lora_deltas(path: str | Path, model: keras.Model, text_encoder: keras.Model 
     checking every layer and shape, so a caller can apply them at any strength and undo them.
     Text-encoder layers (imported LoRAs) change ``text_encoder``, which must then be given.
     """
-    tensors, meta = read_lora(path)
+    tensors, meta = lora_file.read(path, fits_model=False)
     keys = sorted({k.rsplit(".", 1)[0] for k in tensors})
     te_keys = [k for k in keys if is_text_encoder_layer(k)]
     if te_keys and text_encoder is None:
@@ -313,34 +261,10 @@ def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0,
     return meta
 
 
-def check_init_from(path: str | Path, spec: LoraConfig) -> dict[str, str]:
-    """Why ``lora.init_from`` cannot start this run, as a LoraError; else the file's metadata.
-
-    Rank and alpha must be the run's own, or training would continue a different function than
-    the file describes; text-encoder layers cannot be trained here, so they are an error too.
-    Needs no model, so a run checks this before any heavy work.
-    """
-    rank, alpha = spec.rank, spec.alpha
-    tensors, meta = read_lora(path)
-    te = sorted({k.rsplit(".", 1)[0] for k in tensors if is_text_encoder_layer(k)})
-    if te:
-        raise LoraError(f"lora.init_from: {path} has {len(te)} text-encoder layers ({te[0]}, ...); "
-                        "training here trains U-Net layers only. Start from a U-Net-only LoRA")
-    ranks = {int(v.shape[1]) for k, v in tensors.items() if k.endswith(".lora_a")}
-    if ranks != {rank}:
-        raise LoraError(f"lora.init_from: {path} has rank {', '.join(map(str, sorted(ranks)))}, "
-                        f"the run has lora.rank {rank}; set lora.rank: {int(meta['rank'])}")
-    if "layer_alpha" in meta or not np.isclose(float(meta["alpha"]), alpha):
-        raise LoraError(f"lora.init_from: {path} has alpha {meta['alpha']}"
-                        + (" (differing per layer)" if "layer_alpha" in meta else "")
-                        + f", the run has lora.alpha {alpha}; set lora.alpha: {float(meta['alpha'])}")
-    return meta
-
-
 def init_from(path: str | Path, layers: dict[str, keras.layers.Dense],
               spec: LoraConfig) -> dict[str, str]:
     """Start training from a LoRA checkpoint (``lora.init_from``): its A and B become the start."""
-    check_init_from(path, spec)
+    lora_file.check_init_from(path, spec.rank, spec.alpha)
     try:
         return load_lora(path, layers)
     except LoraError as exc:

@@ -33,7 +33,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from fashion_sd import attention, data, hardware, images, lora, models, multiworker, preflight, remote
+from fashion_sd import attention, data, hardware, images, lora, lora_file, models, multiworker, preflight, remote
 from fashion_sd import callbacks as cb
 from fashion_sd.captions import read_captions
 from fashion_sd.config import Config
@@ -63,10 +63,14 @@ class TrainingStopped(TrainingError):
     """A run that started and stopped (non-finite losses, a collapsed loss scale, a full disk):
     not bad input, so the command exits 1, not 2."""
 
+    exit_code = 1
+
 
 class TrainingInterrupted(TrainingError):
     """SIGTERM / SIGINT: the run saved its train state at the step it reached and stopped;
     ``exit_code`` is the shell's 128 + signal."""
+
+    prefix = ""  # not an error: the run did what was asked
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -184,7 +188,7 @@ def _check_run_folder(run: RunDir, cfg: Config, resume: bool, fresh: bool, chief
                             "--resume, start over with --fresh, or set output.dir to a new folder")
     if resume:
         try:
-            preflight.safetensors_header(run.train_state)
+            lora_file.safetensors_header(run.train_state)
         except (ValueError, OSError) as exc:
             raise TrainingError(f"--resume: {run.train_state} is damaged ({exc}); resume cannot "
                                 f"use it. Start over with --fresh, or train from a checkpoint: "
@@ -233,8 +237,8 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
     init_meta = None
     if cfg.lora.init_from and not resume:  # checked now; loaded once the LoRA layers exist
         try:
-            init_meta = lora.check_init_from(cfg.lora.init_from, cfg.lora)
-        except lora.LoraError as exc:
+            init_meta = lora_file.check_init_from(cfg.lora.init_from, cfg.lora.rank, cfg.lora.alpha)
+        except lora_file.LoraError as exc:
             raise TrainingError(str(exc)) from None
     if cfg.train.eval_every:
         from fashion_sd.evaluate import make_plan  # noqa: PLC0415

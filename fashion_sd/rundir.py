@@ -26,6 +26,7 @@ TRAIN_STATE = "train_state.safetensors"
 SCORES_CSV, SCORES_MD, SCORES_PLOT = "fid.csv", "fid.md", "fid.png"
 SCORES_GRID = "real_vs_generated.png"  # one row per prompt: real, base, best, last
 JUDGED_CSV = "scores.csv"  # per image, beside each model's images in eval/images/NAME/
+GARMENT_CSV, GARMENT_MD = "garment.csv", "garment.md"  # evaluate --images's --out folder
 STEP_PREFIX = "step_"  # step checkpoints (train.checkpoint_every_steps): step_000500.lora...
 LOCK = ".fashion-sd.lock"
 # history.csv's columns. skipped_steps: non-finite losses or gradients (never applied);

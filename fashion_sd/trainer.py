@@ -350,7 +350,7 @@ def save_train_state(path: str | Path, trainer: LoraTrainer, lora_layers: dict, 
 
 def load_train_state_step(path: str | Path) -> int | None:
     """The optimizer step a train state holds (its header only), or None when there is none."""
-    from fashion_sd.preflight import safetensors_header
+    from fashion_sd.lora_file import safetensors_header
 
     try:
         info = json.loads(safetensors_header(path)[1]["info"])

@@ -31,7 +31,7 @@ def _write_lora(path, unet, source_id, rank=4, seed=0):
     """A LoRA checkpoint with non-zero A and B, so it visibly changes the images."""
     from safetensors.numpy import save_file
 
-    from fashion_sd import lora
+    from fashion_sd import lora, lora_file
 
     rng = np.random.default_rng(seed)
     tensors = {}
@@ -41,7 +41,7 @@ def _write_lora(path, unet, source_id, rank=4, seed=0):
         tensors[f"{key}.lora_b"] = rng.normal(0, 0.2, (rank, fan_out)).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={
-        "format": lora.FORMAT, "format_version": lora.FORMAT_VERSION, "rank": str(rank),
+        "format": lora_file.FORMAT, "format_version": lora_file.FORMAT_VERSION, "rank": str(rank),
         "alpha": "4.0", "targets": json.dumps(list(lora.PROJECTIONS)),
         "layers": json.dumps(sorted(lora.attention_projections(unet))), "epoch": "1",
         "step": "10", "base_weights": source_id})

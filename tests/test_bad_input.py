@@ -210,7 +210,7 @@ def taken_port():
 @pytest.fixture(autouse=True)
 def tripwires(monkeypatch):
     """Anything heavy a row reaches fails it."""
-    import fashion_sd.interop as interop
+    import fashion_sd.interop.weights as interop
     from fashion_sd import data, images, models, sweep
     from fashion_sd.metrics import inception
 
@@ -456,7 +456,7 @@ def test_values_outside_the_vocabulary_are_kept_and_flagged(tmp_path):
 
 def test_the_layer_table_matches_the_real_text_encoder(small_parts):
     from fashion_sd.lora import text_encoder_projections
-    from fashion_sd.unet_layout import expected_kernel_shapes
+    from fashion_sd.lora_file import expected_kernel_shapes
 
     got = {k: tuple(d.kernel.shape) for k, d in text_encoder_projections(small_parts["text_encoder"]).items()}
     assert got == {k: v for k, v in expected_kernel_shapes().items() if k.startswith("te")}
@@ -465,7 +465,7 @@ def test_the_layer_table_matches_the_real_text_encoder(small_parts):
 def test_the_header_reader_agrees_with_safetensors(w):
     from safetensors import safe_open
 
-    from fashion_sd.preflight import safetensors_header
+    from fashion_sd.lora_file import safetensors_header
 
     entries, meta = safetensors_header(w / "good.lora.safetensors")
     with safe_open(str(w / "good.lora.safetensors"), "numpy") as fh:

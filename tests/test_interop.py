@@ -32,9 +32,11 @@ else:
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
 
-from fashion_sd import lora, models  # noqa: E402
+from fashion_sd import lora, lora_file, models  # noqa: E402
 from fashion_sd.diffusion import timestep_embedding  # noqa: E402
-from fashion_sd.interop import InteropError, export_lora, import_lora, import_model, merge_model  # noqa: E402
+from fashion_sd.interop.lora_formats import export_lora, import_lora  # noqa: E402
+from fashion_sd.interop.tensors import InteropError  # noqa: E402
+from fashion_sd.interop.weights import import_model, merge_model  # noqa: E402
 from fashion_sd.interop import keys as K  # noqa: E402
 from fashion_sd.interop import lora_formats as LF  # noqa: E402
 
@@ -154,7 +156,7 @@ def random_lora(p, path):
         tensors[f"{ours}.lora_b"] = (rng.standard_normal((4, out_dim)) * 0.05).astype("float32")
     layers = sorted({k.rsplit(".", 1)[0] for k in tensors})
     save_file(tensors, str(path), metadata={
-        "format": lora.FORMAT, "format_version": lora.FORMAT_VERSION, "rank": "4", "alpha": "8.0",
+        "format": lora_file.FORMAT, "format_version": lora_file.FORMAT_VERSION, "rank": "4", "alpha": "8.0",
         "targets": json.dumps(["to_q", "to_k", "to_v", "out_proj"]), "layers": json.dumps(layers)})
     return path
 

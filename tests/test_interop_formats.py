@@ -13,8 +13,10 @@ from safetensors.numpy import load_file, save_file
 from tiny import tiny_unet
 
 from conftest import ROOT
-from fashion_sd import lora, models
-from fashion_sd.interop import InteropError, export_lora, import_lora, import_model
+from fashion_sd import lora, lora_file, models
+from fashion_sd.interop.lora_formats import export_lora, import_lora
+from fashion_sd.interop.tensors import InteropError
+from fashion_sd.interop.weights import import_model
 from fashion_sd.interop import kerascv
 from fashion_sd.interop import keys as K
 from fashion_sd.interop.checkpoint import open_source
@@ -249,16 +251,16 @@ def test_init_from_checks_rank_alpha_and_text_encoder_parts(tmp_path):
         layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.25, np.float32))
     lora.save_lora(tmp_path / "a.lora.safetensors", layers, LoraConfig(rank=2, alpha=2.0, targets=["to_q", "to_k", "to_v", "out_proj"]))
     with pytest.raises(lora.LoraError, match="rank 2, the run has lora.rank 4; set lora.rank: 2"):
-        lora.check_init_from(tmp_path / "a.lora.safetensors", LoraConfig(rank=4, alpha=2.0))
+        lora_file.check_init_from(tmp_path / "a.lora.safetensors", 4, 2.0)
     with pytest.raises(lora.LoraError, match="alpha 2.0, the run has lora.alpha 8.0; set lora.alpha: 2.0"):
-        lora.check_init_from(tmp_path / "a.lora.safetensors", LoraConfig(rank=2, alpha=8.0))
+        lora_file.check_init_from(tmp_path / "a.lora.safetensors", 2, 8.0)
     fresh = lora.apply_lora(tiny_unet(), LoraConfig(rank=2, alpha=2.0, targets=["to_q", "to_k", "to_v", "out_proj"]))
     lora.init_from(tmp_path / "a.lora.safetensors", fresh, LoraConfig(rank=2, alpha=2.0))
     assert all(np.all(layer.lora_kernel_b.numpy() == 0.25) for layer in fresh.values())
     kohya_file(tmp_path / "te.safetensors", {"lora_te_text_model_encoder_layers_0_mlp_fc1": (3072, 768)})
     import_lora(tmp_path / "te.safetensors", tmp_path / "te.lora.safetensors")
     with pytest.raises(lora.LoraError, match="text-encoder layers"):
-        lora.check_init_from(tmp_path / "te.lora.safetensors", LoraConfig(rank=2, alpha=2.0))
+        lora_file.check_init_from(tmp_path / "te.lora.safetensors", 2, 2.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ def test_a_run_exports_its_checkpoints_and_starts_from_an_imported_lora(tmp_path
     start = lora.lora_state(lora.select(lora.attention_projections(captured["model"]), c.lora.targets))
     for k, v in start.items():  # one step at a negligible learning rate: still the imported start
         np.testing.assert_allclose(v, trained[k], atol=1e-6)
-    assert lora.read_lora(tmp_path / "c/checkpoints/last.lora.safetensors")[1]["init_from"].endswith("start.lora.safetensors")
+    assert lora_file.read(tmp_path / "c/checkpoints/last.lora.safetensors")[1]["init_from"].endswith("start.lora.safetensors")
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from tiny import tiny_unet
 
 from conftest import ROOT
-from fashion_sd import callbacks, files, models, run, runlock
+from fashion_sd import callbacks, files, lora_file, models, run, runlock
 from fashion_sd.config import load_config
 from fashion_sd.rundir import RunDir
 from fashion_sd.shards import CacheSpaceError
@@ -143,7 +143,6 @@ def test_a_full_disk_stops_the_run_with_its_last_files_intact(tmp_path, demo_cap
     temporary file is left, and --resume continues once there is room."""
     import safetensors.numpy
 
-    from fashion_sd import lora
 
     real = safetensors.numpy.save_file
     calls = []
@@ -163,7 +162,7 @@ def test_a_full_disk_stops_the_run_with_its_last_files_intact(tmp_path, demo_cap
     assert "needs about" in message and "step 8" in message and "intact" in message
     ck = tmp_path / "run/checkpoints"
     assert not list(ck.glob(".*.tmp")) and not (ck / "epoch_002.lora.safetensors").exists()
-    assert lora.read_lora(ck / "last.lora.safetensors")[1]["step"] == "8"
+    assert lora_file.read(ck / "last.lora.safetensors")[1]["step"] == "8"
     monkeypatch.undo()
     assert train(cfg, build, resume=True)["step"] == 16
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from tiny import tiny_unet
 
-from fashion_sd import lora
+from fashion_sd import lora, lora_file
 from fashion_sd.lora import LoraError
 from fashion_sd.config import LoraConfig
 
@@ -92,14 +92,14 @@ def test_unreadable_or_foreign_files(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not safetensors")
     with pytest.raises(LoraError, match="not a readable safetensors"):
-        lora.read_lora(bad)
+        lora_file.read(bad)
     from safetensors.numpy import save_file
 
     save_file({"lora_unet_x.lora_down.weight": np.zeros((4, 4), np.float32)}, str(tmp_path / "k.safetensors"))
     with pytest.raises(LoraError, match="not a fashion-sd LoRA"):
-        lora.read_lora(tmp_path / "k.safetensors")
+        lora_file.read(tmp_path / "k.safetensors")
     with pytest.raises(LoraError, match="not found"):
-        lora.read_lora(tmp_path / "missing.safetensors")
+        lora_file.read(tmp_path / "missing.safetensors")
 
 
 def test_merged_equals_unmerged(tmp_path):

@@ -66,7 +66,7 @@ def test_a_run_leaves_everything_behind(tmp_path, demo_captions, encoder_cache, 
     assert (record["attention"], record["lora_form"], record["loss_scaling"]) == ("fused", "separate", False)
     assert set(record["versions"]) >= {"tensorflow", "keras", "keras-cv"}
     assert load_config(out / "config.yaml") == cfg
-    meta = run.lora.read_lora(ck / "last.lora.safetensors")[1]
+    meta = run.lora_file.read(ck / "last.lora.safetensors")[1]
     assert meta["base_weights"] == "random-init(seed=42)" and meta["random_init"] == "true"
     assert meta["caption_template"] == cfg.captions.template and meta["step"] == "16"
 
@@ -78,7 +78,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, demo_captions, e
     assert first["status"] == "stopped" and first["stop_reason"] == "max_steps"
     assert first["step"] == 5
     out = tmp_path / "resumed"
-    assert run.lora.read_lora(out / "checkpoints/last.lora.safetensors")[1]["step"] == "5"
+    assert run.lora_file.read(out / "checkpoints/last.lora.safetensors")[1]["step"] == "5"
     assert not list((out / "checkpoints").glob("epoch_*"))  # no epoch finished yet
     second = train(config(tmp_path, demo_captions, encoder_cache, name="resumed"), build,
                    resume=True)

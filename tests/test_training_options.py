@@ -221,7 +221,7 @@ def test_all_options_on_resume_bit_exact(tmp_path, demo_captions, encoder_cache,
     ck = tmp_path / "straight/checkpoints"
     ema, raw = load_file(str(ck / "last.lora.safetensors")), load_file(str(ck / "raw/last.lora.safetensors"))
     assert any(not np.array_equal(ema[k], raw[k]) for k in ema)  # the checkpoint is the EMA
-    from fashion_sd.lora import read_lora
+    from fashion_sd.lora_file import read as read_lora
 
     assert read_lora(ck / "last.lora.safetensors")[1]["weights"] == "ema"
     assert sorted(p.name for p in (ck / "raw").iterdir()) == sorted(

@@ -12,7 +12,7 @@ from conftest import ROOT
 from fashion_sd import lora, models, run
 from fashion_sd.config import load_config
 from fashion_sd.config import LoraConfig
-from fashion_sd.unet_layout import expected_kernel_shapes
+from fashion_sd.lora_file import expected_kernel_shapes
 
 pytestmark = pytest.mark.slow
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
-from fashion_sd.errors import FashionSDError
+from fashion_sd.errors import reported
 from fashion_sd.interrupt import SIGNALS, Stopped
 
 
@@ -42,19 +42,20 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 def check_args(args, cfg) -> Path | None:
     """Everything that can be wrong with the command line, before the model is built."""
-    from fashion_sd import preflight
+    from fashion_sd import lora_file, preflight
 
     run = Path(args.run) if args.run else Path(cfg.output.dir)
     if args.run and not run.is_dir():
         raise ConfigError(f"--run {run}: no such folder (a training run's output.dir)")
     for path in args.lora:
-        preflight.lora_file("--lora", path)
+        lora_file.check(path, "--lora")
     preflight.number("--queue-size", args.queue_size, low=1, integer=True)
     # Taken ports are found now, not after the model is built (and not in Gradio's words).
     preflight.port_free(args.host, args.port)
     return run if run.is_dir() else None
 
 
+@reported()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,13 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests that may wait; more get 'busy, try again'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-        run = check_args(args, cfg)
-        auth = parse_auth(args.auth or os.environ.get("FASHION_SD_AUTH"))
-    except FashionSDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    run = check_args(args, cfg)
+    auth = parse_auth(args.auth or os.environ.get("FASHION_SD_AUTH"))
     if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
         logging.warning("the app is reachable from other machines without --auth")
     with SIGNALS.installed():
@@ -95,14 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args, cfg, run: Path | None, auth) -> int:
     """Build the model and serve the page until a stop signal (Gradio's ``block_thread``)."""
     from fashion_sd.assistant import Assistant
-    from fashion_sd.models import WeightsError
     from fashion_sd.webapp import build_app, launch
 
-    try:
-        assistant = Assistant(cfg, run, args.lora)
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    assistant = Assistant(cfg, run, args.lora)  # a WeightsError is reported as bad input
     if assistant.random_init:
         print("NOTE: random-init weights: the images are noise (untrained demo weights)")
     try:

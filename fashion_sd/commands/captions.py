@@ -15,9 +15,10 @@ import numpy as np
 
 from fashion_sd import captions, kaggle, preflight
 from fashion_sd.config import add_config_arguments, config_from_args
-from fashion_sd.errors import FashionSDError
+from fashion_sd.errors import reported
 
 
+@reported(FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,26 +31,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the summary and ten sample captions; write nothing")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        out = Path(args.out or cfg.data.captions)
-        # Everything checkable before a download or the first image (minutes on the catalogue).
-        if not args.dry_run:
-            for path in (out, out.parent / "rejected.csv", out.parent / "flagged.csv"):
-                preflight.output_file("--out", path)
-        styles, images = args.styles or cfg.data.styles, args.images or cfg.data.images
-        if args.kaggle:
-            styles, images = kaggle.download(args.kaggle)
-        if args.styles and not args.images and not args.kaggle:
-            images = None  # a file given alone is captioned without touching any image
-        preflight.text_file("--styles", styles, "styles.csv")
-        if images is not None:
-            preflight.input_folder("--images", images, "image folder")
-        result = captions.build_captions(styles, cfg.captions, cfg.seed, images,
-                                         progress=_progress)
-    except (FashionSDError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    out = Path(args.out or cfg.data.captions)
+    # Everything checkable before a download or the first image (minutes on the catalogue).
+    if not args.dry_run:
+        for path in (out, out.parent / "rejected.csv", out.parent / "flagged.csv"):
+            preflight.output_file("--out", path)
+    styles, images = args.styles or cfg.data.styles, args.images or cfg.data.images
+    if args.kaggle:
+        styles, images = kaggle.download(args.kaggle)
+    if args.styles and not args.images and not args.kaggle:
+        images = None  # a file given alone is captioned without touching any image
+    preflight.text_file("--styles", styles, "styles.csv")
+    if images is not None:
+        preflight.input_folder("--images", images, "image folder")
+    result = captions.build_captions(styles, cfg.captions, cfg.seed, images,
+                                     progress=_progress)
     print(captions.format_summary(result.summary, cfg.captions.max_tokens))
     if images is None:
         print("images: not checked (no --images); image_path is left empty")

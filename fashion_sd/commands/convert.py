@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
+
+from fashion_sd.errors import reported
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_paths(args) -> None:
     """Inputs, numbers and outputs, before any model is built or any tensor read."""
-    from fashion_sd import preflight
+    from fashion_sd import lora_file, preflight
 
     if args.command == "import-model":
         if not Path(args.source).exists():
@@ -60,7 +61,7 @@ def check_paths(args) -> None:
         if src.suffix == ".safetensors":
             preflight.readable_safetensors("--from", src, "kohya or diffusers LoRA")
     else:  # our own checkpoint from its header; merged into SD 1.x, it must fit it
-        preflight.lora_file("--lora", args.lora, fits_model=args.command == "merge")
+        lora_file.check(args.lora, "--lora", fits_model=args.command == "merge")
     if args.command == "merge":
         preflight.number("--strength", args.strength, low=-10, high=10,
                          hint=" (1 is the LoRA as trained)")
@@ -81,37 +82,38 @@ def check_paths(args) -> None:
                                    "would replace the base model. Give another folder")
 
 
+@reported(OSError, ValueError)
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from fashion_sd.errors import FashionSDError
-    from fashion_sd.interop import export_lora, import_lora, import_model, merge_model
+    check_paths(args)  # before any model is built or any tensor read (and before Keras loads)
+    if args.command == "import-model":
+        from fashion_sd.interop.weights import import_model
 
-    try:
-        check_paths(args)
-        if args.command == "import-model":
-            s = import_model(args.source, args.out, ema=args.ema)
-            print(f"wrote {', '.join(s['components'].values())} to {args.out}")
-            if s["absent"]:
-                print(f"absent from the source (not written): {', '.join(s['absent'])}; copy those "
-                      "files from another SD 1.x folder before using local:" + args.out)
-            for why, n in s["skipped"].items():
-                print(f"skipped {n} tensors: {why}")
-            print(f"use it with: --set model.weights=local:{args.out}")
-        elif args.command == "import-lora":
-            meta = import_lora(args.source, args.out)
-            layers = json.loads(meta["layers"])
-            te = sum(1 for x in layers if x.startswith("te"))
-            print(f"{meta['imported_format']} LoRA, rank {meta['rank']}, alpha {meta['alpha']}: "
-                  f"{len(layers) - te} U-Net and {te} text-encoder layers -> {args.out}")
-        elif args.command == "export-lora":
-            export_lora(args.lora, args.format, args.out)
-            print(f"wrote {args.format} LoRA {args.out}")
-        else:
-            merge_model(args.weights, args.lora, args.out, args.strength, cache_dir=args.cache_dir)
-            print(f"wrote merged weights to {args.out}; use --set model.weights=local:{args.out}")
-    except (FashionSDError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        s = import_model(args.source, args.out, ema=args.ema)
+        print(f"wrote {', '.join(s['components'].values())} to {args.out}")
+        if s["absent"]:
+            print(f"absent from the source (not written): {', '.join(s['absent'])}; copy those "
+                  "files from another SD 1.x folder before using local:" + args.out)
+        for why, n in s["skipped"].items():
+            print(f"skipped {n} tensors: {why}")
+        print(f"use it with: --set model.weights=local:{args.out}")
+    elif args.command == "import-lora":
+        from fashion_sd.interop.lora_formats import import_lora
+
+        meta = import_lora(args.source, args.out)
+        layers = json.loads(meta["layers"])
+        te = sum(1 for x in layers if x.startswith("te"))
+        print(f"{meta['imported_format']} LoRA, rank {meta['rank']}, alpha {meta['alpha']}: "
+              f"{len(layers) - te} U-Net and {te} text-encoder layers -> {args.out}")
+    elif args.command == "export-lora":
+        from fashion_sd.interop.lora_formats import export_lora
+
+        export_lora(args.lora, args.format, args.out)
+        print(f"wrote {args.format} LoRA {args.out}")
+    else:
+        from fashion_sd.interop.weights import merge_model
+
+        merge_model(args.weights, args.lora, args.out, args.strength, cache_dir=args.cache_dir)
+        print(f"wrote merged weights to {args.out}; use --set model.weights=local:{args.out}")
     return 0
-

@@ -19,43 +19,67 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from fashion_sd import preflight
+from fashion_sd import lora_file, preflight
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
-from fashion_sd.errors import FashionSDError
-from fashion_sd.rundir import SCORES_MD, RunDir
+from fashion_sd.errors import reported
+from fashion_sd.rundir import GARMENT_CSV, GARMENT_MD, SCORES_MD, RunDir
 
 
 def judge_folder(args) -> int:
     """The garment metrics of a folder of images, one row per captions row: colour and cut-off
-    always, CLIP score, garment type and on-model when ``eval.clip`` gives a CLIP model."""
-    import pandas as pd
-
-    from fashion_sd.evaluate import attribute, garment_types
+    always, CLIP score, garment type, colour, gender and on-model when ``eval.clip`` gives a
+    CLIP model. Loads no Stable Diffusion model."""
     from fashion_sd.files import atomic_path, atomic_write_text
     from fashion_sd.metrics.judge import load_judge, summarise
 
-    try:
-        if not (args.images and args.captions and args.out):
-            raise preflight.InputError("--images, --captions and --out go together: "
-                                       "--images DIR --captions CSV --out DIR")
-        cfg = config_from_args(args)
-        from fashion_sd.metrics.clip import check_spec
+    cfg, folder, table, out = _folder_inputs(args)
+    rows, paths, missing = _match_images(folder, table)
+    from fashion_sd.evaluate import attribute, garment_types
 
-        check_spec(cfg.eval.clip)
-        folder = preflight.input_folder("--images", args.images, "image folder")
-        table = pd.read_csv(preflight.text_file("--captions", args.captions, "captions CSV"),
-                            dtype=str, keep_default_na=False)
-        if "image_path" not in table.columns and "id" not in table.columns:
-            raise preflight.InputError(f"--captions {args.captions}: needs an image_path or an id "
-                                       "column to find each image in --images")
-        out = preflight.output_folder("--out", args.out)
-    except FashionSDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    files = {}  # by file name and by stem (an id column names no extension)
+    types, vocabulary = garment_types(table, rows)
+    colours, colour_names = attribute(table, rows, "baseColour")
+    genders, _ = attribute(table, rows, "gender")
+    judge, clip_note = load_judge(cfg, vocabulary, colour_names)
+    prompts = rows.caption.tolist() if "caption" in rows else [""] * len(rows)
+    if judge.clip is not None and "caption" not in rows:
+        judge.clip, clip_note = None, f"--captions {args.captions} has no caption column"
+    scored = _judge_in_chunks(judge, paths, prompts, types, colours, genders)
+    with atomic_path(out / GARMENT_CSV) as tmp:
+        scored.to_csv(tmp, index=False, lineterminator="\n")
+    text = _folder_summary(folder, summarise(scored), judge, clip_note, missing)
+    atomic_write_text(out / GARMENT_MD, text)
+    print(text)
+    return 0
+
+
+def _folder_inputs(args):
+    """(config, image folder, captions table, output folder), every check before any image."""
+    import pandas as pd
+
+    from fashion_sd.metrics.clip import check_spec
+
+    if not (args.images and args.captions and args.out):
+        raise preflight.InputError("--images, --captions and --out go together: "
+                                   "--images DIR --captions CSV --out DIR")
+    cfg = config_from_args(args)
+    check_spec(cfg.eval.clip)
+    folder = preflight.input_folder("--images", args.images, "image folder")
+    table = pd.read_csv(preflight.text_file("--captions", args.captions, "captions CSV"),
+                        dtype=str, keep_default_na=False)
+    if "image_path" not in table.columns and "id" not in table.columns:
+        raise preflight.InputError(f"--captions {args.captions}: needs an image_path or an id "
+                                   "column to find each image in --images")
+    return cfg, folder, table, preflight.output_folder("--out", args.out)
+
+
+def _match_images(folder: Path, table):
+    """The captions rows that have an image in ``folder`` (by file name, or by stem for an id
+    column), their paths, and how many rows had none; every image's header checked."""
+    from fashion_sd.images import header_problem
+
+    files = {}
     for p in folder.iterdir():
         if p.is_file() or p.is_symlink():  # a broken link or a loop is named below
             files[p.name] = p
@@ -63,53 +87,42 @@ def judge_folder(args) -> int:
     keys = (table.image_path.map(lambda s: Path(s).name) if "image_path" in table.columns
             else table.id)
     found = [files.get(k) or files.get(Path(k).stem) for k in keys]
-    missing = sum(f is None for f in found)
     rows = table[[f is not None for f in found]].reset_index(drop=True)
     paths = [f for f in found if f is not None]
-    from fashion_sd.images import header_problem  # noqa: PLC0415
-
     bad = [(p, r) for p in paths if (r := header_problem(p))]  # headers only: no pixel decoded
     if bad:
-        print(f"error: --images {folder}: {len(bad)} image(s) cannot be judged, e.g. "
-              + "; ".join(f"{p.name}: {r}" for p, r in bad[:3]), file=sys.stderr)
-        return 2
-    types, vocabulary = garment_types(table, rows)
-    colours, colour_names = attribute(table, rows, "baseColour")
-    genders, _ = attribute(table, rows, "gender")
-    try:
-        judge, clip_note = load_judge(cfg, vocabulary, colour_names)
-    except FashionSDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    prompts = rows.caption.tolist() if "caption" in rows else [""] * len(rows)
-    if judge.clip is not None and "caption" not in rows:
-        judge.clip, clip_note = None, f"--captions {args.captions} has no caption column"
-    # A catalogue's photos are up to 1800x2400: decoded a chunk at a time, never all at once.
-    chunk = 64
-    scored = pd.concat([judge([_rgb(p) for p in paths[s: s + chunk]], prompts[s: s + chunk],
-                              types[s: s + chunk], colours[s: s + chunk], genders[s: s + chunk])
-                        for s in range(0, len(paths), chunk)] or [judge([], [], [], [])],
-                       ignore_index=True)
+        raise preflight.InputError(f"--images {folder}: {len(bad)} image(s) cannot be judged, e.g. "
+                                   + "; ".join(f"{p.name}: {r}" for p, r in bad[:3]))
+    return rows, paths, sum(f is None for f in found)
+
+
+def _judge_in_chunks(judge, paths, prompts, types, colours, genders, chunk: int = 64):
+    """One row per image; a catalogue's photos are up to 1800x2400, so they are decoded a
+    chunk at a time, never all at once."""
+    import pandas as pd
+
+    parts = [judge([_rgb(p) for p in paths[s: s + chunk]], prompts[s: s + chunk],
+                   types[s: s + chunk], colours[s: s + chunk], genders[s: s + chunk])
+             for s in range(0, len(paths), chunk)]
+    scored = pd.concat(parts or [judge([], [], [], [])], ignore_index=True)
     scored.insert(0, "image", [str(p) for p in paths])
-    summary = summarise(scored)
-    with atomic_path(out / "garment.csv") as tmp:
-        scored.to_csv(tmp, index=False, lineterminator="\n")
+    return scored
+
+
+def _folder_summary(folder, summary: dict, judge, clip_note: str, missing: int) -> str:
     clip = (f"| {summary['clip_score']:.1f} | {summary['type_top1']:.3f} / "
             f"{summary['type_top3']:.3f} | {summary['colour_top1']:.3f} | "
             f"{summary['gender_top1']:.3f} | {summary['on_model_rate']:.3f} "
             if judge.clip is not None else "| | | | | ")
-    text = (f"# Garment metrics: {folder}\n\n| images | colour accuracy (scored, share judged) | cut-off rate "
-            f"| CLIP score | type top-1 / top-3 | colour top-1 (CLIP) | gender top-1 (CLIP) "
-            f"| on-model |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    return (f"# Garment metrics: {folder}\n\n| images | colour accuracy (scored, share judged) "
+            f"| cut-off rate | CLIP score | type top-1 / top-3 | colour top-1 (CLIP) | gender "
+            f"top-1 (CLIP) | on-model |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
             f"| {summary['images']} | {summary['colour_accuracy']:.3f} ({summary['colour_scored']}, "
             f"{summary['colour_judged_share']:.0%} judged) | {summary['cut_off_rate']:.3f} "
             f"({summary['cut_off_judged_share']:.0%} judged) {clip}|\n"
             + (f"\nCLIP: {judge.clip.label}.\n" if judge.clip is not None else
                f"\nCLIP metrics off: {clip_note}\n")
             + (f"\n{missing} captions row(s) had no image in the folder.\n" if missing else ""))
-    atomic_write_text(out / "garment.md", text)
-    print(text)
-    return 0
 
 
 def _rgb(path):
@@ -120,6 +133,7 @@ def _rgb(path):
         return np.asarray(im.convert("RGB"))
 
 
+@reported()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,34 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.images or args.captions:
         return judge_folder(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-        if args.num_images is not None and args.num_images < 2:
-            raise ConfigError("--num-images must be >= 2 (a covariance needs two images)")
-        # Every checkpoint is checked against SD 1.x before the first one is scored.
-        from fashion_sd.evaluate import find_checkpoints, make_plan
-        from fashion_sd.metrics.clip import check_spec
-
-        for path in find_checkpoints(args.checkpoints) if args.checkpoints else []:
-            preflight.lora_file("--checkpoints", path)
-        preflight.output_folder("--out" if args.out else "output.dir",
-                                args.out or RunDir(cfg.output.dir).eval)
-        make_plan(cfg, args.split or cfg.eval.split, args.num_images)
-        check_spec(cfg.eval.clip)
-    except FashionSDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from fashion_sd.evaluate import evaluate
+    cfg = config_from_args(args)
+    if args.num_images is not None and args.num_images < 2:
+        raise ConfigError("--num-images must be >= 2 (a covariance needs two images)")
+    # Every checkpoint is checked against SD 1.x before the first one is scored.
+    from fashion_sd.evaluate import evaluate, find_checkpoints, make_plan
+    from fashion_sd.metrics.clip import check_spec
     from fashion_sd.progress import tqdm_progress
 
-    try:
-        table = evaluate(cfg, args.checkpoints, args.include_base, args.num_images, args.split,
-                         args.force, progress=tqdm_progress, out=args.out)
-    except FashionSDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    for path in find_checkpoints(args.checkpoints) if args.checkpoints else []:
+        lora_file.check(path, "--checkpoints")
+    preflight.output_folder("--out" if args.out else "output.dir",
+                            args.out or RunDir(cfg.output.dir).eval)
+    make_plan(cfg, args.split or cfg.eval.split, args.num_images)
+    check_spec(cfg.eval.clip)
+    table = evaluate(cfg, args.checkpoints, args.include_base, args.num_images, args.split,
+                     args.force, progress=tqdm_progress, out=args.out)
     out = Path(args.out) if args.out else RunDir(cfg.output.dir).eval
     summary = out / SCORES_MD
     print(summary.read_text() if summary.is_file() else table.to_string())
     return 0
-

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from fashion_sd import preflight
+from fashion_sd import lora_file, preflight
 from fashion_sd.images import valid_size
 from fashion_sd.captions import CaptionError, caption_from_attributes
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
-from fashion_sd.errors import FashionSDError
+from fashion_sd.errors import reported
 
 ATTRIBUTES = ("year", "usage", "season", "colour", "gender", "article")
 
@@ -101,6 +100,7 @@ def apply_png_settings(args, cfg) -> None:
         cfg.seed = int(s["model_seed"])
 
 
+@reported()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,28 +125,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-        if args.from_png:
-            apply_png_settings(args, cfg)
-        prompts = prompts_from_args(args, cfg.captions.template)
-        resolution = parse_resolution(args.resolution) or cfg.data.resolution
-        check_numbers(args, resolution)
-        if args.lora:
-            preflight.lora_file("--lora", args.lora)
-        preflight.output_folder("--out", args.out)
-    except FashionSDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    if args.from_png:
+        apply_png_settings(args, cfg)
+    prompts = prompts_from_args(args, cfg.captions.template)
+    resolution = parse_resolution(args.resolution) or cfg.data.resolution
+    check_numbers(args, resolution)
+    if args.lora:
+        lora_file.check(args.lora, "--lora")
+    preflight.output_folder("--out", args.out)
     from fashion_sd.generate import generate_to_folder, load_sampler
     from fashion_sd.progress import tqdm_progress
 
-    try:
-        sampler, record = load_sampler(cfg.model.weights, resolution, args.lora,
-                                       cfg.model.cache_dir, cfg.seed, args.lora_strength)
-    except FashionSDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    sampler, record = load_sampler(cfg.model.weights, resolution, args.lora,
+                                   cfg.model.cache_dir, cfg.seed, args.lora_strength)
     seeds = getattr(args, "batch_seeds", None) or list(range(args.seed, args.seed + args.num_images))
     sidecar = generate_to_folder(sampler, prompts, seeds, args.out, args.steps, args.guidance,
                                  record, args.batch_size, args.negative_prompt, tqdm_progress,

@@ -41,10 +41,11 @@ import sys
 
 from fashion_sd import preflight
 from fashion_sd import sweep as sw
-from fashion_sd.errors import FashionSDError
+from fashion_sd.errors import reported
 from fashion_sd.interrupt import SIGNALS, Stopped
 
 
+@reported()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,23 +74,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    try:
-        role = sw.distributed_role() if args.distributed else None
-        if not args.distributed and args.tuner and os.environ.get("KERASTUNER_ORACLE_IP"):
-            raise sw.SweepError("KERASTUNER_ORACLE_IP is set, so KerasTuner would run this search "
-                                "as a distributed chief or worker: add --distributed, or unset "
-                                "KERASTUNER_ORACLE_IP for a serial search")
-        sweep = sw.load_sweep(args.config, args.overrides)
-        names = [sw.run_name(r) for r in sweep.runs]
-        unknown = sorted(set(args.only or []) - set(names))
-        if unknown:
-            raise sw.SweepError(f"--only {', '.join(unknown)}: not in {args.config}; runs: "
-                                f"{', '.join(names)}")
-        preflight.number("--max-trials", args.max_trials, low=1, integer=True)
-        preflight.output_folder(f"{args.config}: output", sweep.output)
-    except FashionSDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    role = sw.distributed_role() if args.distributed else None
+    if not args.distributed and args.tuner and os.environ.get("KERASTUNER_ORACLE_IP"):
+        raise sw.SweepError("KERASTUNER_ORACLE_IP is set, so KerasTuner would run this search "
+                            "as a distributed chief or worker: add --distributed, or unset "
+                            "KERASTUNER_ORACLE_IP for a serial search")
+    sweep = sw.load_sweep(args.config, args.overrides)
+    names = [sw.run_name(r) for r in sweep.runs]
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        raise sw.SweepError(f"--only {', '.join(unknown)}: not in {args.config}; runs: "
+                            f"{', '.join(names)}")
+    preflight.number("--max-trials", args.max_trials, low=1, integer=True)
+    preflight.output_folder(f"{args.config}: output", sweep.output)
     if args.dry_run:
         if role:
             print(f"{role} {os.environ['KERASTUNER_TUNER_ID']} of a distributed "
@@ -99,11 +96,7 @@ def _run(args) -> int:
             print(f"{sweep.output / name}")
         return 0
     if args.distributed:
-        try:
-            table = sw.distributed(sweep, args.tuner or "grid", args.max_trials, only=args.only)
-        except FashionSDError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        table = sw.distributed(sweep, args.tuner or "grid", args.max_trials, only=args.only)
         if table is None:  # a worker: the chief writes the table
             return 0
         print((sweep.output / "results.md").read_text())

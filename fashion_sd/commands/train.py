@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from fashion_sd import preflight
+from fashion_sd import lora_file, preflight
 from fashion_sd.config import add_config_arguments, config_from_args
-from fashion_sd.errors import FashionSDError
+from fashion_sd.errors import reported
 
 
+@reported()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,30 +28,17 @@ def main(argv: list[str] | None = None) -> int:
                            "run in output.dir first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-        preflight.output_folder("output.dir", cfg.output.dir)
-        if args.resume:  # the run's own config.yaml, which --resume compares with
-            preflight.resume_config(cfg.output.dir)
-        if cfg.lora.init_from and not args.resume:  # its shapes against SD 1.x, from the header
-            preflight.lora_file("lora.init_from", cfg.lora.init_from, unet_only=True)
-    except FashionSDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    # TensorFlow loads only once the config is known to be good.
-    from fashion_sd.run import TrainingInterrupted, TrainingStopped, summary_line, train
+    cfg = config_from_args(args)
+    preflight.output_folder("output.dir", cfg.output.dir)
+    if args.resume:  # the run's own config.yaml, which --resume compares with
+        preflight.resume_config(cfg.output.dir)
+    if cfg.lora.init_from and not args.resume:  # its shapes against SD 1.x, from the header
+        lora_file.check(cfg.lora.init_from, "lora.init_from", unet_only=True)
+    # TensorFlow loads only once the config is known to be good. A run that stops exits 1
+    # (TrainingStopped), one stopped by a signal 128 + the signal (TrainingInterrupted).
+    from fashion_sd.run import summary_line, train
 
-    try:
-        summary = train(cfg, resume=args.resume, fresh=args.fresh)
-    except TrainingInterrupted as exc:  # SIGTERM / Ctrl-C: saved; 128 + the signal, as a shell
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
-    except TrainingStopped as exc:  # it ran, then had to stop: not a bad input
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except FashionSDError as exc:  # found before any model was built
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = train(cfg, resume=args.resume, fresh=args.fresh)
     if "status" in summary and "step" in summary:
         print(summary_line(summary, cfg.output.dir))
     return 0

@@ -144,3 +144,16 @@ def to_compvis(unet: dict | None = None, vae: dict | None = None,
     for k, v in (text_encoder or {}).items():
         out[CLIP_PREFIX + k] = v
     return out
+
+
+def unet_block_names() -> dict[str, list[str]]:
+    """diffusers' names of the U-Net's blocks of each kind, in the data-flow order."""
+    res = [f"down_blocks.{b}.resnets.{j}" for b in range(4) for j in range(2)]
+    res += ["mid_block.resnets.0", "mid_block.resnets.1"]
+    res += [f"up_blocks.{b}.resnets.{j}" for b in range(4) for j in range(3)]
+    st = [f"down_blocks.{b}.attentions.{j}" for b in range(3) for j in range(2)]
+    st += ["mid_block.attentions.0"]
+    st += [f"up_blocks.{b}.attentions.{j}" for b in (1, 2, 3) for j in range(3)]
+    conv = ["conv_in"] + [f"down_blocks.{b}.downsamplers.0.conv" for b in range(3)] + ["conv_out"]
+    ups = [f"up_blocks.{b}.upsamplers.0.conv" for b in range(3)]
+    return {"res": res, "st": st, "conv": conv, "ups": ups}

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fashion_sd import lora_file
 from fashion_sd.config import LoraConfig
 from fashion_sd.files import atomic_path
-from fashion_sd.interop.kerascv import unet_block_names
-from fashion_sd.interop.keys import UNET_BLOCKS, _rename
+from fashion_sd.interop.keys import UNET_BLOCKS, _rename, unet_block_names
+from fashion_sd.lora_file import is_text_encoder_layer, layer_alpha
 from fashion_sd.interop.tensors import (
     InteropError,
     SafetensorsFile,
@@ -66,10 +67,6 @@ def te_modules() -> dict[str, str]:
     """fashion-sd layer name -> transformers CLIPTextModel module path."""
     return {f"te{i:02d}.{ours}": f"text_model.encoder.layers.{i}.{theirs}"
             for i in range(TE_LAYERS) for ours, theirs in TE_PROJ.items()}
-
-
-def is_text_encoder_layer(name: str) -> bool:
-    return name.startswith("te")
 
 
 def _kohya_names() -> dict[str, str]:
@@ -221,10 +218,6 @@ def import_lora(path: str | Path, out: str | Path) -> dict:
     Rank and alpha come from the file. Where modules differ in alpha, each module's alpha is kept
     in the metadata (``layer_alpha``), so the effect is unchanged.
     """
-    from safetensors.numpy import save_file
-
-    from fashion_sd import lora
-
     path = Path(path)
     pairs, fmt, src_meta = read_foreign_lora(path)
     ranks = Counter(int(d.shape[0]) for d, _, _ in pairs.values())
@@ -237,7 +230,7 @@ def import_lora(path: str | Path, out: str | Path) -> dict:
         tensors[f"{layer}.lora_b"] = np.ascontiguousarray(up.T.astype(np.float32))
     unet_layers = sorted(k for k in pairs if not is_text_encoder_layer(k))
     spec = LoraConfig(rank=int(rank), alpha=float(alpha), targets=targets_of(unet_layers))
-    meta = {"format": lora.FORMAT, "format_version": lora.FORMAT_VERSION, **spec.to_meta(),
+    meta = {**spec.to_meta(),
             "layers": json.dumps(sorted(pairs)), "imported_from": path.name,
             "imported_format": fmt, "imported_sha256": sha256(path),
             "source_dtype": str(next(iter(pairs.values()))[0].dtype)}
@@ -246,18 +239,12 @@ def import_lora(path: str | Path, out: str | Path) -> dict:
     for key in ("ss_sd_model_name", "ss_output_name", "ss_network_dim", "ss_network_alpha"):
         if key in src_meta:
             meta["source_" + key] = src_meta[key]
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return meta
+    lora_file.write(out, tensors, meta)
+    return lora_file.safetensors_header(out)[1]
 
 
 # --------------------------------------------------------------------------------------------
 # Writing
-
-
-def layer_alpha(meta: dict[str, str], layer: str) -> float:
-    per_layer = json.loads(meta["layer_alpha"]) if "layer_alpha" in meta else {}
-    return float(per_layer.get(layer, meta["alpha"]))
 
 
 def export_lora(ckpt: str | Path, fmt: str, out: str | Path) -> Path:
@@ -269,11 +256,9 @@ def export_lora(ckpt: str | Path, fmt: str, out: str | Path) -> Path:
     """
     from safetensors.numpy import save_file
 
-    from fashion_sd import lora
-
     if fmt not in FORMATS:
         raise InteropError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
-    tensors, meta = lora.read_lora(ckpt)
+    tensors, meta = lora_file.read(ckpt, fits_model=False)
     layers = sorted({k.rsplit(".", 1)[0] for k in tensors})
     modules = {**unet_modules(), **te_modules()}
     unknown = [x for x in layers if x not in modules]

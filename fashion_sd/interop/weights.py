@@ -88,7 +88,7 @@ def merge_model(weights: str, lora_path: str | Path, out: str | Path, strength: 
     """
     from fashion_sd import lora
 
-    tensors, meta = lora.read_lora(lora_path)  # checked before anything is built
+    tensors, meta = lora_file.read(lora_path, fits_model=False)  # checked before anything is built
     source = models.resolve_weights(weights, cache_dir=cache_dir)
     if source.is_random:
         raise InteropError("merge: --weights random has nothing to merge into; give local:DIR or "

@@ -1,0 +1,99 @@
+"""The house's measures (issue 24), each printed as a figure: function lengths, wide signatures,
+imports inside functions, error handling in commands, run-folder file names outside their
+module. Reads the source with ``ast``; imports nothing of the package.
+
+    python benchmarks/house.py            # the figures and the offenders
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "fashion_sd"
+RUN_FOLDER_NAMES = ("history.csv", "fid.csv", "scores.csv", "run.json", "sweep.log",
+                    "train_state", "gallery")
+LONG_EXEMPT = {"build_app"}  # the page is one declaration
+
+
+def modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def functions(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def parameters(fn) -> int:
+    a = fn.args
+    names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+    return len([n for n in names if n not in ("self", "cls")]) + bool(a.vararg) + bool(a.kwarg)
+
+
+def inner_imports(tree) -> list[int]:
+    lines = []
+    for fn in functions(tree):
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def main() -> int:
+    long_fns, wide, inner, excepts, names = [], [], [], [], []
+    for path in modules():
+        rel = path.relative_to(ROOT)
+        text = path.read_text()
+        tree = ast.parse(text)
+        for fn in functions(tree):
+            n = fn.end_lineno - fn.lineno + 1
+            if n > 80 and fn.name not in LONG_EXEMPT:
+                long_fns.append(f"{rel}:{fn.lineno} {fn.name} {n} lines")
+            if parameters(fn) > 6 and not fn.name.startswith("_"):
+                wide.append(f"{rel}:{fn.lineno} {fn.name} {parameters(fn)} parameters")
+        inner += [f"{rel}:{line}" for line in inner_imports(tree)]
+        if rel.parts[1:2] == ("commands",):
+            excepts += [f"{rel}:{i + 1}" for i, line in enumerate(text.splitlines())
+                        if re.search(r"except .*FashionSDError", line)]
+        if path.name != "rundir.py":
+            for name in RUN_FOLDER_NAMES:
+                for i, line in enumerate(text.splitlines()):
+                    code = line.split("#")[0]
+                    if re.search(rf"[\"'/]{re.escape(name)}", code) and not _in_text(code, name):
+                        names.append(f"{rel}:{i + 1} {name}")
+    train_spine = _length("run.py", "train")
+    print(f"train() (the spine): {train_spine} lines")
+    for title, items in (("functions over 80 lines (build_app exempt)", long_fns),
+                         ("public functions with more than six parameters", wide),
+                         ("except FashionSDError in commands", excepts),
+                         ("imports inside functions", inner),
+                         ("run-folder file names outside rundir.py", names)):
+        print(f"{title}: {len(items)}")
+        for item in items if title != "imports inside functions" else items[:0]:
+            print(f"  {item}")
+    if "-v" in sys.argv:
+        print("\n".join(f"  {i}" for i in inner))
+    return 0
+
+
+def _in_text(code: str, name: str) -> bool:
+    """A name inside a sentence for a person (help, messages, docstrings), not a path."""
+    return bool(re.search(rf"[A-Za-z,;:(] [^\"']*{re.escape(name)}", code)) and "/" not in code
+
+
+def _length(module: str, name: str) -> int:
+    for path in modules():
+        if path.name == module:
+            for fn in functions(ast.parse(path.read_text())):
+                if fn.name == name:
+                    return fn.end_lineno - fn.lineno + 1
+    return -1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
