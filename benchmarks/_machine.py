@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fashion_sd.hardware import describe as _describe
+from fashion_sd.training.hardware import describe as _describe
 
 
 def describe() -> str:

@@ -1,4 +1,4 @@
-"""fashion_sd.attention without TensorFlow: checked and timed under Keras' JAX backend.
+"""fashion_sd.sd.attention without TensorFlow: checked and timed under Keras' JAX backend.
 
     KERAS_BACKEND=jax python benchmarks/attention_jax.py [--blocks 4] [--batch 3] [--tokens 4096]
 
@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from fashion_sd import attention  # noqa: E402
+from fashion_sd.sd import attention  # noqa: E402
 
 
 class ReferenceAttention(keras.layers.Layer):

@@ -21,7 +21,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import describe  # noqa: E402
-from fashion_sd import article_types, captions  # noqa: E402
+from fashion_sd.catalogue import article_types, captions  # noqa: E402
 from fashion_sd.config import load_config  # noqa: E402
 
 MASTER = {"Apparel": 0.48, "Accessories": 0.25, "Footwear": 0.21, "Personal Care": 0.054,

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import describe  # noqa: E402
-from fashion_sd.metrics import feature_stats, frechet_distance  # noqa: E402
+from fashion_sd.evaluation.fid import feature_stats, frechet_distance  # noqa: E402
 from tests.reference_fid import reference_frechet_distance  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main() -> None:
           f"pytorch-fid {t_ref:.2f} s, ratio {t_ref / t_ours:.1f}x faster; "
           f"values {ours:.6f} vs {ref:.6f}, relative difference {abs(ours - ref) / abs(ref):.1e}")
 
-    from fashion_sd.metrics import untrained_extractor
+    from fashion_sd.evaluation.inception import untrained_extractor
 
     extractor, t_build = timed(untrained_extractor)
     images = rng.integers(0, 256, (args.batch, 256, 256, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""Calibration of the weight-free garment metrics (fashion_sd/metrics/garment.py) on real
+"""Calibration of the weight-free garment metrics (fashion_sd/evaluation/garment.py) on real
 catalogue photos with their real labels.
 
     python benchmarks/garment_calibration.py --images DIR --styles CSV [--limit N] [--size 60x80]
@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fashion_sd.metrics import garment as g  # noqa: E402
+from fashion_sd.evaluation import garment as g  # noqa: E402
 
 
 def load(images: Path, styles: Path, limit: int | None, seed: int, size: tuple[int, int] | None):

@@ -2,7 +2,7 @@
 
     python benchmarks/scaling.py [--batch 8] [--steps 20] [--latent 32]
 
-The LoRA trainer (``fashion_sd.trainer.LoraTrainer``, the tiny test U-Net with LoRA, global batch
+The LoRA trainer (``fashion_sd.training.trainer.LoraTrainer``, the tiny test U-Net with LoRA, global batch
 ``--batch``) fitted on one device and mirrored over two devices (``tf.distribute.
 MirroredStrategy``, the global batch split in two). On a machine without GPUs the two devices
 are logical CPU devices sharing the same cores, so the figure here measures the strategy's
@@ -45,8 +45,8 @@ def main() -> None:
     import numpy as np
 
     from benchmarks._machine import describe
-    from fashion_sd import lora
-    from fashion_sd import trainer as tr
+    from fashion_sd.sd import lora
+    from fashion_sd.training import trainer as tr
     from fashion_sd.config import LoraConfig, TrainConfig
     from tiny import tiny_unet
 

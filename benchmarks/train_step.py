@@ -56,10 +56,11 @@ def measure(resolution: int, cached: bool, batch: int, steps: int, precision: st
     import numpy as np
     import tensorflow as tf
 
-    from fashion_sd import data, hardware, lora, models
-    from fashion_sd.attention import set_attention
+    from fashion_sd.sd import lora, models
+    from fashion_sd.training import data, hardware
+    from fashion_sd.sd.attention import set_attention
     from fashion_sd.config import LoraConfig, TrainConfig
-    from fashion_sd.trainer import LoraTrainer, make_optimizer
+    from fashion_sd.training.trainer import LoraTrainer, make_optimizer
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_dtype_policy(precision)

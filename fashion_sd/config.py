@@ -33,8 +33,8 @@ import yaml
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
 from fashion_sd.images import valid_size
-from fashion_sd.paper import PAPER_PROMPTS
-from fashion_sd.template import CATEGORY_COLUMNS, PAPER_TEMPLATE, template_errors
+from fashion_sd.training.paper import PAPER_PROMPTS
+from fashion_sd.catalogue.template import CATEGORY_COLUMNS, PAPER_TEMPLATE, template_errors
 
 
 class ConfigError(FashionSDError, ValueError):
@@ -52,7 +52,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flip in training
     cache_dir: str = "runs/cache"  # encoder outputs, keyed by weights, resolution and data
     # The encoder cache is written in shards of this many images (each atomic: an interrupted
-    # encoding resumes at the first missing one) and read memory-mapped (fashion_sd/shards.py).
+    # encoding resumes at the first missing one) and read memory-mapped (fashion_sd/training/shards.py).
     shard_rows: int = 1024
     cache_dtype: Literal["float32", "float16"] = "float32"  # how VAE moments are stored
 
@@ -185,11 +185,11 @@ class EvalConfig:
     batch_size: int = 4
     kid_subsets: int = 100
     kid_subset_size: int = 1000  # at most; smaller sets use half their size (the table says so)
-    # How images reach Inception's 299 px (metrics/inception.py): clean-fid's "clean" resize,
+    # How images reach Inception's 299 px (evaluation/inception.py): clean-fid's "clean" resize,
     # TensorFlow 2's bilinear (tf.image.resize) or TensorFlow 1's (the 2015 FID graph's, TTUR's
     # and clean-fid's legacy_tensorflow); FIDs compare only within one protocol.
     protocol: Literal["clean", "tensorflow2", "tensorflow1"] = "clean"
-    # CLIP for the CLIP score and zero-shot garment type / on-model rate (metrics/clip.py):
+    # CLIP for the CLIP score and zero-shot garment type / on-model rate (evaluation/clip.py):
     # auto (pretrained when cached or downloadable, else those columns stay empty and the
     # summary says why), pretrained, random (labelled: numbers mean nothing), none, local:DIR,
     # hf:DIR (a transformers CLIP folder, e.g. FashionCLIP; converted once, cached beside it).
@@ -642,7 +642,7 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
          or (cfg.eval.clip.startswith(("local:", "hf:")) and len(cfg.eval.clip.split(":", 1)[1]) > 0),
          "eval.clip", "must be auto, pretrained, random, none, local:DIR (a KerasCV CLIP preset "
          "folder) or hf:DIR (a transformers CLIP folder)")
-    from fashion_sd.metrics.clip import ARCHITECTURES  # noqa: PLC0415 - numpy only
+    from fashion_sd.evaluation.clip import ARCHITECTURES  # noqa: PLC0415 - numpy only
 
     need(cfg.eval.clip_preset in ARCHITECTURES or cfg.eval.clip.startswith(("local:", "hf:")),
          "eval.clip_preset", f"must be one of {', '.join(ARCHITECTURES)}")

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from fashion_sd.errors import FashionSDError
-from fashion_sd.lora_file import safetensors_header
+from fashion_sd.sd.lora_file import safetensors_header
 
 
 class InputError(FashionSDError, ValueError):

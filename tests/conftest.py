@@ -15,6 +15,12 @@ if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not
     import triton  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests mirror the package's stages in sub-folders and share a few helpers across them (a tiny
+# training setup in training/test_run.py, a small extractor in evaluation/test_evaluate.py):
+# every folder is importable whatever subset pytest collects.
+for _folder in sorted(Path(__file__).parent.iterdir()):
+    if _folder.is_dir() and _folder.name not in ("data", "__pycache__") and str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 DEMO = ROOT / "data" / "demo"
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 
@@ -45,7 +51,7 @@ def demo_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_captions(tmp_path_factory) -> Path:
     """captions.csv for the bundled sample, built once per session."""
-    from fashion_sd import captions
+    from fashion_sd.catalogue import captions
     from fashion_sd.config import load_config
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
@@ -59,7 +65,7 @@ def small_parts():
     """KerasCV's real text encoder, VAE encoder and decoder at 64 px, random init, built once."""
     import keras
 
-    from fashion_sd.models import build_component
+    from fashion_sd.sd.models import build_component
 
     keras.utils.set_random_seed(0)
     return {name: build_component(name, 64) for name in ("text_encoder", "image_encoder", "decoder")}

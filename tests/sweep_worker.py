@@ -1,5 +1,5 @@
 """One process of a distributed sweep in the tests: the real command (``fashion_sd sweep``, its
-KerasTuner chief / worker code) with :func:`fashion_sd.sweep.execute` replaced by
+KerasTuner chief / worker code) with :func:`fashion_sd.training.sweep.execute` replaced by
 :func:`fake_execute`, which writes a run folder the way a finished run leaves it in a second
 instead of training an 860M-parameter U-Net.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fashion_sd import sweep as sw
+from fashion_sd.training import sweep as sw
 from fashion_sd.rundir import RunDir
 
 FAKE_ERROR = "error: out of memory (fake)"
@@ -77,7 +77,7 @@ def _kill(name: str) -> bool:
 
 
 def fake_execute(sweep: sw.Sweep, run: dict, python: str = sys.executable) -> dict:
-    """What :func:`fashion_sd.sweep.execute` does and leaves behind, without training."""
+    """What :func:`fashion_sd.training.sweep.execute` does and leaves behind, without training."""
     name = sw.run_name(run)
     out = RunDir(sweep.output / name)
     if out.status() == "finished":

@@ -1,4 +1,4 @@
-"""Text-encoder LoRA training (lora.text_encoder): run by tests/test_encoder_lora.py in a process
+"""Text-encoder LoRA training (lora.text_encoder): run by tests/training/test_encoder_lora.py in a process
 of its own, because each case builds fresh CLIP text encoders (LoRA changes the model, so the
 session's shared one cannot be used) and the suite's own process is near the machine's memory
 by its end. Not collected by the main run (no test_ prefix)."""
@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 from test_run import config, train
 
-from fashion_sd import trainer as tr
+from fashion_sd.training import trainer as tr
 from fashion_sd.config import TrainConfig
 
 
@@ -18,7 +18,7 @@ def _fresh_text_encoder_build(small_parts):
     changes the model, which the session's shared one must not be."""
     from tiny import tiny_unet
 
-    from fashion_sd import models
+    from fashion_sd.sd import models
 
     def make(source, resolution):
         # Each session of a run starts in a fresh process in real use; Keras' layer naming state
@@ -37,7 +37,7 @@ def test_text_encoder_lora_trains_at_its_own_learning_rate():
     import tensorflow as tf
     from tiny import tiny_unet
 
-    from fashion_sd import lora, models
+    from fashion_sd.sd import lora, models
     from fashion_sd.config import LoraConfig
 
     keras.utils.set_random_seed(0)

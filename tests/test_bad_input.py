@@ -211,8 +211,10 @@ def taken_port():
 def tripwires(monkeypatch):
     """Anything heavy a row reaches fails it."""
     import fashion_sd.interop.weights as interop
-    from fashion_sd import data, images, models, sweep
-    from fashion_sd.metrics import inception
+    from fashion_sd import images
+    from fashion_sd.sd import models
+    from fashion_sd.training import data, sweep
+    from fashion_sd.evaluation import inception
 
     def trip(what):
         def fail(*a, **k):
@@ -414,7 +416,7 @@ def test_bad_input_fails_fast(w, taken_port, capsys, caplog, line, culprit):
 
 
 def test_split_labels_that_match_after_trimming_are_used_and_reported(w, tmp_path, caplog):
-    from fashion_sd.captions import read_captions
+    from fashion_sd.catalogue.captions import read_captions
 
     rows = (w / "captions.csv").read_text().splitlines()
     rows[2] = rows[2].replace(",train", ",Train ")
@@ -428,7 +430,7 @@ def test_split_labels_that_match_after_trimming_are_used_and_reported(w, tmp_pat
 def test_values_outside_the_vocabulary_are_kept_and_flagged(tmp_path):
     import pandas as pd
 
-    from fashion_sd import captions
+    from fashion_sd.catalogue import captions
     from fashion_sd.config import load_config
 
     styles = write_styles(tmp_path / "styles.csv", [
@@ -455,8 +457,8 @@ def test_values_outside_the_vocabulary_are_kept_and_flagged(tmp_path):
 
 
 def test_the_layer_table_matches_the_real_text_encoder(small_parts):
-    from fashion_sd.lora import text_encoder_projections
-    from fashion_sd.lora_file import expected_kernel_shapes
+    from fashion_sd.sd.lora import text_encoder_projections
+    from fashion_sd.sd.lora_file import expected_kernel_shapes
 
     got = {k: tuple(d.kernel.shape) for k, d in text_encoder_projections(small_parts["text_encoder"]).items()}
     assert got == {k: v for k, v in expected_kernel_shapes().items() if k.startswith("te")}
@@ -465,7 +467,7 @@ def test_the_layer_table_matches_the_real_text_encoder(small_parts):
 def test_the_header_reader_agrees_with_safetensors(w):
     from safetensors import safe_open
 
-    from fashion_sd.lora_file import safetensors_header
+    from fashion_sd.sd.lora_file import safetensors_header
 
     entries, meta = safetensors_header(w / "good.lora.safetensors")
     with safe_open(str(w / "good.lora.safetensors"), "numpy") as fh:
@@ -496,9 +498,9 @@ def test_the_api_answers_non_numbers_with_a_message_not_a_traceback(tmp_path, ca
 
     from gradio_client import Client
 
-    from fashion_sd.assistant import Assistant
+    from fashion_sd.serving.assistant import Assistant
     from fashion_sd.config import load_config
-    from fashion_sd.webapp import build_app, launch
+    from fashion_sd.serving.webapp import build_app, launch
 
     class Stub:  # Assistant's own generate(); everything after its checks is a tripwire
         generate = Assistant.generate

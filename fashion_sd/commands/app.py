@@ -42,7 +42,8 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 def check_args(args, cfg) -> Path | None:
     """Everything that can be wrong with the command line, before the model is built."""
-    from fashion_sd import lora_file, preflight
+    from fashion_sd import preflight
+    from fashion_sd.sd import lora_file
 
     run = Path(args.run) if args.run else Path(cfg.output.dir)
     if args.run and not run.is_dir():
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args, cfg, run: Path | None, auth) -> int:
     """Build the model and serve the page until a stop signal (Gradio's ``block_thread``)."""
-    from fashion_sd.assistant import Assistant
-    from fashion_sd.webapp import build_app, launch
+    from fashion_sd.serving.assistant import Assistant
+    from fashion_sd.serving.webapp import build_app, launch
 
     assistant = Assistant(cfg, run, args.lora)  # a WeightsError is reported as bad input
     if assistant.random_init:

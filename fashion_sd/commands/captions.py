@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fashion_sd import captions, kaggle, preflight
+from fashion_sd import preflight
+from fashion_sd.catalogue import captions, kaggle
 from fashion_sd.config import add_config_arguments, config_from_args
 from fashion_sd.errors import reported
 

@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_paths(args) -> None:
     """Inputs, numbers and outputs, before any model is built or any tensor read."""
-    from fashion_sd import lora_file, preflight
+    from fashion_sd import preflight
+    from fashion_sd.sd import lora_file
 
     if args.command == "import-model":
         if not Path(args.source).exists():

@@ -21,7 +21,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from fashion_sd import lora_file, preflight
+from fashion_sd import preflight
+from fashion_sd.sd import lora_file
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import reported
 from fashion_sd.rundir import GARMENT_CSV, GARMENT_MD, SCORES_MD, RunDir
@@ -32,11 +33,11 @@ def judge_folder(args) -> int:
     always, CLIP score, garment type, colour, gender and on-model when ``eval.clip`` gives a
     CLIP model. Loads no Stable Diffusion model."""
     from fashion_sd.files import atomic_path, atomic_write_text
-    from fashion_sd.metrics.judge import load_judge, summarise
+    from fashion_sd.evaluation.judge import load_judge, summarise
 
     cfg, folder, table, out = _folder_inputs(args)
     rows, paths, missing = _match_images(folder, table)
-    from fashion_sd.evaluate import attribute, garment_types
+    from fashion_sd.evaluation.evaluate import attribute, garment_types
 
     types, vocabulary = garment_types(table, rows)
     colours, colour_names = attribute(table, rows, "baseColour")
@@ -58,7 +59,7 @@ def _folder_inputs(args):
     """(config, image folder, captions table, output folder), every check before any image."""
     import pandas as pd
 
-    from fashion_sd.metrics.clip import check_spec
+    from fashion_sd.evaluation.clip import check_spec
 
     if not (args.images and args.captions and args.out):
         raise preflight.InputError("--images, --captions and --out go together: "
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_images is not None and args.num_images < 2:
         raise ConfigError("--num-images must be >= 2 (a covariance needs two images)")
     # Every checkpoint is checked against SD 1.x before the first one is scored.
-    from fashion_sd.evaluate import evaluate, find_checkpoints, make_plan
-    from fashion_sd.metrics.clip import check_spec
+    from fashion_sd.evaluation.evaluate import evaluate, find_checkpoints, make_plan
+    from fashion_sd.evaluation.clip import check_spec
     from fashion_sd.progress import tqdm_progress
 
     for path in find_checkpoints(args.checkpoints) if args.checkpoints else []:

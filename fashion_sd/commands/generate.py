@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fashion_sd import lora_file, preflight
+from fashion_sd import preflight
+from fashion_sd.sd import lora_file
 from fashion_sd.images import valid_size
-from fashion_sd.captions import CaptionError, caption_from_attributes
+from fashion_sd.catalogue.captions import CaptionError, caption_from_attributes
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import reported
 
@@ -77,7 +78,7 @@ def check_numbers(args, resolution) -> None:
 
 def apply_png_settings(args, cfg) -> None:
     """Take prompt, seed, steps, guidance, resolution, weights and LoRA from a generated PNG."""
-    from fashion_sd.generate import ImageSettings
+    from fashion_sd.serving.generate import ImageSettings
 
     preflight.input_file("--from-png", args.from_png, "PNG")
     try:
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora:
         lora_file.check(args.lora, "--lora")
     preflight.output_folder("--out", args.out)
-    from fashion_sd.generate import generate_to_folder, load_sampler
+    from fashion_sd.serving.generate import generate_to_folder, load_sampler
     from fashion_sd.progress import tqdm_progress
 
     sampler, record = load_sampler(cfg.model.weights, resolution, args.lora,

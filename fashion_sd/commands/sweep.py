@@ -40,7 +40,7 @@ import os
 import sys
 
 from fashion_sd import preflight
-from fashion_sd import sweep as sw
+from fashion_sd.training import sweep as sw
 from fashion_sd.errors import reported
 from fashion_sd.interrupt import SIGNALS, Stopped
 

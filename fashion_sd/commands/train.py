@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fashion_sd import lora_file, preflight
+from fashion_sd import preflight
+from fashion_sd.sd import lora_file
 from fashion_sd.config import add_config_arguments, config_from_args
 from fashion_sd.errors import reported
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         lora_file.check(cfg.lora.init_from, "lora.init_from", unet_only=True)
     # TensorFlow loads only once the config is known to be good. A run that stops exits 1
     # (TrainingStopped), one stopped by a signal 128 + the signal (TrainingInterrupted).
-    from fashion_sd.run import summary_line, train
+    from fashion_sd.training.run import summary_line, train
 
     summary = train(cfg, resume=args.resume, fresh=args.fresh)
     if "status" in summary and "step" in summary:

@@ -142,7 +142,7 @@ def clip_targets(model) -> list:
 def convert(folder: str | Path):
     """The transformers CLIP in ``folder`` as a KerasCV ``CLIP`` (float32), every tensor checked."""
     from fashion_sd.interop.kerascv import assign
-    from fashion_sd.metrics.clip import clip_class, repair
+    from fashion_sd.evaluation.clip import clip_class, repair
 
     folder = Path(folder).expanduser()
     arguments = keras_arguments(folder)
@@ -165,7 +165,7 @@ def cached_preset(folder: str | Path) -> Path:
     """The KerasCV preset folder converted from ``folder`` (``folder/kerascv-clip``), made on first
     use and again whenever the source files change; written to a temporary folder and renamed,
     so an interrupted conversion never leaves a half-written cache."""
-    from fashion_sd.metrics.clip import save_clip
+    from fashion_sd.evaluation.clip import save_clip
 
     folder = Path(folder).expanduser()
     cache, stamp = folder / CACHE_NAME, folder / CACHE_NAME / "source.json"

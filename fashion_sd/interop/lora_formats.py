@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fashion_sd import lora_file
+from fashion_sd.sd import lora_file
 from fashion_sd.config import LoraConfig
 from fashion_sd.files import atomic_path
 from fashion_sd.interop.keys import UNET_BLOCKS, _rename, unet_block_names
-from fashion_sd.lora_file import is_text_encoder_layer, layer_alpha
+from fashion_sd.sd.lora_file import is_text_encoder_layer, layer_alpha
 from fashion_sd.interop.tensors import (
     InteropError,
     SafetensorsFile,

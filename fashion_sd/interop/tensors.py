@@ -30,7 +30,7 @@ class InteropError(FashionSDError, ValueError):
 
 def safetensors_header(path: str | Path) -> tuple[dict, dict[str, str]]:
     """(tensor entries, ``__metadata__``) of a safetensors file, without reading its data."""
-    from fashion_sd.lora_file import safetensors_header as read_header
+    from fashion_sd.sd.lora_file import safetensors_header as read_header
 
     try:
         return read_header(path)

@@ -1,0 +1,411 @@
+"""FID, KID and the garment metrics for the base model and each LoRA checkpoint.
+
+For every model: generate one image per caption of the split (cycled up to ``eval.num_images``)
+with fixed seeds; score them against the split's real images (Inception features; the real
+images pass through the training loader first, so both sets have the training size) and judge
+each image against its prompt (CLIP score, garment type, on-model, colour, cut-off:
+:mod:`fashion_sd.evaluation.judge`). Results accumulate in a scores table
+(:data:`fashion_sd.rundir.SCORES_CSV`), one row per model, with the per-image judgements beside
+its images; a checkpoint already scored with the same settings is skipped unless ``force``.
+``eval.select`` names the column that marks the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fashion_sd import plots, rundir
+from fashion_sd.catalogue.captions import read_captions
+from fashion_sd.config import Config
+from fashion_sd.errors import FashionSDError
+from fashion_sd.files import atomic_path, atomic_write_text
+from fashion_sd.rundir import SCORES_GRID as GRID
+from fashion_sd.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["checkpoint", "epoch", "step", "fid", "kid_mean", "kid_std", "kid_subset_size",
+           "clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1", "on_model_rate",
+           "colour_accuracy", "colour_judged_share", "cut_off_rate", "cut_off_judged_share", "n_real", "n_generated", "backend", "protocol", "comparable",
+           "clip_model", "weights_source", "settings", "selected"]
+BASE = "base"
+# eval.select -> (column, lower is better)
+SELECT = {"kid": ("kid_mean", True), "fid": ("fid", True), "clip": ("clip_score", False),
+          "type_accuracy": ("type_top1", False), "colour_top1": ("colour_top1", False),
+          "gender_top1": ("gender_top1", False)}
+
+
+class EvaluationError(FashionSDError, ValueError):
+    """Inputs the evaluation cannot use; the message says what to do."""
+
+
+def find_checkpoints(spec: str | Path) -> list[Path]:
+    """A run's checkpoints folder (its epoch checkpoints, else ``last``), a file or a glob."""
+    spec = str(spec)
+    path = Path(spec)
+    if path.is_dir():
+        found = rundir.scored_in(path)
+    elif path.is_file():
+        found = [path]
+    else:
+        found = sorted(Path(p) for p in glob.glob(spec))
+    found = [p for p in found if rundir.is_lora_file(p)]
+    if not found:
+        raise EvaluationError(f"--checkpoints {spec}: no {rundir.CHECKPOINT_SUFFIX} checkpoint found")
+    return found
+
+
+@dataclass
+class Plan:
+    prompts: list[str]  # one per generated image
+    seeds: list[int]
+    real_paths: list[str]
+    settings: dict
+    types: list[str | None] = field(default_factory=list)  # each prompt's garment (singular)
+    colours: list[str | None] = field(default_factory=list)  # each prompt's baseColour
+    vocabulary: list[str] = field(default_factory=list)  # the run's garment types
+    genders: list[str | None] = field(default_factory=list)  # each prompt's gender
+    colour_names: list[str] = field(default_factory=list)  # the run's colours (zero-shot classes)
+
+    @property
+    def settings_id(self) -> str:
+        return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def make_plan(cfg: Config, split: str, num_images: int | None, backend_id: str = "") -> Plan:
+    table = read_captions(cfg.data.captions)
+    rows = table[table.split == split]
+    if rows.empty:
+        raise EvaluationError(f"{cfg.data.captions}: the {split!r} split is empty; build captions "
+                              "with a non-zero captions.split fraction for it")
+    if (rows.image_path == "").any():
+        raise EvaluationError(f"{cfg.data.captions}: rows without image_path; rebuild with --images")
+    n = num_images or cfg.eval.num_images or len(rows)
+    captions = rows.caption.tolist()
+    pick = [i % len(captions) for i in range(n)]
+    prompts = [captions[i] for i in pick]
+    seeds = [cfg.seed + i for i in range(n)]
+    settings = {"split": split, "n": n, "steps": cfg.eval.steps, "guidance": cfg.eval.guidance,
+                "resolution": cfg.data.resolution, "seed": cfg.seed, "backend": backend_id,
+                "weights": cfg.model.weights, "protocol": cfg.eval.protocol,
+                "clip": f"{cfg.eval.clip}/{cfg.eval.clip_preset}", "captions": hashlib.sha256(
+                    "\n".join(captions).encode()).hexdigest()[:12]}
+    types, vocabulary = garment_types(table, rows)
+    colours, colour_names = attribute(table, rows, "baseColour")
+    genders, _ = attribute(table, rows, "gender")
+    return Plan(prompts, seeds, rows.image_path.tolist(), settings,
+                [types[i] for i in pick], [colours[i] for i in pick], vocabulary,
+                [genders[i] for i in pick], colour_names)
+
+
+def attribute(table: pd.DataFrame, rows: pd.DataFrame, column: str) -> tuple[list, list[str]]:
+    """Each row's value of a catalogue ``column`` (None where empty or absent) and the values
+    the whole captions file holds: the classes a zero-shot judge chooses from."""
+    if column not in table:
+        return [None] * len(rows), []
+    values = sorted({v for v in table[column] if isinstance(v, str) and v})
+    return [v if isinstance(v, str) and v else None for v in rows[column]], values
+
+
+def garment_types(table: pd.DataFrame, rows: pd.DataFrame) -> tuple[list, list[str]]:
+    """Each row's garment type as its caption names it (singular), and the whole captions
+    file's types: the vocabulary zero-shot classification chooses from."""
+    if "articleType" not in table:
+        return [None] * len(rows), []
+    import warnings
+
+    from fashion_sd.catalogue.article_types import singular
+
+    with warnings.catch_warnings():  # unknown types were reported when captions were built
+        warnings.simplefilter("ignore")
+        names = {t: singular(t) for t in table.articleType.unique() if t}
+    return [names.get(t) for t in rows.articleType], sorted(set(names.values()))
+
+
+def generate_for(sampler, plan: Plan, batch_size: int, folder: Path | None, progress=None):
+    """The plan's images, batched by prompt; saved as PNGs in ``folder`` when given."""
+    images: list[np.ndarray | None] = [None] * len(plan.prompts)
+    by_prompt: dict[str, list[int]] = {}
+    for i, p in enumerate(plan.prompts):
+        by_prompt.setdefault(p, []).append(i)
+    jobs = [(p, idx[s: s + batch_size]) for p, idx in by_prompt.items()
+            for s in range(0, len(idx), batch_size)]
+    for prompt, idx in (progress(jobs, "generating", len(jobs)) if progress else jobs):
+        out = sampler.generate(prompt, [plan.seeds[i] for i in idx],
+                               plan.settings["steps"], plan.settings["guidance"])
+        for i, img in zip(idx, out):
+            images[i] = img
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            with atomic_path(folder / f"{i:04d}_s{plan.seeds[i]}.png") as tmp:
+                Image.fromarray(img).save(tmp, format="PNG")
+    return np.stack(images)
+
+
+def score(gen_feats: np.ndarray, real: dict, cfg: Config) -> dict:
+    from fashion_sd.evaluation.fid import feature_stats, frechet_distance, kid, kid_subset_size
+
+    mu, sigma = feature_stats(gen_feats)
+    fid = frechet_distance(mu, sigma, real["mu"], real["sigma"])
+    m = kid_subset_size(len(gen_feats), len(real["features"]), cfg.eval.kid_subset_size)
+    k_mean, k_std = kid(gen_feats, real["features"], cfg.eval.kid_subsets, m, seed=cfg.seed)
+    return {"fid": fid, "kid_mean": k_mean, "kid_std": k_std, "kid_subset_size": m}
+
+
+def select_best(df: pd.DataFrame, select: str) -> tuple[int | None, str]:
+    """The index of the best checkpoint row by ``eval.select`` and the column used; the base
+    model is never selected. A CLIP column with no values (CLIP off) falls back to KID."""
+    scored = df[df.checkpoint != BASE]
+    column, lower = SELECT[select]
+    if column not in scored or scored[column].isna().all():
+        column, lower = SELECT["kid"]
+    values = pd.to_numeric(scored[column], errors="coerce").dropna()
+    if values.empty:
+        return None, column
+    return int(values.idxmin() if lower else values.idxmax()), column
+
+
+def _num(value, fmt: str = "{:.3g}", scale: float = 1.0) -> str:
+    return "" if value is None or pd.isna(value) else fmt.format(scale * float(value))
+
+
+def _judged(row, rate: str) -> str:
+    """A garment rate with the share of images it could judge: ``0.62 (95%)``."""
+    share = row.get(rate.replace("accuracy", "judged_share").replace("rate", "judged_share"))
+    return _num(row.get(rate), "{:.2f}") + (f" ({_num(share, '{:.0%}')})" if _num(share) else "")
+
+
+def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
+                 clip_note: str = "") -> pd.DataFrame:
+    """The scores table (the best row per ``select`` marked ``selected``), its one-screen
+    markdown summary and its plots; returns the table as written."""
+    df = df.copy()
+    best, column = select_best(df, select)
+    df["selected"] = [i == best for i in df.index]
+    with atomic_path(out / rundir.SCORES_CSV) as tmp:
+        df.to_csv(tmp, index=False, lineterminator="\n")
+    comparable = bool(df.comparable.astype(str).isin(["True", "true"]).all())
+    lines = ["| checkpoint | epoch | FID | KID (x1e3) | CLIP score | type top-1 / top-3 | "
+             "colour (CLIP) | gender (CLIP) | on-model | colour | cut off |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for i, r in df.iterrows():
+        mark = " **best**" if i == best else ""
+        kid = f"{_num(r.kid_mean, '{:.4g}', 1e3)} ± {_num(r.kid_std, '{:.2g}', 1e3)}"
+        types = (f"{_num(r.type_top1, '{:.2f}')} / {_num(r.type_top3, '{:.2f}')}"
+                 if pd.notna(r.type_top1) else "")
+        lines.append(f"| {r.checkpoint}{mark} | {_num(r.epoch, '{:g}')} | {_num(r.fid, '{:.4g}')} "
+                     f"| {kid} | {_num(r.clip_score, '{:.1f}')} | {types} | "
+                     f"{_num(r.get('colour_top1'), '{:.2f}')} | {_num(r.get('gender_top1'), '{:.2f}')} | "
+                     f"{_num(r.on_model_rate, '{:.2f}')} | {_judged(r, 'colour_accuracy')} | "
+                     f"{_judged(r, 'cut_off_rate')} |")
+    first = df.iloc[-1]
+    notes = [f"Best by {column} (eval.select: {select}). {int(first.n_generated)} generated "
+             f"images against {int(first.n_real)} real ones (the {'same' if df.n_real.nunique() == 1 else 'varying'} "
+             f"for every row). Inception: {first.backend}, protocol {first.protocol}. "
+             f"SD weights: {first.weights_source}. CLIP: {first.clip_model if isinstance(first.clip_model, str) else 'off'}."]
+    if clip_note:
+        notes.append(f"CLIP metrics off: {clip_note}")
+    if not comparable:
+        notes.append("**NOT COMPARABLE**: FID/KID from Inception weights other than the published "
+                     "FID network (eval.backend: tfhub); they compare checkpoints of this table, "
+                     "never published FIDs.")
+    if int(df.n_real.min()) < 2048 or int(df.n_generated.min()) < 2048:
+        notes.append("Fewer than 2048 images: FID is biased upwards at this size; compare KID, "
+                     "which is unbiased.")
+    sized = df[df.kid_subset_size.notna()]
+    halved = sized[sized.kid_subset_size.astype(int) == np.maximum(
+        2, np.minimum(sized.n_real.astype(int), sized.n_generated.astype(int)) // 2)]
+    if len(halved):
+        notes.append(f"KID subsets of {int(halved.kid_subset_size.min())} images: half the "
+                     "smaller set, so the subsets differ (eval.kid_subset_size applies to sets "
+                     "larger than it).")
+    if isinstance(first.clip_model, str) and "RANDOM" in first.clip_model:
+        notes.append("**CLIP RANDOM-INIT**: CLIP score, type accuracy and on-model rate mean "
+                     "nothing.")
+    notes.append("Colour: the garment's dominant colour within the prompt's colour or a named "
+                 "neighbour; cut off: the garment (not the person wearing it) runs off the frame "
+                 "(evaluation/garment.py). Both are rates over the images where a garment was found "
+                 "(share judged in brackets); the others are undetermined, not wrong.")
+    # drawn by evaluate() once every model is scored (write_grid)
+    grid = f"\n![real vs generated, one row per prompt]({GRID})\n"
+    atomic_write_text(out / rundir.SCORES_MD, "# Scores per checkpoint\n\n" + "\n".join(lines)
+                      + "\n\n" + "\n\n".join(notes) + "\n" + grid)
+    plots.metric_curves(df, out / rundir.SCORES_PLOT, label if comparable else
+                        f"NOT COMPARABLE (not the published FID Inception). {label}")
+    return df
+
+
+def _key_name(model) -> str:
+    """A model's name in the scores table: ``base`` or the checkpoint's name."""
+    return model if model == BASE else rundir.checkpoint_name(model)
+
+
+class Scorer:
+    """What scoring any model needs, prepared once: the plan, the Inception network and the real
+    images' statistics, the judge. Used by :func:`evaluate` and, with ``train.eval_every``,
+    by the training loop (:class:`fashion_sd.training.callbacks.EvalDuringTraining`)."""
+
+    def __init__(self, cfg: Config, split: str | None = None, num_images: int | None = None,
+                 out: str | Path | None = None, extractor=None, judge=None, progress=None):
+        from fashion_sd.evaluation.fid import cached_stats, stats_key, warn_if_biased
+        from fashion_sd.evaluation.inception import load_extractor, real_image_features
+
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(out) if out else RunDir(cfg.output.dir).eval
+        self.plan = make_plan(cfg, split or cfg.eval.split, num_images)
+        if extractor is None:
+            extractor = load_extractor(cfg.eval.backend, cfg.eval.inception_weights,
+                                       cfg.eval.protocol)
+        self.extractor = extractor
+        self.plan.settings["backend"] = f"{extractor.name}/{extractor.preprocessing}"
+        key = stats_key(self.plan.real_paths, extractor.name, extractor.preprocessing,
+                        size=cfg.data.resolution)
+        self.real = cached_stats(Path(cfg.data.cache_dir), key, lambda: real_image_features(
+            extractor, self.plan.real_paths, cfg.data.resolution, progress=progress))
+        warn_if_biased(len(self.plan.real_paths), len(self.plan.prompts))
+        self.clip_note = ""
+        self._judge = judge
+
+    @property
+    def judge(self):
+        """Loaded on first use: CLIP costs a download or seconds of loading, and a re-run with
+        nothing left to score needs none of it."""
+        from fashion_sd.evaluation.judge import load_judge
+
+        if self._judge is None:
+            self._judge, self.clip_note = load_judge(self.cfg, self.plan.vocabulary,
+                                                     self.plan.colour_names)
+        return self._judge
+
+    def score(self, sampler, name: str, meta: dict, weights_id: str) -> dict:
+        """Generate the plan's images with ``sampler`` as it stands and score them: one row."""
+        plan = self.plan
+        print(f"scoring {name} ({len(plan.prompts)} images, {plan.settings['steps']} steps)")
+        folder = self.out / "images" / name
+        images = generate_for(sampler, plan, self.cfg.eval.batch_size, folder, self.progress)
+        return {"checkpoint": name,
+                "epoch": float(meta["epoch"]) if "epoch" in meta else math.nan,
+                "step": float(meta["step"]) if "step" in meta else math.nan,
+                **score(self.extractor(images), self.real, self.cfg),
+                **judge_images(self.judge, images, plan, folder),
+                "n_real": len(plan.real_paths), "n_generated": len(images),
+                "backend": self.extractor.name, "protocol": self.extractor.protocol,
+                "comparable": self.extractor.comparable,
+                "clip_model": self.judge.clip.label if self.judge.clip is not None else None,
+                "weights_source": weights_id, "settings": plan.settings_id}
+
+    def previous(self) -> pd.DataFrame:
+        path = self.out / rundir.SCORES_CSV
+        table = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
+        return table.reindex(columns=COLUMNS)  # a table from before a column was added
+
+    def record(self, table: pd.DataFrame, row: dict, label: str) -> pd.DataFrame:
+        """``table`` with ``row`` in place of any row of the same model and settings, written."""
+        keep = [(c, s) != (row["checkpoint"], row["settings"])
+                for c, s in zip(table.checkpoint, table.settings)]
+        table = _ordered(pd.concat([table[keep], pd.DataFrame([row], columns=COLUMNS)],
+                                   ignore_index=True))
+        return write_tables(table, self.out, label, self.cfg.eval.select, self.clip_note)
+
+
+def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_images: int | None = None,
+             split: str | None = None, force: bool = False, extractor=None, progress=None,
+             out: str | Path | None = None, build=None, judge=None) -> pd.DataFrame:
+    """Score the base model and/or checkpoints; returns the whole scores table.
+
+    ``extractor``, ``build(source, resolution)`` and ``judge`` replace the Inception network,
+    the Stable Diffusion components and the CLIP-backed judge (tests pass small ones).
+    """
+    from fashion_sd.sd import lora
+    from fashion_sd.serving.generate import build_sampler, resolve_inference_weights
+
+    paths = find_checkpoints(checkpoints) if checkpoints else []
+    if not paths and not include_base:
+        raise EvaluationError("nothing to score: give --checkpoints DIR|GLOB and/or --include-base")
+    for p in paths:  # a bad file fails here, before any work (headers only)
+        lora_file.check(p, fits_model=False)
+    scorer = Scorer(cfg, split, num_images, out, extractor, judge, progress)
+    settings = scorer.plan.settings_id
+    previous = scorer.previous()
+    done = set(zip(previous.checkpoint, previous.settings)) if not force else set()
+    wanted = ([BASE] if include_base else []) + paths
+    todo = [m for m in wanted if (_key_name(m), settings) not in done]
+    if not todo:
+        print(f"every model is already scored with these settings in "
+              f"{scorer.out / rundir.SCORES_CSV} (--force recomputes)")
+        return previous
+
+    source = resolve_inference_weights(cfg.model.weights, cfg.model.cache_dir, cfg.seed)
+    sampler = build_sampler(source, cfg.data.resolution, cfg.seed, build)
+    comps = sampler.comps
+    swap = lora.LoraSwap()
+    table = previous
+    for model in todo:
+        swap.reset()  # back to the base weights, then fold this LoRA in
+        meta = {}
+        if model != BASE:
+            deltas, meta = lora.lora_deltas(model, comps.diffusion_model,
+                                            text_encoder=comps.text_encoder)
+            swap.apply(deltas)
+        row = scorer.score(sampler, _key_name(model), meta, source.id)
+        table = scorer.record(table, row, source.label)  # after each model: a crash loses one
+    write_grid(scorer.plan, table, scorer.out, source.label)
+    return table
+
+
+def judge_images(judge, images, plan: Plan, folder: Path | None = None) -> dict:
+    """The judge's summary columns for one model's images; the per-image rows go to ``folder``."""
+    from fashion_sd.evaluation.judge import SUMMARY, summarise
+
+    judged = judge(images, plan.prompts, plan.types, plan.colours, plan.genders)
+    if folder is not None:
+        judged.insert(0, "prompt", plan.prompts)
+        judged.insert(0, "seed", plan.seeds)
+        with atomic_path(folder / rundir.JUDGED_CSV) as tmp:
+            judged.to_csv(tmp, index=False, lineterminator="\n")
+    summary = summarise(judged)
+    return {k: summary[k] for k in SUMMARY}
+
+
+def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+    base = table.checkpoint == BASE
+    return pd.concat([table[base], table[~base].sort_values(["epoch", "checkpoint"])],
+                     ignore_index=True)
+
+
+def write_grid(plan: Plan, table: pd.DataFrame, out: Path, label: str, rows: int = 4) -> Path | None:
+    """One row per prompt (the first distinct ones): the real image beside the base model's,
+    the selected checkpoint's and the last checkpoint's image for it."""
+    names = []
+    if (table.checkpoint == BASE).any():
+        names.append(BASE)
+    scored = table[table.checkpoint != BASE]
+    if len(scored):
+        chosen = scored[scored.selected.astype(bool)] if "selected" in scored else scored.iloc[:0]
+        names += list(dict.fromkeys([*chosen.checkpoint, scored.checkpoint.iloc[-1]]))
+    firsts = list(dict.fromkeys(plan.prompts))[:rows]
+    grid_rows = []
+    for prompt in firsts:
+        i = plan.prompts.index(prompt)
+        cells = [np.asarray(Image.open(plan.real_paths[i % len(plan.real_paths)]).convert("RGB"))]
+        for name in names:
+            path = out / "images" / name / f"{i:04d}_s{plan.seeds[i]}.png"
+            if path.is_file():
+                cells.append(np.asarray(Image.open(path).convert("RGB")))
+        grid_rows.append((prompt, cells))
+    if not grid_rows:
+        return None
+    return plots.sample_grid(grid_rows, out / GRID, label,
+                             f"real ({plan.settings['split']} split) vs generated",
+                             ["real", *names])

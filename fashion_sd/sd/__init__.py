@@ -1,0 +1,4 @@
+"""Stable Diffusion 1.x as KerasCV builds it, with LoRA: the components and their weights
+(``models``), LoRA on the attention projections (``lora``) and its file format (``lora_file``,
+light), the fast attention (``attention``) and CLIP's tokenizer (``tokenizer``). Shared by
+training, evaluation, serving and interop."""

@@ -1,0 +1,240 @@
+"""Text -> image with KerasCV's own sampler, on components we built (and may have LoRA-tuned).
+
+KerasCV's ``StableDiffusion`` would download its weights lazily and rounds sizes to multiples of
+128 (64 px becomes 0), so we hand it our components and our size; the DDIM loop, guidance and
+decoding are KerasCV's ``generate_image``. Each image's starting noise is drawn from its own seed,
+so an image depends on (prompt, seed, steps, guidance) only, not on what was batched with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+
+import keras
+import numpy as np
+
+from fashion_sd.serving.image_settings import PNG_KEY, ImageSettings  # noqa: F401 - re-exported
+from fashion_sd.images import image_size, valid_size
+from fashion_sd.sd.models import Components
+from fashion_sd.sd.tokenizer import MAX_LENGTH, tokenize
+
+log = logging.getLogger(__name__)
+
+
+class Sampler:
+    """Generates images with the text encoder, U-Net and decoder of ``comps``.
+
+    ``local``: run the models on this process alone, whatever strategy built them (the chief of
+    a multi-worker run samples while the other workers wait; see :class:`_Local`).
+    """
+
+    def __init__(self, comps: Components, local: bool = False):
+        from keras_cv.models import StableDiffusion
+
+        missing = [n for n in ("text_encoder", "diffusion_model", "decoder") if getattr(comps, n) is None]
+        if missing:
+            raise ValueError(f"the sampler needs {', '.join(missing)}")
+        with contextlib.redirect_stdout(io.StringIO()):  # KerasCV prints its licence on creation
+            sd = StableDiffusion(img_height=128, img_width=128, jit_compile=False)
+        # Set after construction: KerasCV's constructor rounds sizes to multiples of 128, which
+        # would turn 384 x 512 into 384 x 512 but 320 x 448 into 384 x 512; ours are checked /64.
+        sd.img_width, sd.img_height = image_size(comps.resolution)
+        wrap = _Local if local else (lambda m: m)
+        sd._text_encoder = self.text_encoder = wrap(comps.text_encoder)
+        sd._diffusion_model = wrap(comps.diffusion_model)
+        sd._decoder = wrap(comps.decoder)
+        sd._tokenizer = comps.tokenizer
+        self.sd = sd
+        self.comps = comps
+
+    def encode(self, prompt: str):
+        """(1, 77, 768) context; prompts over 77 tokens are truncated with a warning."""
+        if not prompt.strip():
+            raise ValueError("empty prompt")
+        tokens, truncated = tokenize([prompt], self.comps.tokenizer)
+        if truncated:
+            log.warning("prompt over %d tokens truncated: %r", MAX_LENGTH, prompt)
+        positions = np.arange(MAX_LENGTH, dtype=np.int32)[None]
+        return self.text_encoder.predict_on_batch({"tokens": tokens, "positions": positions})
+
+    def initial_noise(self, seeds: list[int]):
+        w, h = image_size(self.comps.resolution)
+        return keras.ops.concatenate(
+            [keras.random.normal((1, h // 8, w // 8, 4), seed=int(s)) for s in seeds], axis=0)
+
+    def generate(self, prompt: str, seeds: list[int], steps: int = 50, guidance: float = 7.5,
+                 negative_prompt: str | None = None, on_step=None) -> np.ndarray:
+        """uint8 images (len(seeds), H, W, 3) for one prompt.
+
+        ``on_step(done, total)`` is called after each sampling step (the app's progress bar).
+        """
+        context = self.encode(prompt)
+        unet, decoder = self.sd._diffusion_model, self.sd._decoder
+        self.sd._diffusion_model = _Float32Outputs(unet, steps, on_step)
+        self.sd._decoder = _Float32Outputs(decoder)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # KerasCV's per-call progress bar
+                return self.sd.generate_image(
+                    context, negative_prompt=negative_prompt, batch_size=len(seeds),
+                    num_steps=steps, unconditional_guidance_scale=guidance,
+                    diffusion_noise=self.initial_noise(seeds))
+        finally:
+            self.sd._diffusion_model, self.sd._decoder = unet, decoder
+
+
+class _Local:
+    """A model's ``predict_on_batch`` on this process alone.
+
+    Under ``MultiWorkerMirroredStrategy`` Keras' ``predict_on_batch`` gathers every worker's
+    outputs (an all-gather that waits for all of them), but a multi-worker run samples its
+    preview grids on the chief only. Calling the model in a ``tf.function`` outside the
+    strategy's replicas reads this worker's copy of the (mirrored) weights and talks to no one.
+    """
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.model = model
+        self._call = tf.function(lambda x: model(x, training=False))
+
+    def predict_on_batch(self, inputs):
+        return keras.ops.convert_to_numpy(self._call(inputs))
+
+
+class _Float32Outputs:
+    """A model as KerasCV's sampling loop sees it: outputs in float32, each finished step reported.
+
+    Under a mixed policy the U-Net returns bfloat16 or float16 arrays, and KerasCV's loop does
+    the guidance ``u + g (c - u)`` and the DDIM update in the dtype it gets; in bfloat16 (8 bits
+    of mantissa) that rounds every step. Cast here, the loop runs in float32 (its starting noise
+    is float32). KerasCV's loop only reports to its own console progress bar; it calls the U-Net
+    twice a step (unconditional, then conditional), so every second call ends a step.
+    """
+
+    def __init__(self, model, steps: int = 0, on_step=None):
+        self.model, self.steps, self.on_step, self.calls = model, steps, on_step, 0
+
+    def predict_on_batch(self, inputs):
+        out = np.asarray(self.model.predict_on_batch(inputs), dtype=np.float32)
+        self.calls += 1
+        if self.on_step is not None and self.calls % 2 == 0:
+            self.on_step(self.calls // 2, self.steps)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# A generation job: base model + optional LoRA -> PNGs, a contact sheet and a JSON sidecar.
+
+
+INFERENCE = ("text_encoder", "diffusion_model", "decoder")  # what a sampler needs
+
+
+def resolve_inference_weights(weights: str, cache_dir=None, seed: int = 0):
+    """Where the inference components' weights come from (fails fast, builds nothing)."""
+    from fashion_sd.sd import models
+
+    return models.resolve_weights(weights, INFERENCE, cache_dir, seed)
+
+
+def build_sampler(source, resolution, seed: int = 0, build=None) -> Sampler:
+    """The one inference recipe (generate.py, evaluation, the app): seed, build the text encoder,
+    U-Net and decoder from ``source`` at ``resolution``, make the sampler.
+
+    ``build(source, resolution)`` replaces the component builder (tests pass small models).
+    """
+    from fashion_sd.sd import models
+
+    if not valid_size(resolution):
+        raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
+    keras.utils.set_random_seed(seed)  # random-init weights, when asked for, are reproducible
+    build = build or (lambda src, res: models.build_components(src, res, INFERENCE))
+    return Sampler(build(source, resolution))
+
+
+def load_sampler(weights: str, resolution, lora_path=None, cache_dir=None, seed: int = 0,
+                 strength: float = 1.0) -> tuple[Sampler, dict]:
+    """Build text encoder, U-Net and decoder, fold in the LoRA (fast inference), make a sampler.
+
+    Returns the sampler and a record of what was used (weights source, LoRA metadata).
+    """
+    from fashion_sd.sd import lora
+
+    if not valid_size(resolution):  # before the weights are resolved (maybe downloaded)
+        raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
+    meta = lora_file.check(lora_path, fits_model=False) if lora_path else None  # checked before any build
+    source = resolve_inference_weights(weights, cache_dir, seed)
+    if meta is not None and meta.get("base_weights") not in (None, source.id):
+        log.warning("%s was trained on base weights %s; generating with %s", lora_path,
+                    meta.get("base_weights"), source.id)
+    sampler = build_sampler(source, resolution, seed)
+    comps = sampler.comps
+    if lora_path:
+        # text_encoder: LoRAs imported from kohya/diffusers may change the text encoder too
+        lora.merge_lora(comps.diffusion_model, lora_path, strength, text_encoder=comps.text_encoder)
+    record = {"weights": source.to_dict(), "random_init": source.is_random, "label": source.label,
+              "lora": str(lora_path) if lora_path else None, "lora_metadata": meta,
+              "lora_strength": strength if lora_path else None, "resolution": resolution,
+              "model_seed": seed}
+    return sampler, record
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:03d}_s{seed}.png"
+
+
+def save_png(path, image: np.ndarray, settings: ImageSettings | dict) -> None:
+    """Write ``image`` atomically with its generation settings in PNG text metadata."""
+    if isinstance(settings, dict):
+        settings = ImageSettings.from_dict(settings)
+    settings.save_png(path, image)
+
+
+def read_png_settings(path) -> dict:
+    """The settings :func:`save_png` stored, to reproduce an image exactly."""
+    return ImageSettings.read_png(path).to_dict()
+
+
+def generate_to_folder(sampler: Sampler, prompts: list[str], seeds: list[int], out, steps: int,
+                       guidance: float, record: dict, batch_size: int = 4,
+                       negative_prompt: str | None = None, progress=None, keep=None) -> dict:
+    """Every prompt with every seed into ``out``: PNGs, ``contact_sheet.png``, ``generate.json``.
+
+    Each PNG records its settings and the seeds batched with it (float rounding depends on the
+    batch), so ``--from-png`` regenerates that batch and keeps the one image, pixel for pixel.
+    ``keep`` limits the seeds whose images are saved.
+    """
+    from pathlib import Path
+
+    from fashion_sd import plots
+    from fashion_sd.files import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(not p.strip() for p in prompts) or not prompts:
+        raise ValueError("empty prompt: give --prompt TEXT, --prompts-file or garment attributes")
+    rows, files = [], []
+    jobs = [(i, p) for i, p in enumerate(prompts)]
+    for i, prompt in (progress(jobs, "prompts") if progress else jobs):
+        batches = [seeds[s: s + batch_size] for s in range(0, len(seeds), batch_size)]
+        images = np.concatenate([sampler.generate(prompt, b, steps, guidance, negative_prompt)
+                                 for b in batches])
+        batch_of = {seed: b for b in batches for seed in b}
+        kept = [(seed, img) for seed, img in zip(seeds, images) if keep is None or seed in keep]
+        images = np.stack([img for _, img in kept])
+        for seed, img in kept:
+            path = out / image_name(i, seed)
+            ImageSettings.from_record(
+                record, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                guidance=guidance, batch_seeds=batch_of[seed]).save_png(path, img)
+            files.append({"prompt_index": i, "prompt": prompt, "seed": seed, "file": path.name})
+        rows.append((prompt, images))
+    shown = [s for s in seeds if keep is None or s in keep]
+    plots.sample_grid(rows, out / "contact_sheet.png", record["label"],
+                      f"{steps} steps, guidance {guidance}", [f"seed {s}" for s in shown])
+    sidecar = {**record, "prompts": prompts, "seeds": shown, "steps": steps, "guidance": guidance,
+               "negative_prompt": negative_prompt, "images": files}
+    atomic_write_text(out / "generate.json", json.dumps(sidecar, indent=2, default=str) + "\n")
+    return sidecar

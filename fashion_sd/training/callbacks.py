@@ -1,0 +1,324 @@
+"""What a run leaves behind, as Keras callbacks around ``fit``: step limits, stop requests,
+checkpoints (by epoch and by step), history, plots and sample grids. They share one
+:class:`RunState`, the run's position and bookkeeping; files go through the run's
+:class:`fashion_sd.rundir.RunWriter`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import pandas as pd
+
+from fashion_sd import plots
+from fashion_sd.sd import lora
+from fashion_sd.config import Config, TrainConfig
+from fashion_sd.rundir import BEST, LAST, SCORES_CSV, RunDir, RunWriter, checkpoint_name
+from fashion_sd.training.trainer import (
+    ema_weights,
+    learning_rate,
+    loss_scale,
+    save_train_state,
+    uses_ema,
+)
+
+# What the train state's schedule counts; states without it counted micro-batches.
+SCHEDULE = "optimizer_steps"
+
+
+@dataclass
+class RunState:
+    out: Path
+    steps_per_epoch: int  # micro-batches per epoch
+    grad_accum: int
+    end_step: int  # micro-batch at which this run ends (epochs or train.max_steps)
+    total_steps: int  # micro-batches of all epochs
+    step: int = 0  # micro-batches done, over all sessions of the run
+    best_val: float = math.inf
+    elapsed: float = 0.0  # seconds of training in earlier sessions
+    history: list[dict] = field(default_factory=list)
+    stop_reason: str | None = None  # "max_steps" | "nonfinite" | "loss_scale" | "signal" | None
+    session_start: float = field(default_factory=time.time)
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.out)
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    @property
+    def optimizer_step(self) -> int:
+        return self.step // self.grad_accum
+
+    @property
+    def epoch_complete(self) -> bool:
+        return self.step % self.steps_per_epoch == 0
+
+    @property
+    def at_optimizer_step(self) -> bool:
+        """Whether the last micro-batch completed an optimizer step (train.grad_accum)."""
+        return self.step % self.grad_accum == 0
+
+    @property
+    def seconds(self) -> float:
+        return self.elapsed + time.time() - self.session_start
+
+    def info(self) -> dict:
+        return {"step": self.step, "optimizer_step": self.optimizer_step,
+                "epoch": self.epoch_progress, "best_val": self.best_val,
+                "elapsed": self.seconds, "schedule": SCHEDULE}
+
+
+FAILURES = ("nonfinite", "loss_scale")  # stop reasons after which nothing more is written
+
+
+class StopRequested(Exception):
+    """Raised out of ``fit`` once the step a stop request (SIGTERM, Ctrl-C) ended is saved: fit
+    must not go on to its validation pass and epoch-end writes, which may take minutes."""
+
+
+class StepGuard(keras.callbacks.Callback):
+    """Counts steps; stops at the end step (train.max_steps), after ``max_nonfinite`` non-finite
+    losses in a row, when the float16 loss scale falls below ``min_loss_scale``, or at the first
+    optimizer step after a stop request (``stop``: :class:`fashion_sd.training.stopping.StopRequest`)."""
+
+    def __init__(self, state: RunState, max_nonfinite: int, min_loss_scale: float = 1.0,
+                 stop=None):
+        super().__init__()
+        self.state, self.max_nonfinite, self.min_loss_scale = state, max_nonfinite, min_loss_scale
+        self.stop = stop
+
+    def on_train_batch_end(self, batch, logs=None):
+        st = self.state
+        st.step += 1
+        scale = loss_scale(self.model.optimizer)
+        if self.stop is not None and self.stop.requested and st.at_optimizer_step:
+            st.stop_reason = "signal"
+            self.model.stop_training = True
+        elif int(self.model.nonfinite_streak.numpy()) >= self.max_nonfinite:
+            st.stop_reason = "nonfinite"
+            self.model.stop_training = True
+        elif scale is not None and scale < self.min_loss_scale:
+            st.stop_reason = "loss_scale"
+            self.model.stop_training = True
+        elif st.step >= st.end_step:
+            if st.end_step < st.total_steps:
+                st.stop_reason = "max_steps"
+            self.model.stop_training = True
+
+
+class StopWhenRequested(keras.callbacks.Callback):
+    """Last in the list: after the step a stop request ended was saved (the chief's
+    Checkpointer), leave ``fit`` at once (:class:`StopRequested`)."""
+
+    def __init__(self, state: RunState):
+        super().__init__()
+        self.state = state
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.state.stop_reason == "signal":
+            raise StopRequested
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """At each epoch end (and at train.max_steps): LoRA checkpoints, train state, history, plot;
+    every ``train.save_every_steps`` optimizer steps and at a stop request, the train state
+    (``--resume`` continues there, mid-epoch); every ``train.checkpoint_every_steps``, a
+    step-named LoRA checkpoint too.
+
+    An epoch checkpoint (the last ``keep_last`` kept), ``best`` by val loss (train loss when
+    there is no val split: ``monitor``), ``last`` (always the
+    newest), and the train state for --resume (names: :class:`RunDir`); each written
+    atomically, the train state last so it never points past what is on disk. After a run of
+    non-finite steps nothing is written: the previous checkpoint stays as it was. ``export``
+    formats (``output.export``) are written beside each checkpoint, e.g. ``best.kohya.safetensors``.
+    """
+
+    def __init__(self, state: RunState, writer: RunWriter, layers: dict, cfg: Config,
+                 metadata: dict, label: str, monitor: str = "val_loss"):
+        super().__init__()
+        self.state, self.writer = state, writer
+        self.layers, self.spec, self.meta = layers, cfg.lora, metadata
+        self.save_every = cfg.train.save_every_steps
+        self.checkpoint_every = cfg.train.checkpoint_every_steps
+        self.monitor = monitor  # "loss" (train loss) when the val split is empty
+        self.keep_last, self.label = cfg.train.keep_last, label
+        self.export = tuple(cfg.output.export)
+
+    def _save_lora(self, name: str) -> Path:
+        stamp = {"step": str(self.state.optimizer_step), "epoch": f"{self.state.epoch_progress:.4f}"}
+        run, optimizer = self.state.run, self.model.optimizer
+        if uses_ema(optimizer):  # the checkpoint holds the EMA; the raw weights go beside it
+            lora.save_lora(run.raw_checkpoint(name), self.layers, self.spec, **self.meta, **stamp,
+                           weights="raw")
+            with ema_weights(optimizer, self.model.trainable_variables):
+                path = lora.save_lora(run.checkpoint(name), self.layers, self.spec, **self.meta,
+                                      **stamp, weights="ema")
+        else:
+            path = lora.save_lora(run.checkpoint(name), self.layers, self.spec, **self.meta,
+                                  **stamp)
+        if self.export:
+            from fashion_sd.interop.lora_formats import export_lora
+
+            for fmt, target in zip(self.export, self.state.run.exports(path, self.export)):
+                export_lora(path, fmt, target)
+        return path
+
+    def _every(self, n: int) -> bool:
+        return bool(n) and self.state.at_optimizer_step and self.state.optimizer_step % n == 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        st = self.state
+        if st.stop_reason in FAILURES or (st.epoch_complete and st.stop_reason != "signal"):
+            return  # an epoch end writes everything in on_epoch_end
+        if self._every(self.checkpoint_every):
+            self._save_lora(RunDir.step_name(st.optimizer_step))
+            self._prune(st.run.step_checkpoints())
+        if st.stop_reason == "signal" or self._every(self.save_every):
+            save_train_state(st.run.train_state, self.model, self.layers, st.info())
+            self.writer.push()
+
+    def on_epoch_end(self, epoch, logs=None):
+        st, logs = self.state, logs or {}
+        if st.stop_reason in FAILURES:
+            return
+        if st.epoch_complete:
+            self._save_lora(RunDir.epoch_name(epoch + 1))
+            self._prune(st.run.epoch_checkpoints())
+        val = float(logs.get("val_loss", math.nan))
+        watched = float(logs.get(self.monitor, math.nan))
+        if math.isfinite(watched) and watched < st.best_val:
+            st.best_val = watched
+            self._save_lora(BEST)
+        self._save_lora(LAST)
+        st.history.append({
+            "epoch": round(st.epoch_progress, 4), "step": st.optimizer_step,
+            "loss": float(logs.get("loss", math.nan)), "val_loss": val,
+            "lr": learning_rate(self.model.optimizer),
+            "skipped_steps": int(self.model.skipped_steps.numpy()),
+            "overflow_steps": int(self.model.overflow_steps.numpy()),
+            "loss_scale": loss_scale(self.model.optimizer),
+            "seconds": round(st.seconds, 1)})
+        save_train_state(st.run.train_state, self.model, self.layers, st.info())
+        self.writer.write_history(st.history)
+        plots.loss_curves(pd.DataFrame(st.history), st.run.loss_plot, self.label)
+
+    def _prune(self, kept: list[Path]):
+        """The oldest of ``kept`` (epoch or step checkpoints) beyond train.keep_last, with their
+        raw weights and exports."""
+        from fashion_sd.interop.lora_formats import FORMATS
+
+        run = self.state.run
+        for old in kept[: max(0, len(kept) - self.keep_last)]:
+            old.unlink()
+            run.raw_checkpoint(checkpoint_name(old)).unlink(missing_ok=True)
+            for export in run.exports(old, FORMATS):  # its exports go with it
+                export.unlink(missing_ok=True)
+
+
+class EmaValidation(keras.callbacks.Callback):
+    """Val loss of what the checkpoints hold: the EMA weights for ``fit``'s validation pass
+    (Keras calls on_test_begin/end around it), the raw ones back after.
+
+    Not Keras' ``SwapEMAWeights``: it swaps in place by adding and subtracting (a + b - b), which
+    rounds, so every validation would nudge the weights and a resumed run would drift by an ulp
+    from an uninterrupted one. This swap copies.
+    """
+
+    def on_test_begin(self, logs=None):
+        self._swap = ema_weights(self.model.optimizer, self.model.trainable_variables)
+        self._swap.__enter__()
+
+    def on_test_end(self, logs=None):
+        self._swap.__exit__(None, None, None)
+
+
+class KeepRawWeights(keras.callbacks.Callback):
+    """Undo Keras' end-of-``fit`` EMA overwrite: with ``use_ema``, ``fit`` ends by replacing the
+    weights with their average (``finalize_variable_values``), so a run fitted in segments would
+    continue from the EMA. Their raw values at the last epoch end are put back."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._raw = [v.numpy() for v in self.model.trainable_variables]
+
+    def on_train_end(self, logs=None):
+        for v, value in zip(self.model.trainable_variables, getattr(self, "_raw", ())):
+            v.assign(value)
+
+
+class SampleGrids(keras.callbacks.Callback):
+    """Sample grids (:meth:`RunDir.samples_at_epoch`): fixed prompts and seeds through the model
+    being trained."""
+
+    def __init__(self, state: RunState, sampler, train: TrainConfig, label: str):
+        super().__init__()
+        self.state, self.sampler, self.train, self.label = state, sampler, train, label
+
+    def on_epoch_end(self, epoch, logs=None):
+        st, t = self.state, self.train
+        if st.stop_reason in FAILURES or not t.sample_every:
+            return
+        last = st.step >= st.end_step or st.stop_reason is not None
+        if st.epoch_complete and ((epoch + 1) % t.sample_every == 0 or last):
+            path = st.run.samples_at_epoch(epoch + 1)
+        elif last:
+            path = st.run.samples_at_step(st.optimizer_step)
+        else:
+            return
+        with ema_weights(self.model.optimizer, self.model.trainable_variables):
+            render_samples(self.sampler, t.sample_prompts, t.sample_seeds, t.sample_steps,
+                           t.sample_guidance, path, self.label,
+                           f"epoch {st.epoch_progress:g}, step {st.optimizer_step}"
+                           + (", EMA weights" if uses_ema(self.model.optimizer) else ""))
+
+
+class EvalDuringTraining(keras.callbacks.Callback):
+    """Every ``train.eval_every`` epochs, the epoch's checkpoint scored as ``evaluate_fid.py``
+    would score it (same plan, same settings id, so a later evaluate_fid.py run skips it), with
+    the weights the checkpoint holds (EMA when on), through the model being trained."""
+
+    def __init__(self, state: RunState, scorer, sampler, train: TrainConfig, weights_id: str,
+                 label: str):
+        super().__init__()
+        self.state, self.scorer, self.sampler, self.train = state, scorer, sampler, train
+        self.weights_id, self.label = weights_id, label
+
+    def on_epoch_end(self, epoch, logs=None):
+        st = self.state
+        if st.stop_reason in FAILURES or not st.epoch_complete or (epoch + 1) % self.train.eval_every:
+            return
+        meta = {"epoch": epoch + 1, "step": st.optimizer_step}
+        with ema_weights(self.model.optimizer, self.model.trainable_variables):
+            row = self.scorer.score(self.sampler, checkpoint_name(st.run.epoch_checkpoint(epoch + 1)),
+                                    meta, self.weights_id)
+        self.scorer.record(self.scorer.previous(), row, self.label)
+        print(f"epoch {epoch + 1}: KID {row['kid_mean']:.4g}, FID {row['fid']:.4g}"
+              + (f", CLIP score {row['clip_score']:.1f}" if pd.notna(row["clip_score"]) else "")
+              + f" -> {self.scorer.out / SCORES_CSV}")
+
+
+class AfterWrites(keras.callbacks.Callback):
+    """Calls ``then()`` after each epoch's files are written (last in the list) and at the end:
+    a remote run folder's copy-out (:class:`fashion_sd.remote.Mirror`)."""
+
+    def __init__(self, then):
+        super().__init__()
+        self.then = then
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.then()
+
+    def on_train_end(self, logs=None):
+        self.then()
+
+
+def render_samples(sampler, prompts, seeds, steps, guidance, path, label, title) -> Path:
+    rows = [(p, sampler.generate(p, seeds, steps, guidance)) for p in prompts]
+    return plots.sample_grid(rows, path, label, f"{title} ({steps} sampler steps)",
+                             [f"seed {s}" for s in seeds])

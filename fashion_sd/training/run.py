@@ -1,0 +1,603 @@
+"""A training run from a config, read as its phases: resolve, prepare, build, restore, fit, finish.
+
+:func:`train` is the table of contents; :class:`TrainingRun` holds one method per phase, each
+with one job, in the order they run:
+
+1. ``resolve``: the machine (precision, replicas, XLA), the run folder (its writer and remote
+   mirror) and every input check that needs no model. Nothing heavy runs, nothing is deleted.
+2. ``prepare``: under the folder's lock, ``--fresh`` clears an earlier run, the config is saved.
+3. ``build``: components in the strategy's scope, the frozen encoders through the cache, LoRA
+   (U-Net, and the text encoder as a variant), the trainer with its optimizer *built*, because
+   a train state can only be loaded into built optimizer variables.
+4. ``restore``: ``--resume`` loads the train state and the history up to its step.
+5. ``fit``: the ``fit`` segments (a partial epoch first when resuming mid-epoch); multi-worker is
+   a variant of this phase.
+6. ``finish``: the summary in run.json, then why the run stopped early, if it did.
+
+Global Keras state (dtype policy, op determinism) is set for the run and put back after it by
+:func:`keras_state`. ``output.dir`` receives the run's folder (:class:`fashion_sd.rundir.RunDir`
+names its files, :class:`fashion_sd.rundir.RunWriter` writes them); ``resume=True`` continues
+from its train state exactly where the run stopped, which may be mid-epoch
+(``train.save_every_steps``, or a SIGTERM: :mod:`fashion_sd.training.stopping`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from fashion_sd import images, preflight, remote
+from fashion_sd.sd import attention, lora, lora_file, models
+from fashion_sd.training import data, hardware, multiworker
+from fashion_sd.training import callbacks as cb
+from fashion_sd.catalogue.captions import read_captions
+from fashion_sd.config import Config
+from fashion_sd.errors import FashionSDError
+from fashion_sd.files import DiskFull
+from fashion_sd.serving.generate import Sampler
+from fashion_sd.rundir import RunDir, RunWriter
+from fashion_sd.training.stopping import stop_requests
+from fashion_sd.training.trainer import LoraTrainer, load_train_state, load_train_state_step, make_optimizer
+
+log = logging.getLogger(__name__)
+
+# What may change between a run and its --resume; anything else would make a different run.
+RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.keep_last", "train.max_nonfinite",
+                     "train.sample_every", "train.sample_steps", "train.sample_guidance",
+                     "train.sample_seeds", "train.sample_prompts", "train.jit_compile",
+                     "train.min_loss_scale", "train.strategy", "train.save_every_steps",
+                     "train.checkpoint_every_steps", "model.attention", "lora.form",
+                     "data.cache_dir", "model.cache_dir", "output.dir", "output.export")
+
+
+class TrainingError(FashionSDError, RuntimeError):
+    """A run that cannot start or had to stop; the message says why and what to do."""
+
+
+class TrainingStopped(TrainingError):
+    """A run that started and stopped (non-finite losses, a collapsed loss scale, a full disk):
+    not bad input, so the command exits 1, not 2."""
+
+    exit_code = 1
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM / SIGINT: the run saved its train state at the step it reached and stopped;
+    ``exit_code`` is the shell's 128 + signal."""
+
+    prefix = ""  # not an error: the run did what was asked
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.tqdm_progress,
+          verbose: int = 1, build=models.build_components) -> dict:
+    """Run (or resume) the training that ``cfg`` describes; returns the summary it records.
+
+    ``fresh`` deletes an earlier run's outputs in output.dir first (never other files there).
+    ``build(source, resolution)`` makes the components (tests pass small ones).
+    """
+    run = TrainingRun(cfg, resume, fresh, progress, verbose, build)
+    run.resolve()
+    with run.writer.lock(), keras_state(cfg, run.machine), stop_requests() as stop:
+        run.prepare()
+        run.build()
+        run.restore()
+        run.writer.write_record(run.record("running"))
+        if run.state.step >= run.end:
+            print(f"nothing to do: the run already reached step {run.state.optimizer_step}")
+            return run.record("running")
+        run.fit(stop)
+        return run.finish()
+
+
+@contextlib.contextmanager
+def keras_state(cfg: Config, machine):
+    """The run's global Keras/TensorFlow state (seed, dtype policy, op determinism), and the
+    caller's put back after it (a notebook may generate or train again in the same process)."""
+    # TensorFlow's public API can only switch determinism on; Keras reads the same private flag.
+    from tensorflow.python.framework import config as tf_config
+
+    policy = keras.mixed_precision.dtype_policy()
+    deterministic = tf_config.is_op_determinism_enabled()
+    try:
+        if cfg.train.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(cfg.seed)
+        keras.mixed_precision.set_dtype_policy(machine.precision)
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
+        if not deterministic:
+            tf_config.disable_op_determinism()
+
+
+# --------------------------------------------------------------------------------------------
+# Resolve: what the run needs, checked before anything heavy
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("include", "exclude"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: Path, cfg: Config) -> None:
+    old = _flat(_load_yaml(saved))
+    # Runs written before lora.init existed drew A as Keras does (he_uniform).
+    old.setdefault("lora.init", "keras")
+    new = _flat(cfg.to_dict())
+    diffs = [f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    if diffs:
+        raise TrainingError(f"--resume with a config that differs from {saved}:\n  "
+                            + "\n  ".join(diffs) + "\nresume with the run's own config, or start a "
+                            "new run in another output.dir")
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+@dataclass
+class Inputs:
+    """What the checks before any heavy work found: the captions and where the weights are."""
+
+    table: object  # the captions table
+    n_train: int
+    n_val: int  # 0: best.lora.safetensors is chosen by train loss
+    source: models.WeightsSource
+    init_meta: dict | None  # lora.init_from's metadata (checked), when the run starts from it
+
+
+@dataclass
+class Machine:
+    precision: str
+    strategy: object
+    replicas: int  # over every worker
+    jit: bool
+    jit_reason: str
+    kind: str = "one_device"  # train.strategy as resolved
+    workers: int = 1
+    chief: bool = True  # the process that writes the run's files (every one but multi_worker's)
+
+
+def _check_run_folder(run: RunDir, cfg: Config, resume: bool, fresh: bool, chief: bool) -> None:
+    if chief:
+        preflight.output_folder("output.dir", run.root)
+    if resume and not run.train_state.is_file():
+        shared = "" if chief else (" (a multi-worker run's output.dir must be a folder every "
+                                   "worker sees: a network share or a GCS path)")
+        raise TrainingError(f"--resume: {run.train_state} not found; nothing to resume in "
+                            f"{run.root}{shared}")
+    if chief and not resume and not fresh and run.train_state.is_file():
+        raise TrainingError(f"{run.root} already holds a run ({run.train_state}); continue it with "
+                            "--resume, start over with --fresh, or set output.dir to a new folder")
+    if resume:
+        try:
+            lora_file.safetensors_header(run.train_state)
+        except (ValueError, OSError) as exc:
+            raise TrainingError(f"--resume: {run.train_state} is damaged ({exc}); resume cannot "
+                                f"use it. Start over with --fresh, or train from a checkpoint: "
+                                f"--set lora.init_from={run.last}") from None
+        check_resume_config(run.config, cfg)
+
+
+def _check_images(cfg: Config, table) -> None:
+    if (table.image_path == "").any():
+        raise TrainingError(f"{cfg.data.captions}: rows without image_path; rebuild it with "
+                            "scripts/build_captions.py --images DIR")
+    paths = table.image_path.tolist()
+    if paths and remote.is_remote(paths[0]):  # one request each: check a spread of about 200
+        paths = paths[:: max(1, len(paths) // 200)]
+    missing = [p for p in paths if not remote.is_file(p)]
+    if missing:
+        raise TrainingError(f"{cfg.data.captions}: {len(missing)} image(s) not found, e.g. "
+                            f"{missing[0]}; rebuild the captions or fix data.images")
+    if not remote.is_remote(paths[0] if paths else ""):  # headers only: no pixel decoded
+        bad = [(p, why) for p in paths if (why := images.header_problem(p))]
+        if bad:
+            raise TrainingError(f"{cfg.data.captions}: {len(bad)} image(s) cannot be used, e.g. "
+                                f"{bad[0][0]}: {bad[0][1]}; replace or drop them and rebuild "
+                                "the captions")
+    if warning := images.upscale_warning(images.upscale_factors(table.image_path,
+                                                                 cfg.data.resolution),
+                                         cfg.data.resolution):
+        log.warning("%s", warning)
+
+
+def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
+                 chief: bool = True) -> Inputs:
+    """Every check that needs no model: the run folder, the captions and images, lora.init_from,
+    the weights. Raises TrainingError (or WeightsError) before anything heavy happens.
+
+    Other workers than the chief of a multi-worker run write nothing to output.dir; they read
+    the chief's train state from it when resuming (output.dir is shared: a network folder).
+    """
+    _check_run_folder(run, cfg, resume, fresh, chief)
+    table = read_captions(cfg.data.captions)
+    n_train = int((table.split == "train").sum())
+    if n_train < cfg.train.batch_size:
+        raise TrainingError(f"{cfg.data.captions}: {n_train} training rows cannot fill one batch of "
+                            f"train.batch_size={cfg.train.batch_size}")
+    _check_images(cfg, table)
+    init_meta = None
+    if cfg.lora.init_from and not resume:  # checked now; loaded once the LoRA layers exist
+        try:
+            init_meta = lora_file.check_init_from(cfg.lora.init_from, cfg.lora.rank, cfg.lora.alpha)
+        except lora_file.LoraError as exc:
+            raise TrainingError(str(exc)) from None
+    if cfg.train.eval_every:
+        from fashion_sd.evaluation.evaluate import make_plan  # noqa: PLC0415
+        from fashion_sd.evaluation.clip import check_spec  # noqa: PLC0415
+
+        make_plan(cfg, cfg.eval.split, cfg.train.eval_images)  # the split it scores is not empty
+        check_spec(cfg.eval.clip)
+    source = models.resolve_weights(cfg.model.weights, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
+    return Inputs(table, n_train, int((table.split == "val").sum()), source, init_meta)
+
+
+def _mirrors(cfg: Config) -> dict[str, remote.Mirror]:
+    """Local mirrors of output.dir and data.cache_dir where they are URLs (gs://...), checked
+    writable and filled from what the remote folders already hold (see fashion_sd.remote)."""
+    mirrors = {}
+    for key, url in (("output.dir", cfg.output.dir), ("data.cache_dir", cfg.data.cache_dir)):
+        if remote.is_remote(url):
+            mirror = remote.Mirror(url)
+            try:
+                mirror.check(key)
+            except remote.RemoteError as exc:
+                raise TrainingError(str(exc)) from None
+            pulled = mirror.pull()
+            print(f"{key} {url}: worked on in {mirror.local} ({pulled} file(s) copied in), each "
+                  "file copied out as it is written")
+            mirrors[key] = mirror
+    return mirrors
+
+
+def resolve_machine(cfg: Config) -> Machine:
+    """Precision, replicas and XLA for this machine and config, refusing what cannot run."""
+    kind = hardware.resolve_strategy(cfg.train.strategy)
+    precision = hardware.resolve_precision(cfg.train.precision, tpu=kind == "tpu")
+    spec = hardware.tf_config() if kind == "multi_worker" else None
+    try:
+        strategy = hardware.strategy(kind)
+    except hardware.StrategyError as exc:
+        raise TrainingError(str(exc)) from None
+    replicas = strategy.num_replicas_in_sync
+    jit, jit_reason = hardware.resolve_jit(cfg.train.jit_compile, replicas,
+                                           cfg.train.deterministic)
+    if jit and replicas > 1:
+        raise TrainingError(f"train.jit_compile: true with {replicas} replicas: the trainer's "
+                            "cross-replica skip of non-finite steps uses merge_call, which "
+                            "TensorFlow forbids under XLA; set train.jit_compile: auto or false")
+    if kind == "tpu":  # a TPU runs only what XLA compiled; no choice to record
+        jit, jit_reason = False, "tpu: TPUStrategy compiles every step with XLA itself"
+    if cfg.train.batch_size % replicas:
+        raise TrainingError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be "
+                            f"a multiple of the {replicas} replicas it is split over")
+    workers = len(spec["cluster"].get("worker", [])) + len(spec["cluster"].get("chief", [])) \
+        if spec else 1
+    # TensorFlow's own answer to "does this process write?": the chief task, or worker 0 when
+    # the cluster names no chief; every single-process strategy says yes.
+    return Machine(precision, strategy, replicas, jit, jit_reason, kind, workers,
+                   strategy.extended.should_checkpoint)
+
+
+def fit_segments(step: int, steps_per_epoch: int, end: int) -> list[tuple[int, int, int]]:
+    """The ``fit`` calls that take a run from micro-batch ``step`` to ``end``, as
+    ``(initial_epoch, epochs, steps_per_epoch)``: a partial epoch first when resuming mid-epoch,
+    then whole epochs (the last may be cut short by ``end``, which the step guard enforces)."""
+    epochs = -(-end // steps_per_epoch)
+    first_epoch, offset = divmod(step, steps_per_epoch)
+    segments = []
+    if offset:
+        segments.append((first_epoch, first_epoch + 1, steps_per_epoch - offset))
+        first_epoch += 1
+    if first_epoch < epochs:
+        segments.append((first_epoch, epochs, steps_per_epoch))
+    return segments
+
+
+# --------------------------------------------------------------------------------------------
+# The run, phase by phase
+
+
+class TrainingRun:
+    """One run of :func:`train`; each public method is one phase (see the module docstring)."""
+
+    def __init__(self, cfg: Config, resume: bool, fresh: bool, progress, verbose: int, build):
+        self.cfg, self.resume, self.fresh = cfg, resume, fresh
+        self.progress, self.verbose, self._build = progress, verbose, build
+        self.t_start = time.time()
+
+    # ---- 1. resolve
+    def resolve(self) -> None:
+        self.machine = resolve_machine(self.cfg)
+        self.mirrors = _mirrors(self.cfg)
+        out = self.mirrors.get("output.dir")
+        self.run = RunDir(out.local if out else self.cfg.output.dir)
+        self.inputs = check_inputs(self.cfg, self.run, self.resume, self.fresh, self.machine.chief)
+        self.writer = RunWriter(self.run, self.machine.chief, out)
+
+    # ---- 2. prepare
+    def prepare(self) -> None:
+        cfg, machine, t = self.cfg, self.machine, self.cfg.train
+        if self.fresh:
+            self.writer.clear()
+        if self.inputs.n_val == 0:
+            log.warning("%s: the val split is empty, so best.lora.safetensors is chosen by train "
+                        "loss (recorded in run.json as best_by); give captions.split.val > 0 for "
+                        "a held-out choice", cfg.data.captions)
+        if not self.resume:
+            self.writer.save_config(cfg)
+        print(f"weights: {self.inputs.source.label}\nprecision: {machine.precision}, XLA: "
+              f"{machine.jit} ({machine.jit_reason}), replicas: {machine.replicas}")
+        if machine.replicas > 1 or machine.kind != "one_device":
+            # The learning rate is never rescaled for the replica count: say what runs.
+            print(f"strategy: {machine.kind}, {machine.workers} worker(s), {machine.replicas} "
+                  f"replica(s); global batch {t.batch_size} ({t.batch_size // machine.replicas} "
+                  f"per replica); learning rate {t.learning_rate:g} as configured (not scaled)"
+                  + ("" if machine.chief else "; this worker writes nothing, the chief writes "
+                     "the run's files"))
+
+    # ---- 3. build
+    def build(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        with self.machine.strategy.scope():
+            self.comps = self._build(self.inputs.source, cfg.data.resolution)
+        attention.set_attention(self.comps.diffusion_model, cfg.model.attention)
+        self.encoded = self._encode()
+        self.comps.image_encoder = None  # not needed past the cache
+        self.spe = self.inputs.n_train // t.batch_size
+        self.total = t.epochs * self.spe
+        self.end = min(self.total, t.max_steps * t.grad_accum) if t.max_steps else self.total
+        with self.machine.strategy.scope():
+            self.layers, te_layers = self._lora()
+            self.trainer = LoraTrainer(self.comps.diffusion_model, snr_gamma=t.snr_gamma,
+                                       text_encoder=self.comps.text_encoder if te_layers else None)
+            te_vars = [v for d in te_layers.values() for v in (d.lora_kernel_a, d.lora_kernel_b)]
+            self.trainer.compile(optimizer=make_optimizer(
+                t, max(1, self.total // t.grad_accum), self.machine.precision,
+                self.machine.replicas, te_vars), jit_compile=self.machine.jit)
+            self.trainer.optimizer.build(self.trainer.trainable_variables)
+        self.te_lora = bool(te_layers)
+        self.state = cb.RunState(self.run.root, self.spe, t.grad_accum, self.end, self.total)
+
+    def _encode(self):
+        """The frozen encoders' outputs, once, through the cache."""
+        cfg = self.cfg
+        if cfg.lora.text_encoder:
+            print("lora.text_encoder: the text encoder trains, so captions are encoded at every "
+                  "step (no text cache for this run); the VAE cache is kept")
+        cache = self.mirrors.get("data.cache_dir")
+        return data.encode_dataset(
+            self.inputs.table, self.comps, cache.local if cache else cfg.data.cache_dir,
+            cfg.data.resolution, self.progress, text_cache=not cfg.lora.text_encoder,
+            shard_rows=cfg.data.shard_rows, cache_dtype=cfg.data.cache_dtype,
+            on_write=cache.push if cache and self.machine.chief else None)
+
+    def _lora(self) -> tuple[dict, dict]:
+        """LoRA on the U-Net (from lora.init_from when set) and, as a variant, on the text
+        encoder; returns (every LoRA layer by checkpoint key, the text encoder's)."""
+        cfg, t = self.cfg, self.cfg.train
+        layers = lora.apply_lora(self.comps.diffusion_model, cfg.lora)
+        if self.inputs.init_meta is not None:
+            try:
+                lora.init_from(cfg.lora.init_from, layers, cfg.lora)
+            except lora.LoraError as exc:
+                raise TrainingError(str(exc)) from None
+            print(f"LoRA starts from {cfg.lora.init_from}")
+        te_layers = {}
+        if cfg.lora.text_encoder:
+            te_layers = lora.apply_text_encoder_lora(self.comps.text_encoder, cfg.lora)
+            print(f"text-encoder LoRA: {len(te_layers)} projections, learning rate "
+                  f"{t.text_encoder_lr or t.learning_rate:g}")
+        layers = {**layers, **te_layers}  # one checkpoint holds both (te00.q_proj, ...)
+        if t.ema_decay:
+            print(f"EMA of the LoRA weights (diffusers' EMAModel: decay min({t.ema_decay:g}, "
+                  "(1 + k) / (10 + k)) after optimizer step k): "
+                  f"checkpoints hold it, their raw weights go to {self.run.checkpoints / 'raw'}")
+        self.trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
+        print(f"trainable LoRA parameters: {self.trainable:,} "
+              f"({len(layers)} projections, rank {cfg.lora.rank})")
+        return layers, te_layers
+
+    # ---- 4. restore
+    def restore(self) -> None:
+        if not self.resume:
+            return
+        state, run = self.state, self.run
+        info = load_train_state(run.train_state, self.trainer, self.layers)
+        state.step, state.best_val = info["step"], info["best_val"]
+        state.elapsed = info["elapsed"]
+        history = run.read_history(state.optimizer_step)
+        state.history = history.to_dict("records") if history is not None else []
+        print(f"resuming at step {state.optimizer_step} (epoch {state.epoch_progress:g})")
+        if info.get("schedule") != cb.SCHEDULE:
+            log.warning("%s was written before the learning-rate schedule counted optimizer steps "
+                        "(warm-up and decay counted micro-batches with train.grad_accum > 1, and "
+                        "the first warm-up step had rate 0); the rest of this run follows the "
+                        "new schedule, and its val loss draws other noise", run.train_state)
+
+    def record(self, status: str, **extra) -> dict:
+        """run.json's content: the config, the weights, the machine, what runs, ``status``."""
+        cfg, m, t, source = self.cfg, self.machine, self.cfg.train, self.inputs.source
+        jit_used = bool(self.trainer.jit_compile)  # Keras may still turn XLA off
+        return {"config": cfg.to_dict(), "weights": source.to_dict(),
+                "random_init": source.is_random, "versions": hardware.versions(),
+                "machine": hardware.describe(), "status": status,
+                "trainable_parameters": self.trainable, "precision": m.precision,
+                "jit_compile": jit_used, "jit_reason": m.jit_reason if jit_used == m.jit
+                else f"{m.jit_reason}; Keras turned it off",
+                "attention": cfg.model.attention, "lora_form": cfg.lora.form,
+                "loss_scaling": m.precision == "mixed_float16", "replicas": m.replicas,
+                "strategy": m.kind, "workers": m.workers, "steps_per_epoch": self.spe,
+                "train_images": self.inputs.n_train, "val_images": self.inputs.n_val,
+                "best_by": "val_loss" if self.inputs.n_val else "train_loss",
+                "distinct_captions": int(self.inputs.table.caption.nunique()),
+                "options": {k: getattr(t, k) for k in ("snr_gamma", "noise_offset",
+                                                        "caption_dropout", "ema_decay")},
+                "text_encoder_lora": self.te_lora, **extra}
+
+    # ---- 5. fit
+    def fit(self, stop) -> None:
+        """The fit segments; a stop request, a full disk or a lost worker ends them early."""
+        cfg, t, state = self.cfg, self.cfg.train, self.state
+        callbacks = self._callbacks(stop)
+        val = data.val_dataset(self.encoded, t.batch_size, cfg.seed, t.val_repeats)
+        try:
+            for initial, epochs, steps in fit_segments(state.step, self.spe, self.end):
+                if state.stop_reason:
+                    break
+                ds = data.train_dataset(self.encoded, t.batch_size, cfg.seed, state.step,
+                                        min(self.end, state.step + (epochs - initial) * steps),
+                                        cfg.data.flip, t.noise_offset, t.caption_dropout)
+                self._fit_segment(ds, val, initial, epochs, steps, callbacks)
+        except cb.StopRequested:
+            self._interrupted(stop)
+        except DiskFull as exc:
+            self.writer.push()
+            raise TrainingStopped(f"{exc}. {self._intact()} Free some space, then continue with "
+                                  f"--resume.") from None
+
+    def _fit_segment(self, ds, val, initial, epochs, steps, callbacks) -> None:
+        if self.machine.kind != "multi_worker":
+            self.trainer.fit(ds, epochs=epochs, initial_epoch=initial, steps_per_epoch=steps,
+                             validation_data=val, callbacks=callbacks, verbose=self.verbose,
+                             shuffle=False)
+            return
+        try:  # Keras' fit cannot (see fashion_sd.training.multiworker)
+            multiworker.fit(self.trainer, self.machine.strategy, ds, epochs=epochs,
+                            initial_epoch=initial, steps_per_epoch=steps, validation_data=val,
+                            callbacks=callbacks, verbose=self.verbose, chief=self.machine.chief)
+        except multiworker.LOST_WORKER as exc:
+            self.writer.push()
+            saved = load_train_state_step(self.run.train_state)
+            raise TrainingStopped(
+                f"a worker of the cluster was lost at step {self.state.optimizer_step} "
+                f"({str(exc).strip().splitlines()[0][:200]}). "
+                + (f"The train state in {self.run.train_state} (step {saved}) is intact: "
+                   if saved is not None else "No train state was written yet: ")
+                + "restart every worker with the same command and --resume"
+                + ("" if saved is not None else " removed")) from None
+
+    def _callbacks(self, stop) -> list:
+        """Every worker counts steps and stops alike; only the chief writes (the writers)."""
+        cfg, t, state, source = self.cfg, self.cfg.train, self.state, self.inputs.source
+        metadata = {"base_weights": source.id, "random_init": str(source.is_random).lower(),
+                    "caption_template": cfg.captions.template,
+                    "resolution": str(cfg.data.resolution)}
+        if cfg.lora.init_from:
+            metadata["init_from"] = str(cfg.lora.init_from)
+        else:  # how A started (B = 0): the config's lora.init, so a checkpoint says how to repeat it
+            metadata["lora_init"] = cfg.lora.init
+        if self.machine.jit:
+            self.comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predicts
+        sampler = Sampler(self.comps, local=self.machine.kind == "multi_worker")
+        writers = [
+            cb.Checkpointer(state, self.writer, self.layers, cfg, metadata, source.label,
+                            monitor="val_loss" if self.inputs.n_val else "loss"),
+            cb.SampleGrids(state, sampler, t, source.label),
+            *self._scoring(sampler),
+            # EMA: val loss of the EMA weights, raw weights kept across fit segments.
+            *([cb.EmaValidation(), cb.KeepRawWeights()] if t.ema_decay else []),
+            keras.callbacks.TensorBoard(str(self.run.tensorboard)),
+            *([cb.AfterWrites(self.writer.push)] if self.writer.mirror else []),  # after writes
+        ]
+        return [cb.StepGuard(state, t.max_nonfinite, t.min_loss_scale, stop),
+                *(writers if self.machine.chief else []), cb.StopWhenRequested(state)]
+
+    def _scoring(self, sampler) -> list:
+        """``train.eval_every``: the chief scores; the other workers wait for it."""
+        cfg, t = self.cfg, self.cfg.train
+        if not t.eval_every or not self.machine.chief:
+            return []
+        from fashion_sd.evaluation.evaluate import Scorer  # noqa: PLC0415 - Inception, CLIP: only when asked
+
+        print(f"evaluating every {t.eval_every} epoch(s) on {t.eval_images} {cfg.eval.split} "
+              f"prompts -> {self.run.eval}")
+        scorer = Scorer(cfg, num_images=t.eval_images, out=self.run.eval, progress=self.progress)
+        scorer.judge  # noqa: B018 - CLIP now: a missing download fails before the first step
+        return [cb.EvalDuringTraining(self.state, scorer, sampler, t, self.inputs.source.id,
+                                      self.inputs.source.label)]
+
+    def _intact(self) -> str:
+        saved = load_train_state_step(self.run.train_state)
+        if saved is None:
+            return "No train state was written yet."
+        return (f"The last train state ({self.run.train_state}, step {saved}) and checkpoint "
+                f"({self.run.last}) are intact.")
+
+    def _interrupted(self, stop) -> None:
+        """After a stop request: the train state of this step is written (by the chief's
+        Checkpointer); record it and say how to resume."""
+        self.writer.write_record(self.record("interrupted", step=self.state.optimizer_step,
+                                             epoch=self.state.epoch_progress,
+                                             stop_reason=stop.name))
+        self.writer.push()
+        where = (f"The train state of step {self.state.optimizer_step} is in "
+                 f"{self.run.train_state}" if self.machine.chief else "The chief saved the train "
+                 "state")
+        raise TrainingInterrupted(
+            f"{stop.name} at step {self.state.optimizer_step} (epoch "
+            f"{self.state.epoch_progress:g}): stopped cleanly. {where}; continue with: fashion-sd "
+            f"train --config {self.run.config} --resume", stop.exit_code)
+
+    # ---- 6. finish
+    def finish(self) -> dict:
+        t, state, trainer = self.cfg.train, self.state, self.trainer
+        last = state.history[-1] if state.history else {}
+        best = state.best_val if math.isfinite(state.best_val) else None
+        summary = self.record(
+            "finished" if state.step >= self.total else "stopped",
+            stop_reason=state.stop_reason, step=state.optimizer_step, epoch=state.epoch_progress,
+            final_loss=last.get("loss"), final_val_loss=last.get("val_loss"),
+            best_val_loss=best if self.inputs.n_val else None,
+            best_train_loss=None if self.inputs.n_val else best,
+            skipped_steps=int(trainer.skipped_steps.numpy()),
+            overflow_steps=int(trainer.overflow_steps.numpy()),
+            seconds_this_session=round(time.time() - self.t_start, 1))
+        self.writer.write_record(summary)
+        if self.machine.kind == "multi_worker":
+            multiworker.barrier(self.machine.strategy)
+        if state.stop_reason == "nonfinite":
+            raise TrainingStopped(
+                f"stopped at step {state.optimizer_step}: {t.max_nonfinite} non-finite losses "
+                f"in a row. The last checkpoint ({self.run.last}) is intact. Lower "
+                "train.learning_rate, or use train.precision: float32.")
+        if state.stop_reason == "loss_scale":
+            raise TrainingStopped(
+                f"stopped at step {state.optimizer_step}: the float16 loss scale fell below "
+                f"train.min_loss_scale={t.min_loss_scale:g} ({summary['overflow_steps']} "
+                "overflow steps): gradients overflow float16 even unscaled, and smaller scales "
+                f"would let them underflow silently. The last checkpoint ({self.run.last}) is "
+                "intact. Use train.precision: mixed_bfloat16 (Ampere or newer) or float32, or "
+                "lower train.learning_rate.")
+        return summary
+
+
+def summary_line(summary: dict, out: str) -> str:
+    val = summary.get("final_val_loss")
+    val_text = f", val {val:.4f}" if val is not None and math.isfinite(val) else ""
+    loss = summary.get("final_loss")
+    # A multi-worker run's other workers keep no history: the chief's line has the losses.
+    loss_text = f", loss {loss:.4f}{val_text}" if loss is not None else ""
+    return (f"{summary['status']}: step {summary['step']} (epoch {summary['epoch']:g})"
+            f"{loss_text}, {summary['skipped_steps']} skipped steps, "
+            f"{summary['seconds_this_session']:.0f} s -> {out}")

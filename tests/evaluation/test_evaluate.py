@@ -1,0 +1,168 @@
+"""evaluate_fid end to end on a tiny run: tables, plots, resumability, labels."""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from tiny import FakeClip, tiny_unet
+
+from conftest import ROOT
+from fashion_sd.evaluation import evaluate as ev
+from fashion_sd.sd import models
+from fashion_sd.training import run
+from fashion_sd.config import load_config
+from fashion_sd.images import load_image
+from fashion_sd.evaluation.judge import Judge
+
+
+class SmallExtractor:
+    """8x8 grey thumbnails as 64-d features: cheap, deterministic, sensitive to the image."""
+
+    name, preprocessing, comparable, batch_size = "test-thumbnails", "grey8", False, 16
+    protocol = "clean"
+
+    def __call__(self, images):
+        from PIL import Image
+
+        return np.stack([np.asarray(Image.fromarray(np.asarray(i)).convert("L").resize((8, 8)),
+                                    np.float64).ravel() / 255 for i in images])
+
+
+@pytest.fixture
+def build(small_parts):
+    def make(source, resolution):
+        keras.utils.set_random_seed(0)
+        return models.Components(source, resolution, diffusion_model=tiny_unet(resolution // 8),
+                                 **small_parts)
+    return make
+
+
+@pytest.fixture
+def trained(tmp_path, demo_captions, encoder_cache, build):
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        f"data.captions={demo_captions}", f"data.cache_dir={encoder_cache}",
+        f"output.dir={tmp_path / 'run'}", "model.weights=random", "train.batch_size=8",
+        "train.sample_every=0", "train.epochs=2", "eval.num_images=4", "eval.steps=2",
+        "eval.clip=none"])
+    run.train(cfg, progress=None, verbose=0, build=build)
+    return cfg
+
+
+def fake_judge(cfg):
+    plan = ev.make_plan(cfg, "test", None)
+    return Judge(FakeClip(), plan.vocabulary, plan.colour_names)
+
+
+def test_scores_base_and_checkpoints(trained, build, monkeypatch):
+    out = ev.evaluate(trained, f"{trained.output.dir}/checkpoints", include_base=True,
+                      extractor=SmallExtractor(), build=build, judge=fake_judge(trained))
+    assert out.checkpoint.tolist() == ["base", "epoch_001", "epoch_002"]
+    assert out.epoch.tolist()[1:] == [1.0, 2.0]
+    assert (out.n_generated == 4).all() and (out.n_real == 4).all()
+    assert np.isfinite(out.fid).all() and np.isfinite(out.kid_mean).all()
+    # four images each: KID subsets of two, said in the table and the summary
+    assert (out.kid_subset_size == 2).all()
+    for column in ("clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1",
+                   "on_model_rate", "cut_off_judged_share"):
+        assert out[column].notna().all(), column
+    # noise from a tiny random U-Net shows no garment on a plain background: undetermined for
+    # cut-off (NaN, with the share it could judge: 0), never called wrong
+    judged = out.cut_off_judged_share > 0
+    assert (out.cut_off_rate.notna() == judged).all()
+    assert out.selected.sum() == 1 and not out.selected.iloc[0]  # never the base model
+    assert out.kid_mean[out.selected].iloc[0] == out.kid_mean.iloc[1:].min()  # eval.select: kid
+    folder = Path(trained.output.dir) / "eval"
+    csv = pd.read_csv(folder / "fid.csv")
+    assert list(csv.columns) == ev.COLUMNS and len(csv) == 3
+    md = (folder / "fid.md").read_text()
+    assert md.count("**best**") == 1 and "NOT COMPARABLE" in md and "KID" in md
+    assert "CLIP score" in md and "subsets of 2" in md and "real_vs_generated.png" in md
+    for name in ("fid.png", "real_vs_generated.png"):
+        assert (folder / name).stat().st_size > 1000
+    assert len(list((folder / "images" / "epoch_002").glob("*.png"))) == 4
+    judged = pd.read_csv(folder / "images" / "epoch_002" / "scores.csv")
+    assert len(judged) == 4 and {"prompt", "seed", "clip_score", "type_judged"} <= set(judged)
+    np.testing.assert_allclose(judged.clip_score.mean(),
+                               out.set_index("checkpoint").clip_score["epoch_002"])
+    # a re-run skips what is scored; --force recomputes the same numbers
+    monkeypatch.setattr(ev, "generate_for", lambda *a, **k: pytest.fail("recomputed"))
+    again = ev.evaluate(trained, f"{trained.output.dir}/checkpoints", include_base=True,
+                        extractor=SmallExtractor(), build=build, judge=fake_judge(trained))
+    pd.testing.assert_frame_equal(again, out)
+    monkeypatch.undo()
+    forced = ev.evaluate(trained, f"{trained.output.dir}/checkpoints/epoch_002.lora.safetensors",
+                         force=True, extractor=SmallExtractor(), build=build,
+                         judge=fake_judge(trained))
+    np.testing.assert_allclose(forced.set_index("checkpoint").fid["epoch_002"],
+                               out.set_index("checkpoint").fid["epoch_002"], rtol=1e-9)
+
+
+def test_input_errors(trained, tmp_path):
+    with pytest.raises(ev.EvaluationError, match="nothing to score"):
+        ev.evaluate(trained, None, include_base=False, extractor=SmallExtractor())
+    with pytest.raises(ev.EvaluationError, match="no .lora.safetensors checkpoint found"):
+        ev.evaluate(trained, str(tmp_path / "none*"), extractor=SmallExtractor())
+    bad = tmp_path / "bad.lora.safetensors"
+    bad.write_bytes(b"junk")
+    with pytest.raises(run.lora.LoraError, match="not a readable safetensors"):
+        ev.evaluate(trained, str(bad), extractor=SmallExtractor())
+    plan = ev.make_plan(trained, "val", None, "x")  # eval.num_images=4 caps the 5 val rows
+    assert plan.settings["n"] == 4 and plan.seeds == [42, 43, 44, 45]
+    assert len(set(plan.prompts)) == 4 and len(plan.real_paths) == 5
+
+
+def test_a_model_that_reproduces_the_real_set_scores_zero(trained, build, monkeypatch):
+    """The real images pass through the training loader before Inception, so generated images
+    equal to them score FID 0 (to float64 round-off: |FID| < 1e-6 of the features' variance).
+    Before, real photos went in at their own size and generated ones at the training size."""
+    from fashion_sd.evaluation.inception import untrained_extractor
+
+    def reproduce(sampler, plan, batch_size, folder, progress=None):
+        return np.stack([load_image(p, trained.data.resolution) for p in plan.real_paths])
+
+    monkeypatch.setattr(ev, "generate_for", reproduce)
+    extractor = untrained_extractor("clean")
+    out = ev.evaluate(trained, None, include_base=True, extractor=extractor, build=build,
+                      out=Path(trained.output.dir) / "eval_same")
+    features = extractor(reproduce(None, ev.make_plan(trained, "test", None), 4, None))
+    scale = float(np.trace(np.cov(features, rowvar=False)))
+    assert abs(float(out.fid.iloc[0])) < 1e-6 * scale
+    assert out.protocol.iloc[0] == "clean" and not out.comparable.iloc[0]
+
+
+def test_select_best_by_each_column():
+    table = pd.DataFrame({"checkpoint": ["base", "e1", "e2", "e3"],
+                          "fid": [9.0, 3.0, 2.0, 4.0], "kid_mean": [9.0, 1.0, 3.0, 2.0],
+                          "clip_score": [20.0, 25.0, 21.0, 30.0],
+                          "type_top1": [0.9, 0.2, 0.6, 0.5]})
+    assert ev.select_best(table, "fid") == (2, "fid")
+    assert ev.select_best(table, "kid") == (1, "kid_mean")
+    assert ev.select_best(table, "clip") == (3, "clip_score")
+    assert ev.select_best(table, "type_accuracy") == (2, "type_top1")  # not the base's 0.9
+    table["clip_score"] = np.nan  # CLIP was off: falls back to KID
+    assert ev.select_best(table, "clip") == (1, "kid_mean")
+
+
+def test_evaluation_while_training(tmp_path, demo_captions, encoder_cache, build, monkeypatch):
+    """train.eval_every: each epoch's checkpoint lands in eval/fid.csv as evaluate_fid.py would
+    score it, so evaluate_fid.py afterwards finds nothing left to do."""
+    from fashion_sd.evaluation import inception
+
+    monkeypatch.setattr(inception, "load_extractor", lambda *a, **k: SmallExtractor())
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        f"data.captions={demo_captions}", f"data.cache_dir={encoder_cache}",
+        f"output.dir={tmp_path / 'run'}", "model.weights=random", "train.batch_size=8",
+        "train.sample_every=0", "train.epochs=2", "train.eval_every=1", "train.eval_images=4",
+        "eval.steps=2", "eval.clip=none"])
+    run.train(cfg, progress=None, verbose=0, build=build)
+    table = pd.read_csv(Path(cfg.output.dir) / "eval" / "fid.csv")
+    assert table.checkpoint.tolist() == ["epoch_001", "epoch_002"]
+    assert table.epoch.tolist() == [1.0, 2.0] and table.selected.sum() == 1
+    # the garment metrics reach the table (noise shows no garment: the share judged says so)
+    assert np.isfinite(table.kid_mean).all() and table.colour_judged_share.notna().all()
+    monkeypatch.setattr(ev, "generate_for", lambda *a, **k: pytest.fail("scored twice"))
+    again = ev.evaluate(cfg, f"{cfg.output.dir}/checkpoints", num_images=4,
+                        extractor=SmallExtractor(), build=build)
+    assert again.checkpoint.tolist() == ["epoch_001", "epoch_002"]
