@@ -54,6 +54,7 @@ def child(rows: int, mode: str, folder: Path, shard_rows: int) -> dict:
     import pandas as pd
     import tensorflow as tf
 
+    from fashion_sd.sd import tokenizer
     from fashion_sd.training import data
     from fashion_sd.training.cache import cache_key, cached, file_id
     from tests.tiny import tiny_unet
@@ -74,7 +75,7 @@ def child(rows: int, mode: str, folder: Path, shard_rows: int) -> dict:
     else:  # the cache as it was: one array, computed whole, saved and loaded whole
         paths = table.image_path.tolist()
         distinct = sorted(set(table.caption) | {""})
-        tokens, _ = data.tokenize(distinct, comps.tokenizer)
+        tokens, _ = tokenizer.tokenize(distinct, comps.tokenizer)
         contexts = cached(cache_dir, cache_key("text", "t", distinct),
                           lambda: data.encode_text(comps.text_encoder, tokens))
         moments = cached(cache_dir, cache_key("images", "t", [file_id(p) for p in paths], 64),

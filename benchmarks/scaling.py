@@ -43,12 +43,12 @@ def main() -> None:
         devices = ["/gpu:0", "/gpu:1"]
     import keras
     import numpy as np
+    from tiny import tiny_unet
 
     from benchmarks._machine import describe
+    from fashion_sd.config import LoraConfig, TrainConfig
     from fashion_sd.sd import lora
     from fashion_sd.training import trainer as tr
-    from fashion_sd.config import LoraConfig, TrainConfig
-    from tiny import tiny_unet
 
     print(f"machine: {describe()}; replicas over {', '.join(devices)}")
     n = args.batch * (args.steps + 3)

@@ -56,10 +56,10 @@ def measure(resolution: int, cached: bool, batch: int, steps: int, precision: st
     import numpy as np
     import tensorflow as tf
 
-    from fashion_sd.sd import lora, models
-    from fashion_sd.training import data, hardware
-    from fashion_sd.sd.attention import set_attention
     from fashion_sd.config import LoraConfig, TrainConfig
+    from fashion_sd.sd import lora, models, tokenizer
+    from fashion_sd.sd.attention import set_attention
+    from fashion_sd.training import data, hardware
     from fashion_sd.training.trainer import LoraTrainer, make_optimizer
 
     keras.utils.set_random_seed(0)
@@ -92,7 +92,7 @@ def measure(resolution: int, cached: bool, batch: int, steps: int, precision: st
                 moments = moments_model(batch["images"], training=False)
                 return super().call({**batch, "moments": moments, "context": context}, training)
 
-        tokens, _ = data.tokenize(["an image of a 2011 Casual Fall White Men's Sweater"] * batch,
+        tokens, _ = tokenizer.tokenize(["an image of a 2011 Casual Fall White Men's Sweater"] * batch,
                                   comps.tokenizer)
         batch_data = dict(images=rng.uniform(-1, 1, (batch, resolution, resolution, 3)).astype("float32"),
                           tokens=tokens, **noise)

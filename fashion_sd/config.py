@@ -30,11 +30,16 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from fashion_sd.catalogue.template import (
+    CATEGORY_COLUMNS,
+    PAPER_TEMPLATE,
+    template_errors,
+)
 from fashion_sd.errors import FashionSDError
+from fashion_sd.evaluation.clip_spec import ARCHITECTURES
 from fashion_sd.files import atomic_write_text
 from fashion_sd.images import valid_size
 from fashion_sd.training.paper import PAPER_PROMPTS
-from fashion_sd.catalogue.template import CATEGORY_COLUMNS, PAPER_TEMPLATE, template_errors
 
 
 class ConfigError(FashionSDError, ValueError):
@@ -642,7 +647,6 @@ def validate(cfg: Config) -> list[tuple[str, str]]:
          or (cfg.eval.clip.startswith(("local:", "hf:")) and len(cfg.eval.clip.split(":", 1)[1]) > 0),
          "eval.clip", "must be auto, pretrained, random, none, local:DIR (a KerasCV CLIP preset "
          "folder) or hf:DIR (a transformers CLIP folder)")
-    from fashion_sd.evaluation.clip import ARCHITECTURES  # noqa: PLC0415 - numpy only
 
     need(cfg.eval.clip_preset in ARCHITECTURES or cfg.eval.clip.startswith(("local:", "hf:")),
          "eval.clip_preset", f"must be one of {', '.join(ARCHITECTURES)}")

@@ -10,15 +10,16 @@ command turns it into one line on stderr and exit code 2.
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import socket
-import struct
 import tempfile
 from pathlib import Path
 
+from fashion_sd import remote
+from fashion_sd.config import read_yaml_mapping
 from fashion_sd.errors import FashionSDError
+from fashion_sd.rundir import RunDir
 from fashion_sd.sd.lora_file import safetensors_header
 
 
@@ -124,7 +125,6 @@ def output_file(name: str, path) -> Path:
 def output_folder(name: str, path) -> Path:
     """A folder that exists and is writable, or can be created (a URL: probed through
     ``tf.io.gfile``, see :mod:`fashion_sd.remote`)."""
-    from fashion_sd import remote
 
     if remote.is_remote(path):
         mirror = remote.Mirror(path)
@@ -148,9 +148,6 @@ def resume_config(root) -> None:
     be YAML and be a mapping, or the comparison would end in a traceback. Only checked when the
     train state is there and readable (otherwise the run's own check says "nothing to resume"
     or "damaged", with its advice); a remote output.dir is checked once its mirror is pulled."""
-    from fashion_sd import remote
-    from fashion_sd.config import read_yaml_mapping
-    from fashion_sd.rundir import RunDir
 
     if remote.is_remote(root):
         return

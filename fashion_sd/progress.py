@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
 
 def tqdm_progress(iterable, desc, total=None):
-    from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, total=total, file=sys.stderr, unit="batch")

@@ -15,8 +15,15 @@ evaluator's checkpoint lookup, the exporter) all go through :class:`RunDir` and
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
+
+import pandas as pd
+
+from fashion_sd.files import atomic_path, atomic_write_text
+from fashion_sd.runlock import RunLock
 
 CHECKPOINT_SUFFIX = ".lora.safetensors"
 EPOCH_PREFIX = "epoch_"
@@ -27,6 +34,8 @@ SCORES_CSV, SCORES_MD, SCORES_PLOT = "fid.csv", "fid.md", "fid.png"
 SCORES_GRID = "real_vs_generated.png"  # one row per prompt: real, base, best, last
 JUDGED_CSV = "scores.csv"  # per image, beside each model's images in eval/images/NAME/
 GARMENT_CSV, GARMENT_MD = "garment.csv", "garment.md"  # evaluate --images's --out folder
+SWEEP_LOG = "sweep.log"  # a sweep run's training and evaluation output, in its run folder
+GALLERY = "assistant"  # the app's generated images, under output.dir
 STEP_PREFIX = "step_"  # step checkpoints (train.checkpoint_every_steps): step_000500.lora...
 LOCK = ".fashion-sd.lock"
 # history.csv's columns. skipped_steps: non-finite losses or gradients (never applied);
@@ -217,7 +226,6 @@ class RunDir:
 
 
 def _read_csv(path: Path):
-    import pandas as pd
 
     if not path.is_file():
         return None
@@ -243,9 +251,6 @@ class RunWriter:
 
     def lock(self):
         """The folder's lock (:class:`fashion_sd.runlock.RunLock`), held by the chief only."""
-        import contextlib
-
-        from fashion_sd.runlock import RunLock
 
         return RunLock(self.run.lock_file, self.run.root) if self.chief else contextlib.nullcontext()
 
@@ -253,7 +258,6 @@ class RunWriter:
         """``--fresh``: remove an earlier run's outputs (never other files in the folder)."""
         if not self.chief:
             return
-        import shutil
 
         for name in RunDir.OUTPUTS:
             p = self.run.root / name
@@ -269,16 +273,12 @@ class RunWriter:
     def write_record(self, record: dict) -> None:
         """``run.json``: the run's config, weights, machine and status."""
         if self.chief:
-            from fashion_sd.files import atomic_write_text
 
             atomic_write_text(self.run.run_json, json.dumps(record, indent=2, default=str) + "\n")
             self.push()
 
     def write_history(self, rows: list[dict]) -> None:
         if self.chief:
-            import pandas as pd
-
-            from fashion_sd.files import atomic_path
 
             with atomic_path(self.run.history) as tmp:
                 pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(tmp, index=False,

@@ -34,9 +34,9 @@ if args.worker is not None:
 import keras  # noqa: E402
 from tiny import tiny_unet  # noqa: E402
 
+from fashion_sd.config import load_config  # noqa: E402
 from fashion_sd.sd import models  # noqa: E402
 from fashion_sd.training import callbacks, run
-from fashion_sd.config import load_config  # noqa: E402
 
 cfg = load_config(HERE.parent / "configs/demo.yaml", json.loads(args.settings))
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fashion_sd.training import sweep as sw
 from fashion_sd.rundir import RunDir
+from fashion_sd.training import sweep as sw
 
 FAKE_ERROR = "error: out of memory (fake)"
 

@@ -9,8 +9,8 @@ import pytest
 from safetensors.numpy import load_file
 from test_run import config, train
 
-from fashion_sd.training import trainer as tr
 from fashion_sd.config import TrainConfig
+from fashion_sd.training import trainer as tr
 
 
 def _fresh_text_encoder_build(small_parts):
@@ -37,8 +37,8 @@ def test_text_encoder_lora_trains_at_its_own_learning_rate():
     import tensorflow as tf
     from tiny import tiny_unet
 
-    from fashion_sd.sd import lora, models
     from fashion_sd.config import LoraConfig
+    from fashion_sd.sd import lora, models
 
     keras.utils.set_random_seed(0)
     te, unet = models.build_component("text_encoder", 64), tiny_unet()

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, write_image, write_styles
 from safetensors.numpy import save_file
 
-from conftest import ROOT, write_image, write_styles
 from fashion_sd import cli
 
 
@@ -212,9 +212,9 @@ def tripwires(monkeypatch):
     """Anything heavy a row reaches fails it."""
     import fashion_sd.interop.weights as interop
     from fashion_sd import images
-    from fashion_sd.sd import models
-    from fashion_sd.training import data, sweep
     from fashion_sd.evaluation import inception
+    from fashion_sd.sd import models
+    from fashion_sd.training import data, sweep, tuning
 
     def trip(what):
         def fail(*a, **k):
@@ -223,7 +223,7 @@ def tripwires(monkeypatch):
 
     for module, name in ((models, "build_component"), (images, "check_images"),
                          (inception, "load_extractor"), (data, "encode_dataset"),
-                         (sweep, "run_sweep"), (sweep, "tune"), (interop, "import_model"),
+                         (sweep, "run_sweep"), (tuning, "tune"), (interop, "import_model"),
                          (interop, "merge_model")):
         monkeypatch.setattr(module, name, trip(f"{module.__name__}.{name}"))
 
@@ -498,8 +498,8 @@ def test_the_api_answers_non_numbers_with_a_message_not_a_traceback(tmp_path, ca
 
     from gradio_client import Client
 
-    from fashion_sd.serving.assistant import Assistant
     from fashion_sd.config import load_config
+    from fashion_sd.serving.assistant import Assistant
     from fashion_sd.serving.webapp import build_app, launch
 
     class Stub:  # Assistant's own generate(); everything after its checks is a tripwire

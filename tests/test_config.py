@@ -1,7 +1,13 @@
 import pytest
 import yaml
 
-from fashion_sd.config import Config, ConfigError, load_config, parse_override, valid_keys
+from fashion_sd.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_override,
+    valid_keys,
+)
 
 KEYS = ["seed", "data.styles", "data.images", "data.resolution", "captions.template",
         "captions.max_images", "captions.split", "model.weights", "lora.rank", "lora.alpha",

@@ -4,9 +4,8 @@ It has the U-Net's interface ([latent, timestep_embedding, context] -> noise) an
 blocks, so LoRA discovery, the trainer, checkpoints and resume run on it in seconds.
 """
 
-import numpy as np
-
 import keras
+import numpy as np
 
 CONTEXT = (77, 768)
 

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fashion_sd.config import LoraConfig
 from fashion_sd.sd import attention, lora, models
 from fashion_sd.training import trainer as tr
-from fashion_sd.config import LoraConfig
 
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]
 

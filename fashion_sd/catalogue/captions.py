@@ -29,32 +29,19 @@ import numpy as np
 import pandas as pd
 
 from fashion_sd import images, remote
-from fashion_sd.sd import tokenizer
-
-# The caption builder's parts, re-exported so that ``captions.X`` keeps naming them.
-from fashion_sd.catalogue.caption_text import (  # noqa: F401
-    caption_from_attributes,
-    fix_articles,
-    possessive,
-    render_captions,
-    tidy,
-)
-from fashion_sd.files import atomic_path
-from fashion_sd.catalogue.splits import allocate, assign_splits  # noqa: F401
-from fashion_sd.catalogue.styles import read_styles  # noqa: F401
-from fashion_sd.catalogue.template import (  # noqa: F401
-    CATEGORY_COLUMNS,
+from fashion_sd.catalogue.article_types import SINGULAR
+from fashion_sd.catalogue.caption_text import render_captions
+from fashion_sd.catalogue.splits import assign_splits
+from fashion_sd.catalogue.styles import read_styles
+from fashion_sd.catalogue.template import (
     DERIVED_FIELDS,
     KNOWN_VALUES,
-    MISSING_TOKENS,
-    PAPER_TEMPLATE,
-    REQUIRED_COLUMNS,
     SPLITS,
-    STYLE_COLUMNS,
     CaptionError,
     template_errors,
-    template_fields,
 )
+from fashion_sd.files import atomic_path
+from fashion_sd.sd import tokenizer
 
 if TYPE_CHECKING:
     from fashion_sd.config import CaptionsConfig
@@ -67,7 +54,6 @@ FLAGGED_COLUMNS = ("line", "id", "column", "value", "note")
 def flag_unusual(kept: pd.DataFrame) -> pd.DataFrame:
     """Kept rows whose gender, season, usage or article type is outside the catalogue's
     vocabulary: captioned as written, and listed so a typo is seen (``flagged.csv``)."""
-    from fashion_sd.catalogue.article_types import SINGULAR
 
     known = {**{col: set(values) for col, values in KNOWN_VALUES.items()},
              "articleType": set(SINGULAR)}

@@ -20,9 +20,11 @@ import os
 import sys
 from pathlib import Path
 
+from fashion_sd import preflight
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import reported
 from fashion_sd.interrupt import SIGNALS, Stopped
+from fashion_sd.sd import lora_file
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -42,8 +44,6 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 def check_args(args, cfg) -> Path | None:
     """Everything that can be wrong with the command line, before the model is built."""
-    from fashion_sd import preflight
-    from fashion_sd.sd import lora_file
 
     run = Path(args.run) if args.run else Path(cfg.output.dir)
     if args.run and not run.is_dir():

@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fashion_sd import preflight
 from fashion_sd.catalogue import captions, kaggle
 from fashion_sd.config import add_config_arguments, config_from_args
 from fashion_sd.errors import reported
+from fashion_sd.images import size_label, upscale_factors, upscale_warning
 
 
 @reported(FileNotFoundError)
@@ -52,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     if images is None:
         print("images: not checked (no --images); image_path is left empty")
     else:
-        from fashion_sd.images import size_label, upscale_factors, upscale_warning
 
         factors = upscale_factors([str(p) for p in result.table.image_path], cfg.data.resolution)
         if len(factors):
@@ -74,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _progress(iterable, total):
-    from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc="checking images", unit="img", file=sys.stderr)
 

@@ -20,7 +20,10 @@ import json
 import logging
 from pathlib import Path
 
+from fashion_sd import preflight
 from fashion_sd.errors import reported
+from fashion_sd.interop.lora_formats import export_lora, import_lora
+from fashion_sd.sd import lora_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,8 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_paths(args) -> None:
     """Inputs, numbers and outputs, before any model is built or any tensor read."""
-    from fashion_sd import preflight
-    from fashion_sd.sd import lora_file
 
     if args.command == "import-model":
         if not Path(args.source).exists():
@@ -100,7 +101,6 @@ def main(argv=None) -> int:
             print(f"skipped {n} tensors: {why}")
         print(f"use it with: --set model.weights=local:{args.out}")
     elif args.command == "import-lora":
-        from fashion_sd.interop.lora_formats import import_lora
 
         meta = import_lora(args.source, args.out)
         layers = json.loads(meta["layers"])
@@ -108,7 +108,6 @@ def main(argv=None) -> int:
         print(f"{meta['imported_format']} LoRA, rank {meta['rank']}, alpha {meta['alpha']}: "
               f"{len(layers) - te} U-Net and {te} text-encoder layers -> {args.out}")
     elif args.command == "export-lora":
-        from fashion_sd.interop.lora_formats import export_lora
 
         export_lora(args.lora, args.format, args.out)
         print(f"wrote {args.format} LoRA {args.out}")

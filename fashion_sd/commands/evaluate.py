@@ -21,23 +21,36 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+from PIL import Image
+
 from fashion_sd import preflight
-from fashion_sd.sd import lora_file
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import reported
+from fashion_sd.evaluation.clip_spec import check_spec
+from fashion_sd.evaluation.evaluate import (
+    attribute,
+    evaluate,
+    find_checkpoints,
+    garment_types,
+    make_plan,
+)
+from fashion_sd.evaluation.judge import load_judge, summarise
+from fashion_sd.files import atomic_path, atomic_write_text
+from fashion_sd.images import header_problem
+from fashion_sd.progress import tqdm_progress
 from fashion_sd.rundir import GARMENT_CSV, GARMENT_MD, SCORES_MD, RunDir
+from fashion_sd.sd import lora_file
 
 
 def judge_folder(args) -> int:
     """The garment metrics of a folder of images, one row per captions row: colour and cut-off
     always, CLIP score, garment type, colour, gender and on-model when ``eval.clip`` gives a
     CLIP model. Loads no Stable Diffusion model."""
-    from fashion_sd.files import atomic_path, atomic_write_text
-    from fashion_sd.evaluation.judge import load_judge, summarise
 
     cfg, folder, table, out = _folder_inputs(args)
     rows, paths, missing = _match_images(folder, table)
-    from fashion_sd.evaluation.evaluate import attribute, garment_types
 
     types, vocabulary = garment_types(table, rows)
     colours, colour_names = attribute(table, rows, "baseColour")
@@ -57,9 +70,6 @@ def judge_folder(args) -> int:
 
 def _folder_inputs(args):
     """(config, image folder, captions table, output folder), every check before any image."""
-    import pandas as pd
-
-    from fashion_sd.evaluation.clip import check_spec
 
     if not (args.images and args.captions and args.out):
         raise preflight.InputError("--images, --captions and --out go together: "
@@ -78,7 +88,6 @@ def _folder_inputs(args):
 def _match_images(folder: Path, table):
     """The captions rows that have an image in ``folder`` (by file name, or by stem for an id
     column), their paths, and how many rows had none; every image's header checked."""
-    from fashion_sd.images import header_problem
 
     files = {}
     for p in folder.iterdir():
@@ -100,7 +109,6 @@ def _match_images(folder: Path, table):
 def _judge_in_chunks(judge, paths, prompts, types, colours, genders, chunk: int = 64):
     """One row per image; a catalogue's photos are up to 1800x2400, so they are decoded a
     chunk at a time, never all at once."""
-    import pandas as pd
 
     parts = [judge([_rgb(p) for p in paths[s: s + chunk]], prompts[s: s + chunk],
                    types[s: s + chunk], colours[s: s + chunk], genders[s: s + chunk])
@@ -127,8 +135,6 @@ def _folder_summary(folder, summary: dict, judge, clip_note: str, missing: int) 
 
 
 def _rgb(path):
-    import numpy as np
-    from PIL import Image
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
@@ -156,9 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_images is not None and args.num_images < 2:
         raise ConfigError("--num-images must be >= 2 (a covariance needs two images)")
     # Every checkpoint is checked against SD 1.x before the first one is scored.
-    from fashion_sd.evaluation.evaluate import evaluate, find_checkpoints, make_plan
-    from fashion_sd.evaluation.clip import check_spec
-    from fashion_sd.progress import tqdm_progress
 
     for path in find_checkpoints(args.checkpoints) if args.checkpoints else []:
         lora_file.check(path, "--checkpoints")

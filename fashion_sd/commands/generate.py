@@ -15,11 +15,14 @@ import argparse
 import logging
 
 from fashion_sd import preflight
-from fashion_sd.sd import lora_file
-from fashion_sd.images import valid_size
-from fashion_sd.catalogue.captions import CaptionError, caption_from_attributes
+from fashion_sd.catalogue.caption_text import caption_from_attributes
+from fashion_sd.catalogue.template import CaptionError
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import reported
+from fashion_sd.images import valid_size
+from fashion_sd.progress import tqdm_progress
+from fashion_sd.sd import lora_file
+from fashion_sd.serving.image_settings import ImageSettings
 
 ATTRIBUTES = ("year", "usage", "season", "colour", "gender", "article")
 
@@ -78,7 +81,6 @@ def check_numbers(args, resolution) -> None:
 
 def apply_png_settings(args, cfg) -> None:
     """Take prompt, seed, steps, guidance, resolution, weights and LoRA from a generated PNG."""
-    from fashion_sd.serving.generate import ImageSettings
 
     preflight.input_file("--from-png", args.from_png, "PNG")
     try:
@@ -136,10 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         lora_file.check(args.lora, "--lora")
     preflight.output_folder("--out", args.out)
     from fashion_sd.serving.generate import generate_to_folder, load_sampler
-    from fashion_sd.progress import tqdm_progress
 
-    sampler, record = load_sampler(cfg.model.weights, resolution, args.lora,
-                                   cfg.model.cache_dir, cfg.seed, args.lora_strength)
+    sampler, record = load_sampler(cfg.model, resolution, cfg.seed, args.lora, args.lora_strength)
     seeds = getattr(args, "batch_seeds", None) or list(range(args.seed, args.seed + args.num_images))
     sidecar = generate_to_folder(sampler, prompts, seeds, args.out, args.steps, args.guidance,
                                  record, args.batch_size, args.negative_prompt, tqdm_progress,

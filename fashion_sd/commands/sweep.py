@@ -40,9 +40,9 @@ import os
 import sys
 
 from fashion_sd import preflight
-from fashion_sd.training import sweep as sw
 from fashion_sd.errors import reported
 from fashion_sd.interrupt import SIGNALS, Stopped
+from fashion_sd.training import sweep as sw
 
 
 @reported()
@@ -95,8 +95,10 @@ def _run(args) -> int:
         for name in names:
             print(f"{sweep.output / name}")
         return 0
+    if args.distributed or args.tuner:  # KerasTuner (and TensorFlow) only now
+        from fashion_sd.training import tuning
     if args.distributed:
-        table = sw.distributed(sweep, args.tuner or "grid", args.max_trials, only=args.only)
+        table = tuning.distributed(sweep, args.tuner or "grid", args.max_trials, only=args.only)
         if table is None:  # a worker: the chief writes the table
             return 0
         print((sweep.output / "results.md").read_text())
@@ -104,7 +106,7 @@ def _run(args) -> int:
             return table.attrs["exit_code"]
         return 1 if (table.status == "failed").all() else 0
     if args.tuner:
-        table = sw.tune(sweep, args.tuner, args.max_trials)
+        table = tuning.tune(sweep, args.tuner, args.max_trials)
     else:
         table = sw.run_sweep(sweep, args.only)
     print((sweep.output / "results.md").read_text())

@@ -11,9 +11,9 @@ import argparse
 import logging
 
 from fashion_sd import preflight
-from fashion_sd.sd import lora_file
 from fashion_sd.config import add_config_arguments, config_from_args
 from fashion_sd.errors import reported
+from fashion_sd.sd import lora_file
 
 
 @reported()

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fashion_sd.catalogue.caption_text import possessive
+
 TYPE_TEXT = "a photo of a {}"
 PRODUCT_TEXT = "a product photo of a {} on a plain background"
 WORN_TEXT = "a photo of a person wearing a {}"
@@ -73,7 +75,6 @@ def colour_texts(colours: list[str]) -> list[str]:
 
 
 def gender_texts(genders: list[str]) -> list[str]:
-    from fashion_sd.catalogue.caption_text import possessive  # noqa: PLC0415 - pure Python
 
     return [GENDER_TEXT.format(possessive(g)) for g in genders]
 

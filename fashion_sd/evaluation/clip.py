@@ -42,40 +42,32 @@ features and logits equal transformers' to 1e-5.
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
+from keras import ops
+from keras_cv.src.models.feature_extractor.clip import clip_model
+from keras_cv.src.utils.preset_utils import save_to_preset
+from PIL import Image
 
 from fashion_sd.errors import FashionSDError
+from fashion_sd.evaluation.adherence import normalise
+from fashion_sd.evaluation.clip_spec import (
+    ARCHITECTURES,
+    ClipUnavailable,
+    _folder,
+    check_spec,
+)
+from fashion_sd.sd.tokenizer import END_TOKEN, clip_tokenizer, tokenize
 
-# The published CLIP architectures (OpenAI's model cards; the same numbers are in each Kaggle
-# preset's config.json): random init of a preset needs them without the network.
-ARCHITECTURES = {
-    "clip-vit-base-patch16": dict(embed_dim=512, image_resolution=224, vision_layers=12,
-                                  vision_width=768, vision_patch_size=16, transformer_width=512,
-                                  transformer_heads=8, transformer_layers=12),
-    "clip-vit-base-patch32": dict(embed_dim=512, image_resolution=224, vision_layers=12,
-                                  vision_width=768, vision_patch_size=32, transformer_width=512,
-                                  transformer_heads=8, transformer_layers=12),
-    "clip-vit-large-patch14": dict(embed_dim=768, image_resolution=224, vision_layers=24,
-                                   vision_width=1024, vision_patch_size=14, transformer_width=768,
-                                   transformer_heads=12, transformer_layers=12),
-    "clip-vit-large-patch14-336": dict(embed_dim=768, image_resolution=336, vision_layers=24,
-                                       vision_width=1024, vision_patch_size=14,
-                                       transformer_width=768, transformer_heads=12,
-                                       transformer_layers=12),
-}
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])  # OpenAI CLIP's normalisation
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
 
 
-class ClipUnavailable(FashionSDError, RuntimeError):
-    """The CLIP weights asked for cannot be loaded; the message says what to download."""
-
-
 def clip_class():
-    from keras_cv.src.models.feature_extractor.clip import clip_model  # noqa: PLC0415
 
     # KerasCV's CLIP refuses to build without keras-nlp, which only its tokenizer
     # (CLIPProcessor) uses. We tokenize with our own copy of the same BPE, so the check is
@@ -88,9 +80,6 @@ def clip_class():
 def _causal_text_call(self, inputs, attention_mask=None):
     """KerasCV's ``CLIPTextEncoder.call`` with a causal mask that masks, pooled at the first end
     token (see the module docstring)."""
-    from keras import ops  # noqa: PLC0415
-
-    from fashion_sd.sd.tokenizer import END_TOKEN  # noqa: PLC0415
 
     n = self.context_length
     positions = ops.arange(n, dtype="int32")
@@ -110,7 +99,6 @@ def _causal_text_call(self, inputs, attention_mask=None):
 def repair(model):
     """Make KerasCV's ``CLIP`` compute OpenAI's CLIP, on this instance (see the module docstring);
     returns ``model``."""
-    import types  # noqa: PLC0415
 
     text = model.text_encoder
     text.call = types.MethodType(_causal_text_call, text)
@@ -120,7 +108,6 @@ def repair(model):
 
 def preprocess(images, resolution: int) -> np.ndarray:
     """uint8 RGB images (any sizes) -> float32 (n, r, r, 3) as OpenAI CLIP's ``_transform``."""
-    from PIL import Image
 
     out = []
     for image in images:
@@ -161,7 +148,6 @@ class ClipModel:
         return np.concatenate(out) if out else np.zeros((0, self.model.embed_dim))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        from fashion_sd.sd.tokenizer import END_TOKEN, clip_tokenizer, tokenize  # noqa: PLC0415
 
         out = []
         for s in range(0, len(texts), self.batch_size):
@@ -175,7 +161,6 @@ class ClipModel:
     def logits(self, image_emb, text_emb) -> np.ndarray:
         """(images, texts) ``exp(logit_scale) cos``: CLIP's logits per image, row by row (KerasCV's
         ``CLIPHead`` would divide by the norm of the whole batch)."""
-        from fashion_sd.evaluation.adherence import normalise  # noqa: PLC0415
 
         scale = float(np.exp(np.asarray(self.model.clip_head.logit_scale)))
         return scale * normalise(image_emb) @ normalise(text_emb).T
@@ -183,7 +168,6 @@ class ClipModel:
 
 def save_clip(model, folder: str | Path) -> Path:
     """Write ``model`` as a KerasCV preset folder that ``eval.clip: local:DIR`` loads."""
-    from keras_cv.src.utils.preset_utils import save_to_preset  # noqa: PLC0415
 
     save_to_preset(model, str(folder))
     return Path(folder)
@@ -191,7 +175,6 @@ def save_clip(model, folder: str | Path) -> Path:
 
 def random_clip(preset: str, seed: int = 0, **overrides):
     """The preset's architecture, randomly initialised (``overrides`` shrink it for tests)."""
-    import keras  # noqa: PLC0415
 
     if preset not in ARCHITECTURES:
         raise ClipUnavailable(f"eval.clip_preset {preset!r}: use one of {sorted(ARCHITECTURES)}")
@@ -206,32 +189,6 @@ def _help(preset: str) -> str:
             f"config.json and model.weights.h5) on a machine with internet and set eval.clip: "
             f"local:DIR, or run once online (KerasCV caches it in $KAGGLEHUB_CACHE, default "
             f"~/.cache/kagglehub); eval.clip: none turns the CLIP metrics off.")
-
-
-def _folder(spec: str) -> Path:
-    return Path(spec.split(":", 1)[1]).expanduser()
-
-
-def check_spec(spec: str, key: str = "eval.clip") -> None:
-    """What can be checked without loading: a local:DIR preset folder or an hf:DIR transformers
-    folder exists with its config (and, for hf:, its safetensors weights)."""
-    if spec.startswith("local:"):
-        folder = _folder(spec)
-        if not (folder / "config.json").is_file():
-            raise ClipUnavailable(f"{key}: {spec}: no config.json in {folder}; give a KerasCV CLIP "
-                                  "preset folder (config.json + model.weights.h5), or set "
-                                  f"{key}: auto or none")
-    elif spec.startswith("hf:"):
-        folder = _folder(spec)
-        if not (folder / "config.json").is_file():
-            raise ClipUnavailable(f"{key}: {spec}: no config.json in {folder}; give the folder a "
-                                  "transformers CLIPModel was saved to (save_pretrained, or a "
-                                  "snapshot of e.g. openai/clip-vit-large-patch14), or set "
-                                  f"{key}: auto or none")
-        if not list(folder.glob("*.safetensors")):
-            raise ClipUnavailable(f"{key}: {spec}: no .safetensors weights in {folder} (a "
-                                  "pytorch_model.bin is not read: it needs torch); download "
-                                  "model.safetensors too")
 
 
 def _load_preset(folder: Path, spec: str):

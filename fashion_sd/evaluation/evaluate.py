@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +26,24 @@ import pandas as pd
 from PIL import Image
 
 from fashion_sd import plots, rundir
+from fashion_sd.catalogue.article_types import singular
 from fashion_sd.catalogue.captions import read_captions
 from fashion_sd.config import Config
 from fashion_sd.errors import FashionSDError
+from fashion_sd.evaluation.fid import (
+    cached_stats,
+    feature_stats,
+    frechet_distance,
+    kid,
+    kid_subset_size,
+    stats_key,
+    warn_if_biased,
+)
+from fashion_sd.evaluation.judge import SUMMARY, load_judge, summarise
 from fashion_sd.files import atomic_path, atomic_write_text
 from fashion_sd.rundir import SCORES_GRID as GRID
 from fashion_sd.rundir import RunDir
+from fashion_sd.sd import lora_file
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +135,6 @@ def garment_types(table: pd.DataFrame, rows: pd.DataFrame) -> tuple[list, list[s
     file's types: the vocabulary zero-shot classification chooses from."""
     if "articleType" not in table:
         return [None] * len(rows), []
-    import warnings
-
-    from fashion_sd.catalogue.article_types import singular
 
     with warnings.catch_warnings():  # unknown types were reported when captions were built
         warnings.simplefilter("ignore")
@@ -154,7 +164,6 @@ def generate_for(sampler, plan: Plan, batch_size: int, folder: Path | None, prog
 
 
 def score(gen_feats: np.ndarray, real: dict, cfg: Config) -> dict:
-    from fashion_sd.evaluation.fid import feature_stats, frechet_distance, kid, kid_subset_size
 
     mu, sigma = feature_stats(gen_feats)
     fid = frechet_distance(mu, sigma, real["mu"], real["sigma"])
@@ -258,7 +267,6 @@ class Scorer:
 
     def __init__(self, cfg: Config, split: str | None = None, num_images: int | None = None,
                  out: str | Path | None = None, extractor=None, judge=None, progress=None):
-        from fashion_sd.evaluation.fid import cached_stats, stats_key, warn_if_biased
         from fashion_sd.evaluation.inception import load_extractor, real_image_features
 
         self.cfg, self.progress = cfg, progress
@@ -281,7 +289,6 @@ class Scorer:
     def judge(self):
         """Loaded on first use: CLIP costs a download or seconds of loading, and a re-run with
         nothing left to score needs none of it."""
-        from fashion_sd.evaluation.judge import load_judge
 
         if self._judge is None:
             self._judge, self.clip_note = load_judge(self.cfg, self.plan.vocabulary,
@@ -327,8 +334,7 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
     ``extractor``, ``build(source, resolution)`` and ``judge`` replace the Inception network,
     the Stable Diffusion components and the CLIP-backed judge (tests pass small ones).
     """
-    from fashion_sd.sd import lora
-    from fashion_sd.serving.generate import build_sampler, resolve_inference_weights
+    from fashion_sd.serving.generate import Inference
 
     paths = find_checkpoints(checkpoints) if checkpoints else []
     if not paths and not include_base:
@@ -346,19 +352,11 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
               f"{scorer.out / rundir.SCORES_CSV} (--force recomputes)")
         return previous
 
-    source = resolve_inference_weights(cfg.model.weights, cfg.model.cache_dir, cfg.seed)
-    sampler = build_sampler(source, cfg.data.resolution, cfg.seed, build)
-    comps = sampler.comps
-    swap = lora.LoraSwap()
-    table = previous
+    inference = Inference(cfg.model, cfg.data.resolution, cfg.seed, build)
+    source, table = inference.source, previous
     for model in todo:
-        swap.reset()  # back to the base weights, then fold this LoRA in
-        meta = {}
-        if model != BASE:
-            deltas, meta = lora.lora_deltas(model, comps.diffusion_model,
-                                            text_encoder=comps.text_encoder)
-            swap.apply(deltas)
-        row = scorer.score(sampler, _key_name(model), meta, source.id)
+        meta = inference.use(None if model == BASE else model)
+        row = scorer.score(inference.sampler, _key_name(model), meta, source.id)
         table = scorer.record(table, row, source.label)  # after each model: a crash loses one
     write_grid(scorer.plan, table, scorer.out, source.label)
     return table
@@ -366,7 +364,6 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
 
 def judge_images(judge, images, plan: Plan, folder: Path | None = None) -> dict:
     """The judge's summary columns for one model's images; the per-image rows go to ``folder``."""
-    from fashion_sd.evaluation.judge import SUMMARY, summarise
 
     judged = judge(images, plan.prompts, plan.types, plan.colours, plan.genders)
     if folder is not None:

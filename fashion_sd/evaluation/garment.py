@@ -17,6 +17,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
+from PIL import Image
 from scipy import ndimage
 
 # The catalogue's colour names (docs/dataset.md: 46 values) as sRGB; "Multi" has no single
@@ -201,8 +203,6 @@ def score_images(images, colour_labels):
     """One row per image: its colour label, the judged colour (None: no garment found), whether
     it is right (None when the label cannot be scored or no colour was judged), and whether the
     garment is cut off (None: undetermined). ``images`` are arrays or paths."""
-    import pandas as pd
-    from PIL import Image
 
     rows = []
     for item, label in zip(images, colour_labels):

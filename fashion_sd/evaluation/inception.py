@@ -59,10 +59,14 @@ import random
 import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
+import tensorflow_hub as hub
+from PIL import Image
 
 from fashion_sd.errors import FashionSDError
+from fashion_sd.images import load_image
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -95,7 +99,6 @@ class InceptionUnavailable(FashionSDError, RuntimeError):
 
 def _resize_clean(image: np.ndarray) -> np.ndarray:
     """clean-fid's "clean" resize: each channel as a float32 PIL image, bicubic, to 299."""
-    from PIL import Image  # noqa: PLC0415
 
     size = (INCEPTION_SIZE, INCEPTION_SIZE)
     channels = [np.asarray(Image.fromarray(image[:, :, c].astype(np.float32), mode="F")
@@ -133,7 +136,6 @@ def preprocess(images, protocol: str = "clean") -> tf.Tensor:
 def load_real_image(path: str | Path, resolution) -> np.ndarray:
     """A real image as training sees it: uint8 at ``data.resolution``, padded to its aspect on
     its own background by the training loader (:func:`fashion_sd.images.load_image`)."""
-    from fashion_sd.images import load_image  # noqa: PLC0415 - one decoder for training and FID
 
     return load_image(path, resolution)
 
@@ -197,7 +199,6 @@ class FeatureExtractor:
 
 
 def _keras_inception(weights):
-    import keras  # noqa: PLC0415
 
     return keras.applications.InceptionV3(include_top=False, pooling="avg", weights=weights,
                                           input_shape=(INCEPTION_SIZE, INCEPTION_SIZE, 3))
@@ -208,7 +209,6 @@ def _keras_call(model):
 
 
 def _load_tfhub(handle: str, protocol: str = "clean") -> FeatureExtractor:
-    import tensorflow_hub as hub  # noqa: PLC0415
 
     local = Path(handle).expanduser()
     if "://" not in handle and not local.is_dir():

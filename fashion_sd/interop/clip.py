@@ -20,7 +20,10 @@ import json
 import shutil
 from pathlib import Path
 
-from fashion_sd.interop.tensors import InteropError
+from fashion_sd.evaluation.clip import clip_class, repair, save_clip
+from fashion_sd.interop.checkpoint import _weight_files
+from fashion_sd.interop.kerascv import Target, _dense, _norm, assign
+from fashion_sd.interop.tensors import InteropError, Tensors
 
 CACHE_NAME = "kerascv-clip"
 CONVERTER_VERSION = 1  # a cache made by another version is converted again
@@ -74,8 +77,6 @@ def keras_arguments(folder: str | Path) -> dict:
 
 
 def _tensors(folder: Path):
-    from fashion_sd.interop.checkpoint import _weight_files
-    from fashion_sd.interop.tensors import Tensors
 
     files = _weight_files(folder)
     if not files or any(f.suffix != ".safetensors" for f in files):
@@ -103,7 +104,6 @@ class _Weights:
 
 
 def _blocks(prefix: str, encoder) -> list:
-    from fashion_sd.interop.kerascv import _dense, _norm
 
     out = []
     for i, block in enumerate(encoder.resblocks):
@@ -117,7 +117,6 @@ def _blocks(prefix: str, encoder) -> list:
 
 def clip_targets(model) -> list:
     """Every variable of a KerasCV ``CLIP`` with the transformers tensor that fills it."""
-    from fashion_sd.interop.kerascv import Target, _dense, _norm
 
     image, text = model.image_encoder, model.text_encoder
     emb = image.embeddings
@@ -141,8 +140,6 @@ def clip_targets(model) -> list:
 
 def convert(folder: str | Path):
     """The transformers CLIP in ``folder`` as a KerasCV ``CLIP`` (float32), every tensor checked."""
-    from fashion_sd.interop.kerascv import assign
-    from fashion_sd.evaluation.clip import clip_class, repair
 
     folder = Path(folder).expanduser()
     arguments = keras_arguments(folder)
@@ -154,7 +151,6 @@ def convert(folder: str | Path):
 
 def _fingerprint(folder: Path) -> dict:
     """What the cache was made from: the weight files' names, sizes and mtimes, and the config."""
-    from fashion_sd.interop.checkpoint import _weight_files
 
     files = [folder / "config.json"] + _weight_files(folder)
     return {"converter": CONVERTER_VERSION,
@@ -165,7 +161,6 @@ def cached_preset(folder: str | Path) -> Path:
     """The KerasCV preset folder converted from ``folder`` (``folder/kerascv-clip``), made on first
     use and again whenever the source files change; written to a temporary folder and renamed,
     so an interrupted conversion never leaves a half-written cache."""
-    from fashion_sd.evaluation.clip import save_clip
 
     folder = Path(folder).expanduser()
     cache, stamp = folder / CACHE_NAME, folder / CACHE_NAME / "source.json"

@@ -18,6 +18,18 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+from keras_cv.src.models.stable_diffusion.attention_block import AttentionBlock
+from keras_cv.src.models.stable_diffusion.diffusion_model import (
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+)
+from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
+from keras_cv.src.models.stable_diffusion.resnet_block import ResnetBlock
+from keras_cv.src.models.stable_diffusion.text_encoder import (
+    CLIPEmbedding,
+    CLIPEncoderLayer,
+)
 
 from fashion_sd.interop.keys import unet_block_names
 from fashion_sd.interop.tensors import InteropError
@@ -83,12 +95,6 @@ def _expect(found: list, n: int, what: str, model) -> list:
 
 
 def unet_targets(model: keras.Model) -> list[Target]:
-    from keras_cv.src.models.stable_diffusion.diffusion_model import (
-        ResBlock,
-        SpatialTransformer,
-        Upsample,
-    )
-    from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
 
     names = unet_block_names()
     layers = model.layers
@@ -130,7 +136,6 @@ def unet_targets(model: keras.Model) -> list[Target]:
 
 
 def _vae_res(prefix: str, block) -> list[Target]:
-    from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
 
     out = _norm(f"{prefix}.norm1", block.norm1) + _conv(f"{prefix}.conv1", block.conv1)
     out += _norm(f"{prefix}.norm2", block.norm2) + _conv(f"{prefix}.conv2", block.conv2)
@@ -147,9 +152,6 @@ def _vae_attn(prefix: str, block) -> list[Target]:
 
 
 def _sequential(model, names: list[str | None]) -> list[Target]:
-    from keras_cv.src.models.stable_diffusion.attention_block import AttentionBlock
-    from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
-    from keras_cv.src.models.stable_diffusion.resnet_block import ResnetBlock
 
     layers = [layer for layer in model.layers if layer.weights]
     _expect(layers, len(names), "layers with weights", model)
@@ -204,13 +206,11 @@ def decoder_targets(model) -> list[Target]:
 
 
 def clip_layers(model) -> list:
-    from keras_cv.src.models.stable_diffusion.text_encoder import CLIPEncoderLayer
 
     return _expect(_of_type(model.layers, CLIPEncoderLayer), 12, "CLIP encoder layers", model)
 
 
 def text_encoder_targets(model) -> list[Target]:
-    from keras_cv.src.models.stable_diffusion.text_encoder import CLIPEmbedding
 
     (emb,) = _expect(_of_type(model.layers, CLIPEmbedding), 1, "CLIP embeddings", model)
     out = [Target("text_model.embeddings.token_embedding.weight", emb.token_embedding.embeddings, "same"),

@@ -31,18 +31,19 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from fashion_sd.sd import lora_file
 from fashion_sd.config import LoraConfig
 from fashion_sd.files import atomic_path
 from fashion_sd.interop.keys import UNET_BLOCKS, _rename, unet_block_names
-from fashion_sd.sd.lora_file import is_text_encoder_layer, layer_alpha
 from fashion_sd.interop.tensors import (
     InteropError,
     SafetensorsFile,
     load_pickle,
     sha256,
 )
+from fashion_sd.sd import lora_file
+from fashion_sd.sd.lora_file import is_text_encoder_layer, layer_alpha
 
 FORMATS = ("kohya", "diffusers")
 UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "out_proj": "to_out.0"}
@@ -254,7 +255,6 @@ def export_lora(ckpt: str | Path, fmt: str, out: str | Path) -> Path:
     kohya's scripts). diffusers: ``lora_A``/``lora_B`` with rank and alpha in
     ``lora_adapter_metadata``, read by ``pipe.load_lora_weights`` and ``unet.load_lora_adapter``.
     """
-    from safetensors.numpy import save_file
 
     if fmt not in FORMATS:
         raise InteropError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fashion_sd.errors import FashionSDError
+from fashion_sd.sd.lora_file import safetensors_header as read_header
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -30,7 +31,6 @@ class InteropError(FashionSDError, ValueError):
 
 def safetensors_header(path: str | Path) -> tuple[dict, dict[str, str]]:
     """(tensor entries, ``__metadata__``) of a safetensors file, without reading its data."""
-    from fashion_sd.sd.lora_file import safetensors_header as read_header
 
     try:
         return read_header(path)

@@ -14,11 +14,11 @@ import json
 import logging
 from pathlib import Path
 
-from fashion_sd.sd import models
 from fashion_sd.files import atomic_write_text
 from fashion_sd.interop import kerascv
 from fashion_sd.interop.checkpoint import open_source
 from fashion_sd.interop.tensors import InteropError, sha256
+from fashion_sd.sd import lora, lora_file, models
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,6 @@ def merge_model(weights: str, lora_path: str | Path, out: str | Path, strength: 
     then needs no LoRA step. ``built`` as in :func:`import_model`: components to load the base
     weights into instead of building new ones (they hold the merged weights afterwards).
     """
-    from fashion_sd.sd import lora
 
     tensors, meta = lora_file.read(lora_path, fits_model=False)  # checked before anything is built
     source = models.resolve_weights(weights, cache_dir=cache_dir)

@@ -27,9 +27,12 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
+from keras_cv.src.models.stable_diffusion.text_encoder import CLIPEncoderLayer
 
-from fashion_sd.sd import lora_file
 from fashion_sd.config import LoraConfig
+from fashion_sd.sd import lora_file
+from fashion_sd.sd.attention import use_lora_form
 from fashion_sd.sd.lora_file import LoraError, is_text_encoder_layer, layer_scale
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "out_proj")
@@ -37,7 +40,6 @@ PROJECTIONS = ("to_q", "to_k", "to_v", "out_proj")
 
 def attention_projections(model: keras.Model) -> dict[str, keras.layers.Dense]:
     """Every attention projection of a model whose top-level layers include SpatialTransformers."""
-    from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
 
     out = {}
     transformers = [layer for layer in model.layers if isinstance(layer, SpatialTransformer)]
@@ -103,7 +105,6 @@ def apply_lora(model: keras.Model, spec: LoraConfig):
     Load base weights before this: Keras' legacy .h5 loading counts variables per layer.
     Returns the LoRA layers by name. Raises if anything else would train (checked by count).
     """
-    from fashion_sd.sd.attention import use_lora_form
 
     layers = select(attention_projections(model), spec.targets)
     # Freezing variables rather than layers: a frozen parent layer would hide the LoRA
@@ -177,7 +178,6 @@ TEXT_ENCODER_PROJECTIONS = {"q_proj": ("clip_attn", "q_proj"), "k_proj": ("clip_
 
 def text_encoder_projections(text_encoder: keras.Model) -> dict[str, keras.layers.Dense]:
     """The Dense layers of KerasCV's TextEncoder a LoRA may change, named ``te{i:02d}.{proj}``."""
-    from keras_cv.src.models.stable_diffusion.text_encoder import CLIPEncoderLayer
 
     out = {}
     blocks = [layer for layer in text_encoder.layers if isinstance(layer, CLIPEncoderLayer)]

@@ -24,6 +24,8 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path
@@ -303,8 +305,6 @@ def read(path, name: str = "LoRA", *, fits_model: bool = False,
          **check_args) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata of a LoRA checkpoint, after :func:`check` (of the file itself;
     ``fits_model`` also against Stable Diffusion 1.x's shapes)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
 
     meta = check(path, name, fits_model=fits_model, **check_args)
     try:
@@ -315,7 +315,6 @@ def read(path, name: str = "LoRA", *, fits_model: bool = False,
 
 def write(path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> Path:
     """A LoRA checkpoint, atomically; ``meta`` gains the format's name and version."""
-    from safetensors.numpy import save_file
 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": FORMAT_VERSION,

@@ -24,10 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+from keras_cv.models.stable_diffusion import (
+    Decoder,
+    DiffusionModel,
+    ImageEncoder,
+    TextEncoder,
+)
 
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
 from fashion_sd.images import image_size, valid_size
+from fashion_sd.sd.attention import set_attention
 from fashion_sd.sd.tokenizer import MAX_LENGTH, clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -206,15 +213,8 @@ def build_component(name: str, resolution: int, path: Path | None = None,
     The U-Net computes its attention as ``attention`` says (:mod:`fashion_sd.sd.attention`):
     ``fused`` (default) or KerasCV's own; the weights are the same either way.
     """
-    from keras_cv.models.stable_diffusion import (
-        Decoder,
-        DiffusionModel,
-        ImageEncoder,
-        TextEncoder,
-    )
 
     if name == "diffusion_model":
-        from fashion_sd.sd.attention import set_attention
 
         w, h = image_size(resolution)
         model = DiffusionModel(h, w, MAX_LENGTH, download_weights=False)

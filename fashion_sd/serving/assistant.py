@@ -17,16 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors import safe_open
 
-from fashion_sd.catalogue.captions import (
-    DERIVED_FIELDS,
-    MISSING_TOKENS,
-    CaptionError,
-    caption_from_attributes,
-)
+from fashion_sd.catalogue.caption_text import caption_from_attributes
+from fashion_sd.catalogue.template import DERIVED_FIELDS, MISSING_TOKENS, CaptionError
 from fashion_sd.errors import FashionSDError
+from fashion_sd.rundir import BEST, GALLERY, LAST, RunDir, checkpoint_name
+from fashion_sd.sd.tokenizer import MAX_LENGTH
+from fashion_sd.serving.generate import Inference
 from fashion_sd.serving.image_settings import ImageSettings
-from fashion_sd.rundir import BEST, LAST, RunDir, checkpoint_name
 
 # The pickers, in the order the caption names them.
 ATTRIBUTES = ("year", "usage", "season", "colour", "gender", "article")
@@ -105,7 +104,6 @@ def build_prompt(template: str, attributes: dict[str, str | None], free_text: st
 
 def prompt_warnings(prompt: str, tokenizer) -> list[str]:
     """What a designer should know about a prompt before generating (empty: an error)."""
-    from fashion_sd.sd.tokenizer import MAX_LENGTH
 
     if not prompt or not prompt.strip():
         raise RequestError("prompt", "the prompt is empty: pick an article type or type a prompt")
@@ -209,7 +207,6 @@ def list_checkpoints(run_dir: str | Path | None, extra=()) -> list[Checkpoint]:
     selected by ``eval.select`` where scored, else lowest val loss). Only files under the run directory (and ``extra``, given by whoever
     started the app) are listed: a link that leads out of the run is left out.
     """
-    from safetensors import safe_open
 
     rows = [Checkpoint(BASE, None)]
     files = checkpoint_files(run_dir, extra)
@@ -327,20 +324,14 @@ class Assistant:
     """
 
     def __init__(self, cfg, run_dir=None, extra_loras=(), build=None):
-        from fashion_sd.sd import lora
-        from fashion_sd.serving.generate import build_sampler, resolve_inference_weights
-
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir else None
         self.extra_loras = [Path(p) for p in extra_loras]
-        self.source = resolve_inference_weights(cfg.model.weights, cfg.model.cache_dir, cfg.seed)
-        self.sampler = build_sampler(self.source, cfg.data.resolution, cfg.seed, build)
-        self.comps = self.sampler.comps
-        self.swap = lora.LoraSwap()
-        self._active: tuple[str | None, float] = (None, 0.0)
-        self._deltas: dict[str, list] = {}  # path -> weight changes, computed once per file
+        self.inference = Inference(cfg.model, cfg.data.resolution, cfg.seed, build)
+        self.source, self.sampler = self.inference.source, self.inference.sampler
+        self.comps = self.inference.comps
         self.lock = threading.Lock()
-        self.gallery = Gallery(Path(cfg.output.dir) / "assistant")
+        self.gallery = Gallery(Path(cfg.output.dir) / GALLERY)
 
     @property
     def random_init(self) -> bool:
@@ -361,23 +352,6 @@ class Assistant:
                 return Checkpoint(name, path)
         raise RequestError("checkpoint", f"no checkpoint named {name!r} in this run")
 
-    def _use(self, ckpt: Checkpoint, strength: float) -> None:
-        from fashion_sd.sd import lora
-
-        key = (None if ckpt.path is None else str(ckpt.path), strength)
-        if key == self._active:
-            return
-        if ckpt.path is None:
-            self.swap.reset()
-        else:
-            deltas = self._deltas.get(key[0])
-            if deltas is None:
-                deltas, _ = lora.lora_deltas(ckpt.path, self.comps.diffusion_model,
-                                             text_encoder=self.comps.text_encoder)
-                self._deltas = {key[0]: deltas}  # one LoRA's changes kept: memory stays flat
-            self.swap.apply(deltas, strength)
-        self._active = key
-
     def generate(self, req: Request, on_step=None) -> Result:
         """Images for ``req`` (seeds ``seed, seed+1, ...``), each saved to the gallery."""
         checked = check_settings(req.num_images, req.steps, req.guidance, req.strength, req.seed)
@@ -387,12 +361,7 @@ class Assistant:
         negative = (req.negative_prompt or "").strip() or None
         strength = checked["strength"] if ckpt.path is not None else 1.0
         with self.lock:
-            try:
-                self._use(ckpt, strength)
-            except Exception:
-                self.swap.reset()  # a bad file leaves the base model, not half a LoRA
-                self._active = (None, 0.0)
-                raise
+            self.inference.use(ckpt.path, strength)  # a bad file leaves the base model
             images = self.sampler.generate(req.prompt, seeds, checked["steps"],
                                            checked["guidance"], negative, on_step=on_step)
         result = Result([], seeds, warnings=warnings)

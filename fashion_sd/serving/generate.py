@@ -12,14 +12,20 @@ import contextlib
 import io
 import json
 import logging
+from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
+from keras_cv.models import StableDiffusion
 
-from fashion_sd.serving.image_settings import PNG_KEY, ImageSettings  # noqa: F401 - re-exported
+from fashion_sd import plots
+from fashion_sd.files import atomic_write_text
 from fashion_sd.images import image_size, valid_size
+from fashion_sd.sd import lora, lora_file, models
 from fashion_sd.sd.models import Components
 from fashion_sd.sd.tokenizer import MAX_LENGTH, tokenize
+from fashion_sd.serving.image_settings import ImageSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,6 @@ class Sampler:
     """
 
     def __init__(self, comps: Components, local: bool = False):
-        from keras_cv.models import StableDiffusion
 
         missing = [n for n in ("text_encoder", "diffusion_model", "decoder") if getattr(comps, n) is None]
         if missing:
@@ -95,7 +100,6 @@ class _Local:
     """
 
     def __init__(self, model):
-        import tensorflow as tf
 
         self.model = model
         self._call = tf.function(lambda x: model(x, training=False))
@@ -134,7 +138,6 @@ INFERENCE = ("text_encoder", "diffusion_model", "decoder")  # what a sampler nee
 
 def resolve_inference_weights(weights: str, cache_dir=None, seed: int = 0):
     """Where the inference components' weights come from (fails fast, builds nothing)."""
-    from fashion_sd.sd import models
 
     return models.resolve_weights(weights, INFERENCE, cache_dir, seed)
 
@@ -145,7 +148,6 @@ def build_sampler(source, resolution, seed: int = 0, build=None) -> Sampler:
 
     ``build(source, resolution)`` replaces the component builder (tests pass small models).
     """
-    from fashion_sd.sd import models
 
     if not valid_size(resolution):
         raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
@@ -154,31 +156,67 @@ def build_sampler(source, resolution, seed: int = 0, build=None) -> Sampler:
     return Sampler(build(source, resolution))
 
 
-def load_sampler(weights: str, resolution, lora_path=None, cache_dir=None, seed: int = 0,
-                 strength: float = 1.0) -> tuple[Sampler, dict]:
-    """Build text encoder, U-Net and decoder, fold in the LoRA (fast inference), make a sampler.
+class Inference:
+    """The one inference recipe (generate.py, evaluation, the app): the weights resolved and the
+    text encoder, U-Net and decoder built once from ``model`` (the config's ``model`` section),
+    then any number of LoRAs applied one way, swapped in at a strength and undone exactly
+    (:class:`fashion_sd.sd.lora.LoraSwap`), so changing checkpoint or strength never rebuilds.
 
-    Returns the sampler and a record of what was used (weights source, LoRA metadata).
+    ``build(source, resolution)`` replaces the component builder (tests pass small models).
     """
-    from fashion_sd.sd import lora
 
-    if not valid_size(resolution):  # before the weights are resolved (maybe downloaded)
-        raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
-    meta = lora_file.check(lora_path, fits_model=False) if lora_path else None  # checked before any build
-    source = resolve_inference_weights(weights, cache_dir, seed)
+    def __init__(self, model, resolution, seed: int = 0, build=None):
+        if not valid_size(resolution):  # before the weights are resolved (maybe downloaded)
+            raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
+        self.source = resolve_inference_weights(model.weights, model.cache_dir, seed)
+        self.sampler = build_sampler(self.source, resolution, seed, build)
+        self.comps = self.sampler.comps
+        self.active: tuple[str | None, float] = (None, 0.0)
+        self._swap = lora.LoraSwap()
+        self._deltas: dict[str, list] = {}
+
+    def use(self, lora_path=None, strength: float = 1.0) -> dict:
+        """The base model (``lora_path`` None) or it with a LoRA at ``strength``; returns the
+        LoRA's metadata. Its weight changes are computed once per file (one file's kept, so
+        memory stays flat); a file that fails leaves the base model, never half a LoRA."""
+        key = (None if lora_path is None else str(lora_path), float(strength))
+        if lora_path is None:
+            self._swap.reset()
+            self.active = key
+            return {}
+        try:
+            if key[0] not in self._deltas:
+                # text_encoder: LoRAs imported from kohya/diffusers may change it too
+                deltas, meta = lora.lora_deltas(lora_path, self.comps.diffusion_model,
+                                                text_encoder=self.comps.text_encoder)
+                self._deltas = {key[0]: (deltas, meta)}
+            deltas, meta = self._deltas[key[0]]
+            if key != self.active:
+                self._swap.apply(deltas, strength)
+        except Exception:
+            self._swap.reset()
+            self.active = (None, 0.0)
+            raise
+        self.active = key
+        return meta
+
+
+def load_sampler(model, resolution, seed: int = 0, lora_path=None,
+                 strength: float = 1.0) -> tuple[Sampler, dict]:
+    """:class:`Inference` for one generation job: the base model with ``lora_path`` at
+    ``strength``. Returns the sampler and a record of what was used (weights source, LoRA)."""
+    meta = lora_file.check(lora_path, fits_model=False) if lora_path else None  # before any build
+    inference = Inference(model, resolution, seed)
+    source = inference.source
     if meta is not None and meta.get("base_weights") not in (None, source.id):
         log.warning("%s was trained on base weights %s; generating with %s", lora_path,
                     meta.get("base_weights"), source.id)
-    sampler = build_sampler(source, resolution, seed)
-    comps = sampler.comps
-    if lora_path:
-        # text_encoder: LoRAs imported from kohya/diffusers may change the text encoder too
-        lora.merge_lora(comps.diffusion_model, lora_path, strength, text_encoder=comps.text_encoder)
+    inference.use(lora_path, strength)
     record = {"weights": source.to_dict(), "random_init": source.is_random, "label": source.label,
               "lora": str(lora_path) if lora_path else None, "lora_metadata": meta,
               "lora_strength": strength if lora_path else None, "resolution": resolution,
               "model_seed": seed}
-    return sampler, record
+    return inference.sampler, record
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -206,10 +244,6 @@ def generate_to_folder(sampler: Sampler, prompts: list[str], seeds: list[int], o
     batch), so ``--from-png`` regenerates that batch and keeps the one image, pixel for pixel.
     ``keep`` limits the seeds whose images are saved.
     """
-    from pathlib import Path
-
-    from fashion_sd import plots
-    from fashion_sd.files import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

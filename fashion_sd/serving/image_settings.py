@@ -8,6 +8,9 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image, PngImagePlugin
+
+from fashion_sd.files import atomic_path
 
 PNG_KEY = "fashion-sd"  # the PNG text chunk holding an image's settings as JSON
 
@@ -60,9 +63,6 @@ class ImageSettings:
 
     def save_png(self, path, image: np.ndarray) -> None:
         """Write ``image`` atomically with these settings in PNG text metadata."""
-        from PIL import Image, PngImagePlugin
-
-        from fashion_sd.files import atomic_path
 
         info = PngImagePlugin.PngInfo()
         info.add_text(PNG_KEY, json.dumps(self.to_dict(), default=str))
@@ -72,7 +72,6 @@ class ImageSettings:
 
     @classmethod
     def read_png(cls, path) -> ImageSettings:
-        from PIL import Image
 
         with Image.open(path) as im:
             text = getattr(im, "text", {}) or {}

@@ -13,6 +13,7 @@ import random
 import gradio as gr
 
 from fashion_sd.catalogue import article_types
+from fashion_sd.catalogue.template import CaptionError
 from fashion_sd.serving.assistant import (
     ATTRIBUTES,
     BASE,
@@ -26,7 +27,6 @@ from fashion_sd.serving.assistant import (
     prompt_warnings,
     vocabulary,
 )
-from fashion_sd.catalogue.captions import CaptionError
 
 log = logging.getLogger(__name__)
 

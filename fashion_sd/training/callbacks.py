@@ -15,9 +15,10 @@ import keras
 import pandas as pd
 
 from fashion_sd import plots
-from fashion_sd.sd import lora
 from fashion_sd.config import Config, TrainConfig
+from fashion_sd.interop.lora_formats import FORMATS, export_lora
 from fashion_sd.rundir import BEST, LAST, SCORES_CSV, RunDir, RunWriter, checkpoint_name
+from fashion_sd.sd import lora
 from fashion_sd.training.trainer import (
     ema_weights,
     learning_rate,
@@ -164,7 +165,6 @@ class Checkpointer(keras.callbacks.Callback):
             path = lora.save_lora(run.checkpoint(name), self.layers, self.spec, **self.meta,
                                   **stamp)
         if self.export:
-            from fashion_sd.interop.lora_formats import export_lora
 
             for fmt, target in zip(self.export, self.state.run.exports(path, self.export)):
                 export_lora(path, fmt, target)
@@ -212,7 +212,6 @@ class Checkpointer(keras.callbacks.Callback):
     def _prune(self, kept: list[Path]):
         """The oldest of ``kept`` (epoch or step checkpoints) beyond train.keep_last, with their
         raw weights and exports."""
-        from fashion_sd.interop.lora_formats import FORMATS
 
         run = self.state.run
         for old in kept[: max(0, len(kept) - self.keep_last)]:

@@ -16,16 +16,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
+from fashion_sd.images import image_size, load_image
+from fashion_sd.sd.tokenizer import MAX_LENGTH, tokenize
 from fashion_sd.training import diffusion
 from fashion_sd.training.cache import cache_key, file_id
 from fashion_sd.training.diffusion import TRAIN_TIMESTEPS
-from fashion_sd.images import background_colour, image_size, load_image  # noqa: F401 - re-exported
-from fashion_sd.progress import tqdm_progress  # noqa: F401 - re-exported
 from fashion_sd.training.shards import ROWS_PER_SHARD, sharded
-from fashion_sd.sd.tokenizer import END_TOKEN, MAX_LENGTH, tokenize  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ def vae_moments_model(image_encoder):
     KerasCV's encoder returns only the scaled mean; training samples the posterior instead, as the
     reference trainers do, and :func:`fashion_sd.training.diffusion.sample_latents` applies the 0.18215.
     """
-    import keras
 
     return keras.Model(image_encoder.inputs, image_encoder.layers[-2].output)
 

@@ -6,18 +6,19 @@ import glob
 import json
 import os
 import platform
+from importlib.metadata import PackageNotFoundError, version
+
+import tensorflow as tf
 
 from fashion_sd.errors import FashionSDError
 
 
 def gpus():
-    import tensorflow as tf
 
     return tf.config.list_physical_devices("GPU")
 
 
 def compute_capability(gpu) -> tuple[int, int] | None:
-    import tensorflow as tf
 
     details = tf.config.experimental.get_device_details(gpu)
     return details.get("compute_capability")
@@ -104,7 +105,6 @@ def resolve_strategy(setting: str) -> str:
 
 def strategy(setting: str = "auto"):
     """The ``tf.distribute`` strategy that ``train.strategy`` names (see :func:`resolve_strategy`)."""
-    import tensorflow as tf
 
     kind = resolve_strategy(setting)
     if kind == "mirrored":
@@ -146,7 +146,6 @@ def describe() -> dict:
     out = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
            "platform": platform.platform()}
     try:
-        import tensorflow as tf
 
         out["gpus"] = [tf.config.experimental.get_device_details(g).get("device_name", g.name)
                        for g in gpus()]
@@ -156,7 +155,6 @@ def describe() -> dict:
 
 
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {}
     for pkg in ("fashion-sd", "tensorflow", "keras", "keras-cv", "numpy", "safetensors"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-
 # What a collective raises when a peer stopped answering (TensorFlow's coordination service
 # notices missing heartbeats and aborts every pending collective).
 LOST_WORKER = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,

@@ -32,19 +32,29 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+import yaml
+from tensorflow.python.framework import config as tf_config
 
 from fashion_sd import images, preflight, remote
-from fashion_sd.sd import attention, lora, lora_file, models
-from fashion_sd.training import data, hardware, multiworker
-from fashion_sd.training import callbacks as cb
 from fashion_sd.catalogue.captions import read_captions
 from fashion_sd.config import Config
 from fashion_sd.errors import FashionSDError
+from fashion_sd.evaluation.clip_spec import check_spec
+from fashion_sd.evaluation.evaluate import Scorer, make_plan
 from fashion_sd.files import DiskFull
-from fashion_sd.serving.generate import Sampler
+from fashion_sd.progress import tqdm_progress
 from fashion_sd.rundir import RunDir, RunWriter
+from fashion_sd.sd import attention, lora, lora_file, models
+from fashion_sd.serving.generate import Sampler
+from fashion_sd.training import callbacks as cb
+from fashion_sd.training import data, hardware, multiworker
 from fashion_sd.training.stopping import stop_requests
-from fashion_sd.training.trainer import LoraTrainer, load_train_state, load_train_state_step, make_optimizer
+from fashion_sd.training.trainer import (
+    LoraTrainer,
+    load_train_state,
+    load_train_state_step,
+    make_optimizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +89,7 @@ class TrainingInterrupted(TrainingError):
         self.exit_code = exit_code
 
 
-def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=data.tqdm_progress,
+def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=tqdm_progress,
           verbose: int = 1, build=models.build_components) -> dict:
     """Run (or resume) the training that ``cfg`` describes; returns the summary it records.
 
@@ -105,7 +115,6 @@ def keras_state(cfg: Config, machine):
     """The run's global Keras/TensorFlow state (seed, dtype policy, op determinism), and the
     caller's put back after it (a notebook may generate or train again in the same process)."""
     # TensorFlow's public API can only switch determinism on; Keras reads the same private flag.
-    from tensorflow.python.framework import config as tf_config
 
     policy = keras.mixed_precision.dtype_policy()
     deterministic = tf_config.is_op_determinism_enabled()
@@ -149,7 +158,6 @@ def check_resume_config(saved: Path, cfg: Config) -> None:
 
 
 def _load_yaml(path: Path) -> dict:
-    import yaml
 
     return yaml.safe_load(path.read_text())
 
@@ -243,8 +251,6 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
         except lora_file.LoraError as exc:
             raise TrainingError(str(exc)) from None
     if cfg.train.eval_every:
-        from fashion_sd.evaluation.evaluate import make_plan  # noqa: PLC0415
-        from fashion_sd.evaluation.clip import check_spec  # noqa: PLC0415
 
         make_plan(cfg, cfg.eval.split, cfg.train.eval_images)  # the split it scores is not empty
         check_spec(cfg.eval.clip)
@@ -436,7 +442,7 @@ class TrainingRun:
                         "new schedule, and its val loss draws other noise", run.train_state)
 
     def record(self, status: str, **extra) -> dict:
-        """run.json's content: the config, the weights, the machine, what runs, ``status``."""
+        """The run record's content: the config, the weights, the machine, what runs, ``status``."""
         cfg, m, t, source = self.cfg, self.machine, self.cfg.train, self.inputs.source
         jit_used = bool(self.trainer.jit_compile)  # Keras may still turn XLA off
         return {"config": cfg.to_dict(), "weights": source.to_dict(),
@@ -528,7 +534,6 @@ class TrainingRun:
         cfg, t = self.cfg, self.cfg.train
         if not t.eval_every or not self.machine.chief:
             return []
-        from fashion_sd.evaluation.evaluate import Scorer  # noqa: PLC0415 - Inception, CLIP: only when asked
 
         print(f"evaluating every {t.eval_every} epoch(s) on {t.eval_images} {cfg.eval.split} "
               f"prompts -> {self.run.eval}")

@@ -18,10 +18,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from fashion_sd.training import diffusion
 from fashion_sd.config import TrainConfig
 from fashion_sd.files import atomic_path
+from fashion_sd.sd.lora import lora_state
+from fashion_sd.sd.lora_file import safetensors_header
+from fashion_sd.training import diffusion
 
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
@@ -332,9 +336,6 @@ class LoraTrainer(keras.Model):
 
 def save_train_state(path: str | Path, trainer: LoraTrainer, lora_layers: dict, info: dict) -> Path:
     """LoRA matrices, optimizer variables and counters, plus ``info`` (step, epoch, ...) as JSON."""
-    from safetensors.numpy import save_file
-
-    from fashion_sd.sd.lora import lora_state
 
     tensors = {f"lora/{k}": v for k, v in lora_state(lora_layers).items()}
     store: dict[str, np.ndarray] = {}
@@ -350,7 +351,6 @@ def save_train_state(path: str | Path, trainer: LoraTrainer, lora_layers: dict, 
 
 def load_train_state_step(path: str | Path) -> int | None:
     """The optimizer step a train state holds (its header only), or None when there is none."""
-    from fashion_sd.sd.lora_file import safetensors_header
 
     try:
         info = json.loads(safetensors_header(path)[1]["info"])
@@ -361,7 +361,6 @@ def load_train_state_step(path: str | Path) -> int | None:
 
 def load_train_state(path: str | Path, trainer: LoraTrainer, lora_layers: dict) -> dict:
     """Restore what :func:`save_train_state` wrote; the optimizer must be built. Returns info."""
-    from safetensors import safe_open
 
     with safe_open(str(path), "numpy") as fh:
         info = json.loads(fh.metadata()["info"])

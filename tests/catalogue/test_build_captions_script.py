@@ -3,8 +3,8 @@ import shutil
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT, write_styles
+
 from fashion_sd.config import load_config
 
 

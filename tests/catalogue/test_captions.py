@@ -2,11 +2,15 @@ import hashlib
 
 import pandas as pd
 import pytest
-
 from conftest import write_image, write_styles
+
 from fashion_sd import images
 from fashion_sd.catalogue import captions
-from fashion_sd.catalogue.captions import CaptionError, allocate, build_captions, fix_articles, read_styles
+from fashion_sd.catalogue.caption_text import fix_articles
+from fashion_sd.catalogue.captions import build_captions
+from fashion_sd.catalogue.splits import allocate
+from fashion_sd.catalogue.styles import read_styles
+from fashion_sd.catalogue.template import CaptionError
 from fashion_sd.config import load_config
 
 FORBIDDEN = ("None", "nan", "NaN", " NA", "NA ")
@@ -317,7 +321,7 @@ def test_captions_over_77_tokens_are_reported(tmp_path):
 
 
 def test_caption_from_attributes_matches_training_captions():
-    from fashion_sd.catalogue.captions import caption_from_attributes
+    from fashion_sd.catalogue.caption_text import caption_from_attributes
 
     assert caption_from_attributes(year="2011", usage="Casual", season="Fall", colour="White",
                                    gender="Men", article="Sweaters") == \

@@ -3,7 +3,6 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from tiny import FakeClip
 
 from fashion_sd.evaluation import adherence, judge

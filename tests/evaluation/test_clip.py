@@ -5,9 +5,9 @@ download; random init only when asked, and labelled."""
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DEMO
 from PIL import Image
 
-from conftest import DEMO
 from fashion_sd.evaluation import clip as C
 
 TINY = dict(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,

@@ -8,9 +8,9 @@ import gzip
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DEMO
 from PIL import Image
 
-from conftest import DEMO
 from fashion_sd.evaluation import adherence
 from fashion_sd.evaluation import clip as C
 from fashion_sd.sd.tokenizer import BPE_PATH, END_TOKEN, clip_tokenizer, tokenize
@@ -144,7 +144,9 @@ def test_text_feature_is_the_first_end_tokens_whatever_the_padding(ours, caption
 
 def test_kerascv_text_encoder_alone_is_not_causal(ours, captions):
     """Why the repair exists: KerasCV's own call lets a token see the ones after it."""
-    from keras_cv.src.models.feature_extractor.clip.clip_text_model import CLIPTextEncoder
+    from keras_cv.src.models.feature_extractor.clip.clip_text_model import (
+        CLIPTextEncoder,
+    )
 
     model = ours.model.text_encoder
     ids, _ = tokenize(captions[:1], clip_tokenizer())

@@ -6,15 +6,15 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT
 from tiny import FakeClip, tiny_unet
 
-from conftest import ROOT
+from fashion_sd.config import load_config
 from fashion_sd.evaluation import evaluate as ev
+from fashion_sd.evaluation.judge import Judge
+from fashion_sd.images import load_image
 from fashion_sd.sd import models
 from fashion_sd.training import run
-from fashion_sd.config import load_config
-from fashion_sd.images import load_image
-from fashion_sd.evaluation.judge import Judge
 
 
 class SmallExtractor:

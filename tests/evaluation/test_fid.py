@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 from PIL import Image
+from reference_fid import reference_frechet_distance
 
 from fashion_sd.evaluation import inception
 from fashion_sd.evaluation.fid import (
@@ -28,7 +29,6 @@ from fashion_sd.evaluation.inception import (
     real_image_features,
     untrained_extractor,
 )
-from reference_fid import reference_frechet_distance
 
 
 def random_spd(rng, d, rank=None):

@@ -4,13 +4,13 @@ closed form), and the KID subset size on small sets."""
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
 from fashion_sd.config import ConfigError, load_config
-from fashion_sd.images import load_image
 from fashion_sd.evaluation import inception
 from fashion_sd.evaluation.fid import kid_subset_size
+from fashion_sd.images import load_image
 
 cleanfid_resize = pytest.importorskip("cleanfid.resize")  # the test extra installs it
 

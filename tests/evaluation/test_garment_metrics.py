@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DEMO
 from PIL import Image
 
-from conftest import DEMO
 from fashion_sd.evaluation import garment as g
 
 PHOTOS = Path(__file__).parents[1] / "data" / "catalogue"  # three real photos; SOURCE.md says whence

@@ -32,13 +32,13 @@ else:
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
 
-from fashion_sd.sd import lora, lora_file, models  # noqa: E402
-from fashion_sd.training.diffusion import timestep_embedding  # noqa: E402
+from fashion_sd.interop import keys as K  # noqa: E402
+from fashion_sd.interop import lora_formats as LF  # noqa: E402
 from fashion_sd.interop.lora_formats import export_lora, import_lora  # noqa: E402
 from fashion_sd.interop.tensors import InteropError  # noqa: E402
 from fashion_sd.interop.weights import import_model, merge_model  # noqa: E402
-from fashion_sd.interop import keys as K  # noqa: E402
-from fashion_sd.interop import lora_formats as LF  # noqa: E402
+from fashion_sd.sd import lora, lora_file, models  # noqa: E402
+from fashion_sd.training.diffusion import timestep_embedding  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOL = 1e-3
@@ -205,8 +205,10 @@ def read_single_file_with_diffusers(p) -> dict[str, list[str]]:
     """diffusers' own single-file loaders (offline, configs from our folder) on our CompVis file:
     the tensors that differ from the diffusers folder, per part. One model in memory at a time."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (create_diffusers_clip_model_from_ldm,
-                                                     load_single_file_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        create_diffusers_clip_model_from_ldm,
+        load_single_file_checkpoint,
+    )
     from safetensors.torch import load_file
     from transformers import CLIPTextModel
 

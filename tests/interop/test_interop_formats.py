@@ -9,19 +9,18 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from safetensors.numpy import load_file, save_file
 from tiny import tiny_unet
 
-from conftest import ROOT
-from fashion_sd.sd import lora, lora_file, models
-from fashion_sd.interop.lora_formats import export_lora, import_lora
-from fashion_sd.interop.tensors import InteropError
-from fashion_sd.interop.weights import import_model
+from fashion_sd.config import LoraConfig
 from fashion_sd.interop import kerascv
 from fashion_sd.interop import keys as K
 from fashion_sd.interop.checkpoint import open_source
-from fashion_sd.interop.tensors import SafetensorsFile
-from fashion_sd.config import LoraConfig
+from fashion_sd.interop.lora_formats import export_lora, import_lora
+from fashion_sd.interop.tensors import InteropError, SafetensorsFile
+from fashion_sd.interop.weights import import_model
+from fashion_sd.sd import lora, lora_file, models
 
 
 def test_compvis_names_round_trip_and_cover_the_unet_once():
@@ -269,8 +268,8 @@ def test_init_from_checks_rank_alpha_and_text_encoder_parts(tmp_path):
 
 def test_a_run_exports_its_checkpoints_and_starts_from_an_imported_lora(tmp_path, demo_captions,
                                                                        encoder_cache, small_parts):
-    from fashion_sd.training import run
     from fashion_sd.config import load_config
+    from fashion_sd.training import run
 
     def build(source, resolution):
         return models.Components(source, resolution, diffusion_model=tiny_unet(resolution // 8),

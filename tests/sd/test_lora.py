@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from tiny import tiny_unet
 
+from fashion_sd.config import LoraConfig
 from fashion_sd.sd import lora, lora_file
 from fashion_sd.sd.lora import LoraError
-from fashion_sd.config import LoraConfig
 
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]
 

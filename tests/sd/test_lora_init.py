@@ -7,10 +7,10 @@ import pytest
 from scipy import stats
 from tiny import tiny_unet
 
-from fashion_sd.sd import lora
-from fashion_sd.training import trainer as tr
-from fashion_sd.sd.attention import use_lora_form
 from fashion_sd.config import LoraConfig, TrainConfig
+from fashion_sd.sd import lora
+from fashion_sd.sd.attention import use_lora_form
+from fashion_sd.training import trainer as tr
 
 # PEFT's init_lora_weights for each of ours (keras has no PEFT counterpart)
 PEFT_INIT = {"kaiming": True, "gaussian": "gaussian"}
@@ -28,7 +28,8 @@ def keras_lora_dense(fan_in, fan_out, rank, alpha, init, seed=0):
 
 def peft_lora_linear(fan_in, fan_out, rank, alpha, init=True, seed=0):
     import torch
-    from peft import LoraConfig as PeftConfig, get_peft_model
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
 
     torch.manual_seed(seed)
 

@@ -7,13 +7,12 @@ import json
 import keras
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
+from fashion_sd.config import LoraConfig, load_config
 from fashion_sd.sd import lora, models
-from fashion_sd.training import run
-from fashion_sd.config import load_config
-from fashion_sd.config import LoraConfig
 from fashion_sd.sd.lora_file import expected_kernel_shapes
+from fashion_sd.training import run
 
 pytestmark = pytest.mark.slow
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]

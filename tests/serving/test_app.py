@@ -57,8 +57,8 @@ def _serve(app, assistant):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, demo_captions):
-    from fashion_sd.serving.assistant import Assistant
     from fashion_sd.config import load_config
+    from fashion_sd.serving.assistant import Assistant
     from fashion_sd.serving.webapp import build_app
 
     run = tmp_path_factory.mktemp("app") / "run"

@@ -9,10 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fashion_sd.serving.assistant import (ATTRIBUTES, BASE, Gallery, RequestError, build_prompt,
-                                  caption_of, check_settings, list_checkpoints, prompt_warnings,
-                                  vocabulary)
-from fashion_sd.catalogue.captions import DERIVED_FIELDS, PAPER_TEMPLATE, CaptionError
+from fashion_sd.catalogue.template import DERIVED_FIELDS, PAPER_TEMPLATE, CaptionError
+from fashion_sd.serving.assistant import (
+    ATTRIBUTES,
+    BASE,
+    Gallery,
+    RequestError,
+    build_prompt,
+    caption_of,
+    check_settings,
+    list_checkpoints,
+    prompt_warnings,
+    vocabulary,
+)
 
 
 def test_pickers_offer_the_catalogues_own_values_with_counts(demo_captions):

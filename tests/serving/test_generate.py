@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from tiny import tiny_unet
 
+from fashion_sd.config import LoraConfig
 from fashion_sd.sd import models
 from fashion_sd.serving.generate import Sampler
-from fashion_sd.config import LoraConfig
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +118,9 @@ def test_generate_script_input_errors(tmp_path):
 
 def test_attribute_prompts():
     import argparse
+    import importlib.util
 
     from conftest import ROOT  # noqa: F401
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("gen", ROOT / "scripts/generate.py")
     mod = importlib.util.module_from_spec(spec)
@@ -128,7 +128,7 @@ def test_attribute_prompts():
     args = argparse.Namespace(prompt=["a first prompt"], prompts_file=None, year="2011",
                               usage="Casual", season="Fall", colour="White", gender="Men",
                               article="Sweaters")
-    from fashion_sd.catalogue.captions import PAPER_TEMPLATE
+    from fashion_sd.catalogue.template import PAPER_TEMPLATE
 
     assert mod.prompts_from_args(args, PAPER_TEMPLATE) == [
         "a first prompt", "an image of a 2011 Casual Fall White Men's Sweater"]

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fashion_sd import images
+from fashion_sd.sd import tokenizer
 from fashion_sd.training import cache, data
 
 
@@ -19,14 +21,14 @@ def portrait(path, fmt="JPEG", mode="RGB", bg=(255, 255, 255)):
 
 def test_pads_on_own_background_without_cropping(tmp_path):
     p = portrait(tmp_path / "a.jpg", fmt="PNG")
-    out = data.load_image(p, 64)
+    out = images.load_image(p, 64)
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     # padding is added left and right, in the backdrop's colour
     assert np.all(out[:, :4] > 245) and np.all(out[:, -4:] > 245)
     # the garment spans the whole height still: nothing was cut off
     dark = (out.mean(-1) < 128).any(axis=1)
     assert dark[4] and dark[-5]
-    grey = data.load_image(portrait(tmp_path / "g.png", fmt="PNG", bg=(128, 128, 128)), 64)
+    grey = images.load_image(portrait(tmp_path / "g.png", fmt="PNG", bg=(128, 128, 128)), 64)
     assert np.abs(grey[:, :4].astype(int) - 128).max() <= 2
 
 
@@ -34,7 +36,7 @@ def test_pads_on_own_background_without_cropping(tmp_path):
                                        ("P", "PNG"), ("RGB", "PNG")])
 def test_any_mode_becomes_rgb(tmp_path, mode, fmt):
     p = portrait(tmp_path / "x.jpg", fmt=fmt, mode=mode)  # PNG inside .jpg included
-    out = data.load_image(p, 64)
+    out = images.load_image(p, 64)
     assert out.shape == (64, 64, 3)
     assert np.all(out[:, 0] > 200)  # white padding, also for transparent or CMYK sources
 
@@ -43,7 +45,7 @@ def test_transparent_png_goes_on_white(tmp_path):
     img = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
     img.paste((200, 0, 0, 255), (10, 10, 30, 30))
     img.save(tmp_path / "t.png")
-    out = data.load_image(tmp_path / "t.png", 64)
+    out = images.load_image(tmp_path / "t.png", 64)
     assert tuple(out[2, 2]) == (255, 255, 255)
     assert out[32, 32, 0] > 150 and out[32, 32, 1] < 60
 
@@ -63,7 +65,7 @@ class FakeTokenizer:
 
 
 def test_tokenize_pads_with_end_token_and_truncates():
-    tokens, truncated = data.tokenize(["a bb ccc", " ".join(["w"] * 100)], FakeTokenizer())
+    tokens, truncated = tokenizer.tokenize(["a bb ccc", " ".join(["w"] * 100)], FakeTokenizer())
     assert tokens.shape == (2, 77) and tokens.dtype == np.int32
     assert tokens[0, :5].tolist() == [49406, 1, 2, 3, 49407]
     assert (tokens[0, 5:] == 49407).all()
@@ -73,7 +75,7 @@ def test_tokenize_pads_with_end_token_and_truncates():
 def test_real_tokenizer_matches_kerascv_padding():
     from fashion_sd.sd.tokenizer import clip_tokenizer
 
-    tokens, _ = data.tokenize(["an image of a 2011 Casual Fall White Men's Sweater"], clip_tokenizer())
+    tokens, _ = tokenizer.tokenize(["an image of a 2011 Casual Fall White Men's Sweater"], clip_tokenizer())
     n = int((tokens[0] != 49407).sum()) + 1  # the end token, then padding with it
     assert tokens[0, 0] == 49406 and n == 16
 

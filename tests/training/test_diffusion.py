@@ -33,7 +33,9 @@ def test_schedule_closed_form_ends():
 
 
 def test_timestep_embedding_is_the_samplers_for_each_timestep():
-    from keras_cv.src.models.stable_diffusion.stable_diffusion import StableDiffusionBase
+    from keras_cv.src.models.stable_diffusion.stable_diffusion import (
+        StableDiffusionBase,
+    )
 
     ts = np.array([0, 1, 37, 500, 999], dtype=np.int32)
     ours = ops.convert_to_numpy(diffusion.timestep_embedding(ts))

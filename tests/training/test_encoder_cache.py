@@ -7,7 +7,12 @@ import pytest
 
 from fashion_sd.sd import models
 from fashion_sd.training import data, run
-from fashion_sd.training.diffusion import add_noise, alphas_cumprod, sample_latents, timestep_embedding
+from fashion_sd.training.diffusion import (
+    add_noise,
+    alphas_cumprod,
+    sample_latents,
+    timestep_embedding,
+)
 
 SOURCE = models.WeightsSource("random", "random", id="random-init(seed=0)")
 

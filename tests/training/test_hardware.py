@@ -94,8 +94,8 @@ def test_the_notebooks_tpu_cell_sets_up_a_tpu_run_and_train_builds_tpustrategy(m
     """Construction only (no TPU here): the cell's overrides, and the TensorFlow calls that
     train.py then makes, recorded."""
     import tensorflow as tf
-
     from conftest import ROOT
+
     from fashion_sd.config import load_config
 
     monkeypatch.delenv("TPU_NAME", raising=False)

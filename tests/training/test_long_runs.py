@@ -10,15 +10,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from safetensors.numpy import load_file
 from tiny import tiny_unet
 
-from conftest import ROOT
 from fashion_sd import files, runlock
-from fashion_sd.sd import lora_file, models
-from fashion_sd.training import callbacks, run
 from fashion_sd.config import load_config
 from fashion_sd.rundir import RunDir
+from fashion_sd.sd import lora_file, models
+from fashion_sd.training import callbacks, run
 from fashion_sd.training.shards import CacheSpaceError
 
 

@@ -16,14 +16,14 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT
 from safetensors.numpy import load_file
 from tiny import tiny_unet
 
-from conftest import ROOT
-from fashion_sd.sd import models
-from fashion_sd.training import run
 from fashion_sd.commands.workers import free_ports
 from fashion_sd.config import load_config
+from fashion_sd.sd import models
+from fashion_sd.training import run
 
 pytestmark = pytest.mark.multiprocess
 SCRIPT = ROOT / "tests" / "multiworker_train.py"

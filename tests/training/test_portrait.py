@@ -6,17 +6,17 @@ import json
 import keras
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 from test_evaluate import SmallExtractor
 from tiny import tiny_unet
 
-from conftest import ROOT
 from fashion_sd import images
-from fashion_sd.sd import models
-from fashion_sd.training import data, run
-from fashion_sd.evaluation import evaluate as ev
 from fashion_sd.config import ConfigError, load_config
+from fashion_sd.evaluation import evaluate as ev
+from fashion_sd.sd import models
 from fashion_sd.serving.generate import Sampler, generate_to_folder
+from fashion_sd.training import data, run
 
 SIZE = [192, 256]  # width, height: the catalogue's 3:4
 

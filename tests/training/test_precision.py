@@ -13,11 +13,11 @@ import tensorflow as tf
 from test_trainer import TARGETS, batches, make, optimizer, snapshot
 from tiny import tiny_unet
 
-from fashion_sd.sd import attention, lora
-from fashion_sd.training import diffusion
-from fashion_sd.training import callbacks as cb
-from fashion_sd.training import trainer as tr
 from fashion_sd.config import LoraConfig
+from fashion_sd.sd import attention, lora
+from fashion_sd.training import callbacks as cb
+from fashion_sd.training import diffusion
+from fashion_sd.training import trainer as tr
 
 TIMESTEPS = [0, 1, 15, 500, 999]
 

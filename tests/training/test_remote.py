@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 from test_run import build, config, train  # noqa: F401 - build is a fixture
 
-from fashion_sd import remote
+from fashion_sd import images, remote
 from fashion_sd.catalogue import captions
 from fashion_sd.training import data
 
@@ -64,7 +64,7 @@ def test_captions_from_a_url_resolve_images_beside_them(tmp_path, demo_captions)
 
 def test_images_read_through_a_url_decode_as_local_ones(demo_captions):
     path = captions.read_captions(demo_captions).image_path[0]  # absolute
-    np.testing.assert_array_equal(data.load_image(url(path), 64), data.load_image(path, 64))
+    np.testing.assert_array_equal(images.load_image(url(path), 64), images.load_image(path, 64))
 
 
 def test_a_run_on_remote_folders_resumes_on_a_new_runtime_with_nothing_lost(

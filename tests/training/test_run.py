@@ -9,13 +9,13 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT
 from safetensors.numpy import load_file
 from tiny import tiny_unet
 
-from conftest import ROOT
+from fashion_sd.config import load_config
 from fashion_sd.sd import models
 from fashion_sd.training import data, run
-from fashion_sd.config import load_config
 from fashion_sd.training.run import TrainingError
 
 

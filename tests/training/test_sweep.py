@@ -4,9 +4,10 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT
-from fashion_sd.training import paper, sweep as sw
+
+from fashion_sd.training import paper, tuning
+from fashion_sd.training import sweep as sw
 
 
 def write(tmp_path, text, name="s.yaml"):
@@ -152,7 +153,7 @@ def test_tuner_searches_the_space_through_ordinary_runs(tmp_path, monkeypatch):
         return {"run": name, "status": "finished", "error": ""}
 
     monkeypatch.setattr(sw, "execute", fake_execute)
-    df = sw.tune(s, "random", max_trials=3)
+    df = tuning.tune(s, "random", max_trials=3)
     assert len(seen) == 3 and len(df) == 3
     assert all(r["lora.rank"] in (2, 4, 8) and 1e-5 <= r["train.learning_rate"] <= 1e-3 for r in seen)
     assert df.trial.tolist() == ["random 0", "random 1", "random 2"]

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 import sweep_worker
 from conftest import ROOT
-from fashion_sd.training import sweep as sw
+
 from fashion_sd.commands import sweep as command
+from fashion_sd.training import sweep as sw
+from fashion_sd.training import tuning
 
 DEMO_SWEEP = ROOT / "configs" / "sweep_demo.yaml"
 WORKER = ROOT / "tests" / "sweep_worker.py"
@@ -103,7 +104,7 @@ def test_a_chief_refuses_a_busy_port(no_tuner_env, tmp_path):
         no_tuner_env.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
         no_tuner_env.setenv("KERASTUNER_ORACLE_PORT", str(port))
         with pytest.raises(sw.SweepError, match=f"cannot serve on 127.0.0.1:{port}.*another chief"):
-            sw.distributed(s)
+            tuning.distributed(s)
 
 
 def test_help_documents_distributed(capsys):
@@ -123,7 +124,7 @@ def test_grid_oracle_hands_every_run_out_at_once_and_again_after_a_restart(tmp_p
     s = sw.Sweep(tmp_path / "s.yaml", ROOT / "configs/demo.yaml", tmp_path / "out",
                  runs=[{"lora.rank": r} for r in (1, 2, 3, 4, 5)])
     names = ["r1", "r2", "r3", "r4", "r5"]
-    tuner = sw._tuner(s, "grid", 0, names=names)
+    tuner = tuning._tuner(s, "grid", 0, names=names)
     oracle = tuner.oracle
     got = [oracle.create_trial(f"tuner{i}") for i in range(5)]
     assert [t.hyperparameters.values["run"] for t in got] == names
@@ -135,7 +136,7 @@ def test_grid_oracle_hands_every_run_out_at_once_and_again_after_a_restart(tmp_p
     oracle.end_trial(failed)
     tuner.save()
 
-    oracle = sw._tuner(s, "grid", 0, names=names).oracle  # the chief started again
+    oracle = tuning._tuner(s, "grid", 0, names=names).oracle  # the chief started again
     again = [oracle.create_trial(f"w{i}") for i in range(5)]
     assert again[-1].status == "STOPPED"
     runs = [t.hyperparameters.values["run"] for t in again[:-1]]
@@ -238,7 +239,7 @@ def serial_table(monkeypatch, sweep: sw.Sweep, out: Path, kind="grid", **kw) -> 
     if kind == "grid":
         sw.run_sweep(s)
     else:
-        sw.tune(s, kind, **kw)
+        tuning.tune(s, kind, **kw)
     return pd.read_csv(out / "results.csv")
 
 

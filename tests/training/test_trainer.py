@@ -8,12 +8,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import ROOT
 from tiny import tiny_unet
 
-from conftest import ROOT
+from fashion_sd.config import LoraConfig, TrainConfig
 from fashion_sd.sd import lora
 from fashion_sd.training import trainer as tr
-from fashion_sd.config import LoraConfig, TrainConfig
 
 TARGETS = ["to_q", "to_k", "to_v", "out_proj"]
 

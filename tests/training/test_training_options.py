@@ -11,10 +11,10 @@ from test_data import encoded
 from test_run import build, config, train  # noqa: F401 - build is a fixture
 from test_trainer import batches, make
 
-from fashion_sd.training import data, diffusion
-from fashion_sd.training.callbacks import KeepRawWeights
-from fashion_sd.training import trainer as tr
 from fashion_sd.config import TrainConfig
+from fashion_sd.training import data, diffusion
+from fashion_sd.training import trainer as tr
+from fashion_sd.training.callbacks import KeepRawWeights
 
 
 def test_min_snr_weights_match_diffusers():
