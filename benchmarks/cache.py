@@ -54,6 +54,7 @@ def child(rows: int, mode: str, folder: Path, shard_rows: int) -> dict:
     import pandas as pd
     import tensorflow as tf
 
+    from fashion_sd.config import DataConfig
     from fashion_sd.sd import tokenizer
     from fashion_sd.training import data
     from fashion_sd.training.cache import cache_key, cached, file_id
@@ -71,7 +72,7 @@ def child(rows: int, mode: str, folder: Path, shard_rows: int) -> dict:
     comps = tiny_components()
     cache_dir = folder / f"{mode}-{rows}"
     if mode == "shards":
-        enc = data.encode_dataset(table, comps, cache_dir, 64, shard_rows=shard_rows)
+        enc = data.encode_dataset(table, comps, DataConfig(cache_dir=str(cache_dir), resolution=64, shard_rows=shard_rows))
     else:  # the cache as it was: one array, computed whole, saved and loaded whole
         paths = table.image_path.tolist()
         distinct = sorted(set(table.caption) | {""})
@@ -89,7 +90,7 @@ def child(rows: int, mode: str, folder: Path, shard_rows: int) -> dict:
 
     unet = tiny_unet(8)
     opt = keras.optimizers.SGD(1e-3)
-    for batch in data.train_dataset(enc, 8, 0, 0, 2, True):
+    for batch in data.train_dataset(enc, data.Batches(8, 0, True), 0, 2):
         with tf.GradientTape() as tape:
             latents = batch["moments"][..., :4]
             t = tf.zeros((8, 320))

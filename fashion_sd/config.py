@@ -550,113 +550,137 @@ SEED_END = 2**32
 SEED_RULE = "from 0 to 4294967295 (2**32 - 1): NumPy and TensorFlow take 32-bit seeds"
 
 
-def validate(cfg: Config) -> list[tuple[str, str]]:
-    """Every impossible value in ``cfg`` as (key, "'key' ... how to fix")."""
-    errs: list[tuple[str, str]] = []
+class _Checks:
+    """The impossible values found so far, as (key, "'key' ... how to fix")."""
 
-    def need(ok: bool, key: str, msg: str) -> None:
+    def __init__(self, cfg: Config):
+        self.cfg, self.errs = cfg, []
+
+    def need(self, ok: bool, key: str, msg: str) -> None:
         if not ok:
-            errs.append((key, f"'{key}' {msg}, got {_get(cfg, key)!r}"))
+            self.errs.append((key, f"'{key}' {msg}, got {_get(self.cfg, key)!r}"))
 
-    need(0 <= cfg.seed < SEED_END, "seed", "must be " + SEED_RULE)
-    need(valid_size(cfg.data.resolution), "data.resolution",
+
+def validate(cfg: Config) -> list[tuple[str, str]]:
+    """Every impossible value in ``cfg`` as (key, "'key' ... how to fix"), section by section."""
+    checks = _Checks(cfg)
+    for section in (_check_data, _check_model, _check_train, _check_eval):
+        section(checks, cfg)
+    return checks.errs
+
+
+def _check_data(c: _Checks, cfg: Config) -> None:
+    """The seed, data and captions sections."""
+    c.need(0 <= cfg.seed < SEED_END, "seed", "must be " + SEED_RULE)
+    c.need(valid_size(cfg.data.resolution), "data.resolution",
          "must be a positive multiple of 64, or [width, height] of two (the VAE downsamples by "
          "8, the U-Net by 8 more)")
     s = cfg.captions.split
     for name in ("train", "val", "test"):
-        need(getattr(s, name) >= 0, f"captions.split.{name}", "must be >= 0")
-    need(s.train > 0, "captions.split.train", "must be > 0")
+        c.need(getattr(s, name) >= 0, f"captions.split.{name}", "must be >= 0")
+    c.need(s.train > 0, "captions.split.train", "must be > 0")
     total = s.train + s.val + s.test
     if not math.isclose(total, 1.0, abs_tol=1e-6):
-        errs.append(("captions.split", f"'captions.split' fractions must sum to 1, got train {s.train} + val {s.val} "
+        c.errs.append(("captions.split", f"'captions.split' fractions must sum to 1, got train {s.train} + val {s.val} "
                     f"+ test {s.test} = {total:g}"))
-    errs.extend(("captions.template", e) for e in template_errors(cfg.captions.template))
-    need(cfg.captions.max_images is None or cfg.captions.max_images > 0,
+    c.errs.extend(("captions.template", e) for e in template_errors(cfg.captions.template))
+    c.need(cfg.captions.max_images is None or cfg.captions.max_images > 0,
          "captions.max_images", "must be > 0 or null (all rows)")
-    need(cfg.captions.stratify_min_count >= 1, "captions.stratify_min_count", "must be >= 1")
-    need(cfg.captions.image_workers >= 1, "captions.image_workers", "must be >= 1")
-    need(cfg.captions.max_tokens >= 3, "captions.max_tokens", "must be >= 3")
+    c.need(cfg.captions.stratify_min_count >= 1, "captions.stratify_min_count", "must be >= 1")
+    c.need(cfg.captions.image_workers >= 1, "captions.image_workers", "must be >= 1")
+    c.need(cfg.captions.max_tokens >= 3, "captions.max_tokens", "must be >= 3")
     for section in ("include", "exclude"):
         for col in getattr(cfg.captions, section):
             if col not in CATEGORY_COLUMNS:
-                errs.append((f"captions.{section}", f"'captions.{section}.{col}' is not a "
+                c.errs.append((f"captions.{section}", f"'captions.{section}.{col}' is not a "
                              f"category column; use one of {', '.join(CATEGORY_COLUMNS)}"))
-    need(bool(_WEIGHTS.match(cfg.model.weights)), "model.weights",
+
+
+def _check_model(c: _Checks, cfg: Config) -> None:
+    """The model and LoRA sections."""
+    c.need(bool(_WEIGHTS.match(cfg.model.weights)), "model.weights",
          "must be pretrained, random, auto or local:DIR")
-    need(cfg.lora.rank > 0, "lora.rank", "must be > 0")
-    need(cfg.lora.rank <= 1024, "lora.rank", "must be at most 1024 (SD 1.x's widest projection "
+    c.need(cfg.lora.rank > 0, "lora.rank", "must be > 0")
+    c.need(cfg.lora.rank <= 1024, "lora.rank", "must be at most 1024 (SD 1.x's widest projection "
          "is 1280; 4 to 128 is usual)")
-    need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
-    need(cfg.lora.alpha <= 64 * max(cfg.lora.rank, 1), "lora.alpha",
+    c.need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
+    c.need(cfg.lora.alpha <= 64 * max(cfg.lora.rank, 1), "lora.alpha",
          "must be at most 64 x lora.rank (the LoRA's scale alpha / rank; 1 to 2 is usual)")
-    need(len(cfg.lora.targets) > 0, "lora.targets", "must name at least one layer")
-    need(cfg.lora.init_from is None or bool(cfg.lora.init_from.strip()), "lora.init_from",
+    c.need(len(cfg.lora.targets) > 0, "lora.targets", "must name at least one layer")
+    c.need(cfg.lora.init_from is None or bool(cfg.lora.init_from.strip()), "lora.init_from",
          "must be a LoRA checkpoint path or null")
+
+
+def _check_train(c: _Checks, cfg: Config) -> None:
+    """The train section."""
     t = cfg.train
-    need(t.epochs > 0, "train.epochs", "must be > 0")
-    need(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
-    need(t.batch_size > 0, "train.batch_size", "must be > 0")
-    need(0 < t.learning_rate <= 1, "train.learning_rate",
+    c.need(t.epochs > 0, "train.epochs", "must be > 0")
+    c.need(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0 or null")
+    c.need(t.batch_size > 0, "train.batch_size", "must be > 0")
+    c.need(0 < t.learning_rate <= 1, "train.learning_rate",
          "must be a positive number, at most 1 (1e-5 to 1e-3 is usual for LoRA)")
-    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    need(0 <= t.weight_decay <= 1, "train.weight_decay", "must be from 0 to 1 (0.01 is usual)")
-    need(t.grad_clip is None or 0 < t.grad_clip <= 1e6, "train.grad_clip",
+    c.need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    c.need(0 <= t.weight_decay <= 1, "train.weight_decay", "must be from 0 to 1 (0.01 is usual)")
+    c.need(t.grad_clip is None or 0 < t.grad_clip <= 1e6, "train.grad_clip",
          "must be above 0 and at most 1e6 (1 is usual), or null (off)")
-    need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-    need(t.keep_last >= 0, "train.keep_last", "must be >= 0")
-    need(t.save_every_steps >= 0, "train.save_every_steps", "must be >= 0 (0: at epoch ends only)")
-    need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: none)")
-    need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
-    need(0 < t.min_loss_scale <= 2.0**15, "train.min_loss_scale",
+    c.need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    c.need(t.keep_last >= 0, "train.keep_last", "must be >= 0")
+    c.need(t.save_every_steps >= 0, "train.save_every_steps", "must be >= 0 (0: at epoch ends only)")
+    c.need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: none)")
+    c.need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    c.need(0 < t.min_loss_scale <= 2.0**15, "train.min_loss_scale",
          "must be above 0 and at most 32768 (Keras' first loss scale; 1 is usual)")
-    need(not (t.jit_compile is True and t.deterministic), "train.jit_compile",
+    c.need(not (t.jit_compile is True and t.deterministic), "train.jit_compile",
          "true cannot hold with train.deterministic: true (Keras runs op-deterministic steps "
          "without XLA); set train.jit_compile: auto or false, or train.deterministic: false")
-    need(t.snr_gamma is None or 0 < t.snr_gamma <= 1000,
+    c.need(t.snr_gamma is None or 0 < t.snr_gamma <= 1000,
          "train.snr_gamma", "must be above 0 and at most 1000 (5 is usual) or null (off)")
-    need(0 <= t.noise_offset <= 1, "train.noise_offset", "must be from 0 (off) to 1; 0.05 is usual")
-    need(0 <= t.caption_dropout < 1, "train.caption_dropout", "must be from 0 (off) to below 1")
-    need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay",
+    c.need(0 <= t.noise_offset <= 1, "train.noise_offset", "must be from 0 (off) to 1; 0.05 is usual")
+    c.need(0 <= t.caption_dropout < 1, "train.caption_dropout", "must be from 0 (off) to below 1")
+    c.need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay",
          "must be between 0 and 1 (0.999 is usual) or null (off)")
-    need(t.text_encoder_lr is None or 0 < t.text_encoder_lr <= 1, "train.text_encoder_lr",
+    c.need(t.text_encoder_lr is None or 0 < t.text_encoder_lr <= 1, "train.text_encoder_lr",
          "must be above 0 and at most 1, or null (train.learning_rate)")
-    need(t.val_repeats >= 1, "train.val_repeats", "must be >= 1")
-    need(cfg.data.shard_rows >= 1, "data.shard_rows", "must be >= 1 (1024 is usual)")
-    need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
-    need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: no evaluation while training)")
-    need(t.eval_images >= 2, "train.eval_images", "must be >= 2 (a covariance needs two images)")
+    c.need(t.val_repeats >= 1, "train.val_repeats", "must be >= 1")
+    c.need(cfg.data.shard_rows >= 1, "data.shard_rows", "must be >= 1 (1024 is usual)")
+    c.need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
+    c.need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: no evaluation while training)")
+    c.need(t.eval_images >= 2, "train.eval_images", "must be >= 2 (a covariance needs two images)")
     # The sampling settings as generate.py's flags take them (--steps, --guidance, --seed).
-    need(1 <= t.sample_steps <= 1000, "train.sample_steps", "must be from 1 to 1000")
-    need(0 <= t.sample_guidance <= 100, "train.sample_guidance",
+    c.need(1 <= t.sample_steps <= 1000, "train.sample_steps", "must be from 1 to 1000")
+    c.need(0 <= t.sample_guidance <= 100, "train.sample_guidance",
          "must be from 0 to 100 (classifier-free guidance; 7.5 is usual)")
-    need(all(0 <= s < SEED_END for s in t.sample_seeds), "train.sample_seeds",
+    c.need(all(0 <= s < SEED_END for s in t.sample_seeds), "train.sample_seeds",
          "must each be " + SEED_RULE)
-    need(all(p.strip() for p in t.sample_prompts), "train.sample_prompts",
+    c.need(all(p.strip() for p in t.sample_prompts), "train.sample_prompts",
          "must not contain empty prompts")
-    need(cfg.eval.num_images is None or cfg.eval.num_images > 0, "eval.num_images",
+
+
+def _check_eval(c: _Checks, cfg: Config) -> None:
+    """The eval and output sections, and integer ranges over the whole config."""
+    c.need(cfg.eval.num_images is None or cfg.eval.num_images > 0, "eval.num_images",
          "must be > 0 or null")
     for key in ("steps", "batch_size", "kid_subsets", "kid_subset_size"):
-        need(getattr(cfg.eval, key) >= 1, f"eval.{key}", "must be >= 1")
-    need(cfg.eval.steps <= 1000, "eval.steps", "must be from 1 to 1000 (50 is the paper's)")
-    need(0 <= cfg.eval.guidance <= 100, "eval.guidance",
+        c.need(getattr(cfg.eval, key) >= 1, f"eval.{key}", "must be >= 1")
+    c.need(cfg.eval.steps <= 1000, "eval.steps", "must be from 1 to 1000 (50 is the paper's)")
+    c.need(0 <= cfg.eval.guidance <= 100, "eval.guidance",
          "must be from 0 to 100 (classifier-free guidance; 7.5 is usual)")
-    errs.extend((key, f"'{key}' must be below 2**31 (2147483648), got {value}")
+    c.errs.extend((key, f"'{key}' must be below 2**31 (2147483648), got {value}")
                 for key, value in _integers(cfg)
                 if key not in ("seed", "train.sample_seeds") and abs(value) >= 2**31)
-    need(cfg.eval.clip in ("auto", "pretrained", "random", "none")
+    c.need(cfg.eval.clip in ("auto", "pretrained", "random", "none")
          or (cfg.eval.clip.startswith(("local:", "hf:")) and len(cfg.eval.clip.split(":", 1)[1]) > 0),
          "eval.clip", "must be auto, pretrained, random, none, local:DIR (a KerasCV CLIP preset "
          "folder) or hf:DIR (a transformers CLIP folder)")
 
-    need(cfg.eval.clip_preset in ARCHITECTURES or cfg.eval.clip.startswith(("local:", "hf:")),
+    c.need(cfg.eval.clip_preset in ARCHITECTURES or cfg.eval.clip.startswith(("local:", "hf:")),
          "eval.clip_preset", f"must be one of {', '.join(ARCHITECTURES)}")
-    need(cfg.eval.select in ("kid", "fid") or cfg.eval.clip != "none",
+    c.need(cfg.eval.select in ("kid", "fid") or cfg.eval.clip != "none",
          "eval.select", f"{cfg.eval.select} needs CLIP: set eval.clip to auto, pretrained, "
          "local:DIR or hf:DIR, or eval.select: kid")
-    need(bool(cfg.output.dir), "output.dir", "must not be empty")
-    need(len(set(cfg.output.export)) == len(cfg.output.export), "output.export",
+    c.need(bool(cfg.output.dir), "output.dir", "must not be empty")
+    c.need(len(set(cfg.output.export)) == len(cfg.output.export), "output.export",
          "must not repeat a format")
-    return errs
 
 
 def _integers(obj: Any, prefix: str = ""):

@@ -94,6 +94,19 @@ def _category_reason(row_values: dict[str, str | None], cfg: CaptionsConfig) -> 
     return None
 
 
+class _Rows:
+    """The styles rows still in play and those dropped so far, each with its stage and reason."""
+
+    def __init__(self, df: pd.DataFrame, malformed: pd.DataFrame):
+        self.df, self.dropped = df, [malformed.assign(stage="parse")]
+
+    def drop(self, mask: pd.Series, stage: str, reasons) -> None:
+        gone = self.df.loc[mask, ["line", "id"]].assign(stage=stage, reason=reasons)
+        gone["id"] = gone["id"].astype(str)  # as written in the file, invalid ones included
+        self.dropped.append(gone)
+        self.df = self.df.loc[~mask]
+
+
 def build_captions(
     styles: str | Path,
     cfg: CaptionsConfig,
@@ -110,38 +123,58 @@ def build_captions(
         raise CaptionError("; ".join(errs))
     df, malformed, recovered = read_styles(styles)
     rows_read = len(df) + len(malformed)
-    dropped = [malformed.assign(stage="parse")]
+    rows = _Rows(df, malformed)
+    _keep_valid_ids(rows)
+    _keep_configured(rows, cfg)
+    df = rows.df.assign(caption=render_captions(rows.df, cfg.template))
+    sample_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    keep, rejected, paths = _sample_usable(df, cfg, sample_rng, images_dir, progress)
+    positions = np.arange(len(df))
+    rej_mask = np.isin(positions, list(rejected))
+    rows.dropped.append(df.iloc[rej_mask][["line", "id"]].astype({"id": str}).assign(
+        stage="image", reason=[rejected[i] for i in positions[rej_mask]]))
+    kept = df.iloc[sorted(keep)].copy()
+    kept["image_path"] = [paths[i] for i in sorted(keep)]
+    s = cfg.split
+    kept["split"] = assign_splits(kept["articleType"], (s.train, s.val, s.test),
+                                  cfg.stratify_min_count, split_rng)
+    sources = [c for c in df.columns if c not in ("line", "id", "caption")]
+    table = kept[[*OUTPUT_COLUMNS, *sources]].reset_index(drop=True)
+    dropped_df = pd.concat(rows.dropped, ignore_index=True)[["line", "id", "stage", "reason"]]
+    dropped_df = dropped_df.sort_values("line", kind="stable").reset_index(drop=True)
+    if table.empty:
+        raise CaptionError(
+            f"{styles}: no rows left after filtering ({_reason_text(dropped_df)}); "
+            "check captions.include / captions.exclude and the image folder")
+    summary = {"rows_read": rows_read, "recovered_lines": recovered,
+               "sampled_out": len(df) - len(keep) - len(rejected)}
+    return _result(table, kept, dropped_df, summary, cfg)
 
-    def drop(mask: pd.Series, stage: str, reasons) -> None:
-        nonlocal df
-        gone = df.loc[mask, ["line", "id"]].assign(stage=stage, reason=reasons)
-        gone["id"] = gone["id"].astype(str)  # as written in the file, invalid ones included
-        dropped.append(gone)
-        df = df.loc[~mask]
 
-    # ids: whole numbers, each once (the first occurrence wins).
-    ids = pd.to_numeric(df["id"], errors="coerce")
-    bad_id = ids.isna() | (ids % 1 != 0)
-    drop(bad_id, "parse", "invalid id")
-    df = df.assign(id=pd.to_numeric(df["id"]).astype("int64"))
-    dup = df["id"].duplicated()
-    drop(dup, "parse", "duplicate id")
+def _keep_valid_ids(rows: _Rows) -> None:
+    """Whole-number ids, each once (the first occurrence wins)."""
+    ids = pd.to_numeric(rows.df["id"], errors="coerce")
+    rows.drop(ids.isna() | (ids % 1 != 0), "parse", "invalid id")
+    rows.df = rows.df.assign(id=pd.to_numeric(rows.df["id"]).astype("int64"))
+    rows.drop(rows.df["id"].duplicated(), "parse", "duplicate id")
 
-    # Filters: a caption needs a garment noun, and the configured categories.
-    drop(df["articleType"].isna(), "filter", "missing articleType")
+
+def _keep_configured(rows: _Rows, cfg: CaptionsConfig) -> None:
+    """A caption needs a garment noun, and the configured categories."""
+    rows.drop(rows.df["articleType"].isna(), "filter", "missing articleType")
     columns = list(dict.fromkeys([*cfg.include, *cfg.exclude]))
     if columns:
-        reasons = pd.Series([_category_reason(r, cfg) for r in df[columns].to_dict("records")],
-                            index=df.index, dtype=object)
+        reasons = pd.Series([_category_reason(r, cfg) for r in rows.df[columns].to_dict("records")],
+                            index=rows.df.index, dtype=object)
         mask = reasons.notna()
-        drop(mask, "filter", reasons[mask])
+        rows.drop(mask, "filter", reasons[mask])
 
-    df = df.assign(caption=render_captions(df, cfg.template))
 
-    # Sampling and image checks: walk a seeded permutation and keep the first `max_images` rows
-    # whose image is usable, so a sample of 850 never opens all 44k images.
-    sample_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    order = sample_rng.permutation(len(df)) if cfg.max_images else np.arange(len(df))
+def _sample_usable(df: pd.DataFrame, cfg: CaptionsConfig, rng, images_dir, progress):
+    """(kept positions, {position: why rejected}, image paths): walk a seeded permutation and
+    keep the first ``max_images`` rows whose image is usable, so a sample of 850 never opens
+    all 44k images."""
+    order = rng.permutation(len(df)) if cfg.max_images else np.arange(len(df))
     target = min(cfg.max_images or len(df), len(df))
     paths: list[Path | None] = [None] * len(df)
     if images_dir is not None:
@@ -163,45 +196,28 @@ def build_captions(
         results = images.check_images([paths[i] for i in chunk], cfg.image_workers, wrapped)
         for i, reason in zip(chunk.tolist(), results):
             (keep.append(i) if reason is None else rejected.__setitem__(i, reason))
-    positions = np.arange(len(df))
-    rej_mask = np.isin(positions, list(rejected))
-    dropped.append(df.iloc[rej_mask][["line", "id"]].astype({"id": str}).assign(
-        stage="image", reason=[rejected[i] for i in positions[rej_mask]]))
-    sampled_out = len(df) - len(keep) - len(rejected)
-    kept = df.iloc[sorted(keep)].copy()
-    kept["image_path"] = [paths[i] for i in sorted(keep)]
+    return keep, rejected, paths
 
-    s = cfg.split
-    kept["split"] = assign_splits(kept["articleType"], (s.train, s.val, s.test),
-                                  cfg.stratify_min_count, split_rng)
-    sources = [c for c in df.columns if c not in ("line", "id", "caption")]
-    table = kept[[*OUTPUT_COLUMNS, *sources]].reset_index(drop=True)
-    dropped_df = pd.concat(dropped, ignore_index=True)[["line", "id", "stage", "reason"]]
-    dropped_df = dropped_df.sort_values("line", kind="stable").reset_index(drop=True)
 
-    if table.empty:
-        raise CaptionError(
-            f"{styles}: no rows left after filtering ({_reason_text(dropped_df)}); "
-            "check captions.include / captions.exclude and the image folder")
-
-    long = tokenizer.over_limit(table.caption, cfg.max_tokens)
+def _result(table, kept, dropped_df, counts: dict, cfg: CaptionsConfig) -> CaptionResult:
+    """The result with its summary (counts, splits, token limits, missing and unusual values)."""
     missing = {col: int(kept[col].isna().sum()) for col in DERIVED_FIELDS.values()}
     summary = {
-        "rows_read": rows_read,
-        "recovered_lines": recovered,
+        "rows_read": counts["rows_read"],
+        "recovered_lines": counts["recovered_lines"],
         "dropped_by_stage_reason": _counts(dropped_df),
-        "sampled_out": sampled_out,
+        "sampled_out": counts["sampled_out"],
         "kept": len(table),
         "per_split": {name: int((table.split == name).sum()) for name in SPLITS},
         "distinct_captions": int(table.caption.nunique()),
         "missing_fields_in_kept": {k: v for k, v in missing.items() if v},
-        "over_token_limit": long,
+        "over_token_limit": tokenizer.over_limit(table.caption, cfg.max_tokens),
         "unusual_values": {},
     }
     flagged = flag_unusual(kept)
     for col, value in zip(flagged.column, flagged.value):
-        counts = summary["unusual_values"].setdefault(col, {})
-        counts[value] = counts.get(value, 0) + 1
+        values = summary["unusual_values"].setdefault(col, {})
+        values[value] = values.get(value, 0) + 1
     return CaptionResult(table, dropped_df, summary, flagged)
 
 

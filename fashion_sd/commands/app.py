@@ -99,8 +99,8 @@ def serve(args, cfg, run: Path | None, auth) -> int:
     if assistant.random_init:
         print("NOTE: random-init weights: the images are noise (untrained demo weights)")
     try:
-        launch(build_app(assistant, args.queue_size), assistant, args.host, args.port, args.share,
-               auth)
+        launch(build_app(assistant, args.queue_size), assistant, args.host, args.port,
+               share=args.share, auth=auth)
     except OSError as exc:  # taken since the check: Gradio's text names its env variables
         if "port" not in str(exc).lower():
             raise

@@ -30,6 +30,8 @@ from fashion_sd.config import ConfigError, add_config_arguments, config_from_arg
 from fashion_sd.errors import reported
 from fashion_sd.evaluation.clip_spec import check_spec
 from fashion_sd.evaluation.evaluate import (
+    Parts,
+    Scope,
     attribute,
     evaluate,
     find_checkpoints,
@@ -169,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.out or RunDir(cfg.output.dir).eval)
     make_plan(cfg, args.split or cfg.eval.split, args.num_images)
     check_spec(cfg.eval.clip)
-    table = evaluate(cfg, args.checkpoints, args.include_base, args.num_images, args.split,
-                     args.force, progress=tqdm_progress, out=args.out)
+    table = evaluate(cfg, args.checkpoints, args.include_base, args.force,
+                     Scope(args.split, args.num_images, args.out), Parts(progress=tqdm_progress))
     out = Path(args.out) if args.out else RunDir(cfg.output.dir).eval
     summary = out / SCORES_MD
     print(summary.read_text() if summary.is_file() else table.to_string())

@@ -137,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora:
         lora_file.check(args.lora, "--lora")
     preflight.output_folder("--out", args.out)
-    from fashion_sd.serving.generate import generate_to_folder, load_sampler
+    from fashion_sd.serving.generate import Job, generate_to_folder, load_sampler
 
     sampler, record = load_sampler(cfg.model, resolution, cfg.seed, args.lora, args.lora_strength)
     seeds = getattr(args, "batch_seeds", None) or list(range(args.seed, args.seed + args.num_images))
-    sidecar = generate_to_folder(sampler, prompts, seeds, args.out, args.steps, args.guidance,
-                                 record, args.batch_size, args.negative_prompt, tqdm_progress,
-                                 keep=getattr(args, "keep", None))
+    job = Job(prompts, seeds, args.steps, args.guidance, args.negative_prompt, args.batch_size,
+              keep=getattr(args, "keep", None))
+    sidecar = generate_to_folder(sampler, job, args.out, record, tqdm_progress)
     print(f"{len(sidecar['images'])} images for {len(prompts)} prompt(s) -> {args.out} "
           f"({record['label']})")
     return 0

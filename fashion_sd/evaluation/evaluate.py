@@ -260,18 +260,40 @@ def _key_name(model) -> str:
     return model if model == BASE else rundir.checkpoint_name(model)
 
 
+@dataclass
+class Scope:
+    """Which images a scoring uses and where its tables go (the command's flags)."""
+
+    split: str | None = None  # default: eval.split
+    num_images: int | None = None  # generated images per model; default: eval.num_images
+    out: str | Path | None = None  # default: OUTPUT.DIR/eval
+
+
+@dataclass
+class Parts:
+    """What a caller may put in place of the real pieces: the Inception network, the Stable
+    Diffusion builder ``build(source, resolution)``, the CLIP judge (tests pass small ones),
+    and a progress bar."""
+
+    extractor: object = None
+    build: object = None
+    judge: object = None
+    progress: object = None
+
+
 class Scorer:
     """What scoring any model needs, prepared once: the plan, the Inception network and the real
     images' statistics, the judge. Used by :func:`evaluate` and, with ``train.eval_every``,
     by the training loop (:class:`fashion_sd.training.callbacks.EvalDuringTraining`)."""
 
-    def __init__(self, cfg: Config, split: str | None = None, num_images: int | None = None,
-                 out: str | Path | None = None, extractor=None, judge=None, progress=None):
+    def __init__(self, cfg: Config, scope: Scope | None = None, parts: Parts | None = None):
         from fashion_sd.evaluation.inception import load_extractor, real_image_features
 
-        self.cfg, self.progress = cfg, progress
-        self.out = Path(out) if out else RunDir(cfg.output.dir).eval
-        self.plan = make_plan(cfg, split or cfg.eval.split, num_images)
+        scope, parts = scope or Scope(), parts or Parts()
+        self.cfg, self.progress = cfg, parts.progress
+        progress, extractor = parts.progress, parts.extractor
+        self.out = Path(scope.out) if scope.out else RunDir(cfg.output.dir).eval
+        self.plan = make_plan(cfg, scope.split or cfg.eval.split, scope.num_images)
         if extractor is None:
             extractor = load_extractor(cfg.eval.backend, cfg.eval.inception_weights,
                                        cfg.eval.protocol)
@@ -283,7 +305,7 @@ class Scorer:
             extractor, self.plan.real_paths, cfg.data.resolution, progress=progress))
         warn_if_biased(len(self.plan.real_paths), len(self.plan.prompts))
         self.clip_note = ""
-        self._judge = judge
+        self._judge = parts.judge
 
     @property
     def judge(self):
@@ -326,14 +348,10 @@ class Scorer:
         return write_tables(table, self.out, label, self.cfg.eval.select, self.clip_note)
 
 
-def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_images: int | None = None,
-             split: str | None = None, force: bool = False, extractor=None, progress=None,
-             out: str | Path | None = None, build=None, judge=None) -> pd.DataFrame:
-    """Score the base model and/or checkpoints; returns the whole scores table.
-
-    ``extractor``, ``build(source, resolution)`` and ``judge`` replace the Inception network,
-    the Stable Diffusion components and the CLIP-backed judge (tests pass small ones).
-    """
+def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, force: bool = False,
+             scope: Scope | None = None, parts: Parts | None = None) -> pd.DataFrame:
+    """Score the base model and/or ``checkpoints`` (a folder, a file or a glob); returns the
+    whole scores table. ``force`` scores again what was scored with the same settings."""
     from fashion_sd.serving.generate import Inference
 
     paths = find_checkpoints(checkpoints) if checkpoints else []
@@ -341,7 +359,8 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
         raise EvaluationError("nothing to score: give --checkpoints DIR|GLOB and/or --include-base")
     for p in paths:  # a bad file fails here, before any work (headers only)
         lora_file.check(p, fits_model=False)
-    scorer = Scorer(cfg, split, num_images, out, extractor, judge, progress)
+    parts = parts or Parts()
+    scorer = Scorer(cfg, scope, parts)
     settings = scorer.plan.settings_id
     previous = scorer.previous()
     done = set(zip(previous.checkpoint, previous.settings)) if not force else set()
@@ -352,7 +371,7 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, num_imag
               f"{scorer.out / rundir.SCORES_CSV} (--force recomputes)")
         return previous
 
-    inference = Inference(cfg.model, cfg.data.resolution, cfg.seed, build)
+    inference = Inference(cfg.model, cfg.data.resolution, cfg.seed, parts.build)
     source, table = inference.source, previous
     for model in todo:
         meta = inference.use(None if model == BASE else model)

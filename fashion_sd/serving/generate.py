@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -235,15 +236,27 @@ def read_png_settings(path) -> dict:
     return ImageSettings.read_png(path).to_dict()
 
 
-def generate_to_folder(sampler: Sampler, prompts: list[str], seeds: list[int], out, steps: int,
-                       guidance: float, record: dict, batch_size: int = 4,
-                       negative_prompt: str | None = None, progress=None, keep=None) -> dict:
+@dataclass
+class Job:
+    """What one generation makes: every prompt with every seed, at these settings."""
+
+    prompts: list[str]
+    seeds: list[int]
+    steps: int = 50
+    guidance: float = 7.5
+    negative_prompt: str | None = None
+    batch_size: int = 4  # seeds per sampler call (float rounding depends on the batch)
+    keep: list[int] | None = None  # the seeds whose images are saved (--from-png: one)
+
+
+def generate_to_folder(sampler: Sampler, job: Job, out, record: dict, progress=None) -> dict:
     """Every prompt with every seed into ``out``: PNGs, ``contact_sheet.png``, ``generate.json``.
 
     Each PNG records its settings and the seeds batched with it (float rounding depends on the
     batch), so ``--from-png`` regenerates that batch and keeps the one image, pixel for pixel.
-    ``keep`` limits the seeds whose images are saved.
     """
+    prompts, seeds, steps, guidance = job.prompts, job.seeds, job.steps, job.guidance
+    negative_prompt, batch_size, keep = job.negative_prompt, job.batch_size, job.keep
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

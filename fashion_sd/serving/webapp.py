@@ -224,10 +224,11 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
 
 
 def launch(app: gr.Blocks, assistant: Assistant, host: str = "127.0.0.1", port: int | None = None,
-           share: bool = False, auth: tuple[str, str] | None = None, **kwargs):
+           **gradio_options):
     """Serve ``app``; only the gallery folder is served from disk besides Gradio's own files.
 
-    ``port`` None takes the first free one from 7860 (a notebook cell can run twice).
+    ``port`` None takes the first free one from 7860 (a notebook cell can run twice);
+    ``gradio_options`` go to Gradio's ``launch`` (``share``, ``auth``, ``prevent_thread_lock``).
     """
-    return app.launch(server_name=host, server_port=port, share=share, auth=auth,
-                      allowed_paths=[str(assistant.gallery.folder.resolve())], **kwargs)
+    return app.launch(server_name=host, server_port=port,
+                      allowed_paths=[str(assistant.gallery.folder.resolve())], **gradio_options)

@@ -43,6 +43,7 @@ class RunState:
     elapsed: float = 0.0  # seconds of training in earlier sessions
     history: list[dict] = field(default_factory=list)
     stop_reason: str | None = None  # "max_steps" | "nonfinite" | "loss_scale" | "signal" | None
+    monitor: str = "val_loss"  # what best.lora.safetensors is chosen by; "loss" without a val split
     session_start: float = field(default_factory=time.time)
 
     @property
@@ -142,13 +143,13 @@ class Checkpointer(keras.callbacks.Callback):
     """
 
     def __init__(self, state: RunState, writer: RunWriter, layers: dict, cfg: Config,
-                 metadata: dict, label: str, monitor: str = "val_loss"):
+                 metadata: dict, label: str):
         super().__init__()
         self.state, self.writer = state, writer
         self.layers, self.spec, self.meta = layers, cfg.lora, metadata
         self.save_every = cfg.train.save_every_steps
         self.checkpoint_every = cfg.train.checkpoint_every_steps
-        self.monitor = monitor  # "loss" (train loss) when the val split is empty
+        self.monitor = state.monitor
         self.keep_last, self.label = cfg.train.keep_last, label
         self.export = tuple(cfg.output.export)
 
@@ -271,8 +272,7 @@ class SampleGrids(keras.callbacks.Callback):
         else:
             return
         with ema_weights(self.model.optimizer, self.model.trainable_variables):
-            render_samples(self.sampler, t.sample_prompts, t.sample_seeds, t.sample_steps,
-                           t.sample_guidance, path, self.label,
+            render_samples(self.sampler, t, path, self.label,
                            f"epoch {st.epoch_progress:g}, step {st.optimizer_step}"
                            + (", EMA weights" if uses_ema(self.model.optimizer) else ""))
 
@@ -317,7 +317,10 @@ class AfterWrites(keras.callbacks.Callback):
         self.then()
 
 
-def render_samples(sampler, prompts, seeds, steps, guidance, path, label, title) -> Path:
-    rows = [(p, sampler.generate(p, seeds, steps, guidance)) for p in prompts]
+def render_samples(sampler, train: TrainConfig, path, label: str, title: str) -> Path:
+    """``train.sample_prompts`` x ``train.sample_seeds`` through ``sampler``, as one grid."""
+    seeds, steps = train.sample_seeds, train.sample_steps
+    rows = [(p, sampler.generate(p, seeds, steps, train.sample_guidance))
+            for p in train.sample_prompts]
     return plots.sample_grid(rows, path, label, f"{title} ({steps} sampler steps)",
                              [f"seed {s}" for s in seeds])

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from fashion_sd.config import DataConfig
 from fashion_sd.images import image_size, load_image
 from fashion_sd.sd.tokenizer import MAX_LENGTH, tokenize
 from fashion_sd.training import diffusion
 from fashion_sd.training.cache import cache_key, file_id
 from fashion_sd.training.diffusion import TRAIN_TIMESTEPS
-from fashion_sd.training.shards import ROWS_PER_SHARD, sharded
+from fashion_sd.training.shards import sharded
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +112,22 @@ class EncodedData:
         return ("context", self.contexts) if self.tokens is None else ("tokens", self.tokens)
 
 
-def encode_dataset(table, comps, cache_dir: str | Path, resolution, progress=None,
-                   batch_size: int = 8, text_cache: bool = True, shard_rows: int = ROWS_PER_SHARD,
-                   cache_dtype: str = "float32", on_write=None) -> EncodedData:
-    """Encode (or load from cache) the images and distinct captions of a captions table.
+ENCODE_BATCH = 8  # images or captions per encoder call while filling the cache
 
-    Both caches are shard folders (:mod:`fashion_sd.training.shards`): written ``shard_rows`` rows at a
-    time, resumed after an interruption, read memory-mapped. VAE moments are stored in
-    ``cache_dtype``; text encodings in float32. ``text_cache=False`` (the text encoder trains):
-    captions are kept as token ids instead. ``on_write()`` follows every shard written.
+
+def encode_dataset(table, comps, cfg: DataConfig, progress=None, text_cache: bool = True,
+                   on_write=None) -> EncodedData:
+    """Encode (or load from cache) the images and distinct captions of a captions table, at
+    ``cfg.resolution``, in ``cfg.cache_dir``.
+
+    Both caches are shard folders (:mod:`fashion_sd.training.shards`): written
+    ``cfg.shard_rows`` rows at a time, resumed after an interruption, read memory-mapped. VAE
+    moments are stored in ``cfg.cache_dtype``; text encodings in float32. ``text_cache=False``
+    (the text encoder trains): captions are kept as token ids instead. ``on_write()`` follows
+    every shard written.
     """
+    cache_dir, resolution, batch_size = cfg.cache_dir, cfg.resolution, ENCODE_BATCH
+    shard_rows, cache_dtype = cfg.shard_rows, cfg.cache_dtype
     if (table.image_path == "").any():
         raise ValueError("captions.csv has rows without image_path; build it with --images")
     paths = table.image_path.tolist()
@@ -226,14 +232,28 @@ def caption_drops(seed: int, start_step: int, end_step: int, batch_size: int,
     return out
 
 
-def train_dataset(data: EncodedData, batch_size: int, seed: int, start_step: int, end_step: int,
-                  flip: bool, noise_offset: float = 0.0,
-                  caption_dropout: float = 0.0) -> tf.data.Dataset:
-    """Batches (dicts of moments, context, vae_eps, noise, timesteps) for global steps [start, end).
+@dataclass
+class Batches:
+    """How a run draws its batches; every draw is a function of (seed, step)."""
 
-    ``noise_offset`` and ``caption_dropout`` are the training options of the same names
-    (:class:`fashion_sd.config.TrainConfig`).
-    """
+    batch_size: int
+    seed: int
+    flip: bool = True  # data.flip
+    noise_offset: float = 0.0  # train.noise_offset
+    caption_dropout: float = 0.0  # train.caption_dropout
+
+    @classmethod
+    def of(cls, cfg) -> Batches:
+        """A run's batches, from its config."""
+        t = cfg.train
+        return cls(t.batch_size, cfg.seed, cfg.data.flip, t.noise_offset, t.caption_dropout)
+
+
+def train_dataset(data: EncodedData, batches: Batches, start_step: int,
+                  end_step: int) -> tf.data.Dataset:
+    """Batches (dicts of moments, context, vae_eps, noise, timesteps) for global steps [start, end)."""
+    batch_size, seed, flip = batches.batch_size, batches.seed, batches.flip
+    noise_offset, caption_dropout = batches.noise_offset, batches.caption_dropout
     train_rows = data.splits["train"]
     rows, flips = batch_plan(len(train_rows), batch_size, seed, start_step, end_step, flip)
     rows = train_rows[rows]

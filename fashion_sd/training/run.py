@@ -24,6 +24,7 @@ from its train state exactly where the run stopped, which may be mid-epoch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -40,7 +41,7 @@ from fashion_sd.catalogue.captions import read_captions
 from fashion_sd.config import Config
 from fashion_sd.errors import FashionSDError
 from fashion_sd.evaluation.clip_spec import check_spec
-from fashion_sd.evaluation.evaluate import Scorer, make_plan
+from fashion_sd.evaluation.evaluate import Parts, Scope, Scorer, make_plan
 from fashion_sd.files import DiskFull
 from fashion_sd.progress import tqdm_progress
 from fashion_sd.rundir import RunDir, RunWriter
@@ -383,7 +384,8 @@ class TrainingRun:
                 self.machine.replicas, te_vars), jit_compile=self.machine.jit)
             self.trainer.optimizer.build(self.trainer.trainable_variables)
         self.te_lora = bool(te_layers)
-        self.state = cb.RunState(self.run.root, self.spe, t.grad_accum, self.end, self.total)
+        self.state = cb.RunState(self.run.root, self.spe, t.grad_accum, self.end, self.total,
+                                 monitor="val_loss" if self.inputs.n_val else "loss")
 
     def _encode(self):
         """The frozen encoders' outputs, once, through the cache."""
@@ -392,11 +394,10 @@ class TrainingRun:
             print("lora.text_encoder: the text encoder trains, so captions are encoded at every "
                   "step (no text cache for this run); the VAE cache is kept")
         cache = self.mirrors.get("data.cache_dir")
-        return data.encode_dataset(
-            self.inputs.table, self.comps, cache.local if cache else cfg.data.cache_dir,
-            cfg.data.resolution, self.progress, text_cache=not cfg.lora.text_encoder,
-            shard_rows=cfg.data.shard_rows, cache_dtype=cfg.data.cache_dtype,
-            on_write=cache.push if cache and self.machine.chief else None)
+        where = dataclasses.replace(cfg.data, cache_dir=str(cache.local)) if cache else cfg.data
+        return data.encode_dataset(self.inputs.table, self.comps, where, self.progress,
+                                   text_cache=not cfg.lora.text_encoder,
+                                   on_write=cache.push if cache and self.machine.chief else None)
 
     def _lora(self) -> tuple[dict, dict]:
         """LoRA on the U-Net (from lora.init_from when set) and, as a variant, on the text
@@ -471,9 +472,8 @@ class TrainingRun:
             for initial, epochs, steps in fit_segments(state.step, self.spe, self.end):
                 if state.stop_reason:
                     break
-                ds = data.train_dataset(self.encoded, t.batch_size, cfg.seed, state.step,
-                                        min(self.end, state.step + (epochs - initial) * steps),
-                                        cfg.data.flip, t.noise_offset, t.caption_dropout)
+                ds = data.train_dataset(self.encoded, data.Batches.of(cfg), state.step,
+                                        min(self.end, state.step + (epochs - initial) * steps))
                 self._fit_segment(ds, val, initial, epochs, steps, callbacks)
         except cb.StopRequested:
             self._interrupted(stop)
@@ -517,8 +517,7 @@ class TrainingRun:
             self.comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predicts
         sampler = Sampler(self.comps, local=self.machine.kind == "multi_worker")
         writers = [
-            cb.Checkpointer(state, self.writer, self.layers, cfg, metadata, source.label,
-                            monitor="val_loss" if self.inputs.n_val else "loss"),
+            cb.Checkpointer(state, self.writer, self.layers, cfg, metadata, source.label),
             cb.SampleGrids(state, sampler, t, source.label),
             *self._scoring(sampler),
             # EMA: val loss of the EMA weights, raw weights kept across fit segments.
@@ -537,7 +536,8 @@ class TrainingRun:
 
         print(f"evaluating every {t.eval_every} epoch(s) on {t.eval_images} {cfg.eval.split} "
               f"prompts -> {self.run.eval}")
-        scorer = Scorer(cfg, num_images=t.eval_images, out=self.run.eval, progress=self.progress)
+        scorer = Scorer(cfg, Scope(num_images=t.eval_images, out=self.run.eval),
+                        Parts(progress=self.progress))
         scorer.judge  # noqa: B018 - CLIP now: a missing download fails before the first step
         return [cb.EvalDuringTraining(self.state, scorer, sampler, t, self.inputs.source.id,
                                       self.inputs.source.label)]

@@ -57,7 +57,7 @@ def fake_judge(cfg):
 
 def test_scores_base_and_checkpoints(trained, build, monkeypatch):
     out = ev.evaluate(trained, f"{trained.output.dir}/checkpoints", include_base=True,
-                      extractor=SmallExtractor(), build=build, judge=fake_judge(trained))
+                      parts=ev.Parts(SmallExtractor(), build, fake_judge(trained)))
     assert out.checkpoint.tolist() == ["base", "epoch_001", "epoch_002"]
     assert out.epoch.tolist()[1:] == [1.0, 2.0]
     assert (out.n_generated == 4).all() and (out.n_real == 4).all()
@@ -89,25 +89,24 @@ def test_scores_base_and_checkpoints(trained, build, monkeypatch):
     # a re-run skips what is scored; --force recomputes the same numbers
     monkeypatch.setattr(ev, "generate_for", lambda *a, **k: pytest.fail("recomputed"))
     again = ev.evaluate(trained, f"{trained.output.dir}/checkpoints", include_base=True,
-                        extractor=SmallExtractor(), build=build, judge=fake_judge(trained))
+                        parts=ev.Parts(SmallExtractor(), build, fake_judge(trained)))
     pd.testing.assert_frame_equal(again, out)
     monkeypatch.undo()
     forced = ev.evaluate(trained, f"{trained.output.dir}/checkpoints/epoch_002.lora.safetensors",
-                         force=True, extractor=SmallExtractor(), build=build,
-                         judge=fake_judge(trained))
+                         force=True, parts=ev.Parts(SmallExtractor(), build, fake_judge(trained)))
     np.testing.assert_allclose(forced.set_index("checkpoint").fid["epoch_002"],
                                out.set_index("checkpoint").fid["epoch_002"], rtol=1e-9)
 
 
 def test_input_errors(trained, tmp_path):
     with pytest.raises(ev.EvaluationError, match="nothing to score"):
-        ev.evaluate(trained, None, include_base=False, extractor=SmallExtractor())
+        ev.evaluate(trained, None, include_base=False, parts=ev.Parts(SmallExtractor()))
     with pytest.raises(ev.EvaluationError, match="no .lora.safetensors checkpoint found"):
-        ev.evaluate(trained, str(tmp_path / "none*"), extractor=SmallExtractor())
+        ev.evaluate(trained, str(tmp_path / "none*"), parts=ev.Parts(SmallExtractor()))
     bad = tmp_path / "bad.lora.safetensors"
     bad.write_bytes(b"junk")
     with pytest.raises(run.lora.LoraError, match="not a readable safetensors"):
-        ev.evaluate(trained, str(bad), extractor=SmallExtractor())
+        ev.evaluate(trained, str(bad), parts=ev.Parts(SmallExtractor()))
     plan = ev.make_plan(trained, "val", None, "x")  # eval.num_images=4 caps the 5 val rows
     assert plan.settings["n"] == 4 and plan.seeds == [42, 43, 44, 45]
     assert len(set(plan.prompts)) == 4 and len(plan.real_paths) == 5
@@ -124,8 +123,8 @@ def test_a_model_that_reproduces_the_real_set_scores_zero(trained, build, monkey
 
     monkeypatch.setattr(ev, "generate_for", reproduce)
     extractor = untrained_extractor("clean")
-    out = ev.evaluate(trained, None, include_base=True, extractor=extractor, build=build,
-                      out=Path(trained.output.dir) / "eval_same")
+    out = ev.evaluate(trained, None, include_base=True, parts=ev.Parts(extractor, build),
+                      scope=ev.Scope(out=Path(trained.output.dir) / "eval_same"))
     features = extractor(reproduce(None, ev.make_plan(trained, "test", None), 4, None))
     scale = float(np.trace(np.cov(features, rowvar=False)))
     assert abs(float(out.fid.iloc[0])) < 1e-6 * scale
@@ -163,6 +162,6 @@ def test_evaluation_while_training(tmp_path, demo_captions, encoder_cache, build
     # the garment metrics reach the table (noise shows no garment: the share judged says so)
     assert np.isfinite(table.kid_mean).all() and table.colour_judged_share.notna().all()
     monkeypatch.setattr(ev, "generate_for", lambda *a, **k: pytest.fail("scored twice"))
-    again = ev.evaluate(cfg, f"{cfg.output.dir}/checkpoints", num_images=4,
-                        extractor=SmallExtractor(), build=build)
+    again = ev.evaluate(cfg, f"{cfg.output.dir}/checkpoints", scope=ev.Scope(num_images=4),
+                        parts=ev.Parts(SmallExtractor(), build))
     assert again.checkpoint.tolist() == ["epoch_001", "epoch_002"]

@@ -55,11 +55,12 @@ def test_long_prompt_is_truncated_with_a_warning(sampler, caplog):
 def test_generate_to_folder(sampler, tmp_path):
     import json
 
-    from fashion_sd.serving.generate import generate_to_folder
+    from fashion_sd.serving.generate import Job, generate_to_folder
 
     record = {"label": sampler.comps.source.label, "weights": sampler.comps.source.to_dict()}
-    side = generate_to_folder(sampler, ["an image of a Men's T-Shirt", "an image of a Women's Dress"],
-                              [3, 4, 5], tmp_path, steps=2, guidance=7.5, record=record, batch_size=2)
+    side = generate_to_folder(sampler, Job(["an image of a Men's T-Shirt", "an image of a Women's Dress"],
+                                           [3, 4, 5], steps=2, guidance=7.5, batch_size=2),
+                              tmp_path, record=record)
     names = sorted(p.name for p in tmp_path.glob("p*_s*.png"))
     assert names == ["p000_s3.png", "p000_s4.png", "p000_s5.png", "p001_s3.png", "p001_s4.png",
                      "p001_s5.png"]
@@ -68,11 +69,11 @@ def test_generate_to_folder(sampler, tmp_path):
     assert saved["steps"] == 2 and saved["seeds"] == [3, 4, 5] and len(saved["images"]) == 6
     assert saved == json.loads(json.dumps(side, default=str))
     again = tmp_path / "again"
-    generate_to_folder(sampler, ["an image of a Men's T-Shirt"], [3, 4, 5], again, 2, 7.5, record,
-                       batch_size=2)  # same seed, same settings: the same file, byte for byte
+    generate_to_folder(sampler, Job(["an image of a Men's T-Shirt"], [3, 4, 5], 2, 7.5, batch_size=2),
+                       again, record)  # same seed, same settings: the same file, byte for byte
     assert (again / "p000_s4.png").read_bytes() == (tmp_path / "p000_s4.png").read_bytes()
     with pytest.raises(ValueError, match="empty prompt"):
-        generate_to_folder(sampler, [" "], [0], tmp_path / "x", 2, 7.5, record)
+        generate_to_folder(sampler, Job([" "], [0], 2, 7.5), tmp_path / "x", record)
 
 
 def test_incompatible_lora_is_refused(tmp_path):
@@ -137,13 +138,13 @@ def test_attribute_prompts():
 def test_png_metadata_reproduces_the_image(sampler, tmp_path):
     from PIL import Image
 
-    from fashion_sd.serving.generate import generate_to_folder, read_png_settings
+    from fashion_sd.serving.generate import Job, generate_to_folder, read_png_settings
 
     record = {"label": "x", "weights": {"requested": "random", "id": "random-init(seed=0)"},
               "lora": None, "lora_strength": None, "resolution": 64}
-    generate_to_folder(sampler, ["an image of a 2011 Casual Fall White Men's Sweater"], [7],
-                       tmp_path / "a", steps=2, guidance=5.0, record=record,
-                       negative_prompt="blurry")
+    generate_to_folder(sampler, Job(["an image of a 2011 Casual Fall White Men's Sweater"], [7],
+                                    steps=2, guidance=5.0, negative_prompt="blurry"),
+                       tmp_path / "a", record=record)
     png = tmp_path / "a" / "p000_s7.png"
     s = read_png_settings(png)
     assert s == {"prompt": "an image of a 2011 Casual Fall White Men's Sweater",
@@ -163,15 +164,15 @@ def test_png_metadata_reproduces_the_image(sampler, tmp_path):
 def test_from_png_keeps_one_image_of_its_batch(sampler, tmp_path):
     from PIL import Image
 
-    from fashion_sd.serving.generate import generate_to_folder, read_png_settings
+    from fashion_sd.serving.generate import Job, generate_to_folder, read_png_settings
 
     record = {"label": "x", "weights": {"requested": "random"}}
-    generate_to_folder(sampler, ["an image of a Women's Dress"], [1, 2, 3], tmp_path / "a", 2, 7.5,
-                       record, batch_size=2)
+    generate_to_folder(sampler, Job(["an image of a Women's Dress"], [1, 2, 3], 2, 7.5,
+                                    batch_size=2), tmp_path / "a", record)
     s = read_png_settings(tmp_path / "a" / "p000_s2.png")
     assert s["batch_seeds"] == [1, 2]
-    side = generate_to_folder(sampler, [s["prompt"]], s["batch_seeds"], tmp_path / "b", 2, 7.5,
-                              record, batch_size=2, keep=[2])
+    side = generate_to_folder(sampler, Job([s["prompt"]], s["batch_seeds"], 2, 7.5, batch_size=2,
+                                           keep=[2]), tmp_path / "b", record)
     assert [f["file"] for f in side["images"]] == ["p000_s2.png"]
     assert not (tmp_path / "b" / "p000_s1.png").exists()
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b" / "p000_s2.png")),

@@ -139,8 +139,8 @@ def encoded(n=12, val=3):
 
 def test_train_stream_resumes_exactly():
     enc = encoded()
-    full = list(data.train_dataset(enc, 2, seed=5, start_step=0, end_step=8, flip=True))
-    tail = list(data.train_dataset(enc, 2, seed=5, start_step=5, end_step=8, flip=True))
+    full = list(data.train_dataset(enc, data.Batches(2, seed=5, flip=True), 0, 8))
+    tail = list(data.train_dataset(enc, data.Batches(2, seed=5, flip=True), 5, 8))
     for a, b in zip(full[5:], tail):
         for k in a:
             np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())

@@ -5,6 +5,7 @@ re-encoding, float16 moments and what they do to the loss."""
 import numpy as np
 import pytest
 
+from fashion_sd.config import DataConfig
 from fashion_sd.sd import models
 from fashion_sd.training import data, run
 from fashion_sd.training.diffusion import (
@@ -29,11 +30,11 @@ def table(demo_captions):
 
 @pytest.fixture(scope="module")
 def one_shard(comps, table, tmp_path_factory):
-    return data.encode_dataset(table, comps, tmp_path_factory.mktemp("one"), 64, shard_rows=4096)
+    return data.encode_dataset(table, comps, DataConfig(cache_dir=str(tmp_path_factory.mktemp("one")), resolution=64, shard_rows=4096))
 
 
 def test_shard_size_changes_nothing(comps, table, one_shard, tmp_path):
-    small = data.encode_dataset(table, comps, tmp_path, 64, shard_rows=8)
+    small = data.encode_dataset(table, comps, DataConfig(cache_dir=str(tmp_path), resolution=64, shard_rows=8))
     assert len(list(tmp_path.glob("images-*/shard-*.npy"))) == -(-len(table) // 8)
     np.testing.assert_array_equal(np.asarray(small.moments), np.asarray(one_shard.moments))
     np.testing.assert_array_equal(np.asarray(small.contexts), np.asarray(one_shard.contexts))
@@ -53,9 +54,9 @@ def test_an_interrupted_encoding_resumes(comps, table, one_shard, tmp_path, monk
 
     monkeypatch.setattr(data, "encode_images", disconnects_after_two)
     with pytest.raises(ConnectionError):
-        data.encode_dataset(table, comps, tmp_path, 64, shard_rows=16)
+        data.encode_dataset(table, comps, DataConfig(cache_dir=str(tmp_path), resolution=64, shard_rows=16))
     monkeypatch.setattr(data, "encode_images", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
-    resumed = data.encode_dataset(table, comps, tmp_path, 64, shard_rows=16)
+    resumed = data.encode_dataset(table, comps, DataConfig(cache_dir=str(tmp_path), resolution=64, shard_rows=16))
     assert calls == [16, 16, len(table) - 32]  # the third shard only, once
     np.testing.assert_array_equal(np.asarray(resumed.moments), np.asarray(one_shard.moments))
 
@@ -63,7 +64,7 @@ def test_an_interrupted_encoding_resumes(comps, table, one_shard, tmp_path, monk
 def test_float16_moments_and_the_loss(comps, table, one_shard, tmp_path):
     """float16 storage halves the cache; the latents it gives differ from float32's by float16
     rounding, and a training loss computed from them by under 1e-3 relative (measured here)."""
-    half = data.encode_dataset(table, comps, tmp_path, 64, cache_dtype="float16")
+    half = data.encode_dataset(table, comps, DataConfig(cache_dir=str(tmp_path), resolution=64, cache_dtype="float16"))
     m32, m16 = np.asarray(one_shard.moments), np.asarray(half.moments)
     np.testing.assert_allclose(m16, m32, rtol=2 ** -10, atol=1e-4)
     files = lambda enc: sum(p.stat().st_size for p in enc.moments.folder.glob("shard-*"))  # noqa: E731

@@ -15,7 +15,7 @@ from fashion_sd import images
 from fashion_sd.config import ConfigError, load_config
 from fashion_sd.evaluation import evaluate as ev
 from fashion_sd.sd import models
-from fashion_sd.serving.generate import Sampler, generate_to_folder
+from fashion_sd.serving.generate import Job, Sampler, generate_to_folder
 from fashion_sd.training import data, run
 
 SIZE = [192, 256]  # width, height: the catalogue's 3:4
@@ -80,13 +80,14 @@ def test_portrait_run_samples_generation_app_and_fid(tmp_path, demo_captions, en
     summary = run.train(cfg, progress=None, verbose=0, build=build)
     assert summary["status"] == "finished"
     comps = build(models.WeightsSource("random", "random", id="random-init(seed=42)"), SIZE)
-    enc = data.encode_dataset(run.read_captions(cfg.data.captions), comps, cfg.data.cache_dir, SIZE)
+    enc = data.encode_dataset(run.read_captions(cfg.data.captions), comps, cfg.data)
     assert enc.moments.shape[2:] == (32, 24, 8)  # latents 3:4 (height 32, width 24)
     assert (tmp_path / "run/samples/epoch_001.png").is_file()
     # generation: 3:4 PNGs whose settings say so
     sampler = Sampler(comps)
     record = {"weights": {}, "random_init": True, "label": "test", "resolution": SIZE}
-    generate_to_folder(sampler, ["an image of a shirt"], [0, 1], tmp_path / "gen", 2, 7.5, record, 2)
+    generate_to_folder(sampler, Job(["an image of a shirt"], [0, 1], 2, 7.5, batch_size=2),
+                       tmp_path / "gen", record)
     pngs = sorted((tmp_path / "gen").glob("p*.png"))
     assert len(pngs) == 2
     from fashion_sd.serving.image_settings import ImageSettings
@@ -102,7 +103,7 @@ def test_portrait_run_samples_generation_app_and_fid(tmp_path, demo_captions, en
     assert Image.open(result.paths[0]).size == (192, 256)
     # FID/KID on 3:4 images
     table = ev.evaluate(cfg, f"{cfg.output.dir}/checkpoints", include_base=True,
-                        extractor=SmallExtractor(), build=build)
+                        parts=ev.Parts(SmallExtractor(), build))
     assert np.isfinite(table.fid).all() and np.isfinite(table.kid_mean).all()
     gen = next((tmp_path / "run/eval/images").rglob("*.png"))
     assert Image.open(gen).size == (192, 256)

@@ -88,8 +88,8 @@ def test_dropped_captions_train_on_the_samplers_unconditional_context(small_part
     # in the batches: dropped samples carry the empty prompt's row, the rest their own
     enc = encoded()
     enc.uncond_index = 3
-    batches_ = list(data.train_dataset(enc, 2, seed=5, start_step=0, end_step=40, flip=False,
-                                       caption_dropout=0.5))
+    batches_ = list(data.train_dataset(enc, data.Batches(2, seed=5, flip=False,
+                                                               caption_dropout=0.5), 0, 40))
     drops = data.caption_drops(5, 0, 40, 2, 0.5)
     rows, _ = data.batch_plan(len(enc.splits["train"]), 2, 5, 0, 40, False)
     for step, b in enumerate(batches_):
