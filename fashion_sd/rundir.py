@@ -283,3 +283,53 @@ class RunWriter:
             with atomic_path(self.run.history) as tmp:
                 pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(tmp, index=False,
                                                                      lineterminator="\n")
+
+
+class EvalDir:
+    """An evaluation's folder (a run's ``eval/`` or any ``--out``): the one reader and writer of
+    its scores table, summary and plot, each model's images and their per-image judgements."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def scores(self) -> Path:
+        return self.root / SCORES_CSV
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SCORES_MD
+
+    @property
+    def plot(self) -> Path:
+        return self.root / SCORES_PLOT
+
+    @property
+    def grid(self) -> Path:
+        return self.root / SCORES_GRID
+
+    def images(self, model: str) -> Path:
+        """Where a model's generated images go: ``images/<model>/``."""
+        return self.root / "images" / model
+
+    def image(self, model: str, index: int, seed: int) -> Path:
+        return self.images(model) / f"{index:04d}_s{seed}.png"
+
+    def read_scores(self):
+        """The scores table, or None when there is none (yet) or it is unreadable."""
+        return _read_csv(self.scores)
+
+    def write_scores(self, table) -> None:
+        _write_csv(self.scores, table)
+
+    def write_judged(self, model: str, table) -> None:
+        """A model's per-image judgements, beside its images."""
+        _write_csv(self.images(model) / JUDGED_CSV, table)
+
+    def write_summary(self, text: str) -> None:
+        atomic_write_text(self.summary, text)
+
+
+def _write_csv(path: Path, table) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, lineterminator="\n")

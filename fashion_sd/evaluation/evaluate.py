@@ -40,9 +40,9 @@ from fashion_sd.evaluation.fid import (
     warn_if_biased,
 )
 from fashion_sd.evaluation.judge import SUMMARY, load_judge, summarise
-from fashion_sd.files import atomic_path, atomic_write_text
+from fashion_sd.files import atomic_path
 from fashion_sd.rundir import SCORES_GRID as GRID
-from fashion_sd.rundir import RunDir
+from fashion_sd.rundir import EvalDir, RunDir
 from fashion_sd.sd import lora_file
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,8 @@ def garment_types(table: pd.DataFrame, rows: pd.DataFrame) -> tuple[list, list[s
     return [names.get(t) for t in rows.articleType], sorted(set(names.values()))
 
 
-def generate_for(sampler, plan: Plan, batch_size: int, folder: Path | None, progress=None):
-    """The plan's images, batched by prompt; saved as PNGs in ``folder`` when given."""
+def generate_for(sampler, plan: Plan, batch_size: int, path_of=None, progress=None):
+    """The plan's images, batched by prompt; saved as PNGs at ``path_of(i)`` when given."""
     images: list[np.ndarray | None] = [None] * len(plan.prompts)
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(plan.prompts):
@@ -155,10 +155,9 @@ def generate_for(sampler, plan: Plan, batch_size: int, folder: Path | None, prog
                                plan.settings["steps"], plan.settings["guidance"])
         for i, img in zip(idx, out):
             images[i] = img
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+    if path_of is not None:
         for i, img in enumerate(images):
-            with atomic_path(folder / f"{i:04d}_s{plan.seeds[i]}.png") as tmp:
+            with atomic_path(path_of(i)) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
     return np.stack(images)
 
@@ -202,8 +201,8 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
     df = df.copy()
     best, column = select_best(df, select)
     df["selected"] = [i == best for i in df.index]
-    with atomic_path(out / rundir.SCORES_CSV) as tmp:
-        df.to_csv(tmp, index=False, lineterminator="\n")
+    folder = EvalDir(out)
+    folder.write_scores(df)
     comparable = bool(df.comparable.astype(str).isin(["True", "true"]).all())
     lines = ["| checkpoint | epoch | FID | KID (x1e3) | CLIP score | type top-1 / top-3 | "
              "colour (CLIP) | gender (CLIP) | on-model | colour | cut off |",
@@ -248,9 +247,9 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
                  "(share judged in brackets); the others are undetermined, not wrong.")
     # drawn by evaluate() once every model is scored (write_grid)
     grid = f"\n![real vs generated, one row per prompt]({GRID})\n"
-    atomic_write_text(out / rundir.SCORES_MD, "# Scores per checkpoint\n\n" + "\n".join(lines)
+    folder.write_summary("# Scores per checkpoint\n\n" + "\n".join(lines)
                       + "\n\n" + "\n\n".join(notes) + "\n" + grid)
-    plots.metric_curves(df, out / rundir.SCORES_PLOT, label if comparable else
+    plots.metric_curves(df, folder.plot, label if comparable else
                         f"NOT COMPARABLE (not the published FID Inception). {label}")
     return df
 
@@ -293,6 +292,7 @@ class Scorer:
         self.cfg, self.progress = cfg, parts.progress
         progress, extractor = parts.progress, parts.extractor
         self.out = Path(scope.out) if scope.out else RunDir(cfg.output.dir).eval
+        self.dir = EvalDir(self.out)
         self.plan = make_plan(cfg, scope.split or cfg.eval.split, scope.num_images)
         if extractor is None:
             extractor = load_extractor(cfg.eval.backend, cfg.eval.inception_weights,
@@ -321,13 +321,13 @@ class Scorer:
         """Generate the plan's images with ``sampler`` as it stands and score them: one row."""
         plan = self.plan
         print(f"scoring {name} ({len(plan.prompts)} images, {plan.settings['steps']} steps)")
-        folder = self.out / "images" / name
-        images = generate_for(sampler, plan, self.cfg.eval.batch_size, folder, self.progress)
+        images = generate_for(sampler, plan, self.cfg.eval.batch_size,
+                              lambda i: self.dir.image(name, i, plan.seeds[i]), self.progress)
         return {"checkpoint": name,
                 "epoch": float(meta["epoch"]) if "epoch" in meta else math.nan,
                 "step": float(meta["step"]) if "step" in meta else math.nan,
                 **score(self.extractor(images), self.real, self.cfg),
-                **judge_images(self.judge, images, plan, folder),
+                **judge_images(self.judge, images, plan, self.dir, name),
                 "n_real": len(plan.real_paths), "n_generated": len(images),
                 "backend": self.extractor.name, "protocol": self.extractor.protocol,
                 "comparable": self.extractor.comparable,
@@ -335,8 +335,8 @@ class Scorer:
                 "weights_source": weights_id, "settings": plan.settings_id}
 
     def previous(self) -> pd.DataFrame:
-        path = self.out / rundir.SCORES_CSV
-        table = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
+        table = self.dir.read_scores()
+        table = pd.DataFrame(columns=COLUMNS) if table is None else table
         return table.reindex(columns=COLUMNS)  # a table from before a column was added
 
     def record(self, table: pd.DataFrame, row: dict, label: str) -> pd.DataFrame:
@@ -381,15 +381,15 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, force: b
     return table
 
 
-def judge_images(judge, images, plan: Plan, folder: Path | None = None) -> dict:
-    """The judge's summary columns for one model's images; the per-image rows go to ``folder``."""
-
+def judge_images(judge, images, plan: Plan, folder: EvalDir | None = None,
+                 model: str = "") -> dict:
+    """The judge's summary columns for one model's images; the per-image rows go to
+    ``folder`` beside the model's images."""
     judged = judge(images, plan.prompts, plan.types, plan.colours, plan.genders)
     if folder is not None:
         judged.insert(0, "prompt", plan.prompts)
         judged.insert(0, "seed", plan.seeds)
-        with atomic_path(folder / rundir.JUDGED_CSV) as tmp:
-            judged.to_csv(tmp, index=False, lineterminator="\n")
+        folder.write_judged(model, judged)
     summary = summarise(judged)
     return {k: summary[k] for k in SUMMARY}
 
@@ -416,12 +416,12 @@ def write_grid(plan: Plan, table: pd.DataFrame, out: Path, label: str, rows: int
         i = plan.prompts.index(prompt)
         cells = [np.asarray(Image.open(plan.real_paths[i % len(plan.real_paths)]).convert("RGB"))]
         for name in names:
-            path = out / "images" / name / f"{i:04d}_s{plan.seeds[i]}.png"
+            path = EvalDir(out).image(name, i, plan.seeds[i])
             if path.is_file():
                 cells.append(np.asarray(Image.open(path).convert("RGB")))
         grid_rows.append((prompt, cells))
     if not grid_rows:
         return None
-    return plots.sample_grid(grid_rows, out / GRID, label,
+    return plots.sample_grid(grid_rows, EvalDir(out).grid, label,
                              f"real ({plan.settings['split']} split) vs generated",
                              ["real", *names])
