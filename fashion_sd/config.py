@@ -628,8 +628,8 @@ def _check_train(c: _Checks, cfg: Config) -> None:
     c.need(t.save_every_steps >= 0, "train.save_every_steps", "must be >= 0 (0: at epoch ends only)")
     c.need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: none)")
     c.need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
-    c.need(0 < t.min_loss_scale <= 2.0**15, "train.min_loss_scale",
-         "must be above 0 and at most 32768 (Keras' first loss scale; 1 is usual)")
+    c.need(0 < t.min_loss_scale <= 1e12, "train.min_loss_scale",
+         "must be above 0 and at most 1e12 (Keras' first loss scale is 32768; 1 is usual)")
     c.need(not (t.jit_compile is True and t.deterministic), "train.jit_compile",
          "true cannot hold with train.deterministic: true (Keras runs op-deterministic steps "
          "without XLA); set train.jit_compile: auto or false, or train.deterministic: false")

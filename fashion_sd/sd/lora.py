@@ -27,8 +27,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
-from keras_cv.src.models.stable_diffusion.text_encoder import CLIPEncoderLayer
 
 from fashion_sd.config import LoraConfig
 from fashion_sd.sd import lora_file
@@ -42,6 +40,8 @@ def attention_projections(model: keras.Model) -> dict[str, keras.layers.Dense]:
     """Every attention projection of a model whose top-level layers include SpatialTransformers."""
 
     out = {}
+    # keras_cv imports torch when it is installed: only when first needed
+    from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
     transformers = [layer for layer in model.layers if isinstance(layer, SpatialTransformer)]
     for i, st in enumerate(transformers):
         block = st.transformer_block
@@ -180,6 +180,8 @@ def text_encoder_projections(text_encoder: keras.Model) -> dict[str, keras.layer
     """The Dense layers of KerasCV's TextEncoder a LoRA may change, named ``te{i:02d}.{proj}``."""
 
     out = {}
+    # keras_cv imports torch when it is installed: only when first needed
+    from keras_cv.src.models.stable_diffusion.text_encoder import CLIPEncoderLayer
     blocks = [layer for layer in text_encoder.layers if isinstance(layer, CLIPEncoderLayer)]
     for i, block in enumerate(blocks):  # each feeds the next, so this is their depth order
         for name, (parent, attr) in TEXT_ENCODER_PROJECTIONS.items():

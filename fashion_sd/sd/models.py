@@ -24,12 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
-from keras_cv.models.stable_diffusion import (
-    Decoder,
-    DiffusionModel,
-    ImageEncoder,
-    TextEncoder,
-)
 
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
@@ -213,6 +207,14 @@ def build_component(name: str, resolution: int, path: Path | None = None,
     The U-Net computes its attention as ``attention`` says (:mod:`fashion_sd.sd.attention`):
     ``fused`` (default) or KerasCV's own; the weights are the same either way.
     """
+
+    # keras_cv imports torch when it is installed: only when first needed
+    from keras_cv.models.stable_diffusion import (
+        Decoder,
+        DiffusionModel,
+        ImageEncoder,
+        TextEncoder,
+    )
 
     if name == "diffusion_model":
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from keras_cv.models import StableDiffusion
 
 from fashion_sd import plots
 from fashion_sd.files import atomic_write_text
@@ -44,6 +43,8 @@ class Sampler:
         if missing:
             raise ValueError(f"the sampler needs {', '.join(missing)}")
         with contextlib.redirect_stdout(io.StringIO()):  # KerasCV prints its licence on creation
+            # keras_cv imports torch when it is installed: only when first needed
+            from keras_cv.models import StableDiffusion
             sd = StableDiffusion(img_height=128, img_width=128, jit_compile=False)
         # Set after construction: KerasCV's constructor rounds sizes to multiples of 128, which
         # would turn 384 x 512 into 384 x 512 but 320 x 448 into 384 x 512; ours are checked /64.

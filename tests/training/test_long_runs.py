@@ -156,7 +156,10 @@ def test_a_full_disk_stops_the_run_with_its_last_files_intact(tmp_path, demo_cap
             raise OSError(28, "No space left on device")
         return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", full_after_epoch_1)
+    from fashion_sd.training import trainer
+
+    for module in (safetensors.numpy, lora_file, trainer):  # every writer's save_file
+        monkeypatch.setattr(module, "save_file", full_after_epoch_1, raising=False)
     cfg = config(tmp_path, demo_captions, encoder_cache, "train.save_every_steps=0")
     with pytest.raises(run.TrainingStopped) as info:
         train(cfg, build)

@@ -284,7 +284,7 @@ def test_attention_module_imports_only_keras(root):
     import ast
     import sys
 
-    tree = ast.parse((root / "fashion_sd" / "attention.py").read_text())
+    tree = ast.parse((root / "fashion_sd" / "sd" / "attention.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
                 for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree)
