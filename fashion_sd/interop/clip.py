@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from fashion_sd.evaluation.clip import clip_class, repair, save_clip
-from fashion_sd.interop.checkpoint import _weight_files
+from fashion_sd.interop.checkpoint import Renamed, _weight_files
 from fashion_sd.interop.kerascv import Target, _dense, _norm, assign
 from fashion_sd.interop.tensors import InteropError, Tensors
 
@@ -86,23 +86,6 @@ def _tensors(folder: Path):
     return Tensors(files)
 
 
-class _Weights:
-    """A tensor source seen without its buffers (they are not weights)."""
-
-    def __init__(self, tensors):
-        self.tensors = tensors
-        self.names = {n: n for n in tensors.keys() if not n.endswith(_SKIPPED)}
-
-    def keys(self):
-        return self.names.keys()
-
-    def shape(self, name):
-        return self.tensors.shape(self.names[name])
-
-    def __getitem__(self, name):
-        return self.tensors[self.names[name]]
-
-
 def _blocks(prefix: str, encoder) -> list:
 
     out = []
@@ -143,7 +126,8 @@ def convert(folder: str | Path):
 
     folder = Path(folder).expanduser()
     arguments = keras_arguments(folder)
-    source = _Weights(_tensors(folder))
+    tensors = _tensors(folder)  # without its buffers: they are not weights
+    source = Renamed(tensors, {n: n for n in tensors.keys() if not n.endswith(_SKIPPED)})
     model = repair(clip_class()(**arguments))
     assign(clip_targets(model), source, f"{folder} (transformers CLIP)")
     return model

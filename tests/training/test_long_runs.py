@@ -12,33 +12,13 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from safetensors.numpy import load_file
-from tiny import tiny_unet
+from test_run import build, config, train  # noqa: F401 - build is a fixture
 
 from fashion_sd import files, runlock
-from fashion_sd.config import load_config
 from fashion_sd.rundir import RunDir
-from fashion_sd.sd import lora_file, models
+from fashion_sd.sd import lora_file
 from fashion_sd.training import callbacks, run
 from fashion_sd.training.shards import CacheSpaceError
-
-
-@pytest.fixture
-def build(small_parts):
-    def make(source, resolution):
-        return models.Components(source, resolution, diffusion_model=tiny_unet(resolution // 8),
-                                 **small_parts)
-    return make
-
-
-def config(tmp_path, demo_captions, encoder_cache, *overrides, name="run"):
-    return load_config(ROOT / "configs/demo.yaml", [
-        f"data.captions={demo_captions}", f"data.cache_dir={encoder_cache}",
-        f"output.dir={tmp_path / name}", "model.weights=random", "train.batch_size=4",
-        "train.sample_every=0", "train.deterministic=true", "train.epochs=2", *overrides])
-
-
-def train(cfg, build, **kw):
-    return run.train(cfg, progress=None, verbose=0, build=build, **kw)
 
 
 def _weights(folder):
