@@ -19,6 +19,22 @@ from contextlib import contextmanager
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+@contextmanager
+def handling(handle):
+    """``handle(signum, frame)`` for SIGINT and SIGTERM during the block, the previous handlers
+    back after it. Main thread only: Python runs handlers there; elsewhere (a test calling a
+    command's main from a thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 class Stopped(KeyboardInterrupt):
     """Raised in the main thread by SIGINT or SIGTERM.
 
@@ -70,16 +86,9 @@ class Signals:
     def installed(self):
         """SIGINT and SIGTERM handled by this object for the block (main thread only: Python
         runs handlers there; elsewhere, e.g. a test calling main(), nothing changes)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
         self.received.clear()
-        previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-        try:
+        with handling(self._handle):
             yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     @contextmanager
     def deferred(self):
