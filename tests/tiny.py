@@ -1,4 +1,4 @@
-"""A denoiser small enough for unit tests, built from KerasCV's own SpatialTransformer.
+"""A denoiser small enough for unit tests, built from the U-Net's own SpatialTransformer.
 
 It has the U-Net's interface ([latent, timestep_embedding, context] -> noise) and two attention
 blocks, so LoRA discovery, the trainer, checkpoints and resume run on it in seconds.
@@ -13,7 +13,7 @@ CONTEXT = (77, 768)
 def tiny_unet(latent: int | tuple[int, int] = 8, channels: int = 32,
               name: str = "tiny_unet") -> keras.Model:
     """``latent``: a square's side, or (height, width) in latent pixels."""
-    from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
+    from fashion_sd.sd.unet import SpatialTransformer
 
     h, w = latent if isinstance(latent, tuple) else (latent, latent)
     latent_in = keras.Input((h, w, 4), name="latent")

@@ -18,21 +18,12 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-from keras_cv.src.models.stable_diffusion.attention_block import AttentionBlock
-from keras_cv.src.models.stable_diffusion.diffusion_model import (
-    ResBlock,
-    SpatialTransformer,
-    Upsample,
-)
-from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
-from keras_cv.src.models.stable_diffusion.resnet_block import ResnetBlock
-from keras_cv.src.models.stable_diffusion.text_encoder import (
-    CLIPEmbedding,
-    CLIPEncoderLayer,
-)
-
 from fashion_sd.interop.keys import unet_block_names
 from fashion_sd.interop.tensors import InteropError
+from fashion_sd.sd.padded_conv import PaddedConv2D
+from fashion_sd.sd.text_encoder import CLIPEmbedding, CLIPEncoderLayer
+from fashion_sd.sd.unet import ResBlock, SpatialTransformer, Upsample
+from fashion_sd.sd.vae import AttentionBlock, ResnetBlock
 
 
 @dataclass

@@ -2,13 +2,11 @@
 
 This module imports only ``keras`` (no TensorFlow, no keras_cv), so the same code runs under
 Keras' JAX or torch backend on a machine without TensorFlow (the lent GPU machine has none).
-It works on any layer shaped like KerasCV's ``CrossAttention`` (``to_q``, ``to_k``, ``to_v``,
-``out_proj``, ``num_heads``, ``head_size``, ``scale``) and on any Keras ``Dense``.
-
-Both swaps replace a layer's ``call`` on the instance and nothing else: the variables, their
-names, their order and every weights file stay exactly as they were, so checkpoints, interop
-mappings and ``load_weights`` are untouched. Undo either swap and KerasCV's or Keras' own
-``call`` is back.
+:class:`fashion_sd.sd.unet.CrossAttention` computes its attention with
+:func:`multi_head_attention` (or, as ``kerascv``, written out); :func:`use_lora_form` computes an
+``enable_lora``'d ``Dense`` as a separate branch by replacing its ``call`` on the instance and
+nothing else: the variables, their names, their order and every weights file stay exactly as
+they were, so checkpoints, interop mappings and ``load_weights`` are untouched.
 
 Why not Keras' ``Dense.enable_lora`` alone: it returns ``W + (alpha / r) A B`` from the
 ``kernel`` property, so autodiff forms the full weight gradient ``x^T dy`` of every frozen
@@ -87,28 +85,18 @@ def use_lora_form(dense, form: str = "separate") -> None:
         dense.__dict__.pop("call", None)
 
 
-def _fused_attention_call(self, inputs, context=None):
-    if context is None:
-        context = inputs
-    q, k, v = self.to_q(inputs), self.to_k(context), self.to_v(context)
-    out = multi_head_attention(q, k, v, self.num_heads, self.head_size, self.scale)
-    return self.out_proj(out)
-
-
 def use_attention(layer, mode: str = "fused") -> None:
-    """Compute a KerasCV-style attention layer with ``keras.ops.dot_product_attention``
-    (``fused``) or with its own reshape + two dots + softmax (``kerascv``)."""
+    """Compute a U-Net attention layer (:class:`fashion_sd.sd.unet.CrossAttention`) with
+    ``keras.ops.dot_product_attention`` (``fused``) or the explicit softmax(q k^T) v
+    (``kerascv``); its weights stay as they are."""
     if mode not in ATTENTION:
         raise ValueError(f"model.attention: {mode!r}: use one of {', '.join(ATTENTION)}")
-    if mode == "fused":
-        layer.call = types.MethodType(_fused_attention_call, layer)
-    else:
-        layer.__dict__.pop("call", None)
+    layer.attention = mode
 
 
 def attention_layers(model: keras.Model) -> list:
-    """Every layer of ``model`` that looks like KerasCV's CrossAttention, in traversal order."""
-    names = ("to_q", "to_k", "to_v", "out_proj", "num_heads", "head_size", "scale")
+    """Every attention layer of ``model`` (``CrossAttention``'s parts), in traversal order."""
+    names = ("to_q", "to_k", "to_v", "out_proj", "num_heads", "head_size", "scale", "attention")
     return [layer for layer in model._flatten_layers(include_self=False)
             if all(hasattr(layer, n) for n in names)]
 

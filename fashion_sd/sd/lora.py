@@ -1,7 +1,7 @@
 """LoRA on the U-Net's attention projections: Keras' own ``Dense.enable_lora`` makes the matrices,
 :mod:`fashion_sd.sd.attention` computes them as a separate low-rank branch (see there for why).
 
-Each ``SpatialTransformer`` of KerasCV's ``DiffusionModel`` holds a self-attention (``attn1``) and
+Each ``SpatialTransformer`` of the U-Net (:mod:`fashion_sd.sd.unet`, KerasCV's layout) holds a self-attention (``attn1``) and
 a cross-attention (``attn2``) block, each with four ``Dense`` projections: ``to_q``, ``to_k``,
 ``to_v`` (no bias) and ``out_proj``. A projection is named ``st{i:02d}.attn{1,2}.{proj}`` with
 ``i`` the transformer's position in the model's (topological) layer order: stable across
@@ -32,6 +32,8 @@ from fashion_sd.config import LoraConfig
 from fashion_sd.sd import lora_file
 from fashion_sd.sd.attention import use_lora_form
 from fashion_sd.sd.lora_file import LoraError, is_text_encoder_layer, layer_scale
+from fashion_sd.sd.text_encoder import CLIPEncoderLayer
+from fashion_sd.sd.unet import SpatialTransformer
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "out_proj")
 
@@ -40,8 +42,6 @@ def attention_projections(model: keras.Model) -> dict[str, keras.layers.Dense]:
     """Every attention projection of a model whose top-level layers include SpatialTransformers."""
 
     out = {}
-    # keras_cv imports torch when it is installed: only when first needed
-    from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
     transformers = [layer for layer in model.layers if isinstance(layer, SpatialTransformer)]
     for i, st in enumerate(transformers):
         block = st.transformer_block
@@ -177,11 +177,9 @@ TEXT_ENCODER_PROJECTIONS = {"q_proj": ("clip_attn", "q_proj"), "k_proj": ("clip_
 
 
 def text_encoder_projections(text_encoder: keras.Model) -> dict[str, keras.layers.Dense]:
-    """The Dense layers of KerasCV's TextEncoder a LoRA may change, named ``te{i:02d}.{proj}``."""
+    """The Dense layers of the text encoder a LoRA may change, named ``te{i:02d}.{proj}``."""
 
     out = {}
-    # keras_cv imports torch when it is installed: only when first needed
-    from keras_cv.src.models.stable_diffusion.text_encoder import CLIPEncoderLayer
     blocks = [layer for layer in text_encoder.layers if isinstance(layer, CLIPEncoderLayer)]
     for i, block in enumerate(blocks):  # each feeds the next, so this is their depth order
         for name, (parent, attr) in TEXT_ENCODER_PROJECTIONS.items():

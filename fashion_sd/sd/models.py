@@ -1,4 +1,4 @@
-"""KerasCV's Stable Diffusion v1.4 components, and where their weights come from.
+"""Stable Diffusion v1.4's components, and where their weights come from.
 
 ``model.weights`` says where:
 
@@ -10,8 +10,10 @@
 - ``random``: untrained weights, for tests and plumbing checks; every output says so.
 - ``auto`` (demo only): pretrained when cached or downloadable, else random with a loud warning.
 
-The architecture is KerasCV's own (``DiffusionModel``, ``TextEncoder``, ``ImageEncoder``,
-``Decoder``); nothing here re-implements it.
+The networks are the project's own Keras 3 code (:mod:`~fashion_sd.sd.unet`,
+:mod:`~fashion_sd.sd.text_encoder`, :mod:`~fashion_sd.sd.vae`), one implementation for every
+Keras backend, laid out as KerasCV's ``DiffusionModel``, ``TextEncoder``, ``ImageEncoder`` and
+``Decoder`` so that KerasCV's published files load into them unchanged.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import keras
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_write_text
 from fashion_sd.images import image_size, valid_size
-from fashion_sd.sd.attention import set_attention
+from fashion_sd.sd.text_encoder import TextEncoder
 from fashion_sd.sd.tokenizer import MAX_LENGTH, clip_tokenizer
+from fashion_sd.sd.unet import DiffusionModel
+from fashion_sd.sd.vae import Decoder, ImageEncoder
 
 log = logging.getLogger(__name__)
 
@@ -202,39 +206,27 @@ class Components:
 
 def build_component(name: str, resolution: int, path: Path | None = None,
                     attention: str = "fused") -> keras.Model:
-    """One KerasCV component, with weights from ``path`` or left at random init.
+    """One component, with weights from ``path`` or left at random init.
 
     The U-Net computes its attention as ``attention`` says (:mod:`fashion_sd.sd.attention`):
-    ``fused`` (default) or KerasCV's own; the weights are the same either way.
+    ``fused`` (default) or written out as KerasCV did; the weights are the same either way.
     """
-
-    # keras_cv imports torch when it is installed: only when first needed
-    from keras_cv.models.stable_diffusion import (
-        Decoder,
-        DiffusionModel,
-        ImageEncoder,
-        TextEncoder,
-    )
-
+    w, h = image_size(resolution)
     if name == "diffusion_model":
-
-        w, h = image_size(resolution)
-        model = DiffusionModel(h, w, MAX_LENGTH, download_weights=False)
-        set_attention(model, attention)
+        model = DiffusionModel(h, w, MAX_LENGTH, attention=attention)
     elif name == "text_encoder":
-        model = TextEncoder(MAX_LENGTH, download_weights=False)
+        model = TextEncoder(MAX_LENGTH)
     elif name == "image_encoder":
-        model = ImageEncoder(download_weights=False)
+        model = ImageEncoder()
     elif name == "decoder":
-        w, h = image_size(resolution)
-        model = Decoder(h, w, download_weights=False)
+        model = Decoder(h, w)
     else:
         raise ValueError(f"unknown component {name!r}; use one of {', '.join(COMPONENTS)}")
     if path is not None:
         try:
             model.load_weights(str(path))
         except Exception as exc:
-            raise WeightsError(f"{path}: cannot load it into KerasCV's {type(model).__name__} "
+            raise WeightsError(f"{path}: cannot load it into SD 1.x's {type(model).__name__} "
                                f"({type(exc).__name__}: {exc})") from None
     return model
 
