@@ -1,15 +1,13 @@
-"""Text -> image with KerasCV's own sampler, on components we built (and may have LoRA-tuned).
+"""Text -> image: our components (maybe LoRA-tuned) in the DDIM loop of :mod:`fashion_sd.sd.ddim`.
 
-KerasCV's ``StableDiffusion`` would download its weights lazily and rounds sizes to multiples of
-128 (64 px becomes 0), so we hand it our components and our size; the DDIM loop, guidance and
-decoding are KerasCV's ``generate_image``. Each image's starting noise is drawn from its own seed,
-so an image depends on (prompt, seed, steps, guidance) only, not on what was batched with it.
+The loop, guidance and decoding are KerasCV's ``generate_image``, step for step, without its
+``StableDiffusion`` object (which needs TensorFlow and rounds sizes to multiples of 128): the
+same models and noise give the same pixels. Each image's starting noise is drawn from its own
+seed, so an image depends on (prompt, seed, steps, guidance) only, not on what was batched with it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -17,12 +15,11 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from fashion_sd import plots
 from fashion_sd.files import atomic_write_text
 from fashion_sd.images import image_size, valid_size
-from fashion_sd.sd import lora, lora_file, models
+from fashion_sd.sd import ddim, lora, lora_file, models
 from fashion_sd.sd.models import Components
 from fashion_sd.sd.tokenizer import MAX_LENGTH, tokenize
 from fashion_sd.serving.image_settings import ImageSettings
@@ -35,26 +32,23 @@ class Sampler:
 
     ``local``: run the models on this process alone, whatever strategy built them (the chief of
     a multi-worker run samples while the other workers wait; see :class:`_Local`).
+
+    Example::
+
+        source = resolve_inference_weights("random")
+        sampler = Sampler(models.build_components(source, 64, INFERENCE))
+        images = sampler.generate("an image of a Men's T-Shirt", seeds=[0, 1], steps=25)
     """
 
     def __init__(self, comps: Components, local: bool = False):
 
-        missing = [n for n in ("text_encoder", "diffusion_model", "decoder") if getattr(comps, n) is None]
+        missing = [n for n in INFERENCE if getattr(comps, n) is None]
         if missing:
             raise ValueError(f"the sampler needs {', '.join(missing)}")
-        with contextlib.redirect_stdout(io.StringIO()):  # KerasCV prints its licence on creation
-            # keras_cv imports torch when it is installed: only when first needed
-            from keras_cv.models import StableDiffusion
-            sd = StableDiffusion(img_height=128, img_width=128, jit_compile=False)
-        # Set after construction: KerasCV's constructor rounds sizes to multiples of 128, which
-        # would turn 384 x 512 into 384 x 512 but 320 x 448 into 384 x 512; ours are checked /64.
-        sd.img_width, sd.img_height = image_size(comps.resolution)
         wrap = _Local if local else (lambda m: m)
-        sd._text_encoder = self.text_encoder = wrap(comps.text_encoder)
-        sd._diffusion_model = wrap(comps.diffusion_model)
-        sd._decoder = wrap(comps.decoder)
-        sd._tokenizer = comps.tokenizer
-        self.sd = sd
+        self.text_encoder = wrap(comps.text_encoder)
+        self.diffusion_model = wrap(comps.diffusion_model)
+        self.decoder = wrap(comps.decoder)
         self.comps = comps
 
     def encode(self, prompt: str):
@@ -64,8 +58,19 @@ class Sampler:
         tokens, truncated = tokenize([prompt], self.comps.tokenizer)
         if truncated:
             log.warning("prompt over %d tokens truncated: %r", MAX_LENGTH, prompt)
-        positions = np.arange(MAX_LENGTH, dtype=np.int32)[None]
-        return self.text_encoder.predict_on_batch({"tokens": tokens, "positions": positions})
+        return self._context(tokens)
+
+    def unconditional_context(self, negative_prompt: str | None = None):
+        """(1, 77, 768) context guidance steers away from: the negative prompt's, else the empty
+        prompt's (its tokens are KerasCV's ``_UNCONDITIONAL_TOKENS``: start, then end 76 times).
+        A negative prompt over 77 tokens is refused, as KerasCV refused it."""
+        tokens, truncated = tokenize(["" if negative_prompt is None else negative_prompt],
+                                     self.comps.tokenizer)
+        if truncated:
+            n = len(self.comps.tokenizer.encode(negative_prompt))
+            raise ValueError(f"negative prompt too long: {n} tokens, CLIP reads {MAX_LENGTH}; "
+                             "shorten it")
+        return self._context(tokens)
 
     def initial_noise(self, seeds: list[int]):
         w, h = image_size(self.comps.resolution)
@@ -78,18 +83,18 @@ class Sampler:
 
         ``on_step(done, total)`` is called after each sampling step (the app's progress bar).
         """
-        context = self.encode(prompt)
-        unet, decoder = self.sd._diffusion_model, self.sd._decoder
-        self.sd._diffusion_model = _Float32Outputs(unet, steps, on_step)
-        self.sd._decoder = _Float32Outputs(decoder)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # KerasCV's per-call progress bar
-                return self.sd.generate_image(
-                    context, negative_prompt=negative_prompt, batch_size=len(seeds),
-                    num_steps=steps, unconditional_guidance_scale=guidance,
-                    diffusion_noise=self.initial_noise(seeds))
-        finally:
-            self.sd._diffusion_model, self.sd._decoder = unet, decoder
+        contexts = (self.encode(prompt), self.unconditional_context(negative_prompt))
+        latents = ddim.denoise(self._unet, self.initial_noise(seeds), contexts, steps, guidance,
+                               on_step)
+        return ddim.decode(self.decoder.predict_on_batch, latents)
+
+    def _context(self, tokens):
+        positions = np.arange(MAX_LENGTH, dtype=np.int32)[None]
+        return self.text_encoder.predict_on_batch({"tokens": tokens, "positions": positions})
+
+    def _unet(self, latent, timestep_embedding, context):
+        return self.diffusion_model.predict_on_batch(
+            {"latent": latent, "timestep_embedding": timestep_embedding, "context": context})
 
 
 class _Local:
@@ -102,33 +107,14 @@ class _Local:
     """
 
     def __init__(self, model):
+        # Only TensorFlow's multi-worker runs get here: other backends never import it.
+        import tensorflow as tf
 
         self.model = model
         self._call = tf.function(lambda x: model(x, training=False))
 
     def predict_on_batch(self, inputs):
         return keras.ops.convert_to_numpy(self._call(inputs))
-
-
-class _Float32Outputs:
-    """A model as KerasCV's sampling loop sees it: outputs in float32, each finished step reported.
-
-    Under a mixed policy the U-Net returns bfloat16 or float16 arrays, and KerasCV's loop does
-    the guidance ``u + g (c - u)`` and the DDIM update in the dtype it gets; in bfloat16 (8 bits
-    of mantissa) that rounds every step. Cast here, the loop runs in float32 (its starting noise
-    is float32). KerasCV's loop only reports to its own console progress bar; it calls the U-Net
-    twice a step (unconditional, then conditional), so every second call ends a step.
-    """
-
-    def __init__(self, model, steps: int = 0, on_step=None):
-        self.model, self.steps, self.on_step, self.calls = model, steps, on_step, 0
-
-    def predict_on_batch(self, inputs):
-        out = np.asarray(self.model.predict_on_batch(inputs), dtype=np.float32)
-        self.calls += 1
-        if self.on_step is not None and self.calls % 2 == 0:
-            self.on_step(self.calls // 2, self.steps)
-        return out
 
 
 # --------------------------------------------------------------------------------------------
