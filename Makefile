@@ -5,13 +5,26 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup setup-test browser demo app test clean
+JAX_VENV ?= .venv-jax
+JAX_STAMP := $(JAX_VENV)/.installed
+
+.PHONY: setup setup-test setup-jax browser demo app test clean
 
 setup: $(STAMP)
 
 # Tests also need the interop extra (torch, diffusers: the peers our conversions are proven
 # against) and a real browser for the assistant's end-to-end test.
-setup-test: $(TEST_STAMP) browser
+setup-test: $(TEST_STAMP) setup-jax browser
+
+# Keras on JAX without TensorFlow or keras_cv (a GPU machine's setup): the tests run the
+# networks, training and generation in it and compare with the TensorFlow backend.
+setup-jax: $(JAX_STAMP)
+
+$(JAX_STAMP): requirements-jax.txt pyproject.toml
+	$(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_VENV)/bin/python -m pip install --quiet -r requirements-jax.txt
+	$(JAX_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(JAX_STAMP)
 
 $(TEST_STAMP): $(STAMP) requirements-interop.txt
 	$(BIN)/python -m pip install --quiet -r requirements-interop.txt

@@ -35,3 +35,7 @@ def reported(*also: type[BaseException]):
                 return getattr(exc, "exit_code", 2)
         return run
     return wrap
+
+
+class BackendError(FashionSDError, RuntimeError):
+    """A part asked of a Keras backend that does not have it; the message names one that does."""

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fashion_sd.config import TrainConfig
+from fashion_sd.errors import BackendError
 from fashion_sd.files import atomic_path
 from fashion_sd.sd.lora import lora_state
 from fashion_sd.sd.lora_file import safetensors_header
@@ -196,13 +196,61 @@ def loss_scale(optimizer) -> float | None:
     return None
 
 
-class LoraTrainer(keras.Model):
+def step_verdict(loss, grads, scale=None):
+    """Whether a step's update may be applied, and whether it was a float16 overflow.
+
+    Backend-neutral (Keras ops), so TensorFlow's and JAX's steps judge alike. ``scale`` is the
+    float16 loss scale (None without loss scaling); ``grads`` are the (scaled) gradients.
+
+    Finite gradients can still overflow what the optimizer computes from them: the squared
+    global norm of global-norm clipping (a gradient of about 2e19 makes it inf, and Keras' clip
+    then multiplies by NaN) and Adam's g * g. Sum of squares of the (unscaled, global) gradient
+    in float32, as Keras' clip computes it; not finite -> skipped like a NaN. Under loss scaling,
+    overflowing scaled gradients are the loss-scale optimizer's business: it skips the step and
+    halves the scale. A non-finite *unscaled* loss is not an overflow (no scale would help), so
+    it is skipped here, the scale left alone, and counted; so is a finite scaled gradient whose
+    unscaled norm overflows.
+    """
+    loss_ok = ops.isfinite(loss)
+    grads_ok = ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads]))
+    unscale = 1.0 if scale is None else 1.0 / ops.cast(scale, "float32")
+    sumsq = ops.sum(ops.stack([ops.sum(ops.square(ops.cast(g, "float32") * unscale))
+                               for g in grads]))
+    norm_ok = ops.isfinite(sumsq)
+    if scale is None:
+        return ops.logical_and(loss_ok, ops.logical_and(grads_ok, norm_ok)), ops.array(False)
+    overflow = ops.logical_and(loss_ok, ops.logical_not(grads_ok))
+    apply = ops.logical_and(loss_ok, ops.logical_or(ops.logical_not(grads_ok), norm_ok))
+    return apply, overflow
+
+
+def _backend_step():
+    """The train step for the backend Keras runs on: the gradient and the conditional update are
+    each backend's own (a tape and ``tf.cond``; ``jax.grad`` and a select); the loss and the
+    verdict are written once, in :class:`LoraTrainer`."""
+    backend = keras.backend.backend()
+    # Imported here, at the backend boundary: each step imports its backend's library.
+    if backend == "tensorflow":
+        from fashion_sd.training.step_tf import TensorFlowStep
+        return TensorFlowStep
+    if backend == "jax":
+        from fashion_sd.training.step_jax import JaxStep
+        return JaxStep
+    raise BackendError(f"KERAS_BACKEND={backend}: training runs on tensorflow or jax")
+
+
+class LoraTrainer(_backend_step(), keras.Model):
     """Wraps the U-Net; ``fit`` on dict batches: moments, context, vae_eps, noise, timesteps.
 
     A dict, because Keras reads a tuple as (x, y, sample_weight). The trainer itself runs in
     float32 whatever the global policy (Keras would otherwise cast its float inputs to the
     compute dtype before ``call``): noising, timestep embedding and loss are float32, only the
     U-Net computes in bfloat16 or float16.
+
+    The loss is Keras' ``compute_loss`` (:meth:`compute_loss`), which Keras' JAX trainer calls
+    inside its stateless gradient and TensorFlow's step calls under its tape: one objective
+    for every backend. A step whose loss or gradient is not finite is skipped and counted
+    (:func:`step_verdict`, :meth:`record_step`).
     """
 
     def __init__(self, unet: keras.Model, snr_gamma: float | None = None,
@@ -248,85 +296,29 @@ class LoraTrainer(keras.Model):
         pred = self.unet([noisy, diffusion.timestep_embedding(t), context], training=training)
         return {"pred": ops.cast(pred, "float32"), "target": target, "noisy": noisy}
 
-    def _loss(self, batch, training: bool):
-        out = self(batch, training=training)
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The epsilon MSE of :meth:`call`'s output for batch ``x`` (``y`` is unused: the target
+        is in the batch), min-SNR weighted in training when ``snr_gamma`` is set."""
+        if y_pred is None:
+            y_pred = self(x, training=training)
         weights = None
         if training and self.snr_gamma:
             # Val loss stays the plain epsilon MSE, so runs with and without it compare.
-            weights = diffusion.min_snr_weights(batch["timesteps"], self.alphas_cumprod,
+            weights = diffusion.min_snr_weights(x["timesteps"], self.alphas_cumprod,
                                                 self.snr_gamma)
-        return diffusion.epsilon_loss(out["pred"], out["target"], weights)
+        return diffusion.epsilon_loss(y_pred["pred"], y_pred["target"], weights)
 
-    def train_step(self, data):
-        ctx = tf.distribute.get_replica_context()
-        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
-        variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            loss = self._loss(data, training=True)
-            scaled = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, variables)
-        if replicas > 1:
-            # Average across replicas here so that every replica sees the same gradients (the
-            # skip decision must agree) and clipping acts on the global gradient; Keras' own
-            # apply() would clip each replica's share and then sum.
-            mean = ctx.all_reduce("mean", grads)
-            grads = [g / replicas for g in mean]
-            loss_all = ctx.all_reduce("mean", loss)
-        else:
-            mean, loss_all = grads, loss
-        loss_ok = tf.math.is_finite(loss_all)
-        grads_ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        lso = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        # Finite gradients can still overflow what the optimizer computes from them: the squared
-        # global norm of global-norm clipping (a gradient of about 2e19 makes it inf, and Keras'
-        # clip then multiplies by NaN) and Adam's g * g. Sum of squares of the (unscaled, global)
-        # gradient in float32, as Keras' clip computes it; not finite -> skipped like a NaN.
-        unscale = 1.0 / ops.cast(self.optimizer.dynamic_scale, "float32") if lso else 1.0
-        sumsq = tf.add_n([tf.reduce_sum(tf.square(ops.cast(g, "float32") * unscale)) for g in mean])
-        norm_ok = tf.math.is_finite(sumsq)
-        if lso:
-            # Overflowing scaled gradients are the loss-scale optimizer's business: it skips the
-            # step and halves the scale. A non-finite *unscaled* loss is not an overflow (no
-            # scale would help), so it is skipped here, the scale left alone, and counted; so is
-            # a finite scaled gradient whose unscaled norm overflows.
-            overflow = tf.logical_and(loss_ok, tf.logical_not(grads_ok))
-            finite = tf.logical_and(loss_ok, tf.logical_or(tf.logical_not(grads_ok), norm_ok))
-        else:
-            finite = tf.logical_and(loss_ok, tf.logical_and(grads_ok, norm_ok))
-            overflow = tf.constant(False)
-        self._apply_if(finite, grads, variables, ctx, replicas)
-        bad = tf.cast(tf.logical_not(finite), "int64")
+    def _loss(self, batch, training: bool):
+        return self.compute_loss(x=batch, y_pred=self(batch, training=training), training=training)
+
+    def record_step(self, loss, applied, overflow):
+        """Count a step (skips, overflows, the streak of skips) and track its loss if applied."""
+        bad = ops.cast(ops.logical_not(applied), "int64")
         self.skipped_steps.assign_add(bad)
-        self.overflow_steps.assign_add(tf.cast(overflow, "int64"))
+        self.overflow_steps.assign_add(ops.cast(overflow, "int64"))
         self.nonfinite_streak.assign((self.nonfinite_streak + bad) * bad)
-        self.loss_tracker.update_state(tf.where(finite, loss, 0.0),
-                                       sample_weight=tf.cast(finite, "float32"))
-        return {"loss": self.loss_tracker.result()}
-
-    def _apply_if(self, finite, grads, variables, ctx, replicas):
-        """Apply the update only when ``finite``: a real skip (no moments, no decay)."""
-        if replicas == 1:
-            tf.cond(finite, lambda: self.optimizer.apply(grads, variables) or tf.constant(True),
-                    lambda: tf.constant(False))
-            return
-
-        # MirroredStrategy's apply() calls merge_call, which a replica-context cond cannot hold:
-        # take the decision in cross-replica context (the pattern of Keras' LossScaleOptimizer).
-        def cross(strategy, grads, finite):
-            def apply():
-                strategy.extended.call_for_each_replica(
-                    lambda g: self.optimizer.apply(g, variables), args=(grads,))
-                return tf.constant(True)
-
-            # Every replica computed the same value from the all-reduced gradients.
-            ok = strategy.experimental_local_results(finite)[0]
-            return tf.cond(ok, apply, lambda: tf.constant(False))
-
-        ctx.merge_call(cross, args=(grads, finite))
-
-    def test_step(self, data):
-        loss = self._loss(data, training=False)
-        self.loss_tracker.update_state(loss)
+        self.loss_tracker.update_state(ops.where(applied, loss, 0.0),
+                                       sample_weight=ops.cast(applied, "float32"))
         return {"loss": self.loss_tracker.result()}
 
 

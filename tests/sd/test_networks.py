@@ -6,6 +6,7 @@ and attribute names), load into ours; the outputs then agree in float32 to 1e-5 
 The U-Net is real-size at 64 px, so that part is marked slow.
 """
 
+import json
 import subprocess
 import sys
 
@@ -132,3 +133,49 @@ def test_real_size_unet_equals_kerascvs(tmp_path):
     assert rel(ours(x), want) <= 1e-5
     assert attention.set_attention(ours, "kerascv") == 32
     assert rel(ours(x), want) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# The same networks on Keras' JAX backend, in an environment without TensorFlow
+
+
+def same_on_jax(tmp_path, models_by_name: dict, inputs_by_name: dict, resolution: int) -> dict:
+    """Each model's outputs on JAX from its weights here, after checking JAX ran without TF."""
+    from backends import modules, run_on_jax
+
+    for name, model in models_by_name.items():
+        model.save_weights(str(tmp_path / f"{name}.weights.h5"))
+        np.savez(tmp_path / f"{name}.inputs.npz",
+                 **{f"x{i}": x for i, x in enumerate(inputs_by_name[name])})
+    (tmp_path / "job.json").write_text(json.dumps(
+        {"components": list(models_by_name), "resolution": resolution}))
+    run_on_jax(ROOT / "tests" / "on_backend.py", tmp_path)
+    assert modules(tmp_path) == {"backend": "jax", "tensorflow": False, "keras_cv": False,
+                                 "torch": False}
+    return {name: np.load(tmp_path / f"{name}.outputs.npz")["out"] for name in models_by_name}
+
+
+def test_text_encoder_and_vae_equal_on_jax_and_tensorflow(tmp_path, small_parts):
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, 49408, (2, 77)).astype("int32")
+    inputs = {"text_encoder": [tokens, np.repeat(np.arange(77, dtype="int32")[None], 2, 0)],
+              "image_encoder": [rng.uniform(-1, 1, (2, 64, 64, 3)).astype("float32")],
+              "decoder": [rng.standard_normal((2, 8, 8, 4)).astype("float32")]}
+    got = same_on_jax(tmp_path, small_parts, inputs, 64)
+    for name, model in small_parts.items():
+        x = inputs[name]
+        want = np.asarray(model(x if len(x) > 1 else x[0], training=False))
+        assert rel(got[name], want) <= 1e-5, name
+
+
+@pytest.mark.slow
+def test_real_size_unet_equals_on_jax_and_tensorflow(tmp_path):
+    keras.utils.set_random_seed(6)
+    model = unet.DiffusionModel(64, 64, 77)
+    rng = np.random.default_rng(1)
+    x = [rng.standard_normal((2, 8, 8, 4)).astype("float32"),
+         rng.standard_normal((2, 320)).astype("float32"),
+         rng.standard_normal((2, 77, 768)).astype("float32")]
+    want = np.asarray(model(x))
+    got = same_on_jax(tmp_path, {"diffusion_model": model}, {"diffusion_model": x}, 64)
+    assert rel(got["diffusion_model"], want) <= 1e-5

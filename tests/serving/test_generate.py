@@ -24,7 +24,7 @@ def test_progress_is_reported_after_every_sampling_step(sampler):
     with_progress = sampler.generate(prompt, [3], steps=4, on_step=lambda *a: calls.append(a))
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     np.testing.assert_array_equal(with_progress, sampler.generate(prompt, [3], steps=4))
-    assert sampler.sd._diffusion_model is sampler.comps.diffusion_model  # put back
+    assert sampler.diffusion_model is sampler.comps.diffusion_model  # never swapped
 
 
 def test_same_seed_same_pixels(sampler):

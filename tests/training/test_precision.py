@@ -293,20 +293,23 @@ def test_attention_module_imports_only_keras(root):
 
 
 def test_sampler_loop_gets_float32_from_a_bf16_unet():
-    # KerasCV's loop does guidance and the DDIM update in the dtype the U-Net returns.
-    from fashion_sd.serving.generate import _Float32Outputs
+    # The U-Net computes in bfloat16; the guidance and the DDIM update run in float32.
+    from fashion_sd.sd import ddim
 
     with policy("mixed_bfloat16"):
         keras.utils.set_random_seed(0)
         unet = tiny_unet()
     rng = np.random.default_rng(0)
-    inputs = {"latent": rng.standard_normal((1, 8, 8, 4)).astype("float32"),
-              "timestep_embedding": rng.standard_normal((1, 320)).astype("float32"),
-              "context": rng.standard_normal((1, 77, 768)).astype("float32")}
-    raw = unet.predict_on_batch(inputs)
-    assert np.asarray(raw).dtype != np.float32  # what KerasCV would compute with
-    steps = []
-    wrapped = _Float32Outputs(unet, 3, lambda *a: steps.append(a))
-    out = [wrapped.predict_on_batch(inputs) for _ in range(2)]
-    assert all(o.dtype == np.float32 for o in out) and steps == [(1, 3)]
-    np.testing.assert_array_equal(out[0], np.asarray(raw, np.float32))
+    noise = rng.standard_normal((1, 8, 8, 4)).astype("float32")
+    contexts = tuple(rng.standard_normal((1, 77, 768)).astype("float32") for _ in range(2))
+    outputs, steps = [], []
+
+    def predict(latent, t_emb, context):
+        out = unet.predict_on_batch({"latent": latent, "timestep_embedding": t_emb,
+                                     "context": context})
+        outputs.append(np.asarray(out).dtype)
+        return out
+
+    got = ddim.denoise(predict, noise, contexts, steps=3, on_step=lambda *a: steps.append(a))
+    assert np.dtype("float32") not in set(outputs)  # what the loop was handed
+    assert np.asarray(got).dtype == np.float32 and steps == [(1, 3), (2, 3), (3, 3)]

@@ -1,0 +1,34 @@
+"""The second environment the tests run code in: Keras on JAX, without TensorFlow or keras_cv.
+
+``make test`` creates it (``.venv-jax``, requirements-jax.txt). A test that needs it and does not
+find it fails with the command that makes it, rather than skipping: the JAX path is a promise.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+JAX_PYTHON = ROOT / ".venv-jax" / "bin" / "python"
+
+
+def jax_python() -> Path:
+    if not JAX_PYTHON.exists():
+        raise AssertionError(f"{JAX_PYTHON} not found: `make setup-jax` creates the JAX "
+                             "environment these tests run code in")
+    return JAX_PYTHON
+
+
+def run_on_jax(script: Path, *args, timeout: int = 900, env: dict | None = None):
+    """Run ``script`` with the JAX environment's Python under ``KERAS_BACKEND=jax``."""
+    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KERAS_BACKEND": "jax",
+            "HOME": os.environ.get("HOME", "/root"), **(env or {})}
+    out = subprocess.run([str(jax_python()), str(script), *map(str, args)], cwd=ROOT, env=full,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+def modules(folder: Path) -> dict:
+    return json.loads((folder / "modules.json").read_text())

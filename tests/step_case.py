@@ -1,0 +1,75 @@
+"""One short training run on a tiny U-Net, from files, on whatever backend Keras runs: the same
+code on both sides of the cross-backend tests. ``python tests/step_case.py DIR`` runs it on the
+backend ``KERAS_BACKEND`` names and writes ``DIR/<backend>.lora.safetensors`` and
+``DIR/<backend>.json`` (losses, counters, optimizer steps, imported modules)."""
+
+import json
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import tiny_unet  # noqa: E402
+
+from fashion_sd.config import LoraConfig, TrainConfig  # noqa: E402
+from fashion_sd.sd import lora  # noqa: E402
+from fashion_sd.training import trainer as tr  # noqa: E402
+
+SPEC = LoraConfig(rank=2, alpha=4.0, targets=["to_q", "to_k", "to_v", "out_proj"])
+BATCH = 2
+
+
+def make_case(folder: Path, batches: int = 4, nan_batch: int | None = None) -> None:
+    """Base weights, a starting LoRA (B not zero, so A gets gradients too) and the batches."""
+    keras.utils.set_random_seed(0)
+    unet = tiny_unet()
+    unet.save_weights(str(folder / "unet.weights.h5"))
+    layers = lora.apply_lora(unet, SPEC)
+    rng = np.random.default_rng(0)
+    for layer in layers.values():
+        layer.lora_kernel_b.assign(0.05 * rng.standard_normal(layer.lora_kernel_b.shape))
+    lora.save_lora(folder / "start.lora.safetensors", layers, SPEC)
+    n = batches * BATCH
+    data = {"moments": rng.standard_normal((n, 8, 8, 8)).astype("float32"),
+            "context": rng.standard_normal((n, 77, 768)).astype("float32"),
+            "vae_eps": rng.standard_normal((n, 8, 8, 4)).astype("float32"),
+            "noise": rng.standard_normal((n, 8, 8, 4)).astype("float32"),
+            "timesteps": rng.integers(0, 1000, n).astype("int32")}
+    if nan_batch is not None:
+        data["noise"][nan_batch * BATCH] = np.nan
+    np.savez(folder / "batches.npz", **data)
+
+
+def run_case(folder: Path) -> dict:
+    backend = keras.backend.backend()
+    unet = tiny_unet()
+    unet.load_weights(str(folder / "unet.weights.h5"))
+    layers = lora.apply_lora(unet, SPEC)
+    lora.load_lora(folder / "start.lora.safetensors", layers)
+    trainer = tr.LoraTrainer(unet, snr_gamma=5.0)
+    train = TrainConfig(learning_rate=1e-3, warmup_steps=2, ema_decay=0.9, grad_clip=0.5)
+    trainer.compile(optimizer=tr.make_optimizer(train, 10, "float32"))
+    batches = dict(np.load(folder / "batches.npz"))
+    losses = []
+
+    class Losses(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            losses.append(float(logs["loss"]))
+
+    trainer.fit(batches, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                callbacks=[Losses()])
+    with tr.ema_weights(trainer.optimizer, trainer.trainable_variables):
+        ema = {k: v for k, v in lora.lora_state(layers).items()}
+    np.savez(folder / f"{backend}.ema.npz", **ema)
+    lora.save_lora(folder / f"{backend}.lora.safetensors", layers, SPEC)
+    out = {"losses": losses, "skipped": int(trainer.skipped_steps.numpy()),
+           "optimizer_steps": int(keras.ops.convert_to_numpy(trainer.optimizer.iterations)),
+           **{m: m in sys.modules for m in ("tensorflow", "keras_cv", "torch")}}
+    (folder / f"{backend}.json").write_text(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    run_case(Path(sys.argv[1]))
