@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from backends import run_on_jax
+from backends import run_on_jax, run_on_jax_allowing_failure
 from conftest import ROOT
 from step_case import make_case, run_case
 
@@ -42,3 +42,13 @@ def test_training_steps_equal_on_jax_and_tensorflow(tmp_path, nan_batch):
         assert np.linalg.norm(d_jax - d_tf) <= 1e-4 * np.linalg.norm(d_tf), key
         np.testing.assert_allclose(d_jax, d_tf, atol=2e-3 * moved, err_msg=key)
         np.testing.assert_allclose(ema_jax[key], ema_tf[key], atol=2e-3 * moved, err_msg=key)
+
+
+def test_train_command_on_jax_names_the_backend_that_has_it(tmp_path):
+    out = run_on_jax_allowing_failure(
+        ROOT / "scripts" / "train.py", "--config", ROOT / "configs" / "demo.yaml",
+        "--set", f"output.dir={tmp_path / 'run'}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "needs Keras' tensorflow backend" in out.stderr and "KERAS_BACKEND is jax" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
