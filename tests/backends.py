@@ -20,17 +20,19 @@ def jax_python() -> Path:
     return JAX_PYTHON
 
 
-def run_on_jax_allowing_failure(script: Path, *args, timeout: int = 900):
-    """Run ``script`` with the JAX environment's Python under ``KERAS_BACKEND=jax``."""
+def run_on_jax_allowing_failure(script: Path, *args, timeout: int = 900,
+                                env: dict | None = None):
+    """Run ``script`` with the JAX environment's Python under ``KERAS_BACKEND=jax``; ``env``
+    adds variables (``XLA_FLAGS``, which XLA reads only when jax starts)."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KERAS_BACKEND": "jax",
-           "HOME": os.environ.get("HOME", "/root")}
+           "HOME": os.environ.get("HOME", "/root"), **(env or {})}
     return subprocess.run([str(jax_python()), str(script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_on_jax(script: Path, *args, timeout: int = 900):
+def run_on_jax(script: Path, *args, timeout: int = 900, env: dict | None = None):
     """As :func:`run_on_jax_allowing_failure`, asserting that it succeeded."""
-    out = run_on_jax_allowing_failure(script, *args, timeout=timeout)
+    out = run_on_jax_allowing_failure(script, *args, timeout=timeout, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
 
