@@ -97,6 +97,8 @@ def apply_png_settings(args, cfg) -> None:
     args.batch_size = len(args.batch_seeds)
     args.negative_prompt, args.resolution = s.get("negative_prompt"), s.get("resolution")
     args.lora, args.lora_strength = s.get("lora"), s.get("lora_strength") or 1.0
+    # PNGs from before the noise was recorded started from keras.random.normal
+    args.noise = s.get("noise") or "keras"
     if s.get("weights"):
         cfg.model.weights = s["weights"]
     if s.get("model_seed") is not None:  # the seed that random-init weights were drawn with
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     preflight.output_folder("--out", args.out)
     from fashion_sd.serving.generate import Job, generate_to_folder, load_sampler
 
-    sampler, record = load_sampler(cfg.model, resolution, cfg.seed, args.lora, args.lora_strength)
+    sampler, record = load_sampler(cfg.model, resolution, cfg.seed, args.lora, args.lora_strength,
+                                   getattr(args, "noise", "philox"))
     seeds = getattr(args, "batch_seeds", None) or list(range(args.seed, args.seed + args.num_images))
     job = Job(prompts, seeds, args.steps, args.guidance, args.negative_prompt, args.batch_size,
               keep=getattr(args, "keep", None))

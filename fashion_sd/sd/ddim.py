@@ -76,6 +76,21 @@ def ddim_update(latent, epsilon, alpha: float, alpha_prev: float):
     return epsilon * math.sqrt(1.0 - alpha_prev) + math.sqrt(alpha_prev) * pred_x0
 
 
+NOISES = ("philox", "keras")  # how a seed becomes the starting latent; "keras": before 2026-12
+# Philox's second key word: the starting latent's stream, apart from anything else seeded with the
+# same number (training's draws use their own generator and keys).
+_START_STREAM = 0x5354415254  # "START"
+
+
+def starting_noise(seeds, latent_shape) -> np.ndarray:
+    """Each seed's starting latent, (len(seeds), *latent_shape) float32 standard normal, from
+    NumPy's counter-based Philox keyed by (seed, stream): the same numbers on every Keras
+    backend, and for a seed whatever else is in its batch."""
+    return np.stack([
+        np.random.Generator(np.random.Philox(key=np.array([int(s), _START_STREAM], np.uint64)))
+        .standard_normal(tuple(latent_shape), dtype=np.float32) for s in seeds])
+
+
 def denoise(unet, noise, contexts, steps: int = 50, guidance: float = 7.5, on_step=None):
     """The sampling loop: ``steps`` guided DDIM steps from ``noise`` to float32 clean latents.
 

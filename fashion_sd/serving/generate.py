@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from fashion_sd import plots
+from fashion_sd.errors import BackendError
 from fashion_sd.files import atomic_write_text
 from fashion_sd.images import image_size, valid_size
 from fashion_sd.sd import ddim, lora, lora_file, models
@@ -32,6 +33,9 @@ class Sampler:
 
     ``local``: run the models on this process alone, whatever strategy built them (the chief of
     a multi-worker run samples while the other workers wait; see :class:`_Local`).
+    ``noise``: how a seed becomes the starting latent (:data:`fashion_sd.sd.ddim.NOISES`):
+    ``philox`` (NumPy's, the same on every backend) or ``keras`` (``keras.random.normal``, which
+    images made before December 2026 used; it differs between backends).
 
     Example::
 
@@ -40,7 +44,10 @@ class Sampler:
         images = sampler.generate("an image of a Men's T-Shirt", seeds=[0, 1], steps=25)
     """
 
-    def __init__(self, comps: Components, local: bool = False):
+    def __init__(self, comps: Components, local: bool = False, noise: str = "philox"):
+        if noise not in ddim.NOISES:
+            raise ValueError(f"noise {noise!r}: use one of {', '.join(ddim.NOISES)}")
+        self.noise = noise
 
         missing = [n for n in INFERENCE if getattr(comps, n) is None]
         if missing:
@@ -74,6 +81,8 @@ class Sampler:
 
     def initial_noise(self, seeds: list[int]):
         w, h = image_size(self.comps.resolution)
+        if self.noise == "philox":
+            return ddim.starting_noise(seeds, (h // 8, w // 8, 4))
         return keras.ops.concatenate(
             [keras.random.normal((1, h // 8, w // 8, 4), seed=int(s)) for s in seeds], axis=0)
 
@@ -190,17 +199,24 @@ class Inference:
 
 
 def load_sampler(model, resolution, seed: int = 0, lora_path=None,
-                 strength: float = 1.0) -> tuple[Sampler, dict]:
+                 strength: float = 1.0, noise: str = "philox") -> tuple[Sampler, dict]:
     """:class:`Inference` for one generation job: the base model with ``lora_path`` at
-    ``strength``. Returns the sampler and a record of what was used (weights source, LoRA)."""
+    ``strength``, starting latents drawn as ``noise`` says. Returns the sampler and a record of
+    what was used (weights source, LoRA, noise)."""
     meta = lora_file.check(lora_path, fits_model=False) if lora_path else None  # before any build
+    if noise == "keras" and keras.config.backend() != "tensorflow":
+        raise BackendError(
+            "this image's starting noise was drawn by keras.random on TensorFlow (images made "
+            "before the noise was recorded), which another backend draws differently: remake it "
+            f"with KERAS_BACKEND=tensorflow (this is {keras.config.backend()})")
     inference = Inference(model, resolution, seed)
     source = inference.source
     if meta is not None and meta.get("base_weights") not in (None, source.id):
         log.warning("%s was trained on base weights %s; generating with %s", lora_path,
                     meta.get("base_weights"), source.id)
     inference.use(lora_path, strength)
-    record = {"weights": source.to_dict(), "random_init": source.is_random, "label": source.label,
+    inference.sampler.noise = noise
+    record = {"noise": noise, "weights": source.to_dict(), "random_init": source.is_random, "label": source.label,
               "lora": str(lora_path) if lora_path else None, "lora_metadata": meta,
               "lora_strength": strength if lora_path else None, "resolution": resolution,
               "model_seed": seed}

@@ -37,6 +37,9 @@ class ImageSettings:
     lora: str | None = None
     lora_strength: float | None = None
     batch_seeds: list[int] = field(default_factory=list)  # float rounding depends on the batch
+    # How the seed became the starting latent (fashion_sd.sd.ddim.NOISES); None in PNGs written
+    # before it was recorded, which used "keras".
+    noise: str | None = None
     made_by: str = "fashion-sd generate"
 
     def to_dict(self) -> dict:
@@ -59,7 +62,8 @@ class ImageSettings:
                    weights="random" if record.get("random_init") else weights.get("requested"),
                    weights_id=weights.get("id"), model_seed=record.get("model_seed"),
                    random_init=record.get("random_init"), lora=record.get("lora"),
-                   lora_strength=record.get("lora_strength"), **settings)
+                   lora_strength=record.get("lora_strength"), noise=record.get("noise"),
+                   **settings)
 
     def save_png(self, path, image: np.ndarray) -> None:
         """Write ``image`` atomically with these settings in PNG text metadata."""

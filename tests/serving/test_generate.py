@@ -141,7 +141,7 @@ def test_png_metadata_reproduces_the_image(sampler, tmp_path):
     from fashion_sd.serving.generate import Job, generate_to_folder, read_png_settings
 
     record = {"label": "x", "weights": {"requested": "random", "id": "random-init(seed=0)"},
-              "lora": None, "lora_strength": None, "resolution": 64}
+              "lora": None, "lora_strength": None, "resolution": 64, "noise": "philox"}
     generate_to_folder(sampler, Job(["an image of a 2011 Casual Fall White Men's Sweater"], [7],
                                     steps=2, guidance=5.0, negative_prompt="blurry"),
                        tmp_path / "a", record=record)
@@ -151,7 +151,7 @@ def test_png_metadata_reproduces_the_image(sampler, tmp_path):
                  "negative_prompt": "blurry", "seed": 7, "steps": 2, "guidance": 5.0,
                  "resolution": 64, "weights": "random", "weights_id": "random-init(seed=0)",
                  "model_seed": None, "random_init": None, "checkpoint": None,
-                 "lora": None, "lora_strength": None, "batch_seeds": [7],
+                 "lora": None, "lora_strength": None, "batch_seeds": [7], "noise": "philox",
                  "made_by": "fashion-sd generate"}
     again = sampler.generate(s["prompt"], [s["seed"]], s["steps"], s["guidance"], s["negative_prompt"])
     np.testing.assert_array_equal(again[0], np.asarray(Image.open(png)))
