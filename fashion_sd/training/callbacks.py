@@ -19,6 +19,7 @@ from fashion_sd.config import Config, TrainConfig
 from fashion_sd.interop.lora_formats import FORMATS, export_lora
 from fashion_sd.rundir import BEST, LAST, SCORES_CSV, RunDir, RunWriter, checkpoint_name
 from fashion_sd.sd import lora
+from fashion_sd.training.draws import DRAWS
 from fashion_sd.training.trainer import (
     ema_weights,
     learning_rate,
@@ -45,6 +46,7 @@ class RunState:
     stop_reason: str | None = None  # "max_steps" | "nonfinite" | "loss_scale" | "signal" | None
     monitor: str = "val_loss"  # what best.lora.safetensors is chosen by; "loss" without a val split
     session_start: float = field(default_factory=time.time)
+    draws: str = DRAWS  # how its batches are drawn (fashion_sd.training.draws), kept on resume
 
     @property
     def run(self) -> RunDir:
@@ -74,7 +76,7 @@ class RunState:
     def info(self) -> dict:
         return {"step": self.step, "optimizer_step": self.optimizer_step,
                 "epoch": self.epoch_progress, "best_val": self.best_val,
-                "elapsed": self.seconds, "schedule": SCHEDULE}
+                "elapsed": self.seconds, "schedule": SCHEDULE, "draws": self.draws}
 
 
 FAILURES = ("nonfinite", "loss_scale")  # stop reasons after which nothing more is written

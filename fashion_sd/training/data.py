@@ -7,24 +7,38 @@ A cache is keyed by the weights, the resolution and the exact data; a cache whos
 differs from what is asked is rebuilt, never reused.
 
 Batches are a pure function of (seed, step): the shuffle of each epoch, the flips, the timesteps
-and every noise draw. Resuming at step k therefore continues the very same stream.
+and every noise draw (:mod:`fashion_sd.training.draws`). Resuming at step k therefore continues
+the very same stream, on any backend: :class:`TrainBatches` and :class:`ValBatches` compute them
+with numpy from the memory-mapped caches (a Keras ``PyDataset``); on TensorFlow,
+:func:`train_dataset` and :func:`val_dataset` run the same numpy function in a tf.data pipeline.
+
+Filling the caches (:func:`encode_dataset`) decodes images with tf.data: TensorFlow only, for now.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+try:
+    import tensorflow as tf
+except ImportError:  # Keras on JAX without TensorFlow: the batches need none (encoding does)
+    tf = None
 
 from fashion_sd.config import DataConfig
 from fashion_sd.images import image_size, load_image
 from fashion_sd.sd.tokenizer import MAX_LENGTH, tokenize
-from fashion_sd.training import diffusion
+from fashion_sd.training import diffusion, draws
 from fashion_sd.training.cache import cache_key, file_id
 from fashion_sd.training.diffusion import TRAIN_TIMESTEPS
+from fashion_sd.training.draws import DRAWS, LEGACY
 from fashion_sd.training.shards import sharded
 
 log = logging.getLogger(__name__)
@@ -36,6 +50,11 @@ log = logging.getLogger(__name__)
 
 def image_dataset(paths: list[str], resolution, batch_size: int) -> tf.data.Dataset:
     """Batches of (image, mirrored image) in [-1, 1], decoded in parallel by tf.data."""
+    if tf is None:
+        raise ModuleNotFoundError("encoding images for the encoder cache needs TensorFlow "
+                                  "(tf.data decodes them): fill the cache in the TensorFlow "
+                                  "environment (make setup: .venv); training then reads it "
+                                  "on any backend")
     w, h = image_size(resolution)
 
     def decode(path):
@@ -200,24 +219,6 @@ def batch_plan(n: int, batch_size: int, seed: int, start_step: int, end_step: in
     return np.concatenate(rows).astype(np.int64), np.concatenate(flips).astype(np.int64)
 
 
-def _noise(seed: int, stream: int, step, batch: int, latent_shape, offset: float = 0.0):
-    """Standard-normal VAE and diffusion noise and uniform timesteps for one step, stateless.
-
-    ``offset`` > 0 adds the noise offset from the step's fourth key (unused otherwise, so the
-    other draws stay what they were without it).
-    """
-    s = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 4 + stream])
-    shape = tf.concat([[batch], latent_shape], 0)
-    vae_eps = tf.random.stateless_normal(shape, seed=s)
-    noise = tf.random.stateless_normal(shape, seed=s + [0, 1])
-    t = tf.random.stateless_uniform([batch], seed=s + [0, 2], minval=0, maxval=TRAIN_TIMESTEPS,
-                                    dtype=tf.int32)
-    if offset:
-        extra = tf.random.stateless_normal([batch, 1, 1, latent_shape[-1]], seed=s + [0, 3])
-        noise = diffusion.offset_noise(noise, offset, extra)
-    return vae_eps, noise, t
-
-
 def caption_drops(seed: int, start_step: int, end_step: int, batch_size: int,
                   rate: float) -> np.ndarray:
     """Which samples of steps [start, end) train on the empty prompt, shape (steps, batch).
@@ -234,86 +235,305 @@ def caption_drops(seed: int, start_step: int, end_step: int, batch_size: int,
 
 @dataclass
 class Batches:
-    """How a run draws its batches; every draw is a function of (seed, step)."""
+    """How a run draws its batches; every draw is a function of (seed, step).
+
+    ``draws`` names the scheme (:mod:`fashion_sd.training.draws`): :data:`DRAWS` for every new
+    run; :data:`LEGACY` continues a run begun before it (TensorFlow only).
+    """
 
     batch_size: int
     seed: int
     flip: bool = True  # data.flip
     noise_offset: float = 0.0  # train.noise_offset
     caption_dropout: float = 0.0  # train.caption_dropout
+    draws: str = DRAWS
 
     @classmethod
-    def of(cls, cfg) -> Batches:
-        """A run's batches, from its config."""
+    def of(cls, cfg, version: str = DRAWS) -> Batches:
+        """A run's batches, from its config and the draws' version it records."""
         t = cfg.train
-        return cls(t.batch_size, cfg.seed, cfg.data.flip, t.noise_offset, t.caption_dropout)
+        return cls(t.batch_size, cfg.seed, cfg.data.flip, t.noise_offset, t.caption_dropout,
+                   version)
 
 
-def train_dataset(data: EncodedData, batches: Batches, start_step: int,
-                  end_step: int) -> tf.data.Dataset:
-    """Batches (dicts of moments, context, vae_eps, noise, timesteps) for global steps [start, end)."""
-    batch_size, seed, flip = batches.batch_size, batches.seed, batches.flip
-    noise_offset, caption_dropout = batches.noise_offset, batches.caption_dropout
-    train_rows = data.splits["train"]
-    rows, flips = batch_plan(len(train_rows), batch_size, seed, start_step, end_step, flip)
-    rows = train_rows[rows]
-    drops = caption_drops(seed, start_step, end_step, batch_size, caption_dropout)
-    latent_shape = data.moments.shape[2:4] + (4,)
-
-    key, text = data.text
-
-    def gather(r, f, d):
-        return data.moments[r, f], text[np.where(d, data.uncond_index, data.caption_index[r])]
-
-    def make(step, r, f, d):
-        m, c = tf.numpy_function(gather, [r, f, d], (tf.float32, tf.as_dtype(text.dtype)))
-        m = tf.reshape(m, (batch_size, *data.moments.shape[2:]))
-        c = tf.reshape(c, (batch_size, *text.shape[1:]))
-        vae_eps, noise, t = _noise(seed, 0, step, batch_size, latent_shape, noise_offset)
-        return {"moments": m, key: c, "vae_eps": vae_eps, "noise": noise, "timesteps": t}
-
-    steps = np.arange(start_step, end_step, dtype=np.int64)
-    return (tf.data.Dataset.from_tensor_slices((steps, rows, flips, drops))
-            .map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .prefetch(tf.data.AUTOTUNE))
+AHEAD = 4  # batches a PyDataset computes ahead of the one the step reads
+THREADS = min(4, os.cpu_count() or 1)
 
 
-def val_dataset(data: EncodedData, batch_size: int, seed: int, repeats: int = 4) -> tf.data.Dataset | None:
+class _Ahead:
+    """``fn(i)`` for the ``i`` asked, with ``fn(i + 1) .. fn(i + depth)`` computed meanwhile on
+    threads (NumPy's gathers and Philox fills release the GIL). ``fn`` is a pure function of
+    ``i``, so what comes back never depends on timing; an index asked out of order is simply
+    computed then."""
+
+    def __init__(self, fn, n: int, depth: int = AHEAD, threads: int = THREADS):
+        self.fn, self.n, self.depth, self.threads = fn, n, depth, threads
+        self.pool = None  # started at the first call: a tf.data pipeline never needs it
+        self.pending: dict[int, Future] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, i: int):
+        if not self.depth:
+            return self.fn(i)
+        with self.lock:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="batches")
+                weakref.finalize(self, self.pool.shutdown, wait=False, cancel_futures=True)
+            for j in [j for j in self.pending if not i <= j <= i + self.depth]:
+                self.pending.pop(j).cancel()
+            for j in range(i, min(self.n, i + self.depth + 1)):
+                if j not in self.pending:
+                    self.pending[j] = self.pool.submit(self.fn, j)
+            future = self.pending.pop(i)
+        return future.result()
+
+
+class _Source(keras.utils.PyDataset):
+    """What the train and val batches share: numpy dicts by index, computed ahead.
+
+    Keras reads it in order on one thread (``workers=1``), because its worker pool
+    (``workers > 1``) restarts at index 0 after each epoch when ``fit`` runs several epochs of
+    ``steps_per_epoch`` over one dataset, replaying the first batches (Keras 3.15); the next
+    ``ahead`` batches are computed here instead, on ``threads`` threads, while a step runs.
+    """
+
+    def __init__(self, n: int, ahead: int, threads: int):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self._n = n
+        self._ahead = _Ahead(self.batch, n, ahead, threads)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self._n:
+            raise IndexError(f"batch {i} of {self._n}")
+        return self._ahead(int(i))
+
+    def batch(self, i: int) -> dict:
+        """Batch ``i``, computed now (thread-safe: a pure function of ``i``)."""
+        return {**self.inputs(i), **self.draws(i)}
+
+    def spec(self) -> dict[str, tuple[tuple, np.dtype]]:
+        """Each key's (shape, dtype); ``None`` where the batch dimension varies."""
+        raise NotImplementedError
+
+
+class TrainBatches(_Source):
+    """The train batches of global steps [start, end) as dicts of numpy arrays, for every
+    backend: item ``i`` is step ``start + i``. Moments are gathered from the (memory-mapped)
+    cache with the step's flips, the text context (or tokens) with caption dropout, and the
+    VAE noise, diffusion noise and timesteps come from :func:`draws.train_draws`.
+
+    Example:
+        source = TrainBatches(encoded, Batches(8, seed=42), 0, 100)
+        source[0]  # {"moments", "context", "vae_eps", "noise", "timesteps"} of step 0
+    """
+
+    def __init__(self, data: EncodedData, batches: Batches, start: int, end: int,
+                 ahead: int = AHEAD, threads: int = THREADS):
+        self.data, self.batches, self.start = data, batches, start
+        b = batches
+        train_rows = data.splits["train"]
+        rows, self.flips = batch_plan(len(train_rows), b.batch_size, b.seed, start, end, b.flip)
+        self.rows = train_rows[rows]
+        self.drops = caption_drops(b.seed, start, end, b.batch_size, b.caption_dropout)
+        self.latent_shape = tuple(data.moments.shape[2:4]) + (4,)
+        super().__init__(max(0, end - start), ahead, threads)
+
+    def inputs(self, i: int) -> dict:
+        """Step ``start + i``'s moments (flipped as planned) and text (dropped as planned)."""
+        d, r = self.data, self.rows[i]
+        key, text = d.text
+        caption = np.where(self.drops[i], d.uncond_index, d.caption_index[r])
+        return {"moments": np.asarray(d.moments[r, self.flips[i]], np.float32),
+                key: np.asarray(text[caption])}
+
+    def draws(self, i: int) -> dict:
+        """Step ``start + i``'s VAE noise, diffusion noise and timesteps."""
+        b = self.batches
+        vae_eps, noise, t = draws.train_draws(b.seed, self.start + i, b.batch_size,
+                                              self.latent_shape, b.noise_offset)
+        return {"vae_eps": vae_eps, "noise": noise, "timesteps": t}
+
+    def spec(self) -> dict[str, tuple[tuple, np.dtype]]:
+        key, text = self.data.text
+        n, latent = self.batches.batch_size, self.latent_shape
+        return {"moments": ((n, *self.data.moments.shape[2:]), np.dtype(np.float32)),
+                key: ((n, *text.shape[1:]), np.dtype(text.dtype)),
+                "vae_eps": ((n, *latent), np.dtype(np.float32)),
+                "noise": ((n, *latent), np.dtype(np.float32)),
+                "timesteps": ((n,), np.dtype(np.int32))}
+
+
+class ValBatches(_Source):
     """The val split with the same noise and timesteps at every epoch, so epochs compare.
 
     Each image is scored at ``repeats`` timesteps spread over [0, 1000) (stratified, seeded),
     which averages out most of the timestep lottery that made the paper's val curve noise.
     Moments and text encodings stay where they are (one per image, one per distinct caption)
-    and are gathered per batch; the noise is drawn statelessly from (seed, sample), so memory
-    does not grow with ``repeats`` (a copy per row and repeat was 4 GB on the full catalogue).
+    and are gathered per batch; each sample's noise is drawn from its own key
+    (:func:`draws.val_draws`), so memory does not grow with ``repeats`` (a copy per row and
+    repeat was 4 GB on the full catalogue) and the batch size changes no sample's noise.
+
+    Example:
+        ValBatches(encoded, 8, seed=42)[0]  # the first 8 samples, unflipped, fixed noise
     """
-    rows = data.splits["val"]
-    if len(rows) == 0:
+
+    def __init__(self, data: EncodedData, batch_size: int, seed: int, repeats: int = 4,
+                 ahead: int = AHEAD, threads: int = THREADS):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        rows = data.splits["val"]
+        rng = np.random.default_rng([seed, 2**31 - 1])
+        self.rows = np.repeat(rows, repeats).astype(np.int64)
+        strata = np.tile(np.arange(repeats), len(rows))
+        self.timesteps = ((strata + rng.random(len(self.rows))) * TRAIN_TIMESTEPS
+                          / repeats).astype(np.int32)
+        self.latent_shape = tuple(data.moments.shape[2:4]) + (4,)
+        super().__init__(-(-len(self.rows) // batch_size), ahead, threads)
+
+    def _samples(self, i: int) -> slice:
+        return slice(i * self.batch_size, (i + 1) * self.batch_size)
+
+    def inputs(self, i: int) -> dict:
+        d, r = self.data, self.rows[self._samples(i)]
+        key, text = d.text
+        return {"moments": np.asarray(d.moments[r, 0], np.float32),
+                key: np.asarray(text[d.caption_index[r]])}
+
+    def draws(self, i: int) -> dict:
+        s = self._samples(i)
+        samples = range(len(self.rows))[s]
+        vae_eps, noise = draws.val_draws(self.seed, samples, self.latent_shape)
+        return {"vae_eps": vae_eps, "noise": noise, "timesteps": self.timesteps[s]}
+
+    def spec(self) -> dict[str, tuple[tuple, np.dtype]]:
+        key, text = self.data.text
+        latent = self.latent_shape
+        return {"moments": ((None, *self.data.moments.shape[2:]), np.dtype(np.float32)),
+                key: ((None, *text.shape[1:]), np.dtype(text.dtype)),
+                "vae_eps": ((None, *latent), np.dtype(np.float32)),
+                "noise": ((None, *latent), np.dtype(np.float32)),
+                "timesteps": ((None,), np.dtype(np.int32))}
+
+
+def train_dataset(data: EncodedData, batches: Batches, start_step: int, end_step: int):
+    """The train batches of global steps [start, end) for the backend Keras runs on.
+
+    On TensorFlow a ``tf.data.Dataset`` (what multi-worker and ``tf.distribute`` read) whose
+    batches are :class:`TrainBatches`' own, computed by the same numpy function; with
+    ``batches.draws == LEGACY``, the TensorFlow draws of runs begun before (their VAE noise,
+    noise and timesteps; moments and text are the same). On any other backend the
+    :class:`TrainBatches` PyDataset itself.
+    """
+    return _pipeline(TrainBatches(data, batches, start_step, end_step), batches.draws,
+                     _legacy_train)
+
+
+def val_dataset(data: EncodedData, batch_size: int, seed: int, repeats: int = 4,
+                version: str = DRAWS):
+    """The :class:`ValBatches` for the backend Keras runs on (as :func:`train_dataset`), or
+    None when the val split is empty."""
+    if len(data.splits["val"]) == 0:
         return None
-    rng = np.random.default_rng([seed, 2**31 - 1])
-    r = np.repeat(rows, repeats).astype(np.int64)
-    strata = np.tile(np.arange(repeats), len(rows))
-    t = ((strata + rng.random(len(r))) * TRAIN_TIMESTEPS / repeats).astype(np.int32)
-    latent_shape = data.moments.shape[2:4] + (4,)
+    return _pipeline(ValBatches(data, batch_size, seed, repeats), version, _legacy_val)
 
-    key, text = data.text
 
-    def gather(rr):
-        return data.moments[rr, 0], text[data.caption_index[rr]]
+def _pipeline(source: _Source, version: str, legacy):
+    """tf.data on TensorFlow (``legacy(source)`` for LEGACY draws), else ``source`` itself."""
+    if version not in (DRAWS, LEGACY):
+        raise ValueError(f"draws {version!r}: this version of fashion-sd draws {DRAWS!r} (or "
+                         f"{LEGACY!r} for runs begun before it)")
+    if keras.config.backend() == "tensorflow":
+        return legacy(source) if version == LEGACY else _tf_batches(source)
+    if version == LEGACY:
+        raise ValueError(f"draws {LEGACY!r} are TensorFlow's stateless ops: only Keras' "
+                         "tensorflow backend draws them")
+    return source
 
-    def make(i, rr, tt):
-        n = tf.shape(rr)[0]
-        m, c = tf.numpy_function(gather, [rr], (tf.float32, tf.as_dtype(text.dtype)))
-        m = tf.reshape(m, (n, *data.moments.shape[2:]))
-        c = tf.reshape(c, (n, *text.shape[1:]))
+
+# --------------------------------------------------------------------------------------------
+# tf.data over the numpy batches, and the TensorFlow draws of runs begun before (LEGACY)
+
+
+def _numpy_map(part, spec: dict):
+    """A tf.data map function: ``part(i)`` (a dict of numpy arrays) through ``tf.numpy_function``,
+    shaped as ``spec`` says."""
+    keys = list(spec)
+
+    def arrays(i):
+        out = part(int(i))
+        return [out[k] for k in keys]
+
+    def make(i):
+        got = tf.numpy_function(arrays, [i], [tf.as_dtype(spec[k][1]) for k in keys])
+        return {k: tf.ensure_shape(a, spec[k][0]) for k, a in zip(keys, got)}
+
+    return make
+
+
+def _tf_batches(source: _Source) -> tf.data.Dataset:
+    """``source``'s batches, bit for bit, as a tf.data pipeline (a parallel, ordered map)."""
+    return (tf.data.Dataset.range(len(source))
+            .map(_numpy_map(source.batch, source.spec()),
+                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def _legacy_noise(seed: int, stream: int, step, batch: int, latent_shape, offset: float = 0.0):
+    """LEGACY: the VAE and diffusion noise and timesteps of one step as runs begun before
+    :data:`DRAWS` drew them (TensorFlow's stateless ops keyed ``[seed, 4 step + k]``); kept so
+    those runs resume bit for bit.
+
+    ``offset`` > 0 adds the noise offset from the step's fourth key (unused otherwise, so the
+    other draws stay what they were without it).
+    """
+    s = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64) * 4 + stream])
+    shape = tf.concat([[batch], latent_shape], 0)
+    vae_eps = tf.random.stateless_normal(shape, seed=s)
+    noise = tf.random.stateless_normal(shape, seed=s + [0, 1])
+    t = tf.random.stateless_uniform([batch], seed=s + [0, 2], minval=0, maxval=TRAIN_TIMESTEPS,
+                                    dtype=tf.int32)
+    if offset:
+        extra = tf.random.stateless_normal([batch, 1, 1, latent_shape[-1]], seed=s + [0, 3])
+        noise = diffusion.offset_noise(noise, offset, extra)
+    return vae_eps, noise, t
+
+
+def _legacy_train(source: TrainBatches) -> tf.data.Dataset:
+    """LEGACY train batches: :class:`TrainBatches`' moments and text, TensorFlow's draws."""
+    b = source.batches
+    spec = {k: v for k, v in source.spec().items() if k in ("moments", "context", "tokens")}
+    inputs = _numpy_map(source.inputs, spec)
+
+    def make(i):
+        vae_eps, noise, t = _legacy_noise(b.seed, 0, source.start + i, b.batch_size,
+                                          source.latent_shape, b.noise_offset)
+        return {**inputs(i), "vae_eps": vae_eps, "noise": noise, "timesteps": t}
+
+    return (tf.data.Dataset.range(len(source))
+            .map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def _legacy_val(source: ValBatches) -> tf.data.Dataset:
+    """LEGACY val batches: :class:`ValBatches`' plan, each sample's TensorFlow draws."""
+    seed, latent_shape = source.seed, source.latent_shape
+    spec = {k: v for k, v in source.spec().items() if k in ("moments", "context", "tokens")}
+    inputs = _numpy_map(source.inputs, spec)
+
+    def make(b, i, tt):
+        n = tf.shape(i)[0]
         # Each sample's own key, [seed, -8 (i + 1)] (+0, +1 below): negative, so never one of
         # the train stream's keys [seed, 4 step + k], k = 0..2.
         seeds = tf.stack([tf.fill([n], tf.cast(seed, tf.int64)), -8 * (i + 1)], axis=1)
         draw = lambda s, k: tf.random.stateless_normal(latent_shape, seed=s + [0, k])  # noqa: E731
         vae_eps = tf.map_fn(lambda s: draw(s, 0), seeds, fn_output_signature=tf.float32)
         noise = tf.map_fn(lambda s: draw(s, 1), seeds, fn_output_signature=tf.float32)
-        return {"moments": m, key: c, "vae_eps": vae_eps, "noise": noise, "timesteps": tt}
+        return {**inputs(b), "vae_eps": vae_eps, "noise": noise, "timesteps": tt}
 
-    index = np.arange(len(r), dtype=np.int64)
-    return (tf.data.Dataset.from_tensor_slices((index, r, t)).batch(batch_size)
-            .map(make))
+    index = np.arange(len(source.rows), dtype=np.int64)
+    batch = index // source.batch_size
+    return (tf.data.Dataset.from_tensor_slices((batch, index, source.timesteps))
+            .batch(source.batch_size)
+            .map(lambda b, i, tt: make(b[0], i, tt)))

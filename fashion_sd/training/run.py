@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -49,6 +50,7 @@ from fashion_sd.sd import attention, lora, lora_file, models
 from fashion_sd.serving.generate import Sampler
 from fashion_sd.training import callbacks as cb
 from fashion_sd.training import data, hardware, multiworker
+from fashion_sd.training.draws import DRAWS, LEGACY
 from fashion_sd.training.stopping import stop_requests
 from fashion_sd.training.trainer import (
     LoraTrainer,
@@ -259,6 +261,28 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
     return Inputs(table, n_train, int((table.split == "val").sum()), source, init_meta)
 
 
+def resume_draws(train_state: Path, backend: str) -> str:
+    """The draws (fashion_sd.training.draws) a resumed run continues with: the version its train
+    state records, or LEGACY when it records none (written before the record: TensorFlow's
+    stateless draws), which only Keras' tensorflow backend can continue bit for bit."""
+    info = json.loads(lora_file.safetensors_header(train_state)[1].get("info", "{}"))
+    version = info.get("draws", LEGACY)
+    if version not in (DRAWS, LEGACY):
+        raise TrainingError(f"--resume: {train_state} records draws {version!r}, which this "
+                            f"fashion-sd does not know (it draws {DRAWS!r}, or {LEGACY!r} for "
+                            "older runs); resume with the fashion-sd that wrote it, or start "
+                            "over with --fresh")
+    if version == LEGACY and backend != "tensorflow":
+        raise TrainingError(
+            f"--resume: {train_state} was written before fashion-sd drew its noise and "
+            f"timesteps with NumPy's Philox ({DRAWS!r}): its run draws them with TensorFlow's "
+            f"stateless ops, which Keras' {backend} backend cannot, so the resumed run would "
+            "not be the run it continues. Resume it on TensorFlow (KERAS_BACKEND=tensorflow, "
+            f"make setup: .venv), or start it over on {backend} with --fresh (or in a new "
+            "output.dir)")
+    return version
+
+
 def _mirrors(cfg: Config) -> dict[str, remote.Mirror]:
     """Local mirrors of output.dir and data.cache_dir where they are URLs (gs://...), checked
     writable and filled from what the remote folders already hold (see fashion_sd.remote)."""
@@ -340,6 +364,8 @@ class TrainingRun:
         out = self.mirrors.get("output.dir")
         self.run = RunDir(out.local if out else self.cfg.output.dir)
         self.inputs = check_inputs(self.cfg, self.run, self.resume, self.fresh, self.machine.chief)
+        self.draws = (resume_draws(self.run.train_state, keras.config.backend()) if self.resume
+                      else DRAWS)
         self.writer = RunWriter(self.run, self.machine.chief, out)
 
     # ---- 2. prepare
@@ -385,7 +411,8 @@ class TrainingRun:
             self.trainer.optimizer.build(self.trainer.trainable_variables)
         self.te_lora = bool(te_layers)
         self.state = cb.RunState(self.run.root, self.spe, t.grad_accum, self.end, self.total,
-                                 monitor="val_loss" if self.inputs.n_val else "loss")
+                                 monitor="val_loss" if self.inputs.n_val else "loss",
+                                 draws=self.draws)
 
     def _encode(self):
         """The frozen encoders' outputs, once, through the cache."""
@@ -436,6 +463,9 @@ class TrainingRun:
         history = run.read_history(state.optimizer_step)
         state.history = history.to_dict("records") if history is not None else []
         print(f"resuming at step {state.optimizer_step} (epoch {state.epoch_progress:g})")
+        if self.draws == LEGACY:
+            print(f"{run.train_state} records no draws: the run began before {DRAWS!r} and "
+                  "continues with its TensorFlow draws")
         if info.get("schedule") != cb.SCHEDULE:
             log.warning("%s was written before the learning-rate schedule counted optimizer steps "
                         "(warm-up and decay counted micro-batches with train.grad_accum > 1, and "
@@ -460,19 +490,20 @@ class TrainingRun:
                 "distinct_captions": int(self.inputs.table.caption.nunique()),
                 "options": {k: getattr(t, k) for k in ("snr_gamma", "noise_offset",
                                                         "caption_dropout", "ema_decay")},
-                "text_encoder_lora": self.te_lora, **extra}
+                "text_encoder_lora": self.te_lora, "draws": self.draws, **extra}
 
     # ---- 5. fit
     def fit(self, stop) -> None:
         """The fit segments; a stop request, a full disk or a lost worker ends them early."""
         cfg, t, state = self.cfg, self.cfg.train, self.state
         callbacks = self._callbacks(stop)
-        val = data.val_dataset(self.encoded, t.batch_size, cfg.seed, t.val_repeats)
+        val = data.val_dataset(self.encoded, t.batch_size, cfg.seed, t.val_repeats, self.draws)
         try:
             for initial, epochs, steps in fit_segments(state.step, self.spe, self.end):
                 if state.stop_reason:
                     break
-                ds = data.train_dataset(self.encoded, data.Batches.of(cfg), state.step,
+                ds = data.train_dataset(self.encoded, data.Batches.of(cfg, self.draws),
+                                        state.step,
                                         min(self.end, state.step + (epochs - initial) * steps))
                 self._fit_segment(ds, val, initial, epochs, steps, callbacks)
         except cb.StopRequested:

@@ -12,7 +12,7 @@ from test_run import build, config, train  # noqa: F401 - build is a fixture
 from test_trainer import batches, make
 
 from fashion_sd.config import TrainConfig
-from fashion_sd.training import data, diffusion
+from fashion_sd.training import data, diffusion, draws
 from fashion_sd.training import trainer as tr
 from fashion_sd.training.callbacks import KeepRawWeights
 
@@ -46,11 +46,11 @@ def test_weighted_epsilon_loss_is_the_weighted_mean_of_per_sample_mses():
 
 
 def test_noise_offset_is_one_constant_per_sample_and_channel():
-    base = data._noise(3, 0, 7, 512, (4, 4, 4))
-    off = data._noise(3, 0, 7, 512, (4, 4, 4), offset=0.1)
-    np.testing.assert_array_equal(base[0].numpy(), off[0].numpy())  # VAE noise untouched
-    np.testing.assert_array_equal(base[2].numpy(), off[2].numpy())  # timesteps untouched
-    extra = (off[1].numpy() - base[1].numpy()) / 0.1
+    base = draws.train_draws(3, 7, 512, (4, 4, 4))
+    off = draws.train_draws(3, 7, 512, (4, 4, 4), offset=0.1)
+    np.testing.assert_array_equal(base[0], off[0])  # VAE noise untouched
+    np.testing.assert_array_equal(base[2], off[2])  # timesteps untouched
+    extra = (off[1] - base[1]) / 0.1
     assert extra.shape == (512, 4, 4, 4)
     np.testing.assert_allclose(extra, np.broadcast_to(extra[:, :1, :1, :], extra.shape), atol=1e-5)
     per = extra[:, 0, 0, :]
