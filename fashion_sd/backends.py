@@ -4,11 +4,12 @@ The backend is Keras' own choice (``KERAS_BACKEND``, else ``~/.keras/keras.json`
 Keras loads, as Keras requires, so a config key could not choose it in time for the modules the
 command imports first. TensorFlow stays the default.
 
-On JAX today: the networks (``sd/unet.py``, ``text_encoder.py``, ``vae.py``), the tokenizer, the
-training step (``training/step_jax.py``) and generation (``sd/ddim.py``, ``serving/generate.py``).
-TensorFlow only, for now: the training command (its data pipeline is tf.data and its encoder
-caches are written through it), evaluation (FID through TF-Hub's Inception, KerasCV's CLIP),
-sweeps and multi-worker training (tf.distribute).
+On JAX: the networks (``sd/unet.py``, ``text_encoder.py``, ``vae.py``), the tokenizer, filling
+the encoder caches, training (``training/step_jax.py``, the numpy batches, several devices
+through Keras' ``DataParallel``) and generation (``sd/ddim.py``, ``serving/generate.py``).
+TensorFlow only: evaluation (FID through TF-Hub's Inception, KerasCV's CLIP), also during
+training (``train.eval_every``), and tf.distribute's ``multi_worker`` and ``tpu`` strategies;
+each is refused before any model on another backend.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from fashion_sd.errors import BackendError
 
 TENSORFLOW_ONLY = {
-    "train": "its data pipeline (tf.data over the encoder caches)",
+    "evaluate": "FID through TF-Hub's Inception and KerasCV's CLIP",
 }
 
 
@@ -30,5 +31,5 @@ def require_tensorflow(command: str) -> None:
         raise BackendError(
             f"{command}: needs Keras' tensorflow backend ({TENSORFLOW_ONLY[command]}), and "
             f"KERAS_BACKEND is {backend}. Run it with KERAS_BACKEND=tensorflow in an environment "
-            "that has TensorFlow (make setup: .venv); on jax, generation and the training step "
-            "run today (README: Backends)")
+            "that has TensorFlow (make setup: .venv); training and generation run on jax too "
+            "(README: Backends)")

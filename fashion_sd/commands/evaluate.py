@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from fashion_sd import preflight
+from fashion_sd.backends import require_tensorflow
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import reported
 from fashion_sd.evaluation.clip_spec import check_spec
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         lora_file.check(path, "--checkpoints")
     preflight.output_folder("--out" if args.out else "output.dir",
                             args.out or RunDir(cfg.output.dir).eval)
+    require_tensorflow("evaluate")
     make_plan(cfg, args.split or cfg.eval.split, args.num_images)
     check_spec(cfg.eval.clip)
     table = evaluate(cfg, args.checkpoints, args.include_base, args.force,

@@ -11,7 +11,6 @@ import argparse
 import logging
 
 from fashion_sd import preflight
-from fashion_sd.backends import require_tensorflow
 from fashion_sd.config import add_config_arguments, config_from_args
 from fashion_sd.errors import reported
 from fashion_sd.sd import lora_file
@@ -36,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         preflight.resume_config(cfg.output.dir)
     if cfg.lora.init_from and not args.resume:  # its shapes against SD 1.x, from the header
         lora_file.check(cfg.lora.init_from, "lora.init_from", unet_only=True)
-    require_tensorflow("train")
     # TensorFlow loads only once the config is known to be good. A run that stops exits 1
     # (TrainingStopped), one stopped by a signal 128 + the signal (TrainingInterrupted).
     from fashion_sd.training.run import summary_line, train

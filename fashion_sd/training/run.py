@@ -33,14 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 import yaml
-from tensorflow.python.framework import config as tf_config
 
 from fashion_sd import images, preflight, remote
 from fashion_sd.catalogue.captions import read_captions
 from fashion_sd.config import Config
-from fashion_sd.errors import FashionSDError
+from fashion_sd.errors import BackendError, FashionSDError
 from fashion_sd.evaluation.clip_spec import check_spec
 from fashion_sd.evaluation.evaluate import Parts, Scope, Scorer, make_plan
 from fashion_sd.files import DiskFull
@@ -49,7 +47,7 @@ from fashion_sd.rundir import RunDir, RunWriter
 from fashion_sd.sd import attention, lora, lora_file, models
 from fashion_sd.serving.generate import Sampler
 from fashion_sd.training import callbacks as cb
-from fashion_sd.training import data, hardware, multiworker
+from fashion_sd.training import data
 from fashion_sd.training.draws import DRAWS, LEGACY
 from fashion_sd.training.stopping import stop_requests
 from fashion_sd.training.trainer import (
@@ -113,24 +111,57 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=tqdm_
         return run.finish()
 
 
+def on_tensorflow() -> bool:
+    return keras.config.backend() == "tensorflow"
+
+
+def machine_module():
+    """What describes and resolves this machine for the backend Keras runs on: tf.distribute's
+    :mod:`~fashion_sd.training.hardware` or :mod:`~fashion_sd.training.jax_machine`, each
+    importing its backend's library (so imported here, at the boundary)."""
+    if on_tensorflow():
+        from fashion_sd.training import hardware
+        return hardware
+    if keras.config.backend() == "jax":
+        from fashion_sd.training import jax_machine
+        return jax_machine
+    raise BackendError(f"KERAS_BACKEND={keras.config.backend()}: training runs on tensorflow "
+                       "or jax")
+
+
+@contextlib.contextmanager
+def _op_determinism(on: bool):
+    """TensorFlow's op determinism while ``on``. Its public API can only switch it on; Keras
+    reads the same private flag. JAX needs none on a CPU, where XLA's results do not vary from
+    run to run (GPUs: XLA_FLAGS=--xla_gpu_deterministic_ops=true, set before JAX starts)."""
+    if not on_tensorflow():
+        yield
+        return
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    before = tf_config.is_op_determinism_enabled()
+    try:
+        if on:
+            tf.config.experimental.enable_op_determinism()
+        yield
+    finally:
+        if not before:
+            tf_config.disable_op_determinism()
+
+
 @contextlib.contextmanager
 def keras_state(cfg: Config, machine):
     """The run's global Keras/TensorFlow state (seed, dtype policy, op determinism), and the
     caller's put back after it (a notebook may generate or train again in the same process)."""
-    # TensorFlow's public API can only switch determinism on; Keras reads the same private flag.
-
     policy = keras.mixed_precision.dtype_policy()
-    deterministic = tf_config.is_op_determinism_enabled()
     try:
-        if cfg.train.deterministic:
-            tf.config.experimental.enable_op_determinism()
-        keras.utils.set_random_seed(cfg.seed)
-        keras.mixed_precision.set_dtype_policy(machine.precision)
-        yield
+        with _op_determinism(cfg.train.deterministic):
+            keras.utils.set_random_seed(cfg.seed)
+            keras.mixed_precision.set_dtype_policy(machine.precision)
+            yield
     finally:
         keras.mixed_precision.set_dtype_policy(policy)
-        if not deterministic:
-            tf_config.disable_op_determinism()
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +285,12 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
         except lora_file.LoraError as exc:
             raise TrainingError(str(exc)) from None
     if cfg.train.eval_every:
-
+        if not on_tensorflow():
+            raise BackendError(f"train.eval_every: {cfg.train.eval_every}: evaluation (FID through "
+                               "TF-Hub's Inception, KerasCV's CLIP) needs Keras' tensorflow "
+                               "backend; set train.eval_every: 0 on "
+                               f"{keras.config.backend()} and run fashion-sd evaluate on "
+                               "TensorFlow afterwards")
         make_plan(cfg, cfg.eval.split, cfg.train.eval_images)  # the split it scores is not empty
         check_spec(cfg.eval.clip)
     source = models.resolve_weights(cfg.model.weights, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
@@ -303,6 +339,15 @@ def _mirrors(cfg: Config) -> dict[str, remote.Mirror]:
 
 def resolve_machine(cfg: Config) -> Machine:
     """Precision, replicas and XLA for this machine and config, refusing what cannot run."""
+    if not on_tensorflow():
+        t = cfg.train
+        try:
+            precision, devices, jit, reason, kind, workers, chief = machine_module().resolve(
+                t.strategy, t.precision, t.jit_compile, t.batch_size)
+        except (BackendError, preflight.InputError) as exc:
+            raise TrainingError(str(exc)) from None
+        return Machine(precision, devices, devices.replicas, jit, reason, kind, workers, chief)
+    hardware = machine_module()
     kind = hardware.resolve_strategy(cfg.train.strategy)
     precision = hardware.resolve_precision(cfg.train.precision, tpu=kind == "tpu")
     spec = hardware.tf_config() if kind == "multi_worker" else None
@@ -477,8 +522,9 @@ class TrainingRun:
         cfg, m, t, source = self.cfg, self.machine, self.cfg.train, self.inputs.source
         jit_used = bool(self.trainer.jit_compile)  # Keras may still turn XLA off
         return {"config": cfg.to_dict(), "weights": source.to_dict(),
-                "random_init": source.is_random, "versions": hardware.versions(),
-                "machine": hardware.describe(), "status": status,
+                "random_init": source.is_random, "backend": keras.config.backend(),
+                "versions": machine_module().versions(),
+                "machine": machine_module().describe(), "status": status,
                 "trainable_parameters": self.trainable, "precision": m.precision,
                 "jit_compile": jit_used, "jit_reason": m.jit_reason if jit_used == m.jit
                 else f"{m.jit_reason}; Keras turned it off",
@@ -519,6 +565,8 @@ class TrainingRun:
                              validation_data=val, callbacks=callbacks, verbose=self.verbose,
                              shuffle=False)
             return
+        from fashion_sd.training import multiworker  # tf.distribute's, TensorFlow only
+
         try:  # Keras' fit cannot (see fashion_sd.training.multiworker)
             multiworker.fit(self.trainer, self.machine.strategy, ds, epochs=epochs,
                             initial_epoch=initial, steps_per_epoch=steps, validation_data=val,
@@ -553,7 +601,9 @@ class TrainingRun:
             *self._scoring(sampler),
             # EMA: val loss of the EMA weights, raw weights kept across fit segments.
             *([cb.EmaValidation(), cb.KeepRawWeights()] if t.ema_decay else []),
-            keras.callbacks.TensorBoard(str(self.run.tensorboard)),
+            # Keras' TensorBoard writes with tf.summary: TensorFlow's (history.csv and loss.png
+            # hold the same figures on every backend)
+            *([keras.callbacks.TensorBoard(str(self.run.tensorboard))] if on_tensorflow() else []),
             *([cb.AfterWrites(self.writer.push)] if self.writer.mirror else []),  # after writes
         ]
         return [cb.StepGuard(state, t.max_nonfinite, t.min_loss_scale, stop),
@@ -611,6 +661,8 @@ class TrainingRun:
             seconds_this_session=round(time.time() - self.t_start, 1))
         self.writer.write_record(summary)
         if self.machine.kind == "multi_worker":
+            from fashion_sd.training import multiworker
+
             multiworker.barrier(self.machine.strategy)
         if state.stop_reason == "nonfinite":
             raise TrainingStopped(

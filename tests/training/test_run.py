@@ -199,7 +199,7 @@ def test_kerascv_published_h5_layout_loads(tmp_path, small_parts):
     for a, b in zip(small_parts["decoder"].weights, loaded.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     (folder / "kcv_decoder.h5").write_bytes(b"broken")
-    with pytest.raises(models.WeightsError, match="kcv_decoder.h5: cannot load it into KerasCV's Decoder"):
+    with pytest.raises(models.WeightsError, match="kcv_decoder.h5: cannot load it into SD 1.x's Decoder"):
         models.build_component("decoder", 64, folder / "kcv_decoder.h5")
 
 
