@@ -3,11 +3,14 @@ runs, from files: the same code on both sides of the cross-backend run tests.
 
 ``python tests/train_case.py DIR`` reads ``DIR/job.json`` (the config overrides, the components'
 weights folder) and runs, each into its own output.dir under ``DIR/<backend>/``: ``straight``
-(the whole run) and ``resumed`` (stopped at ``train.max_steps=5``, then ``--resume``d); it writes
+(the whole run), ``resumed`` (stopped at ``train.max_steps=5``, then ``--resume``d) and
+``signalled`` (a SIGTERM during step 3, then ``--resume``d); it writes
 ``DIR/<backend>/summary.json``.
 """
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from tiny import tiny_unet  # noqa: E402
 
 from fashion_sd.config import load_config  # noqa: E402
 from fashion_sd.sd import models  # noqa: E402
-from fashion_sd.training import run  # noqa: E402
+from fashion_sd.training import callbacks, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("text_encoder", "image_encoder", "decoder")
@@ -52,9 +55,33 @@ def run_case(folder: Path) -> dict:
     resumed = run.train(config(job, here / "resumed"), resume=True, progress=None, verbose=0,
                         build=build)
     out = {"straight": straight, "first": first, "resumed": resumed,
+           "signalled": signalled(job, here / "signalled", build),
            "modules": {m: m in sys.modules for m in ("tensorflow", "keras_cv", "torch")}}
     (here / "summary.json").write_text(json.dumps(out, default=str))
     return out
+
+
+def signalled(job: dict, out: Path, build) -> dict:
+    """SIGTERM while step 3 runs: its train state is saved and the run exits 143; resumed."""
+    guard = callbacks.StepGuard.on_train_batch_end
+
+    def signal_during_step_3(self, batch, logs=None):
+        if self.state.step == 2:  # the third step has just run: the signal arrives now
+            os.kill(os.getpid(), signal.SIGTERM)
+        return guard(self, batch, logs)
+
+    callbacks.StepGuard.on_train_batch_end = signal_during_step_3
+    try:
+        run.train(config(job, out), progress=None, verbose=0, build=build)
+        raise AssertionError("the SIGTERM did not stop the run")
+    except run.TrainingInterrupted as exc:
+        stopped = {"exit_code": exc.exit_code, "message": str(exc),
+                   "saved_step": run.load_train_state_step(out / "checkpoints" /
+                                                           "train_state.safetensors")}
+    finally:
+        callbacks.StepGuard.on_train_batch_end = guard
+    resumed = run.train(config(job, out), resume=True, progress=None, verbose=0, build=build)
+    return {"stopped": stopped, "resumed": resumed}
 
 
 if __name__ == "__main__":

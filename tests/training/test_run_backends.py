@@ -65,9 +65,15 @@ def test_a_run_on_jax_equals_tensorflows_and_resumes_bit_exact(tmp_path, small_p
         assert np.linalg.norm(d_tf) > 0, key
         # 16 Adam steps: rounding differences grow past one step's 1e-4 (measured below 1e-3)
         assert np.linalg.norm(d_jax - d_tf) <= 1e-3 * np.linalg.norm(d_tf), key
-    # resume on JAX is bit-exact, as on TensorFlow
+    # a SIGTERM saves the step and exits 143 on both; resume on JAX is bit-exact, as on TensorFlow
+    for out in (tf_out, jax_out):
+        stopped = out["signalled"]["stopped"]
+        assert stopped["exit_code"] == 143 and stopped["saved_step"] == 3, stopped
+        assert "SIGTERM at step 3" in stopped["message"] and "--resume" in stopped["message"]
+        assert out["signalled"]["resumed"]["status"] == "finished"
     for backend in ("tensorflow", "jax"):
         a = matrices(tmp_path / backend / "straight" / "checkpoints" / "last.lora.safetensors")
-        b = matrices(tmp_path / backend / "resumed" / "checkpoints" / "last.lora.safetensors")
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{backend} {key}")
+        for other in ("resumed", "signalled"):
+            b = matrices(tmp_path / backend / other / "checkpoints" / "last.lora.safetensors")
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{backend} {other} {key}")
