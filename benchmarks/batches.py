@@ -32,12 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from fashion_sd.host import cpu_name
+
+    cpu = cpu_name()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"{cpu}, {os.cpu_count()} CPUs ({usable} usable), Python {platform.python_version()}, "
             f"numpy {np.__version__}")

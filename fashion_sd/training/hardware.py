@@ -5,11 +5,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import platform
 from importlib.metadata import PackageNotFoundError, version
 
 import tensorflow as tf
 
+from fashion_sd import host
 from fashion_sd.errors import FashionSDError
 
 
@@ -137,14 +137,7 @@ def strategy(setting: str = "auto"):
 
 def describe() -> dict:
     """The machine, for run.json and benchmark headers."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-           "platform": platform.platform()}
+    out = host.describe()
     try:
 
         out["gpus"] = [tf.config.experimental.get_device_details(g).get("device_name", g.name)

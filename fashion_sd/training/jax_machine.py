@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import jax
 
+from fashion_sd import host
 from fashion_sd.errors import BackendError
 from fashion_sd.training import distribution
 
@@ -69,18 +70,8 @@ def resolve(strategy: str, precision_setting: str, jit_setting, batch_size: int)
 
 def describe() -> dict:
     """The machine, for run.json: CPU, CPU count, the accelerators JAX sees, Python."""
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    accelerators = [d.device_kind for d in jax.devices() if d.platform != "cpu"]
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "gpus": accelerators}
+    return {**host.describe(), "gpus": [d.device_kind for d in jax.devices()
+                                        if d.platform != "cpu"]}
 
 
 def versions() -> dict:
