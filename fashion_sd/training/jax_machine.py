@@ -39,9 +39,14 @@ class Devices:
 def precision(setting: str) -> str:
     """``auto``: bfloat16 on a TPU and on Ampere or newer GPUs, float16 with loss scaling on
     older GPUs, float32 on a CPU (as on TensorFlow)."""
+    device = jax.devices()[0]
+    if setting == "mixed_float16" and device.platform == "cpu":
+        raise BackendError("train.precision: mixed_float16 on JAX's CPU backend: its matmuls "
+                           "have no float16 inputs with float32 accumulation (XLA refuses "
+                           "F16_F16_F32 on CPU); use float32 or mixed_bfloat16 on a CPU "
+                           "(float16 with loss scaling is for GPUs older than Ampere)")
     if setting != "auto":
         return setting
-    device = jax.devices()[0]
     if device.platform == "tpu":
         return "mixed_bfloat16"
     if device.platform != "gpu":

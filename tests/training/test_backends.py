@@ -51,3 +51,27 @@ def test_evaluation_on_jax_names_the_backend_that_has_it(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "needs Keras' tensorflow backend" in out.stderr and "KERAS_BACKEND is jax" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_what_jax_cannot_run_is_refused_before_any_model(tmp_path):
+    script = tmp_path / "refusals.py"
+    script.write_text(
+        "import json, sys\n"
+        "from fashion_sd.errors import BackendError\n"
+        "from fashion_sd.training import jax_machine\n"
+        "out = {}\n"
+        "for args in [('multi_worker', 'auto', 'auto', 2), ('tpu', 'auto', 'auto', 2),\n"
+        "             ('auto', 'mixed_float16', 'auto', 2), ('auto', 'auto', False, 2)]:\n"
+        "    try:\n"
+        "        jax_machine.resolve(*args)\n"
+        "        out[repr(args)] = None\n"
+        "    except BackendError as exc:\n"
+        "        out[repr(args)] = str(exc)\n"
+        "out['ok'] = jax_machine.resolve('auto', 'auto', 'auto', 2)[:4:2]\n"
+        "print(json.dumps(out, default=str))\n")
+    out = json.loads(run_on_jax(script).stdout.strip().splitlines()[-1])
+    assert "tf.distribute" in out["('multi_worker', 'auto', 'auto', 2)"]
+    assert "tf.distribute" in out["('tpu', 'auto', 'auto', 2)"]
+    assert "F16_F16_F32" in out["('auto', 'mixed_float16', 'auto', 2)"]
+    assert "KERAS_BACKEND=tensorflow" in out["('auto', 'auto', False, 2)"]
+    assert out["ok"] == ["float32", True]  # a CPU: float32, and XLA always
