@@ -59,21 +59,23 @@ demo: setup
 app: setup
 	$(BIN)/python scripts/app.py --config configs/demo.yaml --run runs/demo
 
-# Four processes: TensorFlow and Keras keep much of what each test built, and the whole suite
-# in one process outgrew the 24 GB machines CI runs on. The fast part, the real-size models
+# Five processes: TensorFlow and Keras keep much of what each test built, and the whole suite
+# in one process outgrew the 24 GB machines CI runs on. The fast part, the real-size networks
+# against KerasCV's and on JAX (two U-Nets and a JAX process), the other real-size models
 # (marked slow), the tests that start big processes of their own (the sweep from a non-editable
 # install, the XLA U-Net check, the commands on JAX: beside the real-size models' process they
-# were killed for memory)
-# and the notebooks (whose kernels train the real U-Net) each get a fresh one.
-# All three always run; the target fails if any did.
+# were killed for memory) and the notebooks (whose kernels train the real U-Net) each get a
+# fresh one. All always run; the target fails if any did.
 test: setup-test
 	$(BIN)/python -m pytest -m "not slow"; fast=$$?; \
+	$(BIN)/python -m pytest -m slow tests/sd/test_networks.py; networks=$$?; \
 	$(BIN)/python -m pytest -m slow --ignore=tests/test_notebooks.py --ignore=tests/test_cli.py \
-	  --ignore=tests/training --ignore=tests/test_jax_commands.py; slow=$$?; \
+	  --ignore=tests/training --ignore=tests/test_jax_commands.py \
+	  --ignore=tests/sd/test_networks.py; slow=$$?; \
 	$(BIN)/python -m pytest -m slow tests/test_cli.py tests/training tests/test_jax_commands.py; \
 	  install=$$?; \
 	$(BIN)/python -m pytest tests/test_notebooks.py; notebooks=$$?; \
-	test $$fast -eq 0 -a $$slow -eq 0 -a $$install -eq 0 -a $$notebooks -eq 0
+	test $$fast -eq 0 -a $$networks -eq 0 -a $$slow -eq 0 -a $$install -eq 0 -a $$notebooks -eq 0
 
 clean:
 	rm -rf runs .pytest_cache
