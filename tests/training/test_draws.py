@@ -242,6 +242,9 @@ def test_a_run_begun_before_the_record_resumes_with_its_tensorflow_draws(
     def never(*a):
         pytest.fail("a model was built")
 
+    # this environment has no jax: the machine stays TensorFlow's, the draws are judged for jax
+    machine = run.resolve_machine(cfg)
+    monkeypatch.setattr(run, "resolve_machine", lambda cfg: machine)
     monkeypatch.setattr(run.keras.config, "backend", lambda: "jax")
     with pytest.raises(TrainingError, match="start it over on jax with --fresh"):
         run.train(cfg, resume=True, progress=None, verbose=0, build=never)
