@@ -8,7 +8,7 @@ TEST_STAMP := $(VENV)/.installed-test
 JAX_VENV ?= .venv-jax
 JAX_STAMP := $(JAX_VENV)/.installed
 
-.PHONY: setup setup-test setup-jax browser demo app test clean
+.PHONY: setup setup-test setup-jax browser demo app test test-heavy clean
 
 setup: $(STAMP)
 
@@ -59,15 +59,27 @@ demo: setup
 app: setup
 	$(BIN)/python scripts/app.py --config configs/demo.yaml --run runs/demo
 
-# Five processes: TensorFlow and Keras keep much of what each test built, and the whole suite
-# in one process outgrew the 24 GB machines CI runs on. The fast part, the real-size networks
-# against KerasCV's and on JAX (two U-Nets and a JAX process), the other real-size models
-# (marked slow), the tests that start big processes of their own (the sweep from a non-editable
-# install, the XLA U-Net check, the commands on JAX: beside the real-size models' process they
-# were killed for memory) and the notebooks (whose kernels train the real U-Net) each get a
-# fresh one. All always run; the target fails if any did.
+# The tests use about one of the machine's two cores on average (measured: 322 s of CPU in 311 s
+# of a fast-test stretch), so they run as two lanes side by side. TensorFlow and Keras keep much
+# of what each test built, and one process outgrew the 24 GB machines CI runs on, so each lane
+# is a row of fresh processes:
+#   lane 1 (this terminal): the fast tests, the training ones in a process of their own;
+#   lane 2 (test-heavy, its output in .test-logs/heavy.log, printed when both lanes are done):
+#   the real-size networks against KerasCV's and on JAX; the other real-size models (marked
+#   slow); the tests that start big processes (the sweep from a non-editable install, the XLA
+#   U-Net check, the commands and the app on JAX); the notebooks, whose kernels train the U-Net.
+# Every process always runs; the target fails if any did.
 test: setup-test
-	$(BIN)/python -m pytest -m "not slow"; fast=$$?; \
+	@mkdir -p .test-logs
+	@echo "lane 2 (the real-size tests) runs beside this one: .test-logs/heavy.log"
+	@$(MAKE) --no-print-directory test-heavy > .test-logs/heavy.log 2>&1 & heavy=$$!; \
+	$(BIN)/python -m pytest -m "not slow" --ignore=tests/training; fast=$$?; \
+	$(BIN)/python -m pytest -m "not slow" tests/training; training=$$?; \
+	wait $$heavy; heavy=$$?; \
+	echo "==== lane 2: the real-size tests (.test-logs/heavy.log) ===="; cat .test-logs/heavy.log; \
+	test $$fast -eq 0 -a $$training -eq 0 -a $$heavy -eq 0
+
+test-heavy: setup-test
 	$(BIN)/python -m pytest -m slow tests/sd/test_networks.py; networks=$$?; \
 	$(BIN)/python -m pytest -m slow --ignore=tests/test_notebooks.py --ignore=tests/test_cli.py \
 	  --ignore=tests/training --ignore=tests/test_jax_commands.py \
@@ -75,7 +87,7 @@ test: setup-test
 	$(BIN)/python -m pytest -m slow tests/test_cli.py tests/training tests/test_jax_commands.py; \
 	  install=$$?; \
 	$(BIN)/python -m pytest tests/test_notebooks.py; notebooks=$$?; \
-	test $$fast -eq 0 -a $$networks -eq 0 -a $$slow -eq 0 -a $$install -eq 0 -a $$notebooks -eq 0
+	test $$networks -eq 0 -a $$slow -eq 0 -a $$install -eq 0 -a $$notebooks -eq 0
 
 clean:
 	rm -rf runs .pytest_cache

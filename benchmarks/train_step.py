@@ -295,7 +295,7 @@ def main() -> None:
              "lora": {"separate": "merged", "merged": "separate"}}
     variants = [{**base, "backend": b} for b in args.backend[1:]]
     if args.variants == "all":
-        variants = [{**base, axis: other[axis][base[axis]]} for axis in other]
+        variants += [{**base, axis: other[axis][base[axis]]} for axis in other]
         # both attention and LoRA form swapped: from the default baseline, how main trained before
         variants.append({**base, "attention": other["attention"][base["attention"]],
                          "lora": other["lora"][base["lora"]]})

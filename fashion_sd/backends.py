@@ -2,7 +2,8 @@
 
 The backend is Keras' own choice (``KERAS_BACKEND``, else ``~/.keras/keras.json``): set before
 Keras loads, as Keras requires, so a config key could not choose it in time for the modules the
-command imports first. TensorFlow stays the default.
+command imports first. TensorFlow stays the default where it is
+installed; on a machine with JAX and no TensorFlow, JAX (``fashion_sd/__init__.py``).
 
 On JAX: the networks (``sd/unet.py``, ``text_encoder.py``, ``vae.py``), the tokenizer, filling
 the encoder caches, training (``training/step_jax.py``, the numpy batches, several devices

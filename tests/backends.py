@@ -20,14 +20,41 @@ def jax_python() -> Path:
     return JAX_PYTHON
 
 
+def jax_env(env: dict | None = None) -> dict:
+    """The JAX environment's variables: ``KERAS_BACKEND=jax``, plus ``env`` (``XLA_FLAGS``,
+    which XLA reads only when jax starts)."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KERAS_BACKEND": "jax",
+            "HOME": os.environ.get("HOME", "/root"), **(env or {})}
+
+
 def run_on_jax_allowing_failure(script: Path, *args, timeout: int = 900,
                                 env: dict | None = None):
-    """Run ``script`` with the JAX environment's Python under ``KERAS_BACKEND=jax``; ``env``
-    adds variables (``XLA_FLAGS``, which XLA reads only when jax starts)."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "KERAS_BACKEND": "jax",
-           "HOME": os.environ.get("HOME", "/root"), **(env or {})}
-    return subprocess.run([str(jax_python()), str(script), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """Run ``script`` with the JAX environment's Python under ``KERAS_BACKEND=jax``."""
+    return subprocess.run([str(jax_python()), str(script), *map(str, args)], cwd=ROOT,
+                          env=jax_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def run_on_jax_measured(script: Path, *args, timeout: int = 900) -> tuple:
+    """As :func:`run_on_jax`, also returning the process's peak resident memory in GB (its own
+    ``ru_maxrss`` from ``wait4``, not the largest of every child the test process waited for)."""
+    import resource  # noqa: F401 - wait4's rusage is resource's struct
+    import tempfile
+    import threading
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([str(jax_python()), str(script), *map(str, args)], cwd=ROOT,
+                                env=jax_env(), stdout=out, stderr=err, text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done, usage.ru_maxrss / 2**20  # Linux counts KiB
 
 
 def run_on_jax(script: Path, *args, timeout: int = 900, env: dict | None = None):

@@ -1,7 +1,9 @@
 """One short training run on a tiny U-Net, from files, on whatever backend Keras runs: the same
-code on both sides of the cross-backend tests. ``python tests/step_case.py DIR`` runs it on the
-backend ``KERAS_BACKEND`` names and writes ``DIR/<backend>.lora.safetensors`` and
-``DIR/<backend>.json`` (losses, counters, optimizer steps, imported modules)."""
+code on both sides of the cross-backend tests. ``python tests/step_case.py DIR [PRECISION]`` runs
+it on the backend ``KERAS_BACKEND`` names, in float32 or under a Keras mixed policy
+(``mixed_bfloat16``), and writes ``DIR/<name>.lora.safetensors``, ``DIR/<name>.ema.npz`` and
+``DIR/<name>.json`` (losses, counters, optimizer steps, imported modules), ``<name>`` the backend
+followed by ``-<policy>`` when not float32."""
 
 import json
 import sys
@@ -42,15 +44,25 @@ def make_case(folder: Path, batches: int = 4, nan_batch: int | None = None) -> N
     np.savez(folder / "batches.npz", **data)
 
 
-def run_case(folder: Path) -> dict:
+def run_case(folder: Path, precision: str = "float32") -> dict:
     backend = keras.backend.backend()
+    name = backend if precision == "float32" else f"{backend}-{precision}"
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        return _run_case(folder, precision, name)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def _run_case(folder: Path, precision: str, name: str) -> dict:
     unet = tiny_unet()
     unet.load_weights(str(folder / "unet.weights.h5"))
     layers = lora.apply_lora(unet, SPEC)
     lora.load_lora(folder / "start.lora.safetensors", layers)
     trainer = tr.LoraTrainer(unet, snr_gamma=5.0)
     train = TrainConfig(learning_rate=1e-3, warmup_steps=2, ema_decay=0.9, grad_clip=0.5)
-    trainer.compile(optimizer=tr.make_optimizer(train, 10, "float32"))
+    trainer.compile(optimizer=tr.make_optimizer(train, 10, precision))
     batches = dict(np.load(folder / "batches.npz"))
     losses = []
 
@@ -62,17 +74,17 @@ def run_case(folder: Path) -> dict:
                 callbacks=[Losses()])
     with tr.ema_weights(trainer.optimizer, trainer.trainable_variables):
         ema = {k: v for k, v in lora.lora_state(layers).items()}
-    np.savez(folder / f"{backend}.ema.npz", **ema)
-    lora.save_lora(folder / f"{backend}.lora.safetensors", layers, SPEC)
+    np.savez(folder / f"{name}.ema.npz", **ema)
+    lora.save_lora(folder / f"{name}.lora.safetensors", layers, SPEC)
     out = {"losses": losses, "skipped": int(trainer.skipped_steps.numpy()),
            "optimizer_steps": int(keras.ops.convert_to_numpy(trainer.optimizer.iterations)),
            **{m: m in sys.modules for m in ("tensorflow", "keras_cv", "torch")}}
-    (folder / f"{backend}.json").write_text(json.dumps(out))
+    (folder / f"{name}.json").write_text(json.dumps(out))
     return out
 
 
 if __name__ == "__main__":
-    run_case(Path(sys.argv[1]))
+    run_case(Path(sys.argv[1]), *sys.argv[2:3])
 
 
 def assert_same_training(start: dict, want: dict, got: dict, ema_want, ema_got) -> None:
