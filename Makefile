@@ -66,8 +66,10 @@ app: setup
 #   lane 1 (this terminal): the fast tests, the training ones in a process of their own;
 #   lane 2 (test-heavy, its output in .test-logs/heavy.log, printed when both lanes are done):
 #   the real-size networks against KerasCV's and on JAX; the other real-size models (marked
-#   slow); the tests that start big processes (the sweep from a non-editable install, the XLA
-#   U-Net check, the commands and the app on JAX); the notebooks, whose kernels train the U-Net.
+#   slow); the app served for real (beside the other real-size models that process reached
+#   17 GB and, with lane 1 beside it, filled the machine); the tests that start big processes
+#   (the sweep from a non-editable install, the XLA U-Net check, the commands and the app on
+#   JAX); the notebooks, whose kernels train the U-Net.
 # Every process always runs; the target fails if any did.
 test: setup-test
 	@mkdir -p .test-logs
@@ -83,11 +85,12 @@ test-heavy: setup-test
 	$(BIN)/python -m pytest -m slow tests/sd/test_networks.py; networks=$$?; \
 	$(BIN)/python -m pytest -m slow --ignore=tests/test_notebooks.py --ignore=tests/test_cli.py \
 	  --ignore=tests/training --ignore=tests/test_jax_commands.py \
-	  --ignore=tests/sd/test_networks.py; slow=$$?; \
+	  --ignore=tests/sd/test_networks.py --ignore=tests/serving/test_app.py; slow=$$?; \
+	$(BIN)/python -m pytest tests/serving/test_app.py; app=$$?; \
 	$(BIN)/python -m pytest -m slow tests/test_cli.py tests/training tests/test_jax_commands.py; \
 	  install=$$?; \
 	$(BIN)/python -m pytest tests/test_notebooks.py; notebooks=$$?; \
-	test $$networks -eq 0 -a $$slow -eq 0 -a $$install -eq 0 -a $$notebooks -eq 0
+	test $$networks -eq 0 -a $$slow -eq 0 -a $$app -eq 0 -a $$install -eq 0 -a $$notebooks -eq 0
 
 clean:
 	rm -rf runs .pytest_cache
