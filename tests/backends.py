@@ -37,7 +37,6 @@ def run_on_jax_allowing_failure(script: Path, *args, timeout: int = 900,
 def run_on_jax_measured(script: Path, *args, timeout: int = 900) -> tuple:
     """As :func:`run_on_jax`, also returning the process's peak resident memory in GB (its own
     ``ru_maxrss`` from ``wait4``, not the largest of every child the test process waited for)."""
-    import resource  # noqa: F401 - wait4's rusage is resource's struct
     import tempfile
     import threading
 
@@ -53,13 +52,15 @@ def run_on_jax_measured(script: Path, *args, timeout: int = 900) -> tuple:
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done, usage.ru_maxrss / 2**20  # Linux counts KiB
+    return _succeeded(done), usage.ru_maxrss / 2**20  # Linux counts KiB
 
 
 def run_on_jax(script: Path, *args, timeout: int = 900, env: dict | None = None):
     """As :func:`run_on_jax_allowing_failure`, asserting that it succeeded."""
-    out = run_on_jax_allowing_failure(script, *args, timeout=timeout, env=env)
+    return _succeeded(run_on_jax_allowing_failure(script, *args, timeout=timeout, env=env))
+
+
+def _succeeded(out: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
 

@@ -83,10 +83,6 @@ def _run_case(folder: Path, precision: str, name: str) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    run_case(Path(sys.argv[1]), *sys.argv[2:3])
-
-
 def assert_same_training(start: dict, want: dict, got: dict, ema_want, ema_got) -> None:
     """Two runs of this case trained alike: each LoRA matrix moved, and the updates agree in norm
     to 1e-4 and element by element to 2e-3 of the largest one, the EMA alike. Adam divides each
@@ -99,3 +95,7 @@ def assert_same_training(start: dict, want: dict, got: dict, ema_want, ema_got) 
         assert np.linalg.norm(d_got - d_want) <= 1e-4 * np.linalg.norm(d_want), key
         np.testing.assert_allclose(d_got, d_want, atol=2e-3 * moved, err_msg=key)
         np.testing.assert_allclose(ema_got[key], ema_want[key], atol=2e-3 * moved, err_msg=key)
+
+
+if __name__ == "__main__":
+    run_case(Path(sys.argv[1]), *sys.argv[2:3])
