@@ -211,6 +211,10 @@ def build_component(name: str, resolution: int, path: Path | None = None,
     The U-Net computes its attention as ``attention`` says (:mod:`fashion_sd.sd.attention`):
     ``fused`` (default) or written out as KerasCV did; the weights are the same either way.
     """
+    if keras.backend.backend() == "jax":
+        from fashion_sd.sd import jax_compiles
+
+        jax_compiles.prepare()  # before the networks' first compile
     w, h = image_size(resolution)
     if name == "diffusion_model":
         model = DiffusionModel(h, w, MAX_LENGTH, attention=attention)
