@@ -13,8 +13,10 @@ JAX_STAMP := $(JAX_VENV)/.installed
 setup: $(STAMP)
 
 # Tests also need the interop extra (torch, diffusers: the peers our conversions are proven
-# against) and a real browser for the assistant's end-to-end test.
-setup-test: $(TEST_STAMP) setup-jax browser
+# against), the JAX environment and a real browser for the assistant's end-to-end test: three
+# independent installs, made side by side (mostly waiting on downloads).
+setup-test:
+	@$(MAKE) --no-print-directory -j3 $(TEST_STAMP) $(JAX_STAMP) browser
 
 # Keras on JAX without TensorFlow or keras_cv (a GPU machine's setup): the tests run the
 # networks, training and generation in it and compare with the TensorFlow backend.
