@@ -26,7 +26,8 @@ from fashion_sd.training.cache import cached, file_id
 # Inception's pool_3 width: with fewer images the covariance is rank-deficient, and pytorch-fid
 # and clean-fid recommend at least this many for FIDs comparable with the literature.
 FID_MIN_IMAGES = 2048
-STATS_VERSION = 2  # 2: real images through the training loader
+STATS_VERSION = 3  # 2: real images through the training loader; 3: float32 always (an
+# evaluation during a mixed-precision run once cached bfloat16 statistics)
 
 
 class SmallSampleWarning(UserWarning):

@@ -103,10 +103,10 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=tqdm_
         run.prepare()
         run.build()
         run.restore()
-        run.writer.write_record(run.record("running"))
-        if run.state.step >= run.end:
+        if run.state.step >= run.end:  # before run.json is touched: it keeps the run's summary
             print(f"nothing to do: the run already reached step {run.state.optimizer_step}")
-            return run.record("running")
+            return run.run.read_record() or run.record("finished", step=run.state.optimizer_step)
+        run.writer.write_record(run.record("running"))
         run.fit(stop)
         return run.finish()
 

@@ -165,3 +165,28 @@ def test_evaluation_while_training(tmp_path, demo_captions, encoder_cache, build
     again = ev.evaluate(cfg, f"{cfg.output.dir}/checkpoints", scope=ev.Scope(num_images=4),
                         parts=ev.Parts(SmallExtractor(), build))
     assert again.checkpoint.tolist() == ["epoch_001", "epoch_002"]
+
+
+def test_scoring_networks_are_float32_under_a_mixed_precision_run(tmp_path, demo_captions):
+    """Evaluation during a bf16 run builds Inception and the CLIP judge in float32, and the run's
+    policy is back afterwards; the real images' statistics are keyed apart from older bf16 ones."""
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        f"data.captions={demo_captions}", f"data.cache_dir={tmp_path / 'cache'}",
+        f"output.dir={tmp_path / 'run'}", "eval.clip=random",
+        "eval.clip_preset=clip-vit-base-patch32"])
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        with pytest.warns(UserWarning, match="RANDOM-INIT"):  # offline: the untrained Inception
+            scorer = ev.Scorer(cfg, ev.Scope(num_images=2, out=tmp_path / "eval"))
+        judge = scorer.judge
+        assert keras.mixed_precision.dtype_policy().name == "mixed_bfloat16"
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    from fashion_sd.evaluation.inception import untrained_extractor
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    float32 = untrained_extractor()  # the same seeded weights, built under float32
+    np.testing.assert_allclose(scorer.extractor(images), float32(images), rtol=1e-5, atol=1e-6)
+    dtypes = {layer.compute_dtype for layer in judge.clip.model._flatten_layers()
+              if hasattr(layer, "compute_dtype")}
+    assert dtypes == {"float32"}, dtypes

@@ -90,9 +90,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, demo_captions, e
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert pd.read_csv(out / "history.csv").epoch.tolist() == [0.625, 1.0, 2.0]
-    # resuming a finished run does nothing
+    # resuming a finished run does nothing, and run.json keeps the finished run's summary
+    record = (out / "run.json").read_bytes()
     again = train(config(tmp_path, demo_captions, encoder_cache, name="resumed"), build, resume=True)
-    assert again["status"] == "running" and "step" not in again
+    assert (out / "run.json").read_bytes() == record
+    assert again["status"] == "finished" and again["step"] == 16
 
 
 def test_refusals_before_any_work(tmp_path, demo_captions, encoder_cache, build):
