@@ -9,7 +9,8 @@ On JAX: the networks (``sd/unet.py``, ``text_encoder.py``, ``vae.py``), the toke
 the encoder caches, training (``training/step_jax.py``, the numpy batches, several devices
 through Keras' ``DataParallel``) and generation (``sd/ddim.py``, ``serving/generate.py``).
 TensorFlow only: evaluation (FID through TF-Hub's Inception, KerasCV's CLIP), also during
-training (``train.eval_every``), and tf.distribute's ``multi_worker`` and ``tpu`` strategies;
+training (``train.eval_every``), the text encoder's LoRA (``lora.text_encoder``: its JAX step
+is not compared with TensorFlow's yet), and tf.distribute's ``multi_worker`` and ``tpu`` strategies;
 each is refused before any model on another backend.
 """
 

@@ -271,6 +271,12 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
     Other workers than the chief of a multi-worker run write nothing to output.dir; they read
     the chief's train state from it when resuming (output.dir is shared: a network folder).
     """
+    if cfg.lora.text_encoder and not on_tensorflow():
+        # Its step (the text encoder inside the loss, two AdamW groups) has no JAX-vs-TensorFlow
+        # comparison yet, as the U-Net's has (tests/step_case.py): refused until it has one.
+        raise BackendError(f"lora.text_encoder: true on Keras' {keras.config.backend()} backend: "
+                           "the text encoder's LoRA is proven on the tensorflow backend only; "
+                           "run it with KERAS_BACKEND=tensorflow, or set lora.text_encoder: false")
     _check_run_folder(run, cfg, resume, fresh, chief)
     table = read_captions(cfg.data.captions)
     n_train = int((table.split == "train").sum())

@@ -44,6 +44,19 @@ def test_evaluation_on_jax_names_the_backend_that_has_it(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_the_text_encoders_lora_on_jax_is_refused_before_any_model(tmp_path):
+    captions = ["--set", f"data.captions={tmp_path / 'captions.csv'}"]
+    run_on_jax(ROOT / "scripts" / "build_captions.py", "--config", ROOT / "configs" / "demo.yaml",
+               *captions)
+    out = run_on_jax_allowing_failure(
+        ROOT / "scripts" / "train.py", "--config", ROOT / "configs" / "demo.yaml", *captions,
+        "--set", "lora.text_encoder=true", "--set", f"output.dir={tmp_path / 'run'}", timeout=120)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "lora.text_encoder: true on Keras' jax backend" in out.stderr
+    assert "KERAS_BACKEND=tensorflow" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 def test_what_jax_cannot_run_is_refused_before_any_model(tmp_path):
     script = tmp_path / "refusals.py"
     script.write_text(
