@@ -12,7 +12,6 @@ its images; a checkpoint already scored with the same settings is skipped unless
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -27,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from fashion_sd import plots, rundir
+from fashion_sd.precision import dtype_policy
 from fashion_sd.catalogue.article_types import singular
 from fashion_sd.catalogue.captions import read_captions
 from fashion_sd.config import Config
@@ -281,22 +281,6 @@ class Parts:
     progress: object = None
 
 
-@contextlib.contextmanager
-def float32_networks():
-    """Build the scoring networks (Inception, the CLIP judge) in float32 whatever dtype policy
-    is global: a run's mixed precision is for its U-Net; evaluation during training once scored
-    in bfloat16 (CLIP scores moved by up to 0.09, untrained Inception features by 0.9%) and
-    cached the real images' statistics so. Keras has a global policy but no scope for it."""
-    import keras
-
-    policy = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy("float32")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_dtype_policy(policy)
-
-
 class Scorer:
     """What scoring any model needs, prepared once: the plan, the Inception network and the real
     images' statistics, the judge. Used by :func:`evaluate` and, with ``train.eval_every``,
@@ -311,8 +295,11 @@ class Scorer:
         self.out = Path(scope.out) if scope.out else RunDir(cfg.output.dir).eval
         self.dir = EvalDir(self.out)
         self.plan = make_plan(cfg, scope.split or cfg.eval.split, scope.num_images)
+        # The scoring networks are float32 whatever a run's mixed precision: evaluation during a
+        # bf16 run once scored in bf16 (CLIP scores moved by up to 0.09, untrained Inception
+        # features by 0.9%) and cached the real images' statistics so.
         if extractor is None:
-            with float32_networks():
+            with dtype_policy("float32"):
                 extractor = load_extractor(cfg.eval.backend, cfg.eval.inception_weights,
                                            cfg.eval.protocol)
         self.extractor = extractor
@@ -331,7 +318,7 @@ class Scorer:
         nothing left to score needs none of it."""
 
         if self._judge is None:
-            with float32_networks():
+            with dtype_policy("float32"):  # as Inception: see __init__
                 self._judge, self.clip_note = load_judge(self.cfg, self.plan.vocabulary,
                                                          self.plan.colour_names)
         return self._judge

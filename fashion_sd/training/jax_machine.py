@@ -16,7 +16,6 @@ import jax
 
 from fashion_sd import host
 from fashion_sd.errors import BackendError
-from fashion_sd.sd import jax_compiles
 from fashion_sd.training import distribution
 
 TENSORFLOW_STRATEGIES = ("multi_worker", "tpu")
@@ -65,7 +64,6 @@ def resolve(strategy: str, precision_setting: str, jit_setting, batch_size: int)
     if jit_setting is False:
         raise BackendError("train.jit_compile: false: Keras compiles every JAX train step with "
                            "XLA; set it to auto or true, or run with KERAS_BACKEND=tensorflow")
-    jax_compiles.prepare()  # before the step's compile: the tiny test models skip build_component
     parallel = (distribution.data_parallel(batch_size) if strategy in ("auto", "mirrored")
                 else None)
     replicas = parallel.device_count if parallel else 1

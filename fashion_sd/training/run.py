@@ -39,6 +39,7 @@ from fashion_sd import images, preflight, remote
 from fashion_sd.catalogue.captions import read_captions
 from fashion_sd.config import Config
 from fashion_sd.errors import BackendError, FashionSDError
+from fashion_sd.precision import dtype_policy
 from fashion_sd.evaluation.clip_spec import check_spec
 from fashion_sd.evaluation.evaluate import Parts, Scope, Scorer, make_plan
 from fashion_sd.files import DiskFull
@@ -154,14 +155,9 @@ def _op_determinism(on: bool):
 def keras_state(cfg: Config, machine):
     """The run's global Keras/TensorFlow state (seed, dtype policy, op determinism), and the
     caller's put back after it (a notebook may generate or train again in the same process)."""
-    policy = keras.mixed_precision.dtype_policy()
-    try:
-        with _op_determinism(cfg.train.deterministic):
-            keras.utils.set_random_seed(cfg.seed)
-            keras.mixed_precision.set_dtype_policy(machine.precision)
-            yield
-    finally:
-        keras.mixed_precision.set_dtype_policy(policy)
+    with dtype_policy(machine.precision), _op_determinism(cfg.train.deterministic):
+        keras.utils.set_random_seed(cfg.seed)
+        yield
 
 
 # --------------------------------------------------------------------------------------------
