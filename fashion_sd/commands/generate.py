@@ -99,6 +99,7 @@ def apply_png_settings(args, cfg) -> None:
     args.lora, args.lora_strength = s.get("lora"), s.get("lora_strength") or 1.0
     # PNGs from before the noise was recorded started from keras.random.normal
     args.noise = s.get("noise") or "keras"
+    args.rounding = s.get("rounding") or "truncate"  # and truncated their pixels, as KerasCV
     if s.get("weights"):
         cfg.model.weights = s["weights"]
     if s.get("model_seed") is not None:  # the seed that random-init weights were drawn with
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     from fashion_sd.serving.generate import Job, generate_to_folder, load_sampler
 
     sampler, record = load_sampler(cfg.model, resolution, cfg.seed, args.lora, args.lora_strength,
-                                   getattr(args, "noise", "philox"))
+                                   getattr(args, "noise", "philox"),
+                                   getattr(args, "rounding", "round"))
     seeds = getattr(args, "batch_seeds", None) or list(range(args.seed, args.seed + args.num_images))
     job = Job(prompts, seeds, args.steps, args.guidance, args.negative_prompt, args.batch_size,
               keep=getattr(args, "keep", None))

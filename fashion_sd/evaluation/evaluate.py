@@ -112,7 +112,10 @@ def make_plan(cfg: Config, split: str, num_images: int | None, backend_id: str =
     settings = {"split": split, "n": n, "steps": cfg.eval.steps, "guidance": cfg.eval.guidance,
                 "resolution": cfg.data.resolution, "seed": cfg.seed, "backend": backend_id,
                 "weights": cfg.model.weights, "protocol": cfg.eval.protocol,
-                "clip": f"{cfg.eval.clip}/{cfg.eval.clip_preset}", "captions": hashlib.sha256(
+                "clip": f"{cfg.eval.clip}/{cfg.eval.clip_preset}",
+                # generated pixels rounded, as the real photos are (truncated before 2026-12-07:
+                # rows scored so are not compared with these)
+                "rounding": "round", "captions": hashlib.sha256(
                     "\n".join(captions).encode()).hexdigest()[:12]}
     types, vocabulary = garment_types(table, rows)
     colours, colour_names = attribute(table, rows, "baseColour")

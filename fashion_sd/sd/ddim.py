@@ -9,7 +9,7 @@ compiled function). Guidance and the update run in float32 whatever the U-Net's 
 bfloat16 (8 bits of mantissa) every step would round.
 
     latents = denoise(unet, noise, (context, unconditional), steps=50, guidance=7.5)
-    images = decode(decoder, latents)  # uint8 (batch, H, W, 3)
+    images = decode(decoder, latents)  # uint8 (batch, H, W, 3), rounded
 """
 
 from __future__ import annotations
@@ -116,11 +116,23 @@ def denoise(unet, noise, contexts, steps: int = 50, guidance: float = 7.5, on_st
     return latent
 
 
-def decode(decoder, latents) -> np.ndarray:
-    """uint8 images from ``decoder(latents)`` (in [-1, 1]), as KerasCV makes them: scaled to
-    [0, 255] in float32, clipped, then truncated (not rounded) to integers."""
+# How decoded floats become uint8 pixels. "round": to the nearest level, as diffusers does
+# (VaeImageProcessor: clamp to [0, 1], then numpy_to_pil's (x * 255).round()), and as real
+# photos are read; "truncate": KerasCV's clip(...).astype("uint8"), which every image made before
+# 2026-12-07 used; it makes images about half a grey level darker than their floats, a one-sided
+# bias in every distance to real photos.
+ROUNDINGS = ("round", "truncate")
+
+
+def decode(decoder, latents, rounding: str = "round") -> np.ndarray:
+    """uint8 images from ``decoder(latents)`` (in [-1, 1]), each float brought to [0, 255] in
+    float32 and cut to an integer as ``rounding`` (:data:`ROUNDINGS`) says."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r}: use one of {', '.join(ROUNDINGS)}")
     x = np.asarray(ops.convert_to_numpy(decoder(latents)), dtype=np.float32)
-    return np.clip(((x + 1) / 2) * 255, 0, 255).astype("uint8")
+    if rounding == "truncate":
+        return np.clip(((x + 1) / 2) * 255, 0, 255).astype("uint8")
+    return np.round(np.clip(x / 2 + 0.5, 0, 1) * 255).astype("uint8")
 
 
 def _batched(context, batch: int):

@@ -376,7 +376,8 @@ class Assistant:
                 random_init=self.source.is_random, checkpoint=ckpt.name,
                 lora=None if ckpt.path is None else str(Path(ckpt.path).resolve()),
                 lora_strength=strength if ckpt.path is not None else None,
-                batch_seeds=seeds, noise=self.sampler.noise, made_by="fashion-sd assistant")
+                batch_seeds=seeds, noise=self.sampler.noise,
+                rounding=self.sampler.rounding, made_by="fashion-sd assistant")
             result.paths.append(self.gallery.save(image, settings))
             result.settings.append(settings.to_dict())
         return result

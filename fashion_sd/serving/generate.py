@@ -36,6 +36,8 @@ class Sampler:
     ``noise``: how a seed becomes the starting latent (:data:`fashion_sd.sd.ddim.NOISES`):
     ``philox`` (NumPy's, the same on every backend) or ``keras`` (``keras.random.normal``, which
     images made before December 2026 used; it differs between backends).
+    ``rounding``: how decoded floats become uint8 pixels (:data:`fashion_sd.sd.ddim.ROUNDINGS`):
+    ``round`` as diffusers does, or ``truncate`` as KerasCV did (images made before 2026-12-07).
 
     Example::
 
@@ -44,10 +46,13 @@ class Sampler:
         images = sampler.generate("an image of a Men's T-Shirt", seeds=[0, 1], steps=25)
     """
 
-    def __init__(self, comps: Components, local: bool = False, noise: str = "philox"):
+    def __init__(self, comps: Components, local: bool = False, noise: str = "philox",
+                 rounding: str = "round"):
         if noise not in ddim.NOISES:
             raise ValueError(f"noise {noise!r}: use one of {', '.join(ddim.NOISES)}")
-        self.noise = noise
+        if rounding not in ddim.ROUNDINGS:
+            raise ValueError(f"rounding {rounding!r}: use one of {', '.join(ddim.ROUNDINGS)}")
+        self.noise, self.rounding = noise, rounding
 
         missing = [n for n in INFERENCE if getattr(comps, n) is None]
         if missing:
@@ -95,7 +100,7 @@ class Sampler:
         contexts = (self.encode(prompt), self.unconditional_context(negative_prompt))
         latents = ddim.denoise(self._unet, self.initial_noise(seeds), contexts, steps, guidance,
                                on_step)
-        return ddim.decode(self.decoder.predict_on_batch, latents)
+        return ddim.decode(self.decoder.predict_on_batch, latents, self.rounding)
 
     def _context(self, tokens):
         positions = np.arange(MAX_LENGTH, dtype=np.int32)[None]
@@ -199,10 +204,14 @@ class Inference:
 
 
 def load_sampler(model, resolution, seed: int = 0, lora_path=None,
-                 strength: float = 1.0, noise: str = "philox") -> tuple[Sampler, dict]:
+                 strength: float = 1.0, noise: str = "philox",
+                 rounding: str = "round") -> tuple[Sampler, dict]:
     """:class:`Inference` for one generation job: the base model with ``lora_path`` at
-    ``strength``, starting latents drawn as ``noise`` says. Returns the sampler and a record of
-    what was used (weights source, LoRA, noise)."""
+    ``strength``, starting latents drawn as ``noise`` says, pixels cut to uint8 as ``rounding``
+    says. Returns the sampler and a record of what was used (weights source, LoRA, noise,
+    rounding)."""
+    if rounding not in ddim.ROUNDINGS:  # before any weights are resolved or built
+        raise ValueError(f"rounding {rounding!r}: use one of {', '.join(ddim.ROUNDINGS)}")
     meta = lora_file.check(lora_path, fits_model=False) if lora_path else None  # before any build
     if noise == "keras" and keras.config.backend() != "tensorflow":
         raise BackendError(
@@ -215,8 +224,8 @@ def load_sampler(model, resolution, seed: int = 0, lora_path=None,
         log.warning("%s was trained on base weights %s; generating with %s", lora_path,
                     meta.get("base_weights"), source.id)
     inference.use(lora_path, strength)
-    inference.sampler.noise = noise
-    record = {"noise": noise, "weights": source.to_dict(), "random_init": source.is_random, "label": source.label,
+    inference.sampler.noise, inference.sampler.rounding = noise, rounding
+    record = {"noise": noise, "rounding": rounding, "weights": source.to_dict(), "random_init": source.is_random, "label": source.label,
               "lora": str(lora_path) if lora_path else None, "lora_metadata": meta,
               "lora_strength": strength if lora_path else None, "resolution": resolution,
               "model_seed": seed}

@@ -40,6 +40,9 @@ class ImageSettings:
     # How the seed became the starting latent (fashion_sd.sd.ddim.NOISES); None in PNGs written
     # before it was recorded, which used "keras".
     noise: str | None = None
+    # How decoded floats became uint8 pixels (fashion_sd.sd.ddim.ROUNDINGS); None in PNGs written
+    # before it was recorded, which truncated.
+    rounding: str | None = None
     made_by: str = "fashion-sd generate"
 
     def to_dict(self) -> dict:
@@ -63,6 +66,7 @@ class ImageSettings:
                    weights_id=weights.get("id"), model_seed=record.get("model_seed"),
                    random_init=record.get("random_init"), lora=record.get("lora"),
                    lora_strength=record.get("lora_strength"), noise=record.get("noise"),
+                   rounding=record.get("rounding"),
                    **settings)
 
     def save_png(self, path, image: np.ndarray) -> None:

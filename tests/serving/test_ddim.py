@@ -72,6 +72,7 @@ def test_images_are_kerascvs_bit_for_bit(sampler, monkeypatch, steps, guidance, 
     sd = _kerascv(comps.text_encoder, comps.diffusion_model, theirs, comps.tokenizer)
     ours = _Recorder(comps.decoder)
     monkeypatch.setattr(sampler, "decoder", ours)
+    monkeypatch.setattr(sampler, "rounding", "truncate")  # KerasCV's cut to uint8
     for prompt in PROMPTS:
         with contextlib.redirect_stdout(io.StringIO()):  # KerasCV's progress bar
             expected = sd.generate_image(
@@ -171,9 +172,25 @@ def test_one_step_closed_form_and_float32_whatever_the_unet_dtype():
 
 def test_decode_truncates_as_kerascv():
     x = np.array([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0], "float32").reshape(1, 1, 6, 1)
-    got = ddim.decode(lambda z: np.repeat(z, 3, axis=-1), x)
+    got = ddim.decode(lambda z: np.repeat(z, 3, axis=-1), x, rounding="truncate")
     assert got.dtype == np.uint8
     assert got[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]  # 127.5 -> 127, 254.87 -> 254
+
+
+def test_decode_rounds_as_diffusers():
+    """The default is diffusers' own postprocessing (VaeImageProcessor to PIL), pixel for pixel,
+    on decoder outputs beyond [-1, 1] and at every half level."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from diffusers.image_processor import VaeImageProcessor
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1.2, 1.2, (2, 16, 16, 3)).astype("float32")
+    x[0, 0, :, 0] = (np.arange(16) + 0.5) / 127.5 - 1  # (k + 0.5) / 255 after scaling
+    got = ddim.decode(lambda z: z, x)
+    pil = VaeImageProcessor().postprocess(torch.from_numpy(x).permute(0, 3, 1, 2), output_type="pil")
+    np.testing.assert_array_equal(got, np.stack([np.asarray(im) for im in pil]))
+    assert np.abs(got.astype(int) - ddim.decode(lambda z: z, x, "truncate")).max() == 1
 
 
 _LIGHT = """

@@ -141,7 +141,8 @@ def test_png_metadata_reproduces_the_image(sampler, tmp_path):
     from fashion_sd.serving.generate import Job, generate_to_folder, read_png_settings
 
     record = {"label": "x", "weights": {"requested": "random", "id": "random-init(seed=0)"},
-              "lora": None, "lora_strength": None, "resolution": 64, "noise": "philox"}
+              "lora": None, "lora_strength": None, "resolution": 64, "noise": "philox",
+              "rounding": "round"}
     generate_to_folder(sampler, Job(["an image of a 2011 Casual Fall White Men's Sweater"], [7],
                                     steps=2, guidance=5.0, negative_prompt="blurry"),
                        tmp_path / "a", record=record)
@@ -152,7 +153,7 @@ def test_png_metadata_reproduces_the_image(sampler, tmp_path):
                  "resolution": 64, "weights": "random", "weights_id": "random-init(seed=0)",
                  "model_seed": None, "random_init": None, "checkpoint": None,
                  "lora": None, "lora_strength": None, "batch_seeds": [7], "noise": "philox",
-                 "made_by": "fashion-sd generate"}
+                 "rounding": "round", "made_by": "fashion-sd generate"}
     again = sampler.generate(s["prompt"], [s["seed"]], s["steps"], s["guidance"], s["negative_prompt"])
     np.testing.assert_array_equal(again[0], np.asarray(Image.open(png)))
     plain = tmp_path / "plain.png"
@@ -177,3 +178,38 @@ def test_from_png_keeps_one_image_of_its_batch(sampler, tmp_path):
     assert not (tmp_path / "b" / "p000_s1.png").exists()
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b" / "p000_s2.png")),
                                   np.asarray(Image.open(tmp_path / "a" / "p000_s2.png")))
+
+
+def test_a_png_from_before_rounding_was_recorded_is_remade_as_it_was_made(sampler, tmp_path):
+    """PNGs written before 2026-12-07 record neither noise nor rounding: they started from
+    keras.random.normal and truncated their pixels (KerasCV's way), and --from-png remakes them
+    so; images made today round, which removes truncation's half a grey level of darkening."""
+    import argparse
+
+    from PIL import Image
+
+    from fashion_sd.commands.generate import apply_png_settings
+    from fashion_sd.config import load_config
+    from fashion_sd.serving.image_settings import ImageSettings
+
+    prompt = "an image of a 2011 Casual Fall White Men's Sweater"
+    then = Sampler(sampler.comps, noise="keras", rounding="truncate").generate(prompt, [5], 2, 7.5)
+    old = ImageSettings(prompt=prompt, seed=5, steps=2, guidance=7.5, resolution=64,
+                        weights="random", batch_seeds=[5])
+    assert old.noise is None and old.rounding is None  # as those PNGs read
+    old.save_png(tmp_path / "old.png", then[0])
+    args = argparse.Namespace(from_png=str(tmp_path / "old.png"))
+    apply_png_settings(args, load_config(None, []))
+    assert (args.noise, args.rounding) == ("keras", "truncate")
+    again = Sampler(sampler.comps, noise=args.noise, rounding=args.rounding).generate(
+        args.prompt[0], args.batch_seeds, args.steps, args.guidance)
+    np.testing.assert_array_equal(again[0], np.asarray(Image.open(tmp_path / "old.png")))
+    # the same floats rounded: never darker, and brighter by half a level on average where
+    # the decoder's output was not clipped to black or white
+    now = Sampler(sampler.comps, noise="keras").generate(prompt, [5], 2, 7.5).astype(np.int16)
+    lift = now - then.astype(np.int16)
+    inside = (then > 0) & (then < 254)
+    assert set(np.unique(lift)) == {0, 1} and inside.sum() > 1000
+    assert 0.45 < lift[inside].mean() < 0.55, lift[inside].mean()
+    with pytest.raises(ValueError, match="rounding 'floor': use one of round, truncate"):
+        Sampler(sampler.comps, rounding="floor")

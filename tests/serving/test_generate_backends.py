@@ -30,7 +30,7 @@ def test_lora_images_equal_on_jax_and_tensorflow(tmp_path, small_parts):
         "tensorflow": False, "keras_cv": False, "torch": False}
     got = np.load(tmp_path / "jax.images.npz")["images"]
     assert got.shape == want.shape == (2, 64, 64, 3)
-    # uint8 after truncation: float32 rounding may move a value across a grey level
+    # uint8 after rounding: float32 rounding may move a value across a grey level
     diff = np.abs(got.astype(int) - want.astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
     assert not np.array_equal(want[0], want[1])
