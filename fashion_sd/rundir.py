@@ -16,6 +16,7 @@ evaluator's checkpoint lookup, the exporter) all go through :class:`RunDir` and
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -38,6 +39,7 @@ SWEEP_LOG = "sweep.log"  # a sweep run's training and evaluation output, in its 
 GALLERY = "assistant"  # the app's generated images, under output.dir
 STEP_PREFIX = "step_"  # step checkpoints (train.checkpoint_every_steps): step_000500.lora...
 LOCK = ".fashion-sd.lock"
+SCORES_LOCK = ".scores.lock"  # an eval folder's, see EvalDir.scores_locked
 # history.csv's columns. skipped_steps: non-finite losses or gradients (never applied);
 # overflow_steps: float16 steps the loss-scale optimizer skipped; loss_scale: its scale (empty
 # without float16).
@@ -318,6 +320,20 @@ class EvalDir:
     def read_scores(self):
         """The scores table, or None when there is none (yet) or it is unreadable."""
         return _read_csv(self.scores)
+
+    @contextlib.contextmanager
+    def scores_locked(self):
+        """Held while the scores table is read, changed and written back: evaluations into one
+        folder at once (two commands, or one beside a run's ``train.eval_every``) then each
+        keep their rows. A blocking ``flock``, held for a write only, so neither waits long; the
+        kernel frees it when a process dies."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / SCORES_LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def write_scores(self, table) -> None:
         _write_csv(self.scores, table)

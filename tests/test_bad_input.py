@@ -365,6 +365,8 @@ ROWS = [
     ("convert: merge strength nan", "convert merge --weights random --lora {w}/good.lora.safetensors --strength nan --out {w}/m", "--strength nan"),
     ("convert: merge --out is a file", "convert merge --weights random --lora {w}/good.lora.safetensors --out {w}/afile", "afile: is a file"),
     ("convert: import-model source missing", "convert import-model --from {w}/nope --out {w}/m", "nope: not found"),
+    ("convert: export-lora --out is its --lora", "convert export-lora --lora {w}/good.lora.safetensors --format kohya --out {w}/good.lora.safetensors", "good.lora.safetensors: the same file as --lora"),
+    ("convert: import-lora --out is its --from", "convert import-lora --from {w}/kohya.safetensors --out {w}/./kohya.safetensors", "kohya.safetensors: the same file as --from"),
     # app
     ("app: port taken", "{app} --port {port}", "--port {port}: already in use"),
     ("app: port out of range", "{app} --port 70000", "--port 70000"),

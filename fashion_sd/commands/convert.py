@@ -82,6 +82,11 @@ def check_paths(args) -> None:
             and Path(args.weights[len("local:"):]).resolve() == out.resolve()):
         raise preflight.InputError(f"--out {out}: the same folder as --weights; merged files "
                                    "would replace the base model. Give another folder")
+    source = {"import-lora": "source", "export-lora": "lora"}.get(args.command)
+    if source and Path(getattr(args, source)).resolve() == out.resolve():
+        flag = "--from" if source == "source" else "--lora"
+        raise preflight.InputError(f"--out {out}: the same file as {flag}; the converted LoRA "
+                                   "would replace the one it is made from. Give another name")
 
 
 @reported(OSError, ValueError)

@@ -348,13 +348,18 @@ class Scorer:
         table = pd.DataFrame(columns=COLUMNS) if table is None else table
         return table.reindex(columns=COLUMNS)  # a table from before a column was added
 
-    def record(self, table: pd.DataFrame, row: dict, label: str) -> pd.DataFrame:
-        """``table`` with ``row`` in place of any row of the same model and settings, written."""
-        keep = [(c, s) != (row["checkpoint"], row["settings"])
-                for c, s in zip(table.checkpoint, table.settings)]
-        table = _ordered(pd.concat([table[keep], pd.DataFrame([row], columns=COLUMNS)],
-                                   ignore_index=True))
-        return write_tables(table, self.out, label, self.cfg.eval.select, self.clip_note)
+    def record(self, row: dict, label: str) -> pd.DataFrame:
+        """The folder's scores table with ``row`` in place of any row of the same model and
+        settings, written; returns it. The table is read again under the folder's lock, not
+        taken from this scoring's start: another evaluation into the same folder may have
+        added rows since, and rewriting a table read before lost them."""
+        with self.dir.scores_locked():
+            table = self.previous()
+            keep = [(c, s) != (row["checkpoint"], row["settings"])
+                    for c, s in zip(table.checkpoint, table.settings)]
+            table = _ordered(pd.concat([table[keep], pd.DataFrame([row], columns=COLUMNS)],
+                                       ignore_index=True))
+            return write_tables(table, self.out, label, self.cfg.eval.select, self.clip_note)
 
 
 def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, force: bool = False,
@@ -385,7 +390,7 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, force: b
     for model in todo:
         meta = inference.use(None if model == BASE else model)
         row = scorer.score(inference.sampler, _key_name(model), meta, source.id)
-        table = scorer.record(table, row, source.label)  # after each model: a crash loses one
+        table = scorer.record(row, source.label)  # after each model: a crash loses one
     write_grid(scorer.plan, table, scorer.out, source.label)
     return table
 

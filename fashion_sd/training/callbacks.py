@@ -298,7 +298,7 @@ class EvalDuringTraining(keras.callbacks.Callback):
         with ema_weights(self.model.optimizer, self.model.trainable_variables):
             row = self.scorer.score(self.sampler, checkpoint_name(st.run.epoch_checkpoint(epoch + 1)),
                                     meta, self.weights_id)
-        self.scorer.record(self.scorer.previous(), row, self.label)
+        self.scorer.record(row, self.label)
         print(f"epoch {epoch + 1}: KID {row['kid_mean']:.4g}, FID {row['fid']:.4g}"
               + (f", CLIP score {row['clip_score']:.1f}" if pd.notna(row["clip_score"]) else "")
               + f" -> {self.scorer.out / SCORES_CSV}")

@@ -98,6 +98,25 @@ def test_scores_base_and_checkpoints(trained, build, monkeypatch):
                                out.set_index("checkpoint").fid["epoch_002"], rtol=1e-9)
 
 
+def test_two_evaluations_into_one_folder_at_once_keep_both_rows(trained, build, monkeypatch):
+    """A second evaluation writes its row while the first is still generating: the first once
+    rewrote the table it had read at its start, and the second's row was lost (both exited 0)."""
+    parts = lambda: ev.Parts(SmallExtractor(), build, fake_judge(trained))  # noqa: E731
+    generate = ev.generate_for
+
+    def while_another_runs(*args, **kwargs):
+        monkeypatch.setattr(ev, "generate_for", generate)
+        ev.evaluate(trained, f"{trained.output.dir}/checkpoints/epoch_002.lora.safetensors",
+                    parts=parts())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate_for", while_another_runs)
+    out = ev.evaluate(trained, None, include_base=True, parts=parts())
+    assert out.checkpoint.tolist() == ["base", "epoch_002"]
+    table = pd.read_csv(Path(trained.output.dir) / "eval" / "fid.csv")
+    assert table.checkpoint.tolist() == ["base", "epoch_002"] and table.fid.notna().all()
+
+
 def test_input_errors(trained, tmp_path):
     with pytest.raises(ev.EvaluationError, match="nothing to score"):
         ev.evaluate(trained, None, include_base=False, parts=ev.Parts(SmallExtractor()))
