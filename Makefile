@@ -70,8 +70,9 @@ app: setup
 #   the real-size networks against KerasCV's and on JAX; the other real-size models (marked
 #   slow); the app served for real (beside the other real-size models that process reached
 #   17 GB and, with lane 1 beside it, filled the machine); the tests that start big processes
-#   (the sweep from a non-editable install, the XLA U-Net check, the commands and the app on
-#   JAX); the notebooks, whose kernels train the U-Net.
+#   (the sweep from a non-editable install on a weights folder, the text encoder's LoRA, the
+#   XLA U-Net check, the commands and the app on JAX); the notebooks, whose kernels train the
+#   U-Net.
 # Every process always runs; the target fails if any did.
 test: setup-test
 	@mkdir -p .test-logs

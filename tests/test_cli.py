@@ -1,5 +1,6 @@
 """One entry point: ``fashion-sd COMMAND`` / ``python -m fashion_sd COMMAND``, and the sweep run
-from a non-editable install (children started through the entry point, not by script path)."""
+from a non-editable install (children started through the entry point, not by script path) on
+the real-size networks loaded from a weights folder (``model.weights: local:DIR``)."""
 
 import json
 import os
@@ -48,6 +49,15 @@ def test_scripts_and_the_entry_point_share_one_main():
         assert cli.COMMANDS[command][0] == command
 
 
+SAVE_RANDOM_WEIGHTS = """
+import sys, keras
+from fashion_sd.sd import models
+keras.utils.set_random_seed(7)
+source = models.WeightsSource("random", "random", id="random-init(seed=7)")
+models.save_components(models.build_components(source, 64), sys.argv[1])
+"""
+
+
 @pytest.mark.slow
 def test_sweep_runs_from_a_non_editable_install(tmp_path, demo_captions):
     # `pip install .` into a fresh venv, then the console script: a sweep that ran scripts/ by
@@ -65,10 +75,15 @@ def test_sweep_runs_from_a_non_editable_install(tmp_path, demo_captions):
                    capture_output=True, timeout=300)
     entry = venv / "bin" / "fashion-sd"
     assert entry.is_file() and (Path(site_dir) / "fashion_sd" / "cli.py").is_file()
+    # The run loads its networks from a weights folder (model.weights: local:DIR), saved from
+    # a random init in a process of its own so that this one stays small.
+    weights = tmp_path / "weights"
+    subprocess.run([sys.executable, "-c", SAVE_RANDOM_WEIGHTS, str(weights)], check=True,
+                   timeout=600)
     sweep = yaml.safe_load((ROOT / "configs/sweep_demo.yaml").read_text())
     sweep.update(base=str(ROOT / "configs" / sweep["base"]), output=str(tmp_path / "sweep"))
     sweep["set"] += [f"data.captions={demo_captions}", f"data.cache_dir={tmp_path / 'cache'}",
-                     "train.max_steps=1"]
+                     "train.max_steps=1", f"model.weights=local:{weights}"]
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     work = tmp_path / "elsewhere"  # not the checkout: nothing found through the working folder
     work.mkdir()
@@ -85,6 +100,11 @@ def test_sweep_runs_from_a_non_editable_install(tmp_path, demo_captions):
     assert str(python) in log  # children run on the venv's interpreter
     results = pd.read_csv(tmp_path / "sweep" / "results.csv")
     assert results.set_index("run").loc["r2", "status"] == "finished"
+    record = json.loads((tmp_path / "sweep" / "r2" / "run.json").read_text())
+    assert record["random_init"] is False and record["weights"]["kind"] == "local"
+    assert record["weights"]["id"].startswith("local:")
+    lora = tmp_path / "sweep" / "r2" / "checkpoints" / "last.lora.safetensors"
+    assert lora.stat().st_size > 1.59e6  # rank 2 on the real U-Net: 398,592 float32 numbers
 
 
 def test_the_local_workers_launcher_checks_its_arguments(capsys):

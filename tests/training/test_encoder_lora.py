@@ -1,11 +1,14 @@
 """Text-encoder LoRA training, its cases (tests/te_lora_cases.py) in a process of their own: they
-build fresh CLIP text encoders, and run early in the suite (sorted before the heavy files) so
-the two processes together stay well inside the machine's memory."""
+build fresh real-size CLIP text encoders (three minutes on 2 cores), so the test is marked slow
+and runs in make test's second lane, beside the fast and training tests."""
 
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_text_encoder_lora_cases_in_their_own_process():
