@@ -652,6 +652,8 @@ def _check_train(c: _Checks, cfg: Config) -> None:
          "must be from 0 to 100 (classifier-free guidance; 7.5 is usual)")
     c.need(all(0 <= s < SEED_END for s in t.sample_seeds), "train.sample_seeds",
          "must each be " + SEED_RULE)
+    c.need(bool(t.sample_seeds) or not t.sample_every, "train.sample_seeds",
+         "must list at least one seed for the sample grids (or set train.sample_every: 0)")
     c.need(all(p.strip() for p in t.sample_prompts), "train.sample_prompts",
          "must not contain empty prompts")
 

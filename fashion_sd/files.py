@@ -28,9 +28,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield Path(tmp)
+        # After the block: a writer may replace the file it was given by one of its own making
+        # (safetensors' does, with mkstemp's 0600), so the mode is set on what was written.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException as exc:
         written = _size(Path(tmp))

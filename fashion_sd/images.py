@@ -45,13 +45,22 @@ def index_folder(folder: str | Path) -> dict[str, Path]:
 MAX_PIXELS = 64_000_000
 
 
+# The most one side may exceed the other. Padded to the training size (64 px or more), a
+# shorter side of 1/20 of the longer keeps 3 pixels or more; a 1x2000 strip kept none, and the
+# resize failed inside training with no file named. The catalogue's photos are 3:4.
+MAX_ASPECT = 20
+
+
 def too_large(width: int, height: int) -> str | None:
     """Why an image of this size is refused, or None."""
-    if width * height <= MAX_PIXELS:
-        return None
-    return (f"too large: {width}x{height} is {width * height / 1e6:.0f} megapixels, above the "
-            f"{MAX_PIXELS // 1_000_000} MP limit (a decompression bomb, or a photo to downscale "
-            "first)")
+    if width * height > MAX_PIXELS:
+        return (f"too large: {width}x{height} is {width * height / 1e6:.0f} megapixels, above the "
+                f"{MAX_PIXELS // 1_000_000} MP limit (a decompression bomb, or a photo to "
+                "downscale first)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return (f"too narrow: {width}x{height} is more than {MAX_ASPECT} times longer than it is "
+                "wide, so its shorter side all but vanishes at the training size; crop it")
+    return None
 
 
 def _os_reason(exc: OSError) -> str:
@@ -164,7 +173,8 @@ def valid_size(resolution) -> bool:
     """A resolution the VAE (/8) and the U-Net (/8 more) take: one positive multiple of 64, or
     ``[width, height]`` of two; the one rule config, the builders and generate.py apply."""
     sides = list(resolution) if isinstance(resolution, (list, tuple)) else [resolution]
-    return len(sides) in (1, 2) and all(
+    # a list is [width, height]: one side alone is written as a number
+    return len(sides) == (2 if isinstance(resolution, (list, tuple)) else 1) and all(
         isinstance(x, int) and not isinstance(x, bool) and x > 0 and x % 64 == 0 for x in sides)
 
 
@@ -186,19 +196,36 @@ def load_image(path: str | Path, resolution: int | list[int] | None) -> np.ndarr
     with remote.open_file(path) as fh, Image.open(fh) as im:
         if reason := too_large(*im.size):
             raise ValueError(f"{path}: {reason}")
+        # A phone photo stored sideways with an EXIF orientation is shown upright by every
+        # viewer and by torchvision's and diffusers' loaders (exif_transpose): train on it so.
+        turned = im.getexif().get(ORIENTATION) in (5, 6, 7, 8)
         if resolution is None:
             resolution = max(im.size)
         elif im.format == "JPEG":
-            im.draft("RGB", image_size(resolution))
+            w, h = image_size(resolution)
+            im.draft("RGB", (h, w) if turned else (w, h))
+        im = ImageOps.exif_transpose(im)
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        elif im.mode.startswith("I"):
+            rgb = _sixteen_bit_grey(im)
         else:
-            rgb = im.convert("RGB")  # L, CMYK, P, I;16 ... all become RGB
+            rgb = im.convert("RGB")  # L, CMYK, P ... all become RGB
     padded = ImageOps.pad(rgb, image_size(resolution), method=Image.Resampling.BICUBIC,
                           color=background_colour(rgb))
     return np.asarray(padded, dtype=np.uint8)
+
+
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def _sixteen_bit_grey(im: Image.Image) -> Image.Image:
+    """A 16-bit greyscale PNG (Pillow's modes I;16 and I) as 8-bit RGB, 0-65535 scaled to
+    0-255 and rounded. Pillow's own convert clips it instead, which made every such photo white."""
+    grey = np.asarray(im, dtype=np.float64) * (255 / 65535)
+    return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------

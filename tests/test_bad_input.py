@@ -132,7 +132,7 @@ def w(tmp_path_factory):
     write_styles(d / "nocol.csv", ["1,Men,Apparel"], header="id,gender,masterCategory")
     rows = ["id,image_path,caption,split"] + [
         f"{i},images/{i}.jpg,an image of a shirt {i},{s}"
-        for i, s in zip(range(1, 7), ["train"] * 4 + ["val", "test"])]
+        for i, s in zip(range(1, 7), ["train"] * 3 + ["val", "test", "test"])]
     (d / "captions.csv").write_text("\n".join(rows) + "\n")
     (d / "badsplit.csv").write_text("\n".join([*rows[:2], "2,images/2.jpg,a top,training",
                                                *rows[3:]]) + "\n")
@@ -141,11 +141,18 @@ def w(tmp_path_factory):
                                                    *rows[4:]]) + "\n")
     (d / "noimage.csv").write_text("\n".join([*rows, "7,images/7.jpg,a coat,train"]) + "\n")
     (d / "notest.csv").write_text("\n".join(r for r in rows if not r.endswith(",test")) + "\n")
+    tests = [r for r in rows if r.endswith(",test")]
+    (d / "onetest.csv").write_text("\n".join([*(r for r in rows if r not in tests[1:])]) + "\n")
     (d / "photo.png").write_bytes(write_image(d / "p.png", fmt="PNG").read_bytes())
     (d / "notes.pt").write_text("this is not a tensor file\n")
+    from PIL import Image, PngImagePlugin
+    info = PngImagePlugin.PngInfo()  # settings as an edited PNG (or another tool) might hold
+    info.add_text("fashion-sd", json.dumps({"prompt": "a shirt", "seed": 3, "steps": "many"}))
+    Image.new("RGB", (8, 8)).save(d / "edited.png", pnginfo=info)
     (d / "junk.safetensors").write_bytes(b"junk")
     (d / "afile").write_text("a file where a folder is expected\n")
     (d / "adir").mkdir()
+    (d / "emptyimgs").mkdir()
     good = _lora(d / "good.lora.safetensors", {"st00.attn1.to_q": ((320, 4), (4, 320))})
     _lora(d / "wrongshape.lora.safetensors", {"st00.attn1.to_q": ((1280, 4), (4, 1280))})
     _lora(d / "sdxl.lora.safetensors", {"st20.attn1.to_q": ((320, 4), (4, 320))})
@@ -196,6 +203,10 @@ def w(tmp_path_factory):
         {"base": str(d / "cfg.yaml"), "output": str(d / "sweep"), "grid": {"lora.rank": [2, 0]}}))
     (d / "sweep_outfile.yaml").write_text(yaml.safe_dump({**sweep, "output": str(d / "afile")}))
     (d / "sweep_dupkey.yaml").write_text(yaml.safe_dump(sweep) + "output: elsewhere\n")
+    (d / "sweep_scalargrid.yaml").write_text(yaml.safe_dump(
+        {"base": str(d / "cfg.yaml"), "output": str(d / "sweep"), "grid": {"lora.rank": 4}}))
+    (d / "sweep_nochoices.yaml").write_text(yaml.safe_dump(
+        {**sweep, "search": {"lora.rank": {"choices": []}}}))
     return d
 
 
@@ -315,6 +326,8 @@ ROWS = [
     ("generate: prompts file is an image", "{gen} --prompts-file {w}/photo.png", "--prompts-file"),
     ("generate: --from-png not a PNG", "generate {cfg} --from-png {w}/notes.pt --out {w}/gen", "--from-png"),
     ("generate: --from-png without settings", "generate {cfg} --from-png {w}/photo.png --out {w}/gen", "no fashion-sd settings"),
+    ("generate: --from-png with a setting of the wrong kind", "generate {cfg} --from-png {w}/edited.png --out {w}/gen", "edited.png: not a PNG written by this tool (its setting 'steps' is 'many', not a whole number of steps)"),
+    ("generate: the last image's seed past 2**32 - 1", "{gen} --seed 4294967295 --num-images 2", "the last image's seed 4294967296 is past 2^32 - 1; give --seed 4294967294 or less"),
     # evaluate
     ("evaluate: glob matches nothing", "evaluate {cfg} --checkpoints {w}/none*.lora.safetensors --out {w}/eval", "no .lora.safetensors checkpoint found"),
     ("evaluate: third checkpoint of another model", "evaluate {cfg} --checkpoints {w}/ck --out {w}/eval", "epoch_003.lora.safetensors: st00.attn1.to_q"),
@@ -323,6 +336,8 @@ ROWS = [
     ("evaluate: empty split", "{ev} --set data.captions={w}/notest.csv --split test", "the 'test' split is empty"),
     ("evaluate: checkpoint not safetensors", "evaluate {cfg} --checkpoints {w}/junk.safetensors --out {w}/eval", "junk.safetensors: not a readable safetensors"),
     ("evaluate: --images folder missing", "evaluate --images {w}/noimg --captions {w}/captions.csv --out {w}/j", "--images"),
+    ("evaluate: --images folder with no image of the captions", "evaluate --images {w}/emptyimgs --captions {w}/captions.csv --out {w}/j", "emptyimgs: none of its 0 file(s) matches a row"),
+    ("evaluate: a split of one image", "{ev} --set data.captions={w}/onetest.csv --split test", "the 'test' split has one image"),
     ("evaluate: --images without --captions", "evaluate --images {w}/images --out {w}/j", "go together"),
     ("evaluate: --images with a bomb-sized image", "evaluate --images {w}/bigimgs --captions {w}/captions.csv --out {w}/j", "1.png: too large"),
     ("evaluate: --images with a symbolic-link loop", "evaluate --images {w}/loopimgs --captions {w}/captions.csv --out {w}/j", "1.jpg: unreadable: a symbolic-link loop"),
@@ -336,6 +351,11 @@ ROWS = [
     ("evaluate: --images with a CLIP folder that is not one", "evaluate --images {w}/images --captions {w}/captions.csv --out {w}/j --set eval.clip=local:{w}/adir", "no config.json"),
     ("train: eval_every with a CLIP folder that is not one", "train {cfg} --set train.eval_every=1 --set eval.clip=local:{w}/adir", "no config.json"),
     ("train: eval_every with one image", "train {cfg} --set train.eval_every=1 --set train.eval_images=1", "'train.eval_images' must be >= 2"),
+    ("train: grad_accum longer than the whole run", "train {cfg} --set train.grad_accum=1000", "train.grad_accum=1000: the run has"),
+    ("train: no sample seeds", "train {cfg} --set train.sample_seeds=[]", "'train.sample_seeds' must list at least one seed"),
+    ("train: a lora.targets typo", "train {cfg} --set lora.targets=[to_q,to_kk]", "'to_kk' match no attention projection"),
+    ("train: a one-element data.resolution", "train {cfg} --set data.resolution=[256]", "'data.resolution' must be a positive multiple of 64"),
+    ("captions: a template field with a format spec", "captions {cfg} --set captions.template={{year:04d}}-{{article}}", "'captions.template' cannot be filled"),
     ("train: multi_worker without TF_CONFIG", "train {cfg} --set train.strategy=multi_worker", "multi_worker needs TF_CONFIG"),
     ("train: tpu without a TPU", "train {cfg} --set train.strategy=tpu", "no TPU is reachable"),
     ("train: strategy unknown", "train {cfg} --set train.strategy=horovod", "'train.strategy'"),
@@ -344,10 +364,14 @@ ROWS = [
     # workers (the local multi-worker launcher)
     ("workers: one worker", "workers 1 -- {cfg}", "give 2 or more"),
     ("workers: no train arguments", "workers 2", "give the train arguments after --"),
+    ("workers: config missing", "workers 2 -- --config {w}/nope.yaml", "workers: {w}/nope.yaml"),
+    ("workers: a bad value, found before any worker starts", "workers 2 -- {cfg} --set lora.rank=0", "--set: 'lora.rank' must be > 0"),
     # sweep
     ("sweep: file missing", "sweep --config {w}/nope.yaml", "nope.yaml: sweep file not found"),
     ("sweep: file is an image", "sweep --config {w}/photo.png", "photo.png: not a text file"),
     ("sweep: a run with rank 0", "sweep --config {w}/sweep_badgrid.yaml", "'lora.rank' must be > 0"),
+    ("sweep: a grid value that is not a list", "sweep --config {w}/sweep_scalargrid.yaml", "grid.lora.rank: give a list of one or more values"),
+    ("sweep: a search with no choices", "sweep --config {w}/sweep_nochoices.yaml", "search.lora.rank: give"),
     ("sweep: --only unknown run", "sweep --config {w}/sweep.yaml --only r9", "--only r9"),
     ("sweep: output is a file", "sweep --config {w}/sweep_outfile.yaml", "afile: is a file"),
     ("sweep: a key given twice", "sweep --config {w}/sweep_dupkey.yaml", "sweep_dupkey.yaml: key 'output' is given twice"),
@@ -425,7 +449,7 @@ def test_split_labels_that_match_after_trimming_are_used_and_reported(w, tmp_pat
     (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
     with caplog.at_level(logging.WARNING):
         table = read_captions(tmp_path / "c.csv")
-    assert table.split.tolist() == ["train"] * 4 + ["val", "test"]  # no row dropped
+    assert table.split.tolist() == ["train"] * 3 + ["val", "test", "test"]  # no row dropped
     assert "1 split label(s) read after trimming and lower-casing, e.g. line 3 'Train ' -> 'train'" in caplog.text
 
 

@@ -53,4 +53,9 @@ def template_errors(template: str) -> list[str]:
                 f"; use {', '.join('{%s}' % n for n in dict.fromkeys([*DERIVED_FIELDS, *STYLE_COLUMNS[1:]]))}"]
     if not names:
         return ["'captions.template' has no {field}: every image would get the same caption"]
+    try:  # the fields are filled with text: a spec such as {year:04d} cannot apply to it
+        template.format(**dict.fromkeys(names, "text"))
+    except (ValueError, TypeError) as exc:
+        return [f"'captions.template' cannot be filled ({exc}): its fields are text, so give "
+                "them without a format spec or conversion, e.g. {year}"]
     return []

@@ -102,6 +102,10 @@ def _match_images(folder: Path, table):
     found = [files.get(k) or files.get(Path(k).stem) for k in keys]
     rows = table[[f is not None for f in found]].reset_index(drop=True)
     paths = [f for f in found if f is not None]
+    if not paths:  # a table of NaNs, with no cause given, otherwise
+        raise preflight.InputError(
+            f"--images {folder}: none of its {len(set(files.values()))} file(s) matches a row "
+            "of the captions; name them as the captions' image_path files, or by their id")
     bad = [(p, r) for p in paths if (r := header_problem(p))]  # headers only: no pixel decoded
     if bad:
         raise preflight.InputError(f"--images {folder}: {len(bad)} image(s) cannot be judged, e.g. "

@@ -73,6 +73,12 @@ def check_numbers(args, resolution) -> None:
     if getattr(args, "batch_seeds", None):  # from --from-png: the seeds of the image's batch
         for seed in args.batch_seeds:
             preflight.number("--from-png seed", seed, low=0, high=2**32 - 1, integer=True)
+    elif args.seed + args.num_images - 1 > 2**32 - 1:
+        # the images' seeds are SEED, SEED+1, ...: the last one must be a seed too, or its PNG
+        # records one that --from-png refuses
+        raise ConfigError(f"--seed {args.seed} with --num-images {args.num_images}: the last "
+                          f"image's seed {args.seed + args.num_images - 1} is past 2^32 - 1; "
+                          f"give --seed {2**32 - args.num_images} or less")
     preflight.number("--guidance", args.guidance, low=0, high=100,
                      hint=" (classifier-free guidance; 7.5 is the usual)")
     preflight.number("--lora-strength", args.lora_strength, low=-10, high=10,
@@ -96,7 +102,9 @@ def apply_png_settings(args, cfg) -> None:
     args.steps, args.guidance = s["steps"], s["guidance"]
     args.batch_size = len(args.batch_seeds)
     args.negative_prompt, args.resolution = s.get("negative_prompt"), s.get("resolution")
-    args.lora, args.lora_strength = s.get("lora"), s.get("lora_strength") or 1.0
+    # a stored strength of 0 (the base model through the LoRA's file) is kept, not taken as unset
+    args.lora = s.get("lora")
+    args.lora_strength = 1.0 if s.get("lora_strength") is None else s["lora_strength"]
     # PNGs from before the noise was recorded started from keras.random.normal
     args.noise = s.get("noise") or "keras"
     args.rounding = s.get("rounding") or "truncate"  # and truncated their pixels, as KerasCV

@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "train.strategy=multi_worker" not in rest:
         rest = [*rest, "--set", "train.strategy=multi_worker"]
+    if (problem := _config_problem(rest)) is not None:  # here, not N times from the workers
+        print(f"error: workers: {problem}", file=sys.stderr)
+        return 2
     ports = free_ports(args.n)
     procs = []
     for i in range(args.n):
@@ -88,10 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]
     if failed:
         first = failed[0]
-        print(f"error: worker {first[0]} exited with {first[1]}; the others were stopped. "
-              "Continue with the same command and --resume", file=sys.stderr)
+        then = ("it refused its input (its error is above): fix it and run the command again"
+                if first[1] == 2 else "continue with the same command and --resume")
+        print(f"error: worker {first[0]} exited with {first[1]}; the others were stopped; "
+              f"{then}", file=sys.stderr)
         return first[1] if first[1] and first[1] > 0 else 1
     return 0
+
+
+def _config_problem(train_args: list[str]) -> str | None:
+    """What is wrong with the train arguments' config (a missing file, a bad value), or None."""
+    from fashion_sd.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    known, _ = parser.parse_known_args(train_args)
+    try:
+        load_config(known.config, known.set)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _wait(procs: list[subprocess.Popen]) -> list[int]:

@@ -102,6 +102,10 @@ def make_plan(cfg: Config, split: str, num_images: int | None, backend_id: str =
     if rows.empty:
         raise EvaluationError(f"{cfg.data.captions}: the {split!r} split is empty; build captions "
                               "with a non-zero captions.split fraction for it")
+    if len(rows) < 2:
+        raise EvaluationError(f"{cfg.data.captions}: the {split!r} split has one image; FID and "
+                              "KID compare two sets' spreads, which need 2 or more: build "
+                              "captions with a larger captions.split fraction for it")
     if (rows.image_path == "").any():
         raise EvaluationError(f"{cfg.data.captions}: rows without image_path; rebuild with --images")
     n = num_images or cfg.eval.num_images or len(rows)

@@ -50,12 +50,19 @@ class ImageSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> ImageSettings:
-        """From stored settings; keys this version does not know are ignored."""
+        """From stored settings; keys this version does not know are ignored, and a known one
+        of the wrong kind (an edited or foreign PNG) is a ValueError naming it."""
+        if not isinstance(data, dict):
+            raise ValueError(f"image settings are a {type(data).__name__}, not a mapping")
         missing = [k for k in ("prompt", "seed") if k not in data]
         if missing:
             raise ValueError(f"image settings without {', '.join(missing)}")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        kept = {k: v for k, v in data.items() if k in known}
+        for key, value in kept.items():
+            if not _KINDS[key][1](value):
+                raise ValueError(f"its setting {key!r} is {value!r}, not {_KINDS[key][0]}")
+        return cls(**kept)
 
     @classmethod
     def from_record(cls, record: dict, **settings) -> ImageSettings:
@@ -87,3 +94,44 @@ class ImageSettings:
             raise ValueError(f"{path}: no fashion-sd settings in this PNG (only images written by "
                              "scripts/generate.py carry them)")
         return cls.from_dict(json.loads(text[PNG_KEY]))
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return (_whole(v) or isinstance(v, float)) and np.isfinite(v)
+
+
+def _optional(test):
+    return lambda v: v is None or test(v)
+
+
+def _text(v) -> bool:
+    return isinstance(v, str)
+
+
+# What each stored setting must be, said in words for the error: read from a PNG, it may have
+# been edited or written by another tool.
+_KINDS = {
+    "prompt": ("text", _text),
+    "seed": ("a whole number from 0 to 2^32 - 1", lambda v: _whole(v) and 0 <= v < 2**32),
+    "steps": ("a whole number of steps", _optional(lambda v: _whole(v) and v >= 1)),
+    "guidance": ("a number", _optional(_number)),
+    "negative_prompt": ("text", _optional(_text)),
+    "resolution": ("pixels (a whole number, or [width, height])", _optional(
+        lambda v: _whole(v) or (isinstance(v, list) and len(v) == 2 and all(map(_whole, v))))),
+    "weights": ("text", _optional(_text)),
+    "weights_id": ("text", _optional(_text)),
+    "model_seed": ("a whole number", _optional(_whole)),
+    "random_init": ("true or false", _optional(lambda v: isinstance(v, bool))),
+    "checkpoint": ("text", _optional(_text)),
+    "lora": ("a file name", _optional(_text)),
+    "lora_strength": ("a number", _optional(_number)),
+    "batch_seeds": ("a list of seeds", lambda v: isinstance(v, list) and all(
+        _whole(x) and 0 <= x < 2**32 for x in v)),
+    "noise": ("one of philox, keras", _optional(lambda v: v in ("philox", "keras"))),
+    "rounding": ("one of round, truncate", _optional(lambda v: v in ("round", "truncate"))),
+    "made_by": ("text", _text),
+}

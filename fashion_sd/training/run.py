@@ -273,12 +273,25 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
         raise BackendError(f"lora.text_encoder: true on Keras' {keras.config.backend()} backend: "
                            "the text encoder's LoRA is proven on the tensorflow backend only; "
                            "run it with KERAS_BACKEND=tensorflow, or set lora.text_encoder: false")
+    try:  # against SD 1.x's static table of projections, before the U-Net is built
+        lora.select(dict.fromkeys(k for k in lora_file.expected_kernel_shapes()
+                                  if not lora_file.is_text_encoder_layer(k)), cfg.lora.targets)
+    except lora.LoraError as exc:
+        raise TrainingError(str(exc)) from None
     _check_run_folder(run, cfg, resume, fresh, chief)
     table = read_captions(cfg.data.captions)
     n_train = int((table.split == "train").sum())
-    if n_train < cfg.train.batch_size:
+    t = cfg.train
+    if n_train < t.batch_size:
         raise TrainingError(f"{cfg.data.captions}: {n_train} training rows cannot fill one batch of "
-                            f"train.batch_size={cfg.train.batch_size}")
+                            f"train.batch_size={t.batch_size}")
+    batches = t.epochs * (n_train // t.batch_size)
+    if batches < t.grad_accum:  # Keras would apply no update at all, and the run "finish"
+        raise TrainingError(
+            f"train.grad_accum={t.grad_accum}: the run has {batches} batch(es) of "
+            f"train.batch_size={t.batch_size} ({n_train} training rows, {t.epochs} epoch(s)), "
+            f"fewer than one optimizer step accumulates; lower train.grad_accum or "
+            "train.batch_size, or raise train.epochs")
     _check_images(cfg, table)
     init_meta = None
     if cfg.lora.init_from and not resume:  # checked now; loaded once the LoRA layers exist

@@ -94,6 +94,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     base = (path.parent / data["base"]).resolve() if not Path(data["base"]).is_absolute() else Path(data["base"])
     runs = [dict(r) for r in data.get("runs") or []]
     grid = data.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise SweepError(f"{path}: 'grid' must map keys to lists of values, e.g. "
+                         "grid: {lora.rank: [4, 8]}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{path}: grid.{key}: give a list of one or more values, e.g. "
+                             f"{key}: [{values if not isinstance(values, (list, dict)) else '...'}]")
     if grid:
         keys = list(grid)
         runs += [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
@@ -117,9 +124,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             raise SweepError(f"{path}: run {run_name(run)}: {exc}") from None
     for key, spec in sweep.search.items():
         ok = isinstance(spec, dict) and ("choices" in spec or {"min", "max"} <= set(spec))
+        if ok and "choices" in spec:
+            ok = isinstance(spec["choices"], list) and len(spec["choices"]) > 0
         if not ok:
-            raise SweepError(f"{path}: search.{key}: give {{choices: [...]}} or {{min: .., max: .., "
-                             "log: true}")
+            raise SweepError(f"{path}: search.{key}: give {{choices: [...]}} (one or more) or "
+                             "{min: .., max: .., log: true}")
         probe = spec["choices"][0] if "choices" in spec else spec["min"]
         try:
             config_for(sweep, {key: probe})

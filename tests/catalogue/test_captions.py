@@ -1,8 +1,10 @@
 import hashlib
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import write_image, write_styles
+from PIL import Image, ImageOps
 
 from fashion_sd import images
 from fashion_sd.catalogue import captions
@@ -384,3 +386,37 @@ def test_bomb_sized_images_and_link_loops_are_rejected_with_the_reason(tmp_path)
     assert images.header_problem(imgs / "1.jpg") is None
     with pytest.raises(ValueError, match="2.png: too large"):
         images.load_image(imgs / "2.png", 64)
+
+
+def test_photos_are_read_as_the_fields_loaders_read_them(tmp_path):
+    """A strip too narrow to keep a side at the training size is a rejected row naming the file
+    (it once failed inside training, no file named); a 16-bit greyscale PNG keeps its greys
+    (Pillow's convert made it white); an EXIF-rotated photo is trained upright, as
+    ImageOps.exif_transpose (torchvision's and diffusers' loaders) shows it."""
+    row = ",Men,Apparel,Topwear,Tshirts,White,Fall,2011,Sports,a"
+    p = write_styles(tmp_path / "s.csv", [f"{i}{row}" for i in range(1, 5)])
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    write_image(imgs / "1.jpg", size=(2000, 40))
+    ramp = np.linspace(0, 65535, 60 * 80).reshape(80, 60).astype(np.uint16)
+    Image.fromarray(ramp).save(imgs / "2.png")
+    upright = np.zeros((80, 60, 3), np.uint8)
+    upright[:40] = (200, 30, 30)  # red top half, seen upright
+    sideways = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # stored turned
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to show"
+    sideways.save(imgs / "3.jpg", exif=exif, quality=95)
+    write_image(imgs / "4.jpg")
+    r = build(p, images_dir=imgs)
+    assert r.table.id.tolist() == [2, 3, 4]
+    reason = dict(zip(r.dropped.id, r.dropped.reason))["1"]
+    assert reason.startswith("too narrow: 2000x40 is more than 20 times longer than it is wide")
+    assert images.header_problem(imgs / "1.jpg") == reason
+    grey = images.load_image(imgs / "2.png", None)
+    assert grey.shape == (80, 80, 3)
+    want = np.round(ramp.astype(np.float64) * 255 / 65535)
+    np.testing.assert_array_equal(grey[:, 10:70, 0], want)  # padded left and right
+    shown = images.load_image(imgs / "3.jpg", None)
+    seen = np.asarray(ImageOps.exif_transpose(Image.open(imgs / "3.jpg")).convert("RGB"))
+    np.testing.assert_array_equal(shown[:, 10:70], seen)
+    assert shown[5, 40, 0] > 150 and shown[75, 40, 0] < 50  # red on top, as photographed

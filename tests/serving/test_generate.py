@@ -213,3 +213,28 @@ def test_a_png_from_before_rounding_was_recorded_is_remade_as_it_was_made(sample
     assert 0.45 < lift[inside].mean() < 0.55, lift[inside].mean()
     with pytest.raises(ValueError, match="rounding 'floor': use one of round, truncate"):
         Sampler(sampler.comps, rounding="floor")
+
+
+def test_from_png_keeps_a_lora_strength_of_zero(tmp_path):
+    """0 is a strength (the LoRA's file, folded in at nothing), not an unset one: it came back
+    as 1.0. And the stored settings' kinds are the ones generation checks against."""
+    import argparse
+    import dataclasses
+
+    from fashion_sd.commands.generate import apply_png_settings
+    from fashion_sd.config import load_config
+    from fashion_sd.sd import ddim
+    from fashion_sd.serving import image_settings
+    from fashion_sd.serving.image_settings import ImageSettings
+
+    for strength, back in ((0.0, 0.0), (0.5, 0.5), (None, 1.0)):
+        ImageSettings(prompt="a shirt", seed=1, steps=2, guidance=7.5, lora="x.lora.safetensors",
+                      lora_strength=strength).save_png(tmp_path / "s.png",
+                                                       np.zeros((8, 8, 3), np.uint8))
+        args = argparse.Namespace(from_png=str(tmp_path / "s.png"))
+        apply_png_settings(args, load_config(None, []))
+        assert args.lora_strength == back
+    kinds = image_settings._KINDS
+    assert set(kinds) == {f.name for f in dataclasses.fields(ImageSettings)}
+    assert [v for v in (*ddim.NOISES, *ddim.ROUNDINGS)
+            if not kinds["noise" if v in ddim.NOISES else "rounding"][1](v)] == []

@@ -2,6 +2,7 @@
 encoders: outputs, resume equivalence, refusals, non-finite stops, weights errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -70,6 +71,13 @@ def test_a_run_leaves_everything_behind(tmp_path, demo_captions, encoder_cache, 
     meta = run.lora_file.read(ck / "last.lora.safetensors")[1]
     assert meta["base_weights"] == "random-init(seed=42)" and meta["random_init"] == "true"
     assert meta["caption_template"] == cfg.captions.template and meta["step"] == "16"
+    # every output has the permissions any new file gets (safetensors' writer once left the
+    # checkpoints and the train state 0600: unreadable to a group sharing the runs)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in out.rglob("*") if p.is_file()}
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, demo_captions, encoder_cache, build):
