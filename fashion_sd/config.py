@@ -30,16 +30,16 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from fashion_sd.catalogue.template import (
+from fashion_sd.caption_template import (
     CATEGORY_COLUMNS,
     PAPER_TEMPLATE,
     template_errors,
 )
 from fashion_sd.errors import FashionSDError
-from fashion_sd.evaluation.clip_spec import ARCHITECTURES
+from fashion_sd.clip_spec import ARCHITECTURES
 from fashion_sd.files import atomic_write_text
 from fashion_sd.images import valid_size
-from fashion_sd.training.paper import PAPER_PROMPTS
+from fashion_sd.paper import PAPER_PROMPTS
 
 
 class ConfigError(FashionSDError, ValueError):

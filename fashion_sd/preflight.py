@@ -20,7 +20,7 @@ from fashion_sd import remote
 from fashion_sd.config import read_yaml_mapping
 from fashion_sd.errors import FashionSDError
 from fashion_sd.rundir import RunDir
-from fashion_sd.sd.lora_file import safetensors_header
+from fashion_sd.safetensors_file import safetensors_header
 
 
 class InputError(FashionSDError, ValueError):

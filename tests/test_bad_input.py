@@ -493,7 +493,7 @@ def test_the_layer_table_matches_the_real_text_encoder(small_parts):
 def test_the_header_reader_agrees_with_safetensors(w):
     from safetensors import safe_open
 
-    from fashion_sd.sd.lora_file import safetensors_header
+    from fashion_sd.safetensors_file import safetensors_header
 
     entries, meta = safetensors_header(w / "good.lora.safetensors")
     with safe_open(str(w / "good.lora.safetensors"), "numpy") as fh:

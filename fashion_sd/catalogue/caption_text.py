@@ -9,7 +9,7 @@ import pandas as pd
 
 from fashion_sd.catalogue import article_types
 from fashion_sd.catalogue.styles import normalise_year
-from fashion_sd.catalogue.template import (
+from fashion_sd.caption_template import (
     DERIVED_FIELDS,
     MISSING_TOKENS,
     PAPER_TEMPLATE,

@@ -33,7 +33,7 @@ from fashion_sd.catalogue.article_types import SINGULAR
 from fashion_sd.catalogue.caption_text import render_captions
 from fashion_sd.catalogue.splits import assign_splits
 from fashion_sd.catalogue.styles import read_styles
-from fashion_sd.catalogue.template import (
+from fashion_sd.caption_template import (
     DERIVED_FIELDS,
     KNOWN_VALUES,
     SPLITS,

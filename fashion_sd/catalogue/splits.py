@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fashion_sd.catalogue.template import SPLITS
+from fashion_sd.caption_template import SPLITS
 
 
 def allocate(n: int, fractions: tuple[float, ...]) -> list[int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fashion_sd.catalogue.template import (
+from fashion_sd.caption_template import (
     MISSING_TOKENS,
     REQUIRED_COLUMNS,
     STYLE_COLUMNS,

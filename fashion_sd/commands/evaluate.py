@@ -29,7 +29,7 @@ from fashion_sd import preflight
 from fashion_sd.backends import require_tensorflow
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import reported
-from fashion_sd.evaluation.clip_spec import check_spec
+from fashion_sd.clip_spec import check_spec
 from fashion_sd.evaluation.evaluate import (
     Parts,
     Scope,

@@ -16,7 +16,7 @@ import logging
 
 from fashion_sd import preflight
 from fashion_sd.catalogue.caption_text import caption_from_attributes
-from fashion_sd.catalogue.template import CaptionError
+from fashion_sd.caption_template import CaptionError
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import reported
 from fashion_sd.images import valid_size

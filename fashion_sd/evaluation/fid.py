@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from fashion_sd.training.cache import cached, file_id
+from fashion_sd.cache import cached, file_id
 
 # Inception's pool_3 width: with fewer images the covariance is rank-deficient, and pytorch-fid
 # and clean-fid recommend at least this many for FIDs comparable with the literature.

@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from fashion_sd.evaluation.clip import clip_class, repair, save_clip
+from fashion_sd.sd.kerascv_clip import clip_class, repair, save_clip
 from fashion_sd.interop.checkpoint import Renamed, _weight_files
 from fashion_sd.interop.kerascv import Target, _dense, _norm, assign
 from fashion_sd.interop.tensors import InteropError, Tensors

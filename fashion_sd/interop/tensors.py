@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from fashion_sd.errors import FashionSDError
-from fashion_sd.sd.lora_file import safetensors_header as read_header
+from fashion_sd.safetensors_file import bf16_to_float32
+from fashion_sd.safetensors_file import safetensors_header as read_header
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -68,7 +69,7 @@ class SafetensorsFile:
         raw = np.frombuffer(self._map, dtype=_DTYPES[kind], count=(end - start) // np.dtype(
             _DTYPES[kind]).itemsize, offset=self._base + start)
         if kind == "BF16":
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+            raw = bf16_to_float32(raw)
         return raw.reshape(entry["shape"]).copy()
 
 

@@ -20,7 +20,7 @@ import math
 import numpy as np
 from keras import ops
 
-from fashion_sd.training.diffusion import TRAIN_TIMESTEPS, alphas_cumprod, timestep_embedding
+from fashion_sd.sd.diffusion import TRAIN_TIMESTEPS, alphas_cumprod, timestep_embedding
 
 
 def timesteps(num_steps: int) -> np.ndarray:
@@ -39,7 +39,7 @@ def timesteps(num_steps: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def sampler_alphas_cumprod() -> tuple[float, ...]:
-    """KerasCV's ``_ALPHAS_CUMPROD``: :func:`~fashion_sd.training.diffusion.alphas_cumprod`, each
+    """KerasCV's ``_ALPHAS_CUMPROD``: :func:`~fashion_sd.sd.diffusion.alphas_cumprod`, each
     value rounded to float32 and read back from its shortest decimal (the table was printed from
     a float32 array; all 1000 values match).
 

@@ -20,7 +20,7 @@ import pandas as pd
 from safetensors import safe_open
 
 from fashion_sd.catalogue.caption_text import caption_from_attributes
-from fashion_sd.catalogue.template import DERIVED_FIELDS, MISSING_TOKENS, CaptionError
+from fashion_sd.caption_template import DERIVED_FIELDS, MISSING_TOKENS, CaptionError
 from fashion_sd.errors import FashionSDError
 from fashion_sd.rundir import BEST, GALLERY, LAST, RunDir, checkpoint_name
 from fashion_sd.sd.tokenizer import MAX_LENGTH

@@ -13,7 +13,7 @@ import random
 import gradio as gr
 
 from fashion_sd.catalogue import article_types
-from fashion_sd.catalogue.template import CaptionError
+from fashion_sd.caption_template import CaptionError
 from fashion_sd.serving.assistant import (
     ATTRIBUTES,
     BASE,

@@ -35,9 +35,10 @@ except ImportError:  # Keras on JAX without TensorFlow: the batches need none (e
 from fashion_sd.config import DataConfig
 from fashion_sd.images import image_size, load_image
 from fashion_sd.sd.tokenizer import MAX_LENGTH, tokenize
-from fashion_sd.training import diffusion, draws
-from fashion_sd.training.cache import cache_key, file_id
-from fashion_sd.training.diffusion import TRAIN_TIMESTEPS
+from fashion_sd.sd import diffusion
+from fashion_sd.training import draws
+from fashion_sd.cache import cache_key, file_id
+from fashion_sd.sd.diffusion import TRAIN_TIMESTEPS
 from fashion_sd.training.draws import DRAWS, LEGACY
 from fashion_sd.training.shards import sharded
 
@@ -92,7 +93,7 @@ def vae_moments_model(image_encoder):
     """KerasCV's ImageEncoder up to the 8 posterior channels (mean, log-variance), unscaled.
 
     KerasCV's encoder returns only the scaled mean; training samples the posterior instead, as the
-    reference trainers do, and :func:`fashion_sd.training.diffusion.sample_latents` applies the 0.18215.
+    reference trainers do, and :func:`fashion_sd.sd.diffusion.sample_latents` applies the 0.18215.
     """
 
     return keras.Model(image_encoder.inputs, image_encoder.layers[-2].output)

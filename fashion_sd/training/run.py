@@ -40,11 +40,12 @@ from fashion_sd.catalogue.captions import read_captions
 from fashion_sd.config import Config
 from fashion_sd.errors import BackendError, FashionSDError
 from fashion_sd.precision import dtype_policy
-from fashion_sd.evaluation.clip_spec import check_spec
+from fashion_sd.clip_spec import check_spec
 from fashion_sd.evaluation.evaluate import Parts, Scope, Scorer, make_plan
 from fashion_sd.files import DiskFull
 from fashion_sd.progress import tqdm_progress
 from fashion_sd.rundir import RunDir, RunWriter
+from fashion_sd.safetensors_file import safetensors_header
 from fashion_sd.sd import attention, lora, lora_file, models
 from fashion_sd.serving.generate import Sampler
 from fashion_sd.training import callbacks as cb
@@ -228,7 +229,7 @@ def _check_run_folder(run: RunDir, cfg: Config, resume: bool, fresh: bool, chief
                             "--resume, start over with --fresh, or set output.dir to a new folder")
     if resume:
         try:
-            lora_file.safetensors_header(run.train_state)
+            safetensors_header(run.train_state)
         except (ValueError, OSError) as exc:
             raise TrainingError(f"--resume: {run.train_state} is damaged ({exc}); resume cannot "
                                 f"use it. Start over with --fresh, or train from a checkpoint: "
@@ -316,7 +317,7 @@ def resume_draws(train_state: Path, backend: str) -> str:
     """The draws (fashion_sd.training.draws) a resumed run continues with: the version its train
     state records, or LEGACY when it records none (written before the record: TensorFlow's
     stateless draws), which only Keras' tensorflow backend can continue bit for bit."""
-    info = json.loads(lora_file.safetensors_header(train_state)[1].get("info", "{}"))
+    info = json.loads(safetensors_header(train_state)[1].get("info", "{}"))
     version = info.get("draws", LEGACY)
     if version not in (DRAWS, LEGACY):
         raise TrainingError(f"--resume: {train_state} records draws {version!r}, which this "

@@ -25,7 +25,7 @@ import numpy as np
 
 from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path, atomic_write_text, human_size
-from fashion_sd.training.cache import key_path
+from fashion_sd.cache import key_path
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path, atomic_write_text
 from fashion_sd.interrupt import SIGNALS
 from fashion_sd.rundir import SWEEP_LOG, RunDir
-from fashion_sd.training import paper
+from fashion_sd import paper
 
 SHORT = {"lora.rank": "r", "lora.alpha": "a", "train.learning_rate": "lr", "train.batch_size": "bs",
          "train.epochs": "ep", "lora.targets": "t", "data.resolution": "px"}

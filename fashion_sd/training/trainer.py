@@ -24,8 +24,8 @@ from fashion_sd.config import TrainConfig
 from fashion_sd.errors import BackendError
 from fashion_sd.files import atomic_path
 from fashion_sd.sd.lora import lora_state
-from fashion_sd.sd.lora_file import safetensors_header
-from fashion_sd.training import diffusion
+from fashion_sd.safetensors_file import safetensors_header
+from fashion_sd.sd import diffusion
 
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):

@@ -12,7 +12,7 @@ from fashion_sd.catalogue.caption_text import fix_articles
 from fashion_sd.catalogue.captions import build_captions
 from fashion_sd.catalogue.splits import allocate
 from fashion_sd.catalogue.styles import read_styles
-from fashion_sd.catalogue.template import CaptionError
+from fashion_sd.caption_template import CaptionError
 from fashion_sd.config import load_config
 
 FORBIDDEN = ("None", "nan", "NaN", " NA", "NA ")

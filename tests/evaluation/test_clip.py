@@ -9,6 +9,7 @@ from conftest import DEMO
 from PIL import Image
 
 from fashion_sd.evaluation import clip as C
+from fashion_sd.sd.kerascv_clip import save_clip
 
 TINY = dict(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
             vision_patch_size=16, transformer_width=32, transformer_heads=2, transformer_layers=1)
@@ -17,7 +18,7 @@ TINY = dict(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
 @pytest.fixture(scope="module")
 def tiny_preset(tmp_path_factory):
     model = C.random_clip("clip-vit-base-patch32", seed=3, **TINY)
-    return model, C.save_clip(model, tmp_path_factory.mktemp("clip") / "tiny-clip")
+    return model, save_clip(model, tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from fashion_sd.interop.lora_formats import export_lora, import_lora  # noqa: E4
 from fashion_sd.interop.tensors import InteropError  # noqa: E402
 from fashion_sd.interop.weights import import_model, merge_model  # noqa: E402
 from fashion_sd.sd import lora, lora_file, models  # noqa: E402
-from fashion_sd.training.diffusion import timestep_embedding  # noqa: E402
+from fashion_sd.sd.diffusion import timestep_embedding  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOL = 1e-3

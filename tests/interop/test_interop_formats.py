@@ -345,3 +345,45 @@ def test_the_core_package_never_imports_torch():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr
+
+
+def _our_lora(path, tensors, write=save_file):
+    meta = {"format": lora_file.FORMAT, "format_version": str(lora_file.FORMAT_VERSION),
+            "rank": "4", "alpha": "4.0", "targets": json.dumps(["to_q"])}
+    if write is save_file:
+        save_file(tensors, str(path), metadata=meta)
+    else:  # write_bf16 takes no metadata: put it in the header by hand
+        write(path, tensors)
+        raw = path.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = {**json.loads(raw[8:8 + n]), "__metadata__": meta}
+        head = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+    return path
+
+
+def test_a_bfloat16_lora_exports_as_its_float32_self_and_integers_are_refused(tmp_path):
+    """A bfloat16 LoRA (PyTorch's usual) once ended export in a TypeError; an int64 one was
+    exported as int64, and a stray 0-d tensor went through unnamed."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((320, 4)).astype(np.float32)
+    b = rng.standard_normal((4, 320)).astype(np.float32)
+    exact = {k: (v.view(np.uint32) & 0xFFFF0000).view(np.float32)  # what bfloat16 keeps
+             for k, v in {"st00.attn1.to_q.lora_a": a, "st00.attn1.to_q.lora_b": b}.items()}
+    half = _our_lora(tmp_path / "bf16.lora.safetensors", exact, write=write_bf16)
+    full = _our_lora(tmp_path / "f32.lora.safetensors", exact)
+    for fmt in ("kohya", "diffusers"):
+        one = load_file(str(export_lora(half, fmt, tmp_path / f"h.{fmt}.safetensors")))
+        two = load_file(str(export_lora(full, fmt, tmp_path / f"f.{fmt}.safetensors")))
+        assert one.keys() == two.keys()
+        for k in one:
+            assert one[k].dtype == np.float32
+            np.testing.assert_array_equal(one[k], two[k])
+    ints = _our_lora(tmp_path / "i64.lora.safetensors", {k: np.ones(v.shape, np.int64)
+                                                         for k, v in exact.items()})
+    with pytest.raises(lora_file.LoraError, match="lora_a holds I64 numbers; a LoRA's matrices are floats"):
+        export_lora(ints, "kohya", tmp_path / "i.safetensors")
+    stray = _our_lora(tmp_path / "zero.lora.safetensors",
+                      {**exact, "st00.attn1.to_q.alpha": np.array(4.0, np.float32)})
+    with pytest.raises(lora_file.LoraError, match="holds tensor 'st00.attn1.to_q.alpha'"):
+        export_lora(stray, "diffusers", tmp_path / "z.safetensors")

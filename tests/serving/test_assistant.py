@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fashion_sd.catalogue.template import DERIVED_FIELDS, PAPER_TEMPLATE, CaptionError
+from fashion_sd.caption_template import DERIVED_FIELDS, PAPER_TEMPLATE, CaptionError
 from fashion_sd.serving.assistant import (
     ATTRIBUTES,
     BASE,

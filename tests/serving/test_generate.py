@@ -129,7 +129,7 @@ def test_attribute_prompts():
     args = argparse.Namespace(prompt=["a first prompt"], prompts_file=None, year="2011",
                               usage="Casual", season="Fall", colour="White", gender="Men",
                               article="Sweaters")
-    from fashion_sd.catalogue.template import PAPER_TEMPLATE
+    from fashion_sd.caption_template import PAPER_TEMPLATE
 
     assert mod.prompts_from_args(args, PAPER_TEMPLATE) == [
         "a first prompt", "an image of a 2011 Casual Fall White Men's Sweater"]

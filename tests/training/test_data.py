@@ -8,7 +8,8 @@ from PIL import Image
 
 from fashion_sd import images
 from fashion_sd.sd import tokenizer
-from fashion_sd.training import cache, data
+from fashion_sd import cache
+from fashion_sd.training import data
 
 
 def portrait(path, fmt="JPEG", mode="RGB", bg=(255, 255, 255)):

@@ -14,7 +14,8 @@ from safetensors.numpy import load_file, save_file
 from test_data import encoded
 from test_run import build, config, train  # noqa: F401 - build is a fixture
 
-from fashion_sd.training import callbacks, data, diffusion, draws, run, shards
+from fashion_sd.sd import diffusion
+from fashion_sd.training import callbacks, data, draws, run, shards
 from fashion_sd.training.draws import DRAWS, LEGACY
 from fashion_sd.training.run import TrainingError
 

@@ -8,7 +8,7 @@ import pytest
 from fashion_sd.config import DataConfig
 from fashion_sd.sd import models
 from fashion_sd.training import data, run
-from fashion_sd.training.diffusion import (
+from fashion_sd.sd.diffusion import (
     add_noise,
     alphas_cumprod,
     sample_latents,

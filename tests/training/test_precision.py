@@ -16,7 +16,7 @@ from tiny import tiny_unet
 from fashion_sd.config import LoraConfig
 from fashion_sd.sd import attention, lora
 from fashion_sd.training import callbacks as cb
-from fashion_sd.training import diffusion
+from fashion_sd.sd import diffusion
 from fashion_sd.training import trainer as tr
 
 TIMESTEPS = [0, 1, 15, 500, 999]

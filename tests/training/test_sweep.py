@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from fashion_sd.training import paper, tuning
+from fashion_sd import paper
+from fashion_sd.training import tuning
 from fashion_sd.training import sweep as sw
 
 

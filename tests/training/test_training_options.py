@@ -12,7 +12,8 @@ from test_run import build, config, train  # noqa: F401 - build is a fixture
 from test_trainer import batches, make
 
 from fashion_sd.config import TrainConfig
-from fashion_sd.training import data, diffusion, draws
+from fashion_sd.sd import diffusion
+from fashion_sd.training import data, draws
 from fashion_sd.training import trainer as tr
 from fashion_sd.training.callbacks import KeepRawWeights
 

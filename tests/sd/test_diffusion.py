@@ -1,10 +1,10 @@
-"""The training numerics pinned to KerasCV's own sampler and to closed forms."""
+"""The diffusion schedule (sd/diffusion.py) pinned to KerasCV's own sampler and to closed forms."""
 
 import numpy as np
 import pytest
 from keras import ops
 
-from fashion_sd.training import diffusion
+from fashion_sd.sd import diffusion
 
 
 def test_schedule_is_the_samplers():
