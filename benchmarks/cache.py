@@ -7,7 +7,7 @@ and text encoder (the real pipeline around them: ``data.encode_dataset``, ``tf.d
 the train batches) and then takes 2 training steps of a tiny U-Net; it prints its peak RSS and the
 seconds it took. ``shards`` is the cache as it is now (fashion_sd/training/shards.py: shards written one
 at a time, read memory-mapped per batch); ``one array`` is the cache as it was (every encoding
-concatenated in memory, saved as one .npz with fashion_sd.training.cache.cached, loaded whole), measured in
+concatenated in memory, saved as one .npz with fashion_sd.cache.cached, loaded whole), measured in
 the same run. The rows reuse the 48 bundled product photos, so no 44k-file folder is written; each row
 is decoded and encoded on its own all the same.
 """
@@ -57,7 +57,7 @@ def child(rows: int, mode: str, folder: Path, shard_rows: int) -> dict:
     from fashion_sd.config import DataConfig
     from fashion_sd.sd import tokenizer
     from fashion_sd.training import data
-    from fashion_sd.training.cache import cache_key, cached, file_id
+    from fashion_sd.cache import cache_key, cached, file_id
     from tests.tiny import tiny_unet
 
     t0 = time.perf_counter()
