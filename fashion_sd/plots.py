@@ -75,7 +75,7 @@ def metric_curves(table, path: str | Path, label: str) -> Path:
     """FID and KID against epoch for the checkpoints (the base model as a dashed line), then the
     CLIP score and the garment rates where they were measured."""
     base = table[table.checkpoint == "base"]
-    runs = table[table.checkpoint != "base"].sort_values("epoch")
+    runs = table[~table.checkpoint.isin(["base", "real"])].sort_values("epoch")
     x = runs.epoch.where(runs.epoch.notna(), other=np.arange(len(runs)))
     panels = [("fid", "FID (lower is better)"), ("kid_mean", "KID (lower is better)")]
     if "clip_score" in table and table.clip_score.notna().any():

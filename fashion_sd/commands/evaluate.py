@@ -135,7 +135,8 @@ def _folder_summary(folder, summary: dict, judge, clip_note: str, missing: int) 
             f"top-1 (CLIP) | on-model |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
             f"| {summary['images']} | {summary['colour_accuracy']:.3f} ({summary['colour_scored']}, "
             f"{summary['colour_judged_share']:.0%} judged) | {summary['cut_off_rate']:.3f} "
-            f"({summary['cut_off_judged_share']:.0%} judged) {clip}|\n"
+            f"({summary['cut_off_judged_share']:.0%} judged; bounds {summary['cut_off_low']:.3f}-"
+            f"{summary['cut_off_high']:.3f}) {clip}|\n"
             + (f"\nCLIP: {judge.clip.label}.\n" if judge.clip is not None else
                f"\nCLIP metrics off: {clip_note}\n")
             + (f"\n{missing} captions row(s) had no image in the folder.\n" if missing else ""))

@@ -42,6 +42,7 @@ from fashion_sd.evaluation.fid import (
 )
 from fashion_sd.evaluation.judge import SUMMARY, load_judge, summarise
 from fashion_sd.files import atomic_path
+from fashion_sd.images import load_image
 from fashion_sd.rundir import SCORES_GRID as GRID
 from fashion_sd.rundir import EvalDir, RunDir
 from fashion_sd.sd import lora_file
@@ -50,9 +51,18 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["checkpoint", "epoch", "step", "fid", "kid_mean", "kid_std", "kid_subset_size",
            "clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1", "on_model_rate",
-           "colour_accuracy", "colour_judged_share", "cut_off_rate", "cut_off_judged_share", "n_real", "n_generated", "backend", "protocol", "comparable",
+           "colour_accuracy", "colour_judged_share", "cut_off_rate", "cut_off_judged_share",
+           "cut_off_low", "cut_off_high", "type_chance", "colour_chance", "gender_chance", "n_real", "n_generated", "backend", "protocol", "comparable",
            "clip_model", "weights_source", "settings", "selected"]
 BASE = "base"
+# The real split's photos, judged as the models' images are: each judged column's ceiling.
+REAL = "real"
+# A zero-shot column is near chance when the real photos recover less than this share of the
+# way from chance to 1: then it says little about a checkpoint, and eval.select does not pick
+# by it.
+NEAR_CHANCE = 0.25
+CHANCE = {"type_top1": "type_chance", "colour_top1": "colour_chance",
+          "gender_top1": "gender_chance"}
 # eval.select -> (column, lower is better)
 SELECT = {"kid": ("kid_mean", True), "fid": ("fid", True), "clip": ("clip_score", False),
           "type_accuracy": ("type_top1", False), "colour_top1": ("colour_top1", False),
@@ -179,12 +189,22 @@ def score(gen_feats: np.ndarray, real: dict, cfg: Config) -> dict:
     return {"fid": fid, "kid_mean": k_mean, "kid_std": k_std, "kid_subset_size": m}
 
 
+def near_chance(df: pd.DataFrame, column: str) -> bool:
+    """Whether the real photos' row scores ``column`` near its chance level (:data:`NEAR_CHANCE`)."""
+    real = df[df.checkpoint == REAL]
+    if column not in CHANCE or real.empty or CHANCE[column] not in real:
+        return False
+    ceiling, level = (pd.to_numeric(real[c], errors="coerce").iloc[0] for c in (column, CHANCE[column]))
+    return bool(pd.notna(ceiling) and pd.notna(level) and ceiling < level + NEAR_CHANCE * (1 - level))
+
+
 def select_best(df: pd.DataFrame, select: str) -> tuple[int | None, str]:
     """The index of the best checkpoint row by ``eval.select`` and the column used; the base
-    model is never selected. A CLIP column with no values (CLIP off) falls back to KID."""
-    scored = df[df.checkpoint != BASE]
+    model and the real photos are never selected. A CLIP column with no values (CLIP off), or
+    one whose real row is near chance (:func:`near_chance`), falls back to KID."""
+    scored = df[~df.checkpoint.isin([BASE, REAL])]
     column, lower = SELECT[select]
-    if column not in scored or scored[column].isna().all():
+    if column not in scored or scored[column].isna().all() or near_chance(df, column):
         column, lower = SELECT["kid"]
     values = pd.to_numeric(scored[column], errors="coerce").dropna()
     if values.empty:
@@ -197,9 +217,13 @@ def _num(value, fmt: str = "{:.3g}", scale: float = 1.0) -> str:
 
 
 def _judged(row, rate: str) -> str:
-    """A garment rate with the share of images it could judge: ``0.62 (95%)``."""
+    """A garment rate with the share of images it could judge: ``0.62 (95%)``; the cut-off
+    rate also with its bounds over every image: ``0.20 (60%; 0.12-0.52)``."""
     share = row.get(rate.replace("accuracy", "judged_share").replace("rate", "judged_share"))
-    return _num(row.get(rate), "{:.2f}") + (f" ({_num(share, '{:.0%}')})" if _num(share) else "")
+    bounds = ""
+    if rate == "cut_off_rate" and _num(row.get("cut_off_low")):
+        bounds = f"; {_num(row.get('cut_off_low'), '{:.2f}')}-{_num(row.get('cut_off_high'), '{:.2f}')}"
+    return _num(row.get(rate), "{:.2f}") + (f" ({_num(share, '{:.0%}')}{bounds})" if _num(share) else "")
 
 
 def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
@@ -217,7 +241,8 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for i, r in df.iterrows():
         mark = " **best**" if i == best else ""
-        kid = f"{_num(r.kid_mean, '{:.4g}', 1e3)} ± {_num(r.kid_std, '{:.2g}', 1e3)}"
+        kid = (f"{_num(r.kid_mean, '{:.4g}', 1e3)} ± {_num(r.kid_std, '{:.2g}', 1e3)}"
+               if _num(r.kid_mean) else "")
         types = (f"{_num(r.type_top1, '{:.2f}')} / {_num(r.type_top3, '{:.2f}')}"
                  if pd.notna(r.type_top1) else "")
         lines.append(f"| {r.checkpoint}{mark} | {_num(r.epoch, '{:g}')} | {_num(r.fid, '{:.4g}')} "
@@ -225,13 +250,25 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
                      f"{_num(r.get('colour_top1'), '{:.2f}')} | {_num(r.get('gender_top1'), '{:.2f}')} | "
                      f"{_num(r.on_model_rate, '{:.2f}')} | {_judged(r, 'colour_accuracy')} | "
                      f"{_judged(r, 'cut_off_rate')} |")
-    first = df.iloc[-1]
+    first = df[df.checkpoint != REAL].iloc[-1] if (df.checkpoint != REAL).any() else df.iloc[-1]
     notes = [f"Best by {column} (eval.select: {select}). {int(first.n_generated)} generated "
              f"images against {int(first.n_real)} real ones (the {'same' if df.n_real.nunique() == 1 else 'varying'} "
              f"for every row). Inception: {first.backend}, protocol {first.protocol}. "
              f"SD weights: {first.weights_source}. CLIP: {first.clip_model if isinstance(first.clip_model, str) else 'off'}."]
     if clip_note:
         notes.append(f"CLIP metrics off: {clip_note}")
+    if (df.checkpoint == REAL).any():
+        real = df[df.checkpoint == REAL].iloc[0]
+        chance = ", ".join(f"{c.split('_')[0]} {_num(real.get(CHANCE[c]), '{:.2f}')}"
+                           for c in CHANCE if _num(real.get(CHANCE[c])))
+        notes.append("The **real** row judges the split's own photos as the models' images are "
+                     "judged: each column's ceiling (FID and KID: none). Zero-shot chance levels: "
+                     f"{chance or 'not measured'}; colour counts the named neighbours as right, "
+                     "gender counts Men's, Women's and Unisex as right for a Unisex garment.")
+        low = [c for c in CHANCE if near_chance(df, c)]
+        if low:
+            notes.append(f"Near chance on the real photos (never used to select): "
+                         f"{', '.join(low)}.")
     if not comparable:
         notes.append("**NOT COMPARABLE**: FID/KID from Inception weights other than the published "
                      "FID network (eval.backend: tfhub); they compare checkpoints of this table, "
@@ -252,7 +289,9 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
     notes.append("Colour: the garment's dominant colour within the prompt's colour or a named "
                  "neighbour; cut off: the garment (not the person wearing it) runs off the frame "
                  "(evaluation/garment.py). Both are rates over the images where a garment was found "
-                 "(share judged in brackets); the others are undetermined, not wrong.")
+                 "(share judged in brackets); the others are undetermined, not wrong. The "
+                 "cut-off rate's bounds count them as whole and as cut off: a model that crops "
+                 "more is judged less often, so compare the bounds too.")
     # drawn by evaluate() once every model is scored (write_grid)
     grid = f"\n![real vs generated, one row per prompt]({GRID})\n"
     folder.write_summary("# Scores per checkpoint\n\n" + "\n".join(lines)
@@ -347,6 +386,20 @@ class Scorer:
                 "clip_model": self.judge.clip.label if self.judge.clip is not None else None,
                 "weights_source": weights_id, "settings": plan.settings_id}
 
+    def score_real(self) -> dict:
+        """The real split's photos, one per generated image as the plan pairs them with its
+        prompts, judged as the models' images are: the row that shows each column's ceiling."""
+        plan, n_real = self.plan, len(self.plan.real_paths)
+        images = [load_image(plan.real_paths[i % n_real], self.cfg.data.resolution)
+                  for i in range(len(plan.prompts))]
+        judged = judge_images(self.judge, images, plan, self.dir, REAL)
+        return {"checkpoint": REAL, "epoch": math.nan, "step": math.nan, **judged,
+                **self.judge.chances(plan.colours, plan.genders), "n_real": n_real,
+                "n_generated": len(images), "backend": self.extractor.name,
+                "protocol": self.extractor.protocol, "comparable": self.extractor.comparable,
+                "clip_model": self.judge.clip.label if self.judge.clip is not None else None,
+                "weights_source": "the real photos", "settings": plan.settings_id}
+
     def previous(self) -> pd.DataFrame:
         table = self.dir.read_scores()
         table = pd.DataFrame(columns=COLUMNS) if table is None else table
@@ -395,6 +448,8 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, force: b
         meta = inference.use(None if model == BASE else model)
         row = scorer.score(inference.sampler, _key_name(model), meta, source.id)
         table = scorer.record(row, source.label)  # after each model: a crash loses one
+    if (REAL, settings) not in done:
+        table = scorer.record(scorer.score_real(), source.label)
     write_grid(scorer.plan, table, scorer.out, source.label)
     return table
 
@@ -413,8 +468,10 @@ def judge_images(judge, images, plan: Plan, folder: EvalDir | None = None,
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
-    base = table.checkpoint == BASE
-    return pd.concat([table[base], table[~base].sort_values(["epoch", "checkpoint"])],
+    """The real photos first, then the base model, then the checkpoints by epoch."""
+    real, base = table.checkpoint == REAL, table.checkpoint == BASE
+    return pd.concat([table[real], table[base],
+                      table[~base & ~real].sort_values(["epoch", "checkpoint"])],
                      ignore_index=True)
 
 
@@ -424,7 +481,7 @@ def write_grid(plan: Plan, table: pd.DataFrame, out: Path, label: str, rows: int
     names = []
     if (table.checkpoint == BASE).any():
         names.append(BASE)
-    scored = table[table.checkpoint != BASE]
+    scored = table[~table.checkpoint.isin([BASE, REAL])]
     if len(scored):
         chosen = scored[scored.selected.astype(bool)] if "selected" in scored else scored.iloc[:0]
         names += list(dict.fromkeys([*chosen.checkpoint, scored.checkpoint.iloc[-1]]))

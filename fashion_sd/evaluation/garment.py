@@ -225,7 +225,10 @@ def summarise(table) -> dict:
     ``colour_accuracy`` over ``colour_scored`` rows (a scorable label and a judged colour);
     ``colour_judged_share``: of the rows with a scorable label, the share whose colour was judged.
     ``cut_off_rate`` over ``cut_off_scored`` rows; ``cut_off_judged_share``: that count over
-    ``images``. NaN where nothing could be judged."""
+    ``images``; ``cut_off_low`` / ``cut_off_high``: the rate over every image with the
+    undetermined ones counted as whole / as cut off. The judged share is not neutral (a model
+    that crops more is judged less often, not cut off more often), so the bounds say what the
+    rate can be. NaN where nothing could be judged."""
     nan = float("nan")
     scorable = table.colour.isin(list(PALETTE))
     scored = table.colour_correct[scorable].dropna().astype(bool)
@@ -236,4 +239,7 @@ def summarise(table) -> dict:
             "cut_off_rate": float(cut.mean()) if len(cut) else nan,
             "cut_off_scored": int(len(cut)),
             "cut_off_judged_share": float(len(cut) / len(table)) if len(table) else nan,
+            "cut_off_low": float(cut.sum() / len(table)) if len(table) else nan,
+            "cut_off_high": float((cut.sum() + len(table) - len(cut)) / len(table))
+            if len(table) else nan,
             "images": int(len(table))}

@@ -16,7 +16,28 @@ from fashion_sd.evaluation import adherence, garment
 
 # Summary columns of a judged set, in table order (the checkpoint tables carry them too).
 SUMMARY = ["clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1", "on_model_rate",
-           "colour_accuracy", "colour_judged_share", "cut_off_rate", "cut_off_judged_share"]
+           "colour_accuracy", "colour_judged_share", "cut_off_rate", "cut_off_judged_share",
+           "cut_off_low", "cut_off_high"]
+
+
+# Zero-shot gender: what counts as right for each prompt's gender. A "Unisex" garment is made for
+# men and women alike, so a photo judged Men's, Women's or Unisex is right; the others need
+# their own gender.
+GENDER_ACCEPTS = {"Unisex": ("Men", "Women", "Unisex")}
+
+
+def accepted_colours(label: str, colours: list[str]) -> list[str]:
+    """The zero-shot colour names right for ``label``: the label and its named neighbours, as the
+    garment colour metric counts them (Grey Melange / Grey, Burgundy / Maroon, Skin / Nude are
+    within Delta E 10), among the classes the judge chooses from."""
+    near = garment.colour_neighbours(label) if label in garment.PALETTE else [label]
+    return [c for c in colours if c in near]
+
+
+def chance(accepted: list[list[str]], classes: list[str]) -> float:
+    """What a judge that picks a class at random scores on these labels: the mean share of
+    the classes that would count as right."""
+    return float(np.mean([len(a) / len(classes) for a in accepted])) if accepted and classes else math.nan
 
 
 def _known(values, vocabulary) -> list:
@@ -73,15 +94,34 @@ class Judge:
             table["on_model"] = _scored(worn, types)
         if self.colours:
             labels = _known(colours, self.colours)
-            table["colour_clip"], table["colour_top1"], _, _ = self._zero_shot(
-                img, self.colours, adherence.colour_texts(self.colours), labels)
+            table["colour_clip"], table["colour_top1"] = self._picked(
+                img, self.colours, adherence.colour_texts(self.colours),
+                [None if c is None else accepted_colours(c, self.colours) for c in labels])
         if genders is not None:
             genders = _known(genders, adherence.GENDERS)
             table["gender"] = genders
-            table["gender_judged"], table["gender_top1"], _, _ = self._zero_shot(
+            table["gender_judged"], table["gender_top1"] = self._picked(
                 img, list(adherence.GENDERS), adherence.gender_texts(list(adherence.GENDERS)),
-                genders)
+                [None if g is None else list(GENDER_ACCEPTS.get(g, (g,))) for g in genders])
         return table
+
+    def _picked(self, img, classes: list[str], texts: list[str], accepted: list):
+        """(the most similar class per image, whether it is one of the image's ``accepted``
+        classes; NA where the prompt's value is unknown)."""
+        sims = adherence.similarity(img, self.texts(texts))
+        judged = [classes[i] for i in np.argmax(sims, axis=1)]
+        right = [j in a if a is not None else False for j, a in zip(judged, accepted)]
+        return judged, _scored(right, accepted)
+
+    def chances(self, colours, genders) -> dict:
+        """Each zero-shot column's chance level on these prompts' labels (NaN when unmeasured)."""
+        known_c = [c for c in _known(colours, self.colours) if c is not None]
+        known_g = [g for g in _known(genders or [], adherence.GENDERS) if g is not None]
+        return {"type_chance": 1 / len(self.vocabulary) if self.vocabulary else math.nan,
+                "colour_chance": chance([accepted_colours(c, self.colours) for c in known_c],
+                                        self.colours),
+                "gender_chance": chance([list(GENDER_ACCEPTS.get(g, (g,))) for g in known_g],
+                                        list(adherence.GENDERS))}
 
 
 def _mean(table: pd.DataFrame, column: str) -> float:

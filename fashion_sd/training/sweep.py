@@ -224,7 +224,7 @@ def row_for(sweep: Sweep, run: dict[str, Any], outcome: dict | None = None) -> d
         row["weights"] = record.get("weights", {}).get("id")
     fid = out.read_scores()
     if fid is not None:
-        fid = fid[fid.checkpoint != "base"]
+        fid = fid[~fid.checkpoint.isin(["base", "real"])]
         if len(fid):
             best, best_kid = fid.loc[fid.fid.idxmin()], fid.loc[fid.kid_mean.idxmin()]
             row.update(best_fid=best.fid, best_fid_epoch=best.epoch, best_kid=best_kid.kid_mean,
@@ -242,7 +242,7 @@ def row_for(sweep: Sweep, run: dict[str, Any], outcome: dict | None = None) -> d
 
 SELECTED_METRICS = ["clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1",
                     "on_model_rate", "colour_accuracy", "colour_judged_share", "cut_off_rate",
-                    "cut_off_judged_share"]
+                    "cut_off_judged_share", "cut_off_low", "cut_off_high"]
 RESULT_COLUMNS = ["run", "rank", "learning_rate", "batch_size", "status", "final_loss",
                   "final_val_loss", "best_fid", "best_fid_epoch", "best_kid", "best_kid_epoch",
                   "selected", *SELECTED_METRICS, "paper_fid", "trainable_parameters",

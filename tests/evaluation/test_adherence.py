@@ -86,3 +86,51 @@ def test_without_clip_only_the_weight_free_columns():
     assert "clip_score" not in table and bool(table.colour_correct.iloc[0])
     s = judge.summarise(table)
     assert np.isnan(s["clip_score"]) and s["colour_accuracy"] == 1.0 and s["cut_off_rate"] == 0.0
+
+
+class PickClip:
+    """Texts embed one-hot over the texts it was told of; an image embeds as the text whose
+    index its first pixel's red value holds: what the judge picks is set by the test."""
+
+    label, random = "pick", False
+
+    def __init__(self, texts):
+        self.known = list(texts)
+
+    def embed_texts(self, texts):
+        return np.array([[float(t == k) for k in self.known] + [1e-3] for t in texts])
+
+    def embed_images(self, images):
+        return np.array([[float(i == int(np.asarray(im)[0, 0, 0])) for i in range(len(self.known))]
+                         + [1e-3] for im in images])
+
+
+def test_zero_shot_colour_counts_named_neighbours_and_unisex_counts_either_gender():
+    colours = ["Burgundy", "Maroon", "Navy Blue", "Red"]
+    genders = list(adherence.GENDERS)
+    texts = adherence.colour_texts(colours) + adherence.gender_texts(genders)
+    clip = PickClip(texts)
+
+    def seeing(text):
+        im = np.zeros((8, 8, 3), np.uint8)
+        im[0, 0, 0] = texts.index(text)
+        return im
+
+    j = judge.Judge(clip, (), colours)
+    # colour: Burgundy seen as Maroon (a named neighbour: right); Red seen as Navy Blue (wrong)
+    images = [seeing(adherence.colour_texts(["Maroon"])[0]),
+              seeing(adherence.colour_texts(["Navy Blue"])[0])]
+    table = j(images, ["a", "b"], [None, None], ["Burgundy", "Red"])
+    assert table.colour_clip.tolist() == ["Maroon", "Navy Blue"]
+    assert table.colour_top1.tolist() == [True, False]
+    # gender: a Unisex garment seen on a woman is right; a Men's one seen so is not
+    women = seeing(adherence.gender_texts(["Women"])[0])
+    table = judge.Judge(clip, (), ())([women, women], ["a", "b"], [None, None], [None, None],
+                                      ["Unisex", "Men"])
+    assert table.gender_judged.tolist() == ["Women", "Women"]
+    assert table.gender_top1.tolist() == [True, False]
+    # chance: the share of classes a random pick gets right, per label
+    chances = j.chances(["Burgundy", "Red"], ["Unisex", "Men"])
+    assert chances["colour_chance"] == pytest.approx((2 / 4 + 1 / 4) / 2)  # Maroon is Burgundy's
+    assert chances["gender_chance"] == pytest.approx((3 / 5 + 1 / 5) / 2)
+    assert np.isnan(chances["type_chance"])  # no garment vocabulary: no type column

@@ -58,24 +58,32 @@ def fake_judge(cfg):
 def test_scores_base_and_checkpoints(trained, build, monkeypatch):
     out = ev.evaluate(trained, f"{trained.output.dir}/checkpoints", include_base=True,
                       parts=ev.Parts(SmallExtractor(), build, fake_judge(trained)))
-    assert out.checkpoint.tolist() == ["base", "epoch_001", "epoch_002"]
-    assert out.epoch.tolist()[1:] == [1.0, 2.0]
+    # the real photos' row first: each judged column's ceiling, no distance of its own
+    assert out.checkpoint.tolist() == ["real", "base", "epoch_001", "epoch_002"]
+    assert out.epoch.tolist()[2:] == [1.0, 2.0]
     assert (out.n_generated == 4).all() and (out.n_real == 4).all()
-    assert np.isfinite(out.fid).all() and np.isfinite(out.kid_mean).all()
+    models = out[out.checkpoint != "real"]
+    assert np.isfinite(models.fid).all() and np.isfinite(models.kid_mean).all()
+    real = out.iloc[0]
+    assert pd.isna(real.fid) and pd.isna(real.kid_mean) and not real.selected
+    # the catalogue's photos on their plain backgrounds: every cut-off judged, none cut off
+    assert real.cut_off_judged_share == 1.0 and real.cut_off_rate == 0.0
+    assert 0 < real.colour_chance < 1 and 0 < real.gender_chance < 1 and 0 < real.type_chance < 1
     # four images each: KID subsets of two, said in the table and the summary
-    assert (out.kid_subset_size == 2).all()
+    assert (models.kid_subset_size == 2).all()
     for column in ("clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1",
                    "on_model_rate", "cut_off_judged_share"):
         assert out[column].notna().all(), column
     # noise from a tiny random U-Net shows no garment on a plain background: undetermined for
     # cut-off (NaN, with the share it could judge: 0), never called wrong
-    judged = out.cut_off_judged_share > 0
-    assert (out.cut_off_rate.notna() == judged).all()
-    assert out.selected.sum() == 1 and not out.selected.iloc[0]  # never the base model
-    assert out.kid_mean[out.selected].iloc[0] == out.kid_mean.iloc[1:].min()  # eval.select: kid
+    judged = models.cut_off_judged_share > 0
+    assert (models.cut_off_rate.notna() == judged).all()
+    assert out.selected.sum() == 1 and not out.selected.iloc[:2].any()  # never real or base
+    assert out.kid_mean[out.selected].iloc[0] == out.kid_mean.iloc[2:].min()  # eval.select: kid
     folder = Path(trained.output.dir) / "eval"
     csv = pd.read_csv(folder / "fid.csv")
-    assert list(csv.columns) == ev.COLUMNS and len(csv) == 3
+    assert list(csv.columns) == ev.COLUMNS and len(csv) == 4
+    assert (folder / "images" / "real" / "scores.csv").is_file()
     md = (folder / "fid.md").read_text()
     assert md.count("**best**") == 1 and "NOT COMPARABLE" in md and "KID" in md
     assert "CLIP score" in md and "subsets of 2" in md and "real_vs_generated.png" in md
@@ -112,9 +120,10 @@ def test_two_evaluations_into_one_folder_at_once_keep_both_rows(trained, build, 
 
     monkeypatch.setattr(ev, "generate_for", while_another_runs)
     out = ev.evaluate(trained, None, include_base=True, parts=parts())
-    assert out.checkpoint.tolist() == ["base", "epoch_002"]
+    assert out.checkpoint.tolist() == ["real", "base", "epoch_002"]
     table = pd.read_csv(Path(trained.output.dir) / "eval" / "fid.csv")
-    assert table.checkpoint.tolist() == ["base", "epoch_002"] and table.fid.notna().all()
+    assert table.checkpoint.tolist() == ["real", "base", "epoch_002"]
+    assert table.fid.iloc[1:].notna().all()
 
 
 def test_input_errors(trained, tmp_path):
@@ -146,8 +155,9 @@ def test_a_model_that_reproduces_the_real_set_scores_zero(trained, build, monkey
                       scope=ev.Scope(out=Path(trained.output.dir) / "eval_same"))
     features = extractor(reproduce(None, ev.make_plan(trained, "test", None), 4, None))
     scale = float(np.trace(np.cov(features, rowvar=False)))
-    assert abs(float(out.fid.iloc[0])) < 1e-6 * scale
-    assert out.protocol.iloc[0] == "clean" and not out.comparable.iloc[0]
+    base = out.set_index("checkpoint").loc["base"]
+    assert abs(float(base.fid)) < 1e-6 * scale
+    assert base.protocol == "clean" and not base.comparable
 
 
 def test_select_best_by_each_column():
@@ -161,6 +171,12 @@ def test_select_best_by_each_column():
     assert ev.select_best(table, "type_accuracy") == (2, "type_top1")  # not the base's 0.9
     table["clip_score"] = np.nan  # CLIP was off: falls back to KID
     assert ev.select_best(table, "clip") == (1, "kid_mean")
+    # never by a zero-shot column that the real photos score near chance (1/4 of the way up)
+    real = {"checkpoint": "real", "type_top1": 0.30, "type_chance": 0.1}
+    with_real = pd.concat([pd.DataFrame([real]), table], ignore_index=True)
+    assert ev.select_best(with_real, "type_accuracy") == (2, "kid_mean")  # 0.30 < 0.1 + 0.225
+    with_real.loc[0, "type_top1"] = 0.9
+    assert ev.select_best(with_real, "type_accuracy") == (3, "type_top1")
 
 
 def test_evaluation_while_training(tmp_path, demo_captions, encoder_cache, build, monkeypatch):

@@ -97,6 +97,11 @@ def test_no_garment_found_is_undetermined_not_wrong():
     assert (s["colour_accuracy"], s["colour_scored"], s["colour_judged_share"]) == (1.0, 1, 0.5)
     assert (s["cut_off_rate"], s["cut_off_scored"], s["images"]) == (0.0, 1, 3)
     assert s["cut_off_judged_share"] == pytest.approx(1 / 3)
+    # the rate's bounds over all three: the two undetermined counted as whole, then as cut
+    assert (s["cut_off_low"], s["cut_off_high"]) == (0.0, pytest.approx(2 / 3))
+    half = g.summarise(table.assign(cut_off=[True, False, None]))
+    assert half["cut_off_rate"] == 0.5
+    assert (half["cut_off_low"], half["cut_off_high"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
 
 
 def _catalogue():
