@@ -4,6 +4,7 @@ sees them, and decoding one the way training, generation and FID all see it (:fu
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -130,6 +131,23 @@ def check_image(path: Path | None) -> str | None:
     return None
 
 
+def inspect_image(path: Path | None) -> tuple[str | None, str | None]:
+    """(why the image at ``path`` cannot be used or None, a digest of its bytes or None): the
+    digest finds the same photo under two ids, which a split would otherwise put in train and
+    test alike."""
+    reason = check_image(path)
+    if reason is not None:
+        return reason, None
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as fh:  # just decoded: read again from the page cache
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        return _os_reason(exc), None
+    return None, digest.hexdigest()
+
+
 def resolved(path: Path) -> Path:
     """``path.resolve()``, or ``path`` itself when it cannot be resolved (a symbolic-link loop,
     which :func:`check_image` then names)."""
@@ -143,11 +161,13 @@ def check_images(
     paths: Iterable[Path | None],
     workers: int = 8,
     progress: Callable[[Iterator], Iterator] | None = None,
-) -> list[str | None]:
-    """:func:`check_image` for each path, in order, on ``workers`` threads (Pillow frees the GIL)."""
+    check: Callable = check_image,
+) -> list:
+    """``check`` (:func:`check_image`, or :func:`inspect_image`) for each path, in order, on
+    ``workers`` threads (Pillow and hashlib free the GIL)."""
     paths = list(paths)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(check_image, paths)
+        results = pool.map(check, paths)
         if progress is not None:
             results = progress(results)
         return list(results)

@@ -55,9 +55,21 @@ def number(name: str, value, *, low=None, high=None, low_open: bool = False,
 # ---- files in
 
 
+def _path(name: str, path) -> Path:
+    """``path`` as a Path whose every part fits the file system's name limit (255 bytes on
+    Linux): a longer one made every later check an OSError (ENAMETOOLONG) with no flag named."""
+    p = Path(path)
+    longest = max(p.parts, key=lambda part: len(os.fsencode(part)), default="")
+    if len(os.fsencode(longest)) > 255:
+        raise InputError(f"{name} {str(p)[:80]}...: its part {longest[:40]}... is "
+                         f"{len(os.fsencode(longest))} bytes long, more than the 255 a file "
+                         "name can have; give a shorter name")
+    return p
+
+
 def input_file(name: str, path, what: str = "file") -> Path:
     """An existing, readable regular file."""
-    p = Path(path)
+    p = _path(name, path)
     if not p.exists():
         raise InputError(f"{name} {p}: {what} not found")
     if p.is_dir():
@@ -67,8 +79,23 @@ def input_file(name: str, path, what: str = "file") -> Path:
     return p
 
 
+def tensor_file(name: str, path, what: str = "tensor file") -> Path:
+    """An existing safetensors file or PyTorch checkpoint, told from its first bytes, before
+    torch (seconds to load) is asked to open a text file."""
+    p = input_file(name, path, what)
+    with p.open("rb") as fh:
+        head = fh.read(9)
+    safetensors = len(head) == 9 and head[8:9] == b"{"  # a u64 header length, then its JSON
+    torch_zip = head[:4] == b"PK\x03\x04"  # torch.save's zip format
+    pickle = head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5  # an older torch.save
+    if not (safetensors or torch_zip or pickle):
+        raise InputError(f"{name} {p}: not a tensor file: neither safetensors nor a PyTorch "
+                         f"checkpoint (it begins {head[:8]!r}); give the {what} itself")
+    return p
+
+
 def input_folder(name: str, path, what: str = "folder") -> Path:
-    p = Path(path)
+    p = _path(name, path)
     if not p.is_dir():
         raise InputError(f"{name} {p}: {what} not found" if not p.exists()
                          else f"{name} {p}: is a file; give a {what}")
@@ -115,7 +142,7 @@ def _creatable_in(name: str, p: Path, folder: Path) -> None:
 
 def output_file(name: str, path) -> Path:
     """A file path that can be (re)written atomically: not a folder, its folder writable."""
-    p = Path(path)
+    p = _path(name, path)
     if p.is_dir():
         raise InputError(f"{name} {p}: is a folder; give a file name inside it")
     _creatable_in(name, p, p.parent)
@@ -133,7 +160,7 @@ def output_folder(name: str, path) -> Path:
         except remote.RemoteError as exc:
             raise InputError(str(exc)) from None
         return mirror.local
-    p = Path(path)
+    p = _path(name, path)
     if p.exists() and not p.is_dir():
         raise InputError(f"{name} {p}: is a file; give a folder (it is created if missing)")
     _creatable_in(name, p, p)

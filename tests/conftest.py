@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def write_styles(path: Path, lines: list[str], header: str = HEADER) -> Path:
 
 
 def write_image(path: Path, mode: str = "RGB", fmt: str = "JPEG", size=(60, 80)) -> Path:
-    rng = np.random.default_rng(len(path.name))
+    rng = np.random.default_rng(zlib.crc32(path.name.encode()))  # another image per name
     pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).convert(mode).save(path, format=fmt)
     return path

@@ -323,6 +323,8 @@ ROWS = [
     ("generate: config with a key given twice", "generate --config {w}/dupkey.yaml --prompt shirt --out {w}/gen", "dupkey.yaml: key 'model' is given twice"),
     ("generate: --seed 2**32", "{gen} --seed 4294967296", "--seed 4294967296"),
     ("generate: --out is a file", "generate {cfg} --prompt shirt --out {w}/afile", "afile: is a file"),
+    ("generate: an --out name longer than a file name can be", "generate {cfg} --prompt shirt --out {w}/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx", "more than the 255 a file name can have"),
+    ("captions: a --styles name longer than a file name can be", "captions {cfg} --styles {w}/ssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssss.csv --out {w}/o/c.csv", "more than the 255 a file name can have"),
     ("generate: prompts file is an image", "{gen} --prompts-file {w}/photo.png", "--prompts-file"),
     ("generate: --from-png not a PNG", "generate {cfg} --from-png {w}/notes.pt --out {w}/gen", "--from-png"),
     ("generate: --from-png without settings", "generate {cfg} --from-png {w}/photo.png --out {w}/gen", "no fashion-sd settings"),
@@ -389,6 +391,7 @@ ROWS = [
     ("convert: merge strength nan", "convert merge --weights random --lora {w}/good.lora.safetensors --strength nan --out {w}/m", "--strength nan"),
     ("convert: merge --out is a file", "convert merge --weights random --lora {w}/good.lora.safetensors --out {w}/afile", "afile: is a file"),
     ("convert: import-model source missing", "convert import-model --from {w}/nope --out {w}/m", "nope: not found"),
+    ("convert: import-model of a text file, before torch loads", "convert import-model --from {w}/notes.pt --out {w}/m", "notes.pt: not a tensor file: neither safetensors nor a PyTorch checkpoint"),
     ("convert: export-lora --out is its --lora", "convert export-lora --lora {w}/good.lora.safetensors --format kohya --out {w}/good.lora.safetensors", "good.lora.safetensors: the same file as --lora"),
     ("convert: import-lora --out is its --from", "convert import-lora --from {w}/kohya.safetensors --out {w}/./kohya.safetensors", "kohya.safetensors: the same file as --from"),
     # app
@@ -565,6 +568,9 @@ def test_the_api_answers_non_numbers_with_a_message_not_a_traceback(tmp_path, ca
                 client.predict(**args, api_name="/generate")
         with pytest.raises(Exception, match="prompt must be text"):
             client.predict(prompt=5, seed=1, num_images=1, steps=2, api_name="/generate")
+        for missing in ({"prompt": None}, {"prompt": "  "}):  # a script that sent none
+            with pytest.raises(Exception, match="prompt is required"):
+                client.predict(**missing, seed=1, num_images=1, steps=2, api_name="/generate")
     finally:
         app.close()
     assert "Traceback" not in caplog.text and "HeavyWork" not in caplog.text

@@ -183,6 +183,7 @@ def _sample_usable(df: pd.DataFrame, cfg: CaptionsConfig, rng, images_dir, progr
         paths = [images.resolved(p) if p is not None else None for p in paths]
     keep: list[int] = []
     rejected: dict[int, str] = {}
+    first_with: dict[str, int] = {}  # an image's digest -> the first kept row showing it
     pos = 0
     while len(keep) < target and pos < len(order):
         chunk = order[pos: pos + (target - len(keep))]
@@ -193,9 +194,20 @@ def _sample_usable(df: pd.DataFrame, cfg: CaptionsConfig, rng, images_dir, progr
         wrapped = None
         if progress is not None:
             wrapped = lambda it, n=len(chunk): progress(it, total=n)  # noqa: E731
-        results = images.check_images([paths[i] for i in chunk], cfg.image_workers, wrapped)
-        for i, reason in zip(chunk.tolist(), results):
-            (keep.append(i) if reason is None else rejected.__setitem__(i, reason))
+        results = images.check_images([paths[i] for i in chunk], cfg.image_workers, wrapped,
+                                      images.inspect_image)
+        for i, (reason, digest) in zip(chunk.tolist(), results):
+            if reason is None and digest in first_with:
+                # the same photo under a second id: kept, the split could put one copy in
+                # train and the other in test, and the model be scored on what it trained on
+                first = first_with[digest]
+                reason = (f"duplicate image: the same file as id {df['id'].iloc[first]} "
+                          f"({paths[first].name})")
+            if reason is None:
+                keep.append(i)
+                first_with[digest] = i
+            else:
+                rejected[i] = reason
     return keep, rejected, paths
 
 
@@ -231,7 +243,7 @@ def _counts(dropped: pd.DataFrame) -> dict[str, dict[str, int]]:
 def _reason_key(reason: str) -> str:
     # "truncated: image file is truncated (62 bytes not processed)" -> counted as "truncated"
     head = reason.split(":", 1)[0]
-    return head if head in ("truncated", "unreadable") else reason
+    return head if head in ("truncated", "unreadable", "duplicate image", "too narrow") else reason
 
 
 def _reason_text(dropped: pd.DataFrame) -> str:

@@ -58,10 +58,14 @@ def check_paths(args) -> None:
         if not Path(args.source).exists():
             raise preflight.InputError(f"--from {args.source}: not found; give a diffusers "
                                        "folder or a .safetensors/.ckpt file")
+        if not Path(args.source).is_dir():
+            preflight.tensor_file("--from", args.source, "SD 1.x checkpoint")
     elif args.command == "import-lora":
         src = preflight.input_file("--from", args.source, "LoRA file")
         if src.suffix == ".safetensors":
             preflight.readable_safetensors("--from", src, "kohya or diffusers LoRA")
+        else:
+            preflight.tensor_file("--from", src, "LoRA file")
     else:  # our own checkpoint from its header; merged into SD 1.x, it must fit it
         lora_file.check(args.lora, "--lora", fits_model=args.command == "merge")
     if args.command == "merge":

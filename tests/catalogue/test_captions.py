@@ -420,3 +420,20 @@ def test_photos_are_read_as_the_fields_loaders_read_them(tmp_path):
     seen = np.asarray(ImageOps.exif_transpose(Image.open(imgs / "3.jpg")).convert("RGB"))
     np.testing.assert_array_equal(shown[:, 10:70], seen)
     assert shown[5, 40, 0] > 150 and shown[75, 40, 0] < 50  # red on top, as photographed
+
+
+def test_the_same_photo_under_two_ids_is_kept_once(tmp_path):
+    """Byte-identical photos under two ids could land in train and test alike, and the model
+    be scored on a photo it trained on: the second is a rejected row naming the first."""
+    row = ",Men,Apparel,Topwear,Tshirts,White,Fall,2011,Sports,a"
+    p = write_styles(tmp_path / "s.csv", [f"{i}{row}" for i in range(1, 5)])
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    for i in (1, 2, 4):
+        write_image(imgs / f"{i}.jpg")
+    (imgs / "3.jpg").write_bytes((imgs / "1.jpg").read_bytes())
+    r = build(p, images_dir=imgs)
+    assert r.table.id.tolist() == [1, 2, 4]
+    assert dict(zip(r.dropped.id, r.dropped.reason)) == {
+        "3": "duplicate image: the same file as id 1 (1.jpg)"}
+    assert r.summary["dropped_by_stage_reason"]["image"] == {"duplicate image": 1}
