@@ -249,6 +249,14 @@ def lora_deltas(path: str | Path, model: keras.Model, text_encoder: keras.Model 
     return out, meta
 
 
+def folded(base: np.ndarray, delta: np.ndarray, strength: float = 1.0) -> np.ndarray:
+    """``W + strength * delta``, summed in float64 and stored at ``W``'s own dtype: the one way a
+    LoRA is folded into a kernel, whether for good (:func:`merge_lora`, ``convert merge``) or
+    undoably (:class:`LoraSwap`: generation, evaluation, the app), so the two give the same
+    kernels. (Training runs the LoRA as a separate branch instead: :mod:`fashion_sd.sd.attention`.)"""
+    return (base.astype(np.float64) + strength * delta).astype(base.dtype)
+
+
 def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0,
                text_encoder: keras.Model | None = None) -> dict[str, str]:
     """Fold a LoRA checkpoint into the base kernels of ``model`` (LoRA not enabled) for inference:
@@ -257,7 +265,7 @@ def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0,
     """
     deltas, meta = lora_deltas(path, model, text_encoder=text_encoder)
     for kernel, delta in deltas:
-        kernel.assign((kernel.numpy().astype(np.float64) + strength * delta).astype(np.float32))
+        kernel.assign(folded(kernel.numpy(), delta, strength))
     return meta
 
 
@@ -286,7 +294,7 @@ class LoraSwap:
         for var, delta in deltas:
             base = var.numpy()
             self._base[id(var)] = (var, base)
-            var.assign((base.astype(np.float64) + strength * delta).astype(base.dtype))
+            var.assign(folded(base, delta, strength))
 
     def reset(self) -> None:
         for var, base in self._base.values():

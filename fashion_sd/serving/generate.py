@@ -144,12 +144,10 @@ def resolve_inference_weights(weights: str, cache_dir=None, seed: int = 0):
     return models.resolve_weights(weights, INFERENCE, cache_dir, seed)
 
 
-def build_sampler(source, resolution, seed: int = 0, build=None) -> Sampler:
-    """The one inference recipe (generate.py, evaluation, the app): seed, build the text encoder,
-    U-Net and decoder from ``source`` at ``resolution``, make the sampler.
-
-    ``build(source, resolution)`` replaces the component builder (tests pass small models).
-    """
+def _build_sampler(source, resolution, seed: int = 0, build=None) -> Sampler:
+    """:class:`Inference`'s first step: seed, build the text encoder, U-Net and decoder from
+    ``source`` at ``resolution``, make the sampler. ``build(source, resolution)`` replaces the
+    component builder (tests pass small models)."""
 
     if not valid_size(resolution):
         raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
@@ -159,10 +157,18 @@ def build_sampler(source, resolution, seed: int = 0, build=None) -> Sampler:
 
 
 class Inference:
-    """The one inference recipe (generate.py, evaluation, the app): the weights resolved and the
-    text encoder, U-Net and decoder built once from ``model`` (the config's ``model`` section),
-    then any number of LoRAs applied one way, swapped in at a strength and undone exactly
+    """The one inference recipe (generate.py, evaluation, the app; :func:`load_sampler` is it for
+    one job): the weights resolved and the text encoder, U-Net and decoder built once from
+    ``model`` (the config's ``model`` section) at the base weights' dtype (float32 variables),
+    then any number of LoRAs folded into the kernels one way (:func:`fashion_sd.sd.lora.folded`,
+    as ``convert merge`` folds them), swapped in at a strength and undone exactly
     (:class:`fashion_sd.sd.lora.LoraSwap`), so changing checkpoint or strength never rebuilds.
+    Images are sampled in float32 (:mod:`fashion_sd.sd.ddim`) and rounded to uint8.
+
+    The one other sampler is training's: its preview grids and ``train.eval_every`` sample the
+    model being trained, with its LoRA as the separate branch it trains (in the run's precision):
+    folding it would change the frozen kernels the run trains against, and a second U-Net for
+    the previews would double the memory.
 
     ``build(source, resolution)`` replaces the component builder (tests pass small models).
     """
@@ -171,7 +177,7 @@ class Inference:
         if not valid_size(resolution):  # before the weights are resolved (maybe downloaded)
             raise ValueError(f"resolution {resolution} is not a multiple of 64 (the U-Net needs it)")
         self.source = resolve_inference_weights(model.weights, model.cache_dir, seed)
-        self.sampler = build_sampler(self.source, resolution, seed, build)
+        self.sampler = _build_sampler(self.source, resolution, seed, build)
         self.comps = self.sampler.comps
         self.active: tuple[str | None, float] = (None, 0.0)
         self._swap = lora.LoraSwap()

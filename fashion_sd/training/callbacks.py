@@ -6,6 +6,7 @@ checkpoints (by epoch and by step), history, plots and sample grids. They share 
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,26 @@ from fashion_sd.training.trainer import (
 SCHEDULE = "optimizer_steps"
 
 
+class StopReason(str, enum.Enum):
+    """Why a session of a run stopped before its last step; a string, so run.json and the
+    summaries hold its value."""
+
+    MAX_STEPS = "max_steps"  # train.max_steps before the epochs' end: resumable
+    SIGNAL = "signal"  # SIGTERM / Ctrl-C: the step's train state is saved at once, resumable
+    NONFINITE = "nonfinite"  # train.max_nonfinite non-finite losses in a row: a failure
+    LOSS_SCALE = "loss_scale"  # float16's loss scale below train.min_loss_scale: a failure
+
+    @property
+    def failed(self) -> bool:
+        """Nothing more is written after it (the last checkpoint stays the one to use)."""
+        return self in (StopReason.NONFINITE, StopReason.LOSS_SCALE)
+
+    def __str__(self) -> str:  # its value, as enum.StrEnum (Python 3.11+) would print it
+        return self.value
+
+    __format__ = str.__format__
+
+
 @dataclass
 class RunState:
     out: Path
@@ -43,7 +64,7 @@ class RunState:
     best_val: float = math.inf
     elapsed: float = 0.0  # seconds of training in earlier sessions
     history: list[dict] = field(default_factory=list)
-    stop_reason: str | None = None  # "max_steps" | "nonfinite" | "loss_scale" | "signal" | None
+    stop_reason: StopReason | None = None
     monitor: str = "val_loss"  # what best.lora.safetensors is chosen by; "loss" without a val split
     session_start: float = field(default_factory=time.time)
     draws: str = DRAWS  # how its batches are drawn (fashion_sd.training.draws), kept on resume
@@ -51,6 +72,10 @@ class RunState:
     @property
     def run(self) -> RunDir:
         return RunDir(self.out)
+
+    @property
+    def failed(self) -> bool:
+        return self.stop_reason is not None and self.stop_reason.failed
 
     @property
     def epoch_progress(self) -> float:
@@ -79,9 +104,6 @@ class RunState:
                 "elapsed": self.seconds, "schedule": SCHEDULE, "draws": self.draws}
 
 
-FAILURES = ("nonfinite", "loss_scale")  # stop reasons after which nothing more is written
-
-
 class StopRequested(Exception):
     """Raised out of ``fit`` once the step a stop request (SIGTERM, Ctrl-C) ended is saved: fit
     must not go on to its validation pass and epoch-end writes, which may take minutes."""
@@ -103,17 +125,17 @@ class StepGuard(keras.callbacks.Callback):
         st.step += 1
         scale = loss_scale(self.model.optimizer)
         if self.stop is not None and self.stop.requested and st.at_optimizer_step:
-            st.stop_reason = "signal"
+            st.stop_reason = StopReason.SIGNAL
             self.model.stop_training = True
         elif int(self.model.nonfinite_streak.numpy()) >= self.max_nonfinite:
-            st.stop_reason = "nonfinite"
+            st.stop_reason = StopReason.NONFINITE
             self.model.stop_training = True
         elif scale is not None and scale < self.min_loss_scale:
-            st.stop_reason = "loss_scale"
+            st.stop_reason = StopReason.LOSS_SCALE
             self.model.stop_training = True
         elif st.step >= st.end_step:
             if st.end_step < st.total_steps:
-                st.stop_reason = "max_steps"
+                st.stop_reason = StopReason.MAX_STEPS
             self.model.stop_training = True
 
 
@@ -126,7 +148,7 @@ class StopWhenRequested(keras.callbacks.Callback):
         self.state = state
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.state.stop_reason == "signal":
+        if self.state.stop_reason is StopReason.SIGNAL:
             raise StopRequested
 
 
@@ -178,18 +200,18 @@ class Checkpointer(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         st = self.state
-        if st.stop_reason in FAILURES or (st.epoch_complete and st.stop_reason != "signal"):
+        if st.failed or (st.epoch_complete and st.stop_reason is not StopReason.SIGNAL):
             return  # an epoch end writes everything in on_epoch_end
         if self._every(self.checkpoint_every):
             self._save_lora(RunDir.step_name(st.optimizer_step))
             self._prune(st.run.step_checkpoints())
-        if st.stop_reason == "signal" or self._every(self.save_every):
+        if st.stop_reason is StopReason.SIGNAL or self._every(self.save_every):
             save_train_state(st.run.train_state, self.model, self.layers, st.info())
             self.writer.push()
 
     def on_epoch_end(self, epoch, logs=None):
         st, logs = self.state, logs or {}
-        if st.stop_reason in FAILURES:
+        if st.failed:
             return
         if st.epoch_complete:
             self._save_lora(RunDir.epoch_name(epoch + 1))
@@ -208,9 +230,12 @@ class Checkpointer(keras.callbacks.Callback):
             "overflow_steps": int(self.model.overflow_steps.numpy()),
             "loss_scale": loss_scale(self.model.optimizer),
             "seconds": round(st.seconds, 1)})
-        save_train_state(st.run.train_state, self.model, self.layers, st.info())
         self.writer.write_history(st.history)
         plots.loss_curves(pd.DataFrame(st.history), st.run.loss_plot, self.label)
+        # Last: --resume reads the history up to the train state's step, so a crash before this
+        # line resumes at the previous state and writes this epoch's row again; written first,
+        # a crash after it lost the row for good.
+        save_train_state(st.run.train_state, self.model, self.layers, st.info())
 
     def _prune(self, kept: list[Path]):
         """The oldest of ``kept`` (epoch or step checkpoints) beyond train.keep_last, with their
@@ -264,7 +289,7 @@ class SampleGrids(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         st, t = self.state, self.train
-        if st.stop_reason in FAILURES or not t.sample_every:
+        if st.failed or not t.sample_every:
             return
         last = st.step >= st.end_step or st.stop_reason is not None
         if st.epoch_complete and ((epoch + 1) % t.sample_every == 0 or last):
@@ -292,7 +317,7 @@ class EvalDuringTraining(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         st = self.state
-        if st.stop_reason in FAILURES or not st.epoch_complete or (epoch + 1) % self.train.eval_every:
+        if st.failed or not st.epoch_complete or (epoch + 1) % self.train.eval_every:
             return
         meta = {"epoch": epoch + 1, "step": st.optimizer_step}
         with ema_weights(self.model.optimizer, self.model.trainable_variables):

@@ -680,12 +680,12 @@ class TrainingRun:
             from fashion_sd.training import multiworker
 
             multiworker.barrier(self.machine.strategy)
-        if state.stop_reason == "nonfinite":
+        if state.stop_reason is cb.StopReason.NONFINITE:
             raise TrainingStopped(
                 f"stopped at step {state.optimizer_step}: {t.max_nonfinite} non-finite losses "
                 f"in a row. The last checkpoint ({self.run.last}) is intact. Lower "
                 "train.learning_rate, or use train.precision: float32.")
-        if state.stop_reason == "loss_scale":
+        if state.stop_reason is cb.StopReason.LOSS_SCALE:
             raise TrainingStopped(
                 f"stopped at step {state.optimizer_step}: the float16 loss scale fell below "
                 f"train.min_loss_scale={t.min_loss_scale:g} ({summary['overflow_steps']} "

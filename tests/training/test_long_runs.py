@@ -189,3 +189,28 @@ def test_the_train_command_exits_with_the_signals_code(monkeypatch, capsys):
     monkeypatch.setattr(run, "train", interrupted)
     assert command.main(["--config", str(ROOT / "configs/demo.yaml")]) == 130
     assert "continue with: fashion-sd train" in capsys.readouterr().err
+
+
+def test_a_crash_before_the_epochs_train_state_keeps_its_history_row(tmp_path, demo_captions,
+                                                                      encoder_cache, build,
+                                                                      monkeypatch):
+    """The train state is written last at an epoch's end: a crash just before it resumes from
+    the previous epoch and writes the row again. Written first, a crash after it left a
+    finished run whose history.csv had lost the epoch's row."""
+    import pandas as pd
+
+    cfg = config(tmp_path, demo_captions, encoder_cache)  # 2 epochs of 8 steps
+    real = callbacks.save_train_state
+
+    def power_cut_at_step_16(path, model, layers, info):
+        if info["optimizer_step"] == 16:
+            raise OSError("power cut")
+        return real(path, model, layers, info)
+
+    monkeypatch.setattr(callbacks, "save_train_state", power_cut_at_step_16)
+    with pytest.raises(OSError, match="power cut"):
+        train(cfg, build)
+    monkeypatch.undo()
+    summary = train(cfg, build, resume=True)
+    assert summary["status"] == "finished" and summary["step"] == 16
+    assert pd.read_csv(tmp_path / "run" / "history.csv").step.tolist() == [8, 16]
