@@ -289,7 +289,9 @@ class RunWriter:
 
 class EvalDir:
     """An evaluation's folder (a run's ``eval/`` or any ``--out``): the one reader and writer of
-    its scores table, summary and plot, each model's images and their per-image judgements."""
+    everything in it: its scores table (read and rewritten under its lock), summary, plot and
+    real-vs-generated grid, each model's images and their per-image judgements, and
+    ``evaluate --images``'s garment table and summary."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -341,6 +343,32 @@ class EvalDir:
     def write_judged(self, model: str, table) -> None:
         """A model's per-image judgements, beside its images."""
         _write_csv(self.images(model) / JUDGED_CSV, table)
+
+    def write_image(self, model: str, index: int, seed: int, image) -> Path:
+        """One generated image (uint8 HWC) of ``model``, as a PNG."""
+        from PIL import Image  # noqa: PLC0415 - a folder's names need no imaging library
+
+        path = self.image(model, index, seed)
+        with atomic_path(path) as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
+        return path
+
+    def write_plot(self, table, label: str) -> Path:
+        """The scores against epoch (``fid.png``)."""
+        from fashion_sd import plots  # noqa: PLC0415 - matplotlib only when a plot is drawn
+
+        return plots.metric_curves(table, self.plot, label)
+
+    def write_grid(self, rows, label: str, title: str, names: list[str]) -> Path:
+        """``real_vs_generated.png``: one row per prompt, a column per model."""
+        from fashion_sd import plots  # noqa: PLC0415
+
+        return plots.sample_grid(rows, self.grid, label, title, names)
+
+    def write_garment(self, table, summary: str) -> None:
+        """``evaluate --images``: the per-image judgements and their summary."""
+        _write_csv(self.root / GARMENT_CSV, table)
+        atomic_write_text(self.root / GARMENT_MD, summary)
 
     def write_summary(self, text: str) -> None:
         atomic_write_text(self.summary, text)

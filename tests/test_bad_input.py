@@ -568,9 +568,8 @@ def test_the_api_answers_non_numbers_with_a_message_not_a_traceback(tmp_path, ca
                 client.predict(**args, api_name="/generate")
         with pytest.raises(Exception, match="prompt must be text"):
             client.predict(prompt=5, seed=1, num_images=1, steps=2, api_name="/generate")
-        for missing in ({"prompt": None}, {"prompt": "  "}):  # a script that sent none
-            with pytest.raises(Exception, match="prompt is required"):
-                client.predict(**missing, seed=1, num_images=1, steps=2, api_name="/generate")
+        with pytest.raises(Exception, match="prompt is required"):  # a script that sent none
+            client.predict(prompt=None, seed=1, num_images=1, steps=2, api_name="/generate")
     finally:
         app.close()
     assert "Traceback" not in caplog.text and "HeavyWork" not in caplog.text

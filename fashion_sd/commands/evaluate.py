@@ -40,10 +40,9 @@ from fashion_sd.evaluation.evaluate import (
     make_plan,
 )
 from fashion_sd.evaluation.judge import load_judge, summarise
-from fashion_sd.files import atomic_path, atomic_write_text
 from fashion_sd.images import header_problem
 from fashion_sd.progress import tqdm_progress
-from fashion_sd.rundir import GARMENT_CSV, GARMENT_MD, SCORES_MD, RunDir
+from fashion_sd.rundir import SCORES_MD, EvalDir, RunDir
 from fashion_sd.sd import lora_file
 
 
@@ -63,10 +62,8 @@ def judge_folder(args) -> int:
     if judge.clip is not None and "caption" not in rows:
         judge.clip, clip_note = None, f"--captions {args.captions} has no caption column"
     scored = _judge_in_chunks(judge, paths, prompts, types, colours, genders)
-    with atomic_path(out / GARMENT_CSV) as tmp:
-        scored.to_csv(tmp, index=False, lineterminator="\n")
     text = _folder_summary(folder, summarise(scored), judge, clip_note, missing)
-    atomic_write_text(out / GARMENT_MD, text)
+    EvalDir(out).write_garment(scored, text)
     print(text)
     return 0
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fashion_sd import plots, rundir
+from fashion_sd import rundir
 from fashion_sd.precision import dtype_policy
 from fashion_sd.catalogue.article_types import singular
 from fashion_sd.catalogue.captions import read_captions
@@ -41,7 +41,6 @@ from fashion_sd.evaluation.fid import (
     warn_if_biased,
 )
 from fashion_sd.evaluation.judge import SUMMARY, load_judge, summarise
-from fashion_sd.files import atomic_path
 from fashion_sd.images import load_image
 from fashion_sd.rundir import SCORES_GRID as GRID
 from fashion_sd.rundir import EvalDir, RunDir
@@ -160,8 +159,8 @@ def garment_types(table: pd.DataFrame, rows: pd.DataFrame) -> tuple[list, list[s
     return [names.get(t) for t in rows.articleType], sorted(set(names.values()))
 
 
-def generate_for(sampler, plan: Plan, batch_size: int, path_of=None, progress=None):
-    """The plan's images, batched by prompt; saved as PNGs at ``path_of(i)`` when given."""
+def generate_for(sampler, plan: Plan, batch_size: int, save=None, progress=None):
+    """The plan's images, batched by prompt; each handed to ``save(i, image)`` when given."""
     images: list[np.ndarray | None] = [None] * len(plan.prompts)
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(plan.prompts):
@@ -173,10 +172,9 @@ def generate_for(sampler, plan: Plan, batch_size: int, path_of=None, progress=No
                                plan.settings["steps"], plan.settings["guidance"])
         for i, img in zip(idx, out):
             images[i] = img
-    if path_of is not None:
+    if save is not None:
         for i, img in enumerate(images):
-            with atomic_path(path_of(i)) as tmp:
-                Image.fromarray(img).save(tmp, format="PNG")
+            save(i, img)
     return np.stack(images)
 
 
@@ -296,8 +294,8 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
     grid = f"\n![real vs generated, one row per prompt]({GRID})\n"
     folder.write_summary("# Scores per checkpoint\n\n" + "\n".join(lines)
                       + "\n\n" + "\n\n".join(notes) + "\n" + grid)
-    plots.metric_curves(df, folder.plot, label if comparable else
-                        f"NOT COMPARABLE (not the published FID Inception). {label}")
+    folder.write_plot(df, label if comparable else
+                      f"NOT COMPARABLE (not the published FID Inception). {label}")
     return df
 
 
@@ -374,7 +372,8 @@ class Scorer:
         plan = self.plan
         print(f"scoring {name} ({len(plan.prompts)} images, {plan.settings['steps']} steps)")
         images = generate_for(sampler, plan, self.cfg.eval.batch_size,
-                              lambda i: self.dir.image(name, i, plan.seeds[i]), self.progress)
+                              lambda i, img: self.dir.write_image(name, i, plan.seeds[i], img),
+                              self.progress)
         return {"checkpoint": name,
                 "epoch": float(meta["epoch"]) if "epoch" in meta else math.nan,
                 "step": float(meta["step"]) if "step" in meta else math.nan,
@@ -497,6 +496,6 @@ def write_grid(plan: Plan, table: pd.DataFrame, out: Path, label: str, rows: int
         grid_rows.append((prompt, cells))
     if not grid_rows:
         return None
-    return plots.sample_grid(grid_rows, EvalDir(out).grid, label,
-                             f"real ({plan.settings['split']} split) vs generated",
-                             ["real", *names])
+    return EvalDir(out).write_grid(grid_rows, label,
+                                   f"real ({plan.settings['split']} split) vs generated",
+                                   ["real", *names])

@@ -102,7 +102,8 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
                             ("checkpoint", checkpoint)):
             if value is not None and not isinstance(value, str):
                 raise gr.Error(f"{name.replace('_', ' ')} must be text, not {value!r:.40}")
-        if prompt is None or not prompt.strip():  # a call without it once answered {"error": null}
+        if prompt is None:  # a call without one once answered {"error": null}; a blank one
+            # is the assistant's to refuse ("the prompt is empty"), as the page's is
             raise gr.Error("prompt is required: give the text to generate from, e.g. "
                            "\"an image of a 2011 Casual Fall White Men's Sweater\"")
         return Request(prompt=prompt, seed=seed, num_images=num_images, steps=steps,
