@@ -1,6 +1,7 @@
-"""The house's measures (issue 24), each printed as a figure: function lengths, wide signatures,
-imports inside functions, error handling in commands, run-folder file names outside their
-module. Reads the source with ``ast``; imports nothing of the package.
+"""The house's measures (issues 24 and 29), each printed as a figure: function lengths, wide
+signatures, imports inside functions, error handling in commands, run-folder file names outside
+their module, and file writes outside the writers. Reads the source with ``ast``; imports
+nothing of the package.
 
     python benchmarks/house.py            # the figures and the offenders
 """
@@ -17,6 +18,18 @@ PACKAGE = ROOT / "fashion_sd"
 RUN_FOLDER_NAMES = ("history.csv", "fid.csv", "scores.csv", "run.json", "sweep.log",
                     "train_state", "gallery")
 LONG_EXEMPT = {"build_app"}  # the page is one declaration
+# Calls that write a file. The writers (rundir.py: RunWriter, EvalDir) and the modules that own
+# a file format (files.py, the LoRA and train-state formats, the weight and CLIP converters, the
+# plots, the image settings, the caches, the caption files) may call them; a call anywhere else
+# is a write its folder's writer does not know about.
+WRITE_CALLS = {"atomic_path", "atomic_write_text", "save_file", "save_weights", "to_csv",
+               "savefig", "write_text", "write_bytes", "save_lora", "save_train_state",
+               "loss_curves", "sample_grid", "metric_curves", "all_loss_curves", "render_samples",
+               "export_lora", "save_png"}
+WRITERS = {"rundir.py", "files.py", "lora_file.py", "lora.py", "trainer.py", "plots.py",
+           "image_settings.py", "cache.py", "shards.py", "weights.py", "clip.py",
+           "kerascv_clip.py", "lora_formats.py", "models.py", "captions.py", "config.py",
+           "runlock.py", "remote.py"}
 
 
 def modules() -> list[Path]:
@@ -44,8 +57,20 @@ def inner_imports(tree) -> list[int]:
     return sorted(set(lines))
 
 
+def write_calls(tree) -> list[tuple[int, str]]:
+    """(line, name) of each call in ``tree`` to a function in :data:`WRITE_CALLS`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if name in WRITE_CALLS:
+                found.append((node.lineno, name))
+    return sorted(found)
+
+
 def main() -> int:
-    long_fns, wide, inner, excepts, names = [], [], [], [], []
+    long_fns, wide, inner, excepts, names, writes = [], [], [], [], [], []
     for path in modules():
         rel = path.relative_to(ROOT)
         text = path.read_text()
@@ -62,6 +87,8 @@ def main() -> int:
             if parameters(fn) > 6 and public and fn in api:
                 wide.append(f"{rel}:{fn.lineno} {fn.name} {parameters(fn)} parameters")
         inner += [f"{rel}:{line}" for line in inner_imports(tree)]
+        if path.name not in WRITERS:
+            writes += [f"{rel}:{line} {name}" for line, name in write_calls(tree)]
         if rel.parts[1:2] == ("commands",):
             excepts += [f"{rel}:{i + 1}" for i, line in enumerate(text.splitlines())
                         if re.search(r"except .*FashionSDError", line)]
@@ -77,7 +104,8 @@ def main() -> int:
                          ("public functions with more than six parameters", wide),
                          ("except FashionSDError in commands", excepts),
                          ("imports inside functions", inner),
-                         ("run-folder file names outside rundir.py", names)):
+                         ("run-folder file names outside rundir.py", names),
+                         ("file writes outside the writers and format owners", writes)):
         print(f"{title}: {len(items)}")
         for item in items if title != "imports inside functions" else items[:0]:
             print(f"  {item}")
