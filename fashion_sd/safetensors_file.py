@@ -25,6 +25,25 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 FLOAT_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
+# NumPy's dtype for each safetensors dtype :func:`decode` reads (bfloat16 as its bits, widened).
+NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+                "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                "BOOL": np.bool_}
+
+
+def decode(buffer, base: int, entry: dict) -> np.ndarray:
+    """One tensor's values, a copy: ``entry`` from :func:`safetensors_header`, ``buffer`` the
+    whole file's bytes (an mmap), ``base`` 8 plus the header's length. bfloat16 comes back as
+    float32; a dtype outside :data:`NUMPY_DTYPES` is a KeyError."""
+    dtype = NUMPY_DTYPES[entry["dtype"]]
+    start, end = entry["data_offsets"]
+    raw = np.frombuffer(buffer, dtype=dtype, count=(end - start) // np.dtype(dtype).itemsize,
+                        offset=base + start)
+    if entry["dtype"] == "BF16":
+        raw = bf16_to_float32(raw)
+    return raw.reshape(entry["shape"]).copy()
+
+
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 numbers (their uint16 bit patterns) as float32, exactly: a bfloat16 is the upper
     half of a float32. NumPy has no bfloat16, so ``safetensors.numpy`` refuses such files."""

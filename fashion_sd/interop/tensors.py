@@ -17,13 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from fashion_sd.errors import FashionSDError
-from fashion_sd.safetensors_file import bf16_to_float32
+from fashion_sd.safetensors_file import NUMPY_DTYPES, decode
 from fashion_sd.safetensors_file import safetensors_header as read_header
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-           "BOOL": np.bool_}
 
 
 class InteropError(FashionSDError, ValueError):
@@ -61,16 +58,10 @@ class SafetensorsFile:
 
     def __getitem__(self, name: str) -> np.ndarray:
         entry = self.entries[name]
-        kind = entry["dtype"]
-        if kind not in _DTYPES:
-            raise InteropError(f"{self.path}: {name} has dtype {kind}, which this reader does not "
-                               "handle (float64/32/16, bfloat16 and integers are supported)")
-        start, end = entry["data_offsets"]
-        raw = np.frombuffer(self._map, dtype=_DTYPES[kind], count=(end - start) // np.dtype(
-            _DTYPES[kind]).itemsize, offset=self._base + start)
-        if kind == "BF16":
-            raw = bf16_to_float32(raw)
-        return raw.reshape(entry["shape"]).copy()
+        if entry["dtype"] not in NUMPY_DTYPES:
+            raise InteropError(f"{self.path}: {name} has dtype {entry['dtype']}, which this reader "
+                               "does not handle (float64/32/16, bfloat16 and integers are supported)")
+        return decode(self._map, self._base, entry)
 
 
 def load_pickle(path: str | Path) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from functools import cache
 from pathlib import Path
@@ -30,7 +31,7 @@ from fashion_sd.errors import FashionSDError
 from fashion_sd.files import atomic_path
 from fashion_sd.safetensors_file import (
     FLOAT_DTYPES,
-    bf16_to_float32,
+    decode,
     nonfinite_tensors,
     safetensors_header,
 )
@@ -207,21 +208,10 @@ def read(path, name: str = "LoRA", *, fits_model: bool = False,
 
 def _widened(path, entries: dict[str, dict]) -> dict[str, np.ndarray]:
     """Every tensor of a file that holds bfloat16 ones (PyTorch-made LoRAs often do), those
-    widened to float32 (:func:`bf16_to_float32`)."""
-    with Path(path).open("rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    try:
-        out = {}
-        for key, e in entries.items():
-            begin, stop = e["data_offsets"]
-            raw = np.array(data[8 + n + begin: 8 + n + stop]).view(FLOAT_DTYPES[e["dtype"]])
-            if e["dtype"] == "BF16":
-                raw = bf16_to_float32(raw)
-            out[key] = raw.reshape(e["shape"])
-        return out
-    finally:
-        del data
+    widened to float32 (:func:`fashion_sd.safetensors_file.decode`)."""
+    with Path(path).open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        (n,) = struct.unpack("<Q", data[:8])
+        return {key: decode(data, 8 + n, e) for key, e in entries.items()}
 
 
 def write(path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> Path:
