@@ -379,11 +379,15 @@ class Scorer:
                 "step": float(meta["step"]) if "step" in meta else math.nan,
                 **score(self.extractor(images), self.real, self.cfg),
                 **judge_images(self.judge, images, plan, self.dir, name),
-                "n_real": len(plan.real_paths), "n_generated": len(images),
+                **self._provenance(len(images), weights_id)}
+
+    def _provenance(self, n_generated: int, weights_id: str) -> dict:
+        """What every row records of how it was scored."""
+        return {"n_real": len(self.plan.real_paths), "n_generated": n_generated,
                 "backend": self.extractor.name, "protocol": self.extractor.protocol,
                 "comparable": self.extractor.comparable,
                 "clip_model": self.judge.clip.label if self.judge.clip is not None else None,
-                "weights_source": weights_id, "settings": plan.settings_id}
+                "weights_source": weights_id, "settings": self.plan.settings_id}
 
     def score_real(self) -> dict:
         """The real split's photos, one per generated image as the plan pairs them with its
@@ -393,11 +397,8 @@ class Scorer:
                   for i in range(len(plan.prompts))]
         judged = judge_images(self.judge, images, plan, self.dir, REAL)
         return {"checkpoint": REAL, "epoch": math.nan, "step": math.nan, **judged,
-                **self.judge.chances(plan.colours, plan.genders), "n_real": n_real,
-                "n_generated": len(images), "backend": self.extractor.name,
-                "protocol": self.extractor.protocol, "comparable": self.extractor.comparable,
-                "clip_model": self.judge.clip.label if self.judge.clip is not None else None,
-                "weights_source": "the real photos", "settings": plan.settings_id}
+                **self.judge.chances(plan.colours, plan.genders),
+                **self._provenance(len(images), "the real photos")}
 
     def previous(self) -> pd.DataFrame:
         table = self.dir.read_scores()

@@ -26,6 +26,11 @@ SUMMARY = ["clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1",
 GENDER_ACCEPTS = {"Unisex": ("Men", "Women", "Unisex")}
 
 
+def accepted_genders(label: str) -> list[str]:
+    """The zero-shot genders right for ``label`` (:data:`GENDER_ACCEPTS`, else itself)."""
+    return list(GENDER_ACCEPTS.get(label, (label,)))
+
+
 def accepted_colours(label: str, colours: list[str]) -> list[str]:
     """The zero-shot colour names right for ``label``: the label and its named neighbours, as the
     garment colour metric counts them (Grey Melange / Grey, Burgundy / Maroon, Skin / Nude are
@@ -102,7 +107,7 @@ class Judge:
             table["gender"] = genders
             table["gender_judged"], table["gender_top1"] = self._picked(
                 img, list(adherence.GENDERS), adherence.gender_texts(list(adherence.GENDERS)),
-                [None if g is None else list(GENDER_ACCEPTS.get(g, (g,))) for g in genders])
+                [None if g is None else accepted_genders(g) for g in genders])
         return table
 
     def _picked(self, img, classes: list[str], texts: list[str], accepted: list):
@@ -120,7 +125,7 @@ class Judge:
         return {"type_chance": 1 / len(self.vocabulary) if self.vocabulary else math.nan,
                 "colour_chance": chance([accepted_colours(c, self.colours) for c in known_c],
                                         self.colours),
-                "gender_chance": chance([list(GENDER_ACCEPTS.get(g, (g,))) for g in known_g],
+                "gender_chance": chance([accepted_genders(g) for g in known_g],
                                         list(adherence.GENDERS))}
 
 
