@@ -124,11 +124,17 @@ def denoise(unet, noise, contexts, steps: int = 50, guidance: float = 7.5, on_st
 ROUNDINGS = ("round", "truncate")
 
 
+def check_rounding(rounding: str) -> str:
+    """``rounding`` if it is one of :data:`ROUNDINGS`, else a ValueError naming them."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding {rounding!r}: use one of {', '.join(ROUNDINGS)}")
+    return rounding
+
+
 def decode(decoder, latents, rounding: str = "round") -> np.ndarray:
     """uint8 images from ``decoder(latents)`` (in [-1, 1]), each float brought to [0, 255] in
     float32 and cut to an integer as ``rounding`` (:data:`ROUNDINGS`) says."""
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding {rounding!r}: use one of {', '.join(ROUNDINGS)}")
+    check_rounding(rounding)
     x = np.asarray(ops.convert_to_numpy(decoder(latents)), dtype=np.float32)
     if rounding == "truncate":
         return np.clip(((x + 1) / 2) * 255, 0, 255).astype("uint8")

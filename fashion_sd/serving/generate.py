@@ -50,9 +50,7 @@ class Sampler:
                  rounding: str = "round"):
         if noise not in ddim.NOISES:
             raise ValueError(f"noise {noise!r}: use one of {', '.join(ddim.NOISES)}")
-        if rounding not in ddim.ROUNDINGS:
-            raise ValueError(f"rounding {rounding!r}: use one of {', '.join(ddim.ROUNDINGS)}")
-        self.noise, self.rounding = noise, rounding
+        self.noise, self.rounding = noise, ddim.check_rounding(rounding)
 
         missing = [n for n in INFERENCE if getattr(comps, n) is None]
         if missing:
@@ -216,8 +214,7 @@ def load_sampler(model, resolution, seed: int = 0, lora_path=None,
     ``strength``, starting latents drawn as ``noise`` says, pixels cut to uint8 as ``rounding``
     says. Returns the sampler and a record of what was used (weights source, LoRA, noise,
     rounding)."""
-    if rounding not in ddim.ROUNDINGS:  # before any weights are resolved or built
-        raise ValueError(f"rounding {rounding!r}: use one of {', '.join(ddim.ROUNDINGS)}")
+    ddim.check_rounding(rounding)  # before any weights are resolved or built
     meta = lora_file.check(lora_path, fits_model=False) if lora_path else None  # before any build
     if noise == "keras" and keras.config.backend() != "tensorflow":
         raise BackendError(
