@@ -18,18 +18,24 @@ PACKAGE = ROOT / "fashion_sd"
 RUN_FOLDER_NAMES = ("history.csv", "fid.csv", "scores.csv", "run.json", "sweep.log",
                     "train_state", "gallery")
 LONG_EXEMPT = {"build_app"}  # the page is one declaration
-# Calls that write a file. The writers (rundir.py: RunWriter, EvalDir) and the modules that own
-# a file format (files.py, the LoRA and train-state formats, the weight and CLIP converters, the
-# plots, the image settings, the caches, the caption files) may call them; a call anywhere else
-# is a write its folder's writer does not know about.
+# Calls that write a file. The writers (rundir.py: RunDir's folder names, EvalDir, SweepDir;
+# training/writer.py: RunWriter) and the modules that own a file format (files.py, the LoRA and
+# train-state formats, the weight and CLIP converters, the plots, the image settings, the
+# caches, the caption files) may call them; a call anywhere else is a write its folder's writer
+# does not know about.
 WRITE_CALLS = {"atomic_path", "atomic_write_text", "save_file", "save_weights", "to_csv",
                "savefig", "write_text", "write_bytes", "save_lora", "save_train_state",
                "loss_curves", "sample_grid", "metric_curves", "all_loss_curves", "render_samples",
-               "export_lora", "save_png"}
-WRITERS = {"rundir.py", "files.py", "lora_file.py", "lora.py", "trainer.py", "plots.py",
-           "image_settings.py", "cache.py", "shards.py", "weights.py", "clip.py",
+               "export_lora", "import_lora", "save_png"}
+WRITERS = {"rundir.py", "writer.py", "files.py", "lora_file.py", "lora.py", "trainer.py",
+           "plots.py", "image_settings.py", "cache.py", "shards.py", "weights.py", "clip.py",
            "kerascv_clip.py", "lora_formats.py", "models.py", "captions.py", "config.py",
            "runlock.py", "remote.py"}
+# Folders that are no run's or evaluation's, each with the one function or class that writes
+# it: (module, scope) -> the folder.
+OWNERS = {("generate.py", "generate_to_folder"): "generate's --out folder",
+          ("assistant.py", "Gallery"): "the app's gallery",
+          ("convert.py", "main"): "the one file convert's --out names"}
 
 
 def modules() -> list[Path]:
@@ -57,15 +63,23 @@ def inner_imports(tree) -> list[int]:
     return sorted(set(lines))
 
 
-def write_calls(tree) -> list[tuple[int, str]]:
-    """(line, name) of each call in ``tree`` to a function in :data:`WRITE_CALLS`."""
+def write_calls(tree, module: str) -> list[tuple[int, str]]:
+    """(line, name) of each call in ``tree`` to a function in :data:`WRITE_CALLS`, outside the
+    scopes that :data:`OWNERS` names for ``module``."""
     found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
+
+    def visit(node, owned: bool):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            owned = owned or (module, node.name) in OWNERS
+        if isinstance(node, ast.Call) and not owned and not _to_a_writer(node.func):
             f = node.func
             name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
             if name in WRITE_CALLS:
                 found.append((node.lineno, name))
+        for child in ast.iter_child_nodes(node):
+            visit(child, owned)
+
+    visit(tree, False)
     return sorted(found)
 
 
@@ -88,7 +102,7 @@ def main() -> int:
                 wide.append(f"{rel}:{fn.lineno} {fn.name} {parameters(fn)} parameters")
         inner += [f"{rel}:{line}" for line in inner_imports(tree)]
         if path.name not in WRITERS:
-            writes += [f"{rel}:{line} {name}" for line, name in write_calls(tree)]
+            writes += [f"{rel}:{line} {name}" for line, name in write_calls(tree, path.name)]
         if rel.parts[1:2] == ("commands",):
             excepts += [f"{rel}:{i + 1}" for i, line in enumerate(text.splitlines())
                         if re.search(r"except .*FashionSDError", line)]
@@ -105,13 +119,19 @@ def main() -> int:
                          ("except FashionSDError in commands", excepts),
                          ("imports inside functions", inner),
                          ("run-folder file names outside rundir.py", names),
-                         ("file writes outside the writers and format owners", writes)):
+                         ("file writes outside the writers, format owners and folder owners", writes)):
         print(f"{title}: {len(items)}")
         for item in items if title != "imports inside functions" else items[:0]:
             print(f"  {item}")
     if "-v" in sys.argv:
         print("\n".join(f"  {i}" for i in inner))
     return 0
+
+
+def _to_a_writer(func) -> bool:
+    """``self.writer.save_train_state(...)``: a call to a folder's writer, which writes."""
+    return isinstance(func, ast.Attribute) and ast.unparse(func.value).split(".")[-1] in (
+        "writer", "folder")
 
 
 def _in_text(code: str, name: str) -> bool:

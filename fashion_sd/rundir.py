@@ -8,7 +8,8 @@
       samples/  tensorboard/  eval/fid.csv (fid.md, fid.png)
       .fashion-sd.lock  (held by the live run: one run per folder, fashion_sd.runlock)
 
-Writers (the trainer's callbacks, the evaluator) and readers (the sweep, the app, the
+Its writer (:class:`fashion_sd.training.writer.RunWriter`, the only code that writes a run
+folder), the evaluation's folder (:class:`EvalDir`) and the readers (the sweep, the app, the
 evaluator's checkpoint lookup, the exporter) all go through :class:`RunDir` and
 :func:`checkpoint_name`, so a file is named in exactly one place.
 """
@@ -18,13 +19,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from fashion_sd.files import atomic_path, atomic_write_text
-from fashion_sd.runlock import RunLock
 
 CHECKPOINT_SUFFIX = ".lora.safetensors"
 EPOCH_PREFIX = "epoch_"
@@ -36,6 +35,7 @@ SCORES_GRID = "real_vs_generated.png"  # one row per prompt: real, base, best, l
 JUDGED_CSV = "scores.csv"  # per image, beside each model's images in eval/images/NAME/
 GARMENT_CSV, GARMENT_MD = "garment.csv", "garment.md"  # evaluate --images's --out folder
 SWEEP_LOG = "sweep.log"  # a sweep run's training and evaluation output, in its run folder
+OUTCOME = "sweep_outcome.json"  # a sweep run's outcome, in its trial's KerasTuner folder
 GALLERY = "assistant"  # the app's generated images, under output.dir
 STEP_PREFIX = "step_"  # step checkpoints (train.checkpoint_every_steps): step_000500.lora...
 LOCK = ".fashion-sd.lock"
@@ -237,56 +237,6 @@ def _read_csv(path: Path):
         return None
 
 
-class RunWriter:
-    """The one writer of a run folder, for one process of one run: it knows whether this process
-    writes (the chief of a multi-worker run; every other process is a no-op writer) and where
-    a remote output.dir's local mirror is copied out to (``mirror``: a
-    :class:`fashion_sd.remote.Mirror`, or None)."""
-
-    def __init__(self, run: RunDir, chief: bool = True, mirror=None):
-        self.run, self.chief, self.mirror = run, chief, mirror
-
-    def push(self) -> None:
-        """Copy what was written out to the remote output.dir, if there is one."""
-        if self.mirror is not None and self.chief:
-            self.mirror.push()
-
-    def lock(self):
-        """The folder's lock (:class:`fashion_sd.runlock.RunLock`), held by the chief only."""
-
-        return RunLock(self.run.lock_file, self.run.root) if self.chief else contextlib.nullcontext()
-
-    def clear(self) -> None:
-        """``--fresh``: remove an earlier run's outputs (never other files in the folder)."""
-        if not self.chief:
-            return
-
-        for name in RunDir.OUTPUTS:
-            p = self.run.root / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        self.push()
-
-    def save_config(self, cfg) -> None:
-        if self.chief:
-            self.run.root.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run.config)
-            self.push()
-
-    def write_record(self, record: dict) -> None:
-        """``run.json``: the run's config, weights, machine and status."""
-        if self.chief:
-
-            atomic_write_text(self.run.run_json, json.dumps(record, indent=2, default=str) + "\n")
-            self.push()
-
-    def write_history(self, rows: list[dict]) -> None:
-        if self.chief:
-
-            with atomic_path(self.run.history) as tmp:
-                pd.DataFrame(rows, columns=HISTORY_COLUMNS).to_csv(tmp, index=False,
-                                                                     lineterminator="\n")
-
-
 class EvalDir:
     """An evaluation's folder (a run's ``eval/`` or any ``--out``): the one reader and writer of
     everything in it: its scores table (read and rewritten under its lock), summary, plot and
@@ -377,3 +327,65 @@ class EvalDir:
 def _write_csv(path: Path, table) -> None:
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
+
+
+class SweepDir:
+    """A sweep's folder, its one reader and writer: ``results.csv``/``results.md``, the
+    figures by setting, ``loss_curves.png``, each run's folder (``<run>/``, a :class:`RunDir`,
+    written by its own training run) with the sweep's log of it (``<run>/sweep.log``), and the
+    KerasTuner projects (``tuner_<kind>/trial_<id>/sweep_outcome.json``)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "results.md"
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.root / name)
+
+    def log(self, name: str) -> Path:
+        """Run ``name``'s training and evaluation output, as the sweep saw it."""
+        return self.root / name / SWEEP_LOG
+
+    @contextlib.contextmanager
+    def appending(self, name: str, command: str):
+        """The log of run ``name``, open for a child process's output, headed by ``command``."""
+        log = self.log(name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as fh:
+            fh.write(f"\n$ {command}\n")
+            fh.flush()
+            yield fh
+
+    def project(self, kind: str) -> Path:
+        """KerasTuner's project folder for a ``kind`` search (it writes its own files there)."""
+        return self.root / f"tuner_{kind}"
+
+    def outcome(self, kind: str, trial_id: str) -> Path:
+        return self.project(kind) / f"trial_{trial_id}" / OUTCOME
+
+    def write_outcome(self, kind: str, trial_id: str, outcome: dict) -> None:
+        atomic_write_text(self.outcome(kind, trial_id), json.dumps(outcome, default=str))
+
+    def read_outcome(self, kind: str, trial_id: str) -> dict | None:
+        try:
+            return json.loads(self.outcome(kind, trial_id).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_results(self, table, summary: str, label: str, histories: dict) -> None:
+        """The results table and its summary, the figures by setting and every run's losses."""
+        from fashion_sd import plots  # noqa: PLC0415 - matplotlib only when a plot is drawn
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_csv(self.results, table)
+        atomic_write_text(self.summary, summary)
+        plots.sweep_figures(table, self.root, label)
+        if histories:
+            plots.all_loss_curves(histories, self.root / "loss_curves.png", label)

@@ -239,15 +239,8 @@ def image_name(prompt_index: int, seed: int) -> str:
     return f"p{prompt_index:03d}_s{seed}.png"
 
 
-def save_png(path, image: np.ndarray, settings: ImageSettings | dict) -> None:
-    """Write ``image`` atomically with its generation settings in PNG text metadata."""
-    if isinstance(settings, dict):
-        settings = ImageSettings.from_dict(settings)
-    settings.save_png(path, image)
-
-
 def read_png_settings(path) -> dict:
-    """The settings :func:`save_png` stored, to reproduce an image exactly."""
+    """The settings a generated PNG stores (:meth:`ImageSettings.save_png`), to reproduce it."""
     return ImageSettings.read_png(path).to_dict()
 
 

@@ -1,7 +1,8 @@
 """What a run leaves behind, as Keras callbacks around ``fit``: step limits, stop requests,
 checkpoints (by epoch and by step), history, plots and sample grids. They share one
-:class:`RunState`, the run's position and bookkeeping; files go through the run's
-:class:`fashion_sd.rundir.RunWriter`.
+:class:`RunState`, the run's position and bookkeeping. They decide when a file is written;
+the run's :class:`fashion_sd.training.writer.RunWriter` writes it (how, in what order, and
+only on the chief).
 """
 
 from __future__ import annotations
@@ -15,19 +16,11 @@ from pathlib import Path
 import keras
 import pandas as pd
 
-from fashion_sd import plots
 from fashion_sd.config import Config, TrainConfig
-from fashion_sd.interop.lora_formats import FORMATS, export_lora
-from fashion_sd.rundir import BEST, LAST, SCORES_CSV, RunDir, RunWriter, checkpoint_name
-from fashion_sd.sd import lora
+from fashion_sd.rundir import BEST, LAST, SCORES_CSV, RunDir, checkpoint_name
 from fashion_sd.training.draws import DRAWS
-from fashion_sd.training.trainer import (
-    ema_weights,
-    learning_rate,
-    loss_scale,
-    save_train_state,
-    uses_ema,
-)
+from fashion_sd.training.trainer import ema_weights, learning_rate, loss_scale, uses_ema
+from fashion_sd.training.writer import RunWriter
 
 # What the train state's schedule counts; states without it counted micro-batches.
 SCHEDULE = "optimizer_steps"
@@ -153,17 +146,17 @@ class StopWhenRequested(keras.callbacks.Callback):
 
 
 class Checkpointer(keras.callbacks.Callback):
-    """At each epoch end (and at train.max_steps): LoRA checkpoints, train state, history, plot;
-    every ``train.save_every_steps`` optimizer steps and at a stop request, the train state
-    (``--resume`` continues there, mid-epoch); every ``train.checkpoint_every_steps``, a
-    step-named LoRA checkpoint too.
+    """When the run's files are written (how, in what order and by which process: the run's
+    :class:`~fashion_sd.training.writer.RunWriter`).
 
-    An epoch checkpoint (the last ``keep_last`` kept), ``best`` by val loss (train loss when
-    there is no val split: ``monitor``), ``last`` (always the
-    newest), and the train state for --resume (names: :class:`RunDir`); each written
-    atomically, the train state last so it never points past what is on disk. After a run of
-    non-finite steps nothing is written: the previous checkpoint stays as it was. ``export``
-    formats (``output.export``) are written beside each checkpoint, e.g. ``best.kohya.safetensors``.
+    - At each epoch end (and at train.max_steps): the epoch's LoRA checkpoint (the last
+      ``train.keep_last`` kept), ``best`` when the monitored loss improved (val loss; train loss
+      without a val split), ``last``, then the history, its plot and the train state.
+    - Every ``train.checkpoint_every_steps`` optimizer steps: a step-named LoRA checkpoint.
+    - Every ``train.save_every_steps`` optimizer steps and at a stop request: the train state
+      (``--resume`` continues there, mid-epoch).
+    - After a failure (non-finite losses, a collapsed loss scale): nothing, so the previous
+      checkpoint stays the one to use.
     """
 
     def __init__(self, state: RunState, writer: RunWriter, layers: dict, cfg: Config,
@@ -179,21 +172,8 @@ class Checkpointer(keras.callbacks.Callback):
 
     def _save_lora(self, name: str) -> Path:
         stamp = {"step": str(self.state.optimizer_step), "epoch": f"{self.state.epoch_progress:.4f}"}
-        run, optimizer = self.state.run, self.model.optimizer
-        if uses_ema(optimizer):  # the checkpoint holds the EMA; the raw weights go beside it
-            lora.save_lora(run.raw_checkpoint(name), self.layers, self.spec, **self.meta, **stamp,
-                           weights="raw")
-            with ema_weights(optimizer, self.model.trainable_variables):
-                path = lora.save_lora(run.checkpoint(name), self.layers, self.spec, **self.meta,
-                                      **stamp, weights="ema")
-        else:
-            path = lora.save_lora(run.checkpoint(name), self.layers, self.spec, **self.meta,
-                                  **stamp)
-        if self.export:
-
-            for fmt, target in zip(self.export, self.state.run.exports(path, self.export)):
-                export_lora(path, fmt, target)
-        return path
+        return self.writer.save_checkpoint(name, self.model, self.layers, self.spec,
+                                           {**self.meta, **stamp}, self.export)
 
     def _every(self, n: int) -> bool:
         return bool(n) and self.state.at_optimizer_step and self.state.optimizer_step % n == 0
@@ -204,10 +184,9 @@ class Checkpointer(keras.callbacks.Callback):
             return  # an epoch end writes everything in on_epoch_end
         if self._every(self.checkpoint_every):
             self._save_lora(RunDir.step_name(st.optimizer_step))
-            self._prune(st.run.step_checkpoints())
+            self.writer.prune(st.run.step_checkpoints(), self.keep_last)
         if st.stop_reason is StopReason.SIGNAL or self._every(self.save_every):
-            save_train_state(st.run.train_state, self.model, self.layers, st.info())
-            self.writer.push()
+            self.writer.save_train_state(self.model, self.layers, st.info())
 
     def on_epoch_end(self, epoch, logs=None):
         st, logs = self.state, logs or {}
@@ -215,7 +194,7 @@ class Checkpointer(keras.callbacks.Callback):
             return
         if st.epoch_complete:
             self._save_lora(RunDir.epoch_name(epoch + 1))
-            self._prune(st.run.epoch_checkpoints())
+            self.writer.prune(st.run.epoch_checkpoints(), self.keep_last)
         val = float(logs.get("val_loss", math.nan))
         watched = float(logs.get(self.monitor, math.nan))
         if math.isfinite(watched) and watched < st.best_val:
@@ -230,23 +209,7 @@ class Checkpointer(keras.callbacks.Callback):
             "overflow_steps": int(self.model.overflow_steps.numpy()),
             "loss_scale": loss_scale(self.model.optimizer),
             "seconds": round(st.seconds, 1)})
-        self.writer.write_history(st.history)
-        plots.loss_curves(pd.DataFrame(st.history), st.run.loss_plot, self.label)
-        # Last: --resume reads the history up to the train state's step, so a crash before this
-        # line resumes at the previous state and writes this epoch's row again; written first,
-        # a crash after it lost the row for good.
-        save_train_state(st.run.train_state, self.model, self.layers, st.info())
-
-    def _prune(self, kept: list[Path]):
-        """The oldest of ``kept`` (epoch or step checkpoints) beyond train.keep_last, with their
-        raw weights and exports."""
-
-        run = self.state.run
-        for old in kept[: max(0, len(kept) - self.keep_last)]:
-            old.unlink()
-            run.raw_checkpoint(checkpoint_name(old)).unlink(missing_ok=True)
-            for export in run.exports(old, FORMATS):  # its exports go with it
-                export.unlink(missing_ok=True)
+        self.writer.end_epoch(st.history, self.label, self.model, self.layers, st.info())
 
 
 class EmaValidation(keras.callbacks.Callback):
@@ -280,12 +243,15 @@ class KeepRawWeights(keras.callbacks.Callback):
 
 
 class SampleGrids(keras.callbacks.Callback):
-    """Sample grids (:meth:`RunDir.samples_at_epoch`): fixed prompts and seeds through the model
-    being trained."""
+    """When sample grids are drawn (:meth:`RunDir.samples_at_epoch`): every
+    ``train.sample_every`` epochs and at the run's last step, fixed prompts and seeds through
+    the model being trained, with the weights the checkpoints hold (EMA when on)."""
 
-    def __init__(self, state: RunState, sampler, train: TrainConfig, label: str):
+    def __init__(self, state: RunState, writer: RunWriter, sampler, train: TrainConfig,
+                 label: str):
         super().__init__()
-        self.state, self.sampler, self.train, self.label = state, sampler, train, label
+        self.state, self.writer, self.sampler, self.train = state, writer, sampler, train
+        self.label = label
 
     def on_epoch_end(self, epoch, logs=None):
         st, t = self.state, self.train
@@ -298,10 +264,13 @@ class SampleGrids(keras.callbacks.Callback):
             path = st.run.samples_at_step(st.optimizer_step)
         else:
             return
+        title = (f"epoch {st.epoch_progress:g}, step {st.optimizer_step}"
+                 + (", EMA weights" if uses_ema(self.model.optimizer) else "")
+                 + f" ({t.sample_steps} sampler steps)")
         with ema_weights(self.model.optimizer, self.model.trainable_variables):
-            render_samples(self.sampler, t, path, self.label,
-                           f"epoch {st.epoch_progress:g}, step {st.optimizer_step}"
-                           + (", EMA weights" if uses_ema(self.model.optimizer) else ""))
+            rows = [(p, self.sampler.generate(p, t.sample_seeds, t.sample_steps,
+                                              t.sample_guidance)) for p in t.sample_prompts]
+        self.writer.write_samples(path, rows, self.label, title, t.sample_seeds)
 
 
 class EvalDuringTraining(keras.callbacks.Callback):
@@ -343,11 +312,3 @@ class AfterWrites(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self.then()
 
-
-def render_samples(sampler, train: TrainConfig, path, label: str, title: str) -> Path:
-    """``train.sample_prompts`` x ``train.sample_seeds`` through ``sampler``, as one grid."""
-    seeds, steps = train.sample_seeds, train.sample_steps
-    rows = [(p, sampler.generate(p, seeds, steps, train.sample_guidance))
-            for p in train.sample_prompts]
-    return plots.sample_grid(rows, path, label, f"{title} ({steps} sampler steps)",
-                             [f"seed {s}" for s in seeds])

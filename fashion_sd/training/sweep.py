@@ -26,13 +26,11 @@ from typing import Any
 
 import pandas as pd
 
-from fashion_sd import plots
 from fashion_sd.config import ConfigError, load_config, read_yaml_mapping
 from fashion_sd.errors import FashionSDError
-from fashion_sd.files import atomic_path, atomic_write_text
 from fashion_sd.interrupt import SIGNALS
-from fashion_sd.rundir import SWEEP_LOG, RunDir
 from fashion_sd import paper
+from fashion_sd.rundir import RunDir, SweepDir
 
 SHORT = {"lora.rank": "r", "lora.alpha": "a", "train.learning_rate": "lr", "train.batch_size": "bs",
          "train.epochs": "ep", "lora.targets": "t", "data.resolution": "px"}
@@ -146,18 +144,15 @@ def config_for(sweep: Sweep, run: dict[str, Any]):
 # Running
 
 
-def _call(args: list[str], log: Path) -> int:
-    """Run a script, its output appended to ``log``.
+def _call(args: list[str], folder: SweepDir, name: str) -> int:
+    """Run a script, its output appended to run ``name``'s log in the sweep's folder.
 
     A stop signal to this process is passed on to the script (a training run saves its train
     state and stops) and this process stops after it (:class:`~fashion_sd.interrupt.Stopped`);
     its own session keeps a terminal's Ctrl-C from reaching it a second time, directly, which a
     training run would take for "stop at once".
     """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as fh:
-        fh.write(f"\n$ {' '.join(args)}\n")
-        fh.flush()
+    with folder.appending(name, " ".join(args)) as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, cwd=Path.cwd(),
                                 start_new_session=True)
         (code,) = SIGNALS.wait([proc])
@@ -170,7 +165,8 @@ def execute(sweep: Sweep, run: dict[str, Any], python: str = sys.executable) -> 
     out = sweep.output / name
     sets = [*sweep.set, *overrides_list(run), f"output.dir={out}"]
     config_args = ["--config", str(sweep.base)] + [a for s in sets for a in ("--set", s)]
-    log = out / SWEEP_LOG
+    folder = SweepDir(sweep.output)
+    log = folder.log(name)
     t0 = time.time()
     status = RunDir(out).status()
     if status == "finished":
@@ -178,7 +174,7 @@ def execute(sweep: Sweep, run: dict[str, Any], python: str = sys.executable) -> 
     else:
         mode = ["--resume"] if RunDir(out).train_state.is_file() else []
         print(f"[{name}] training{' (resuming)' if mode else ''}; log: {log}", flush=True)
-        rc = _call([python, "-m", "fashion_sd", "train", *config_args, *mode], log)
+        rc = _call([python, "-m", "fashion_sd", "train", *config_args, *mode], folder, name)
         if rc != 0:
             return {"run": name, "status": "failed", "error": _tail(log), "seconds": time.time() - t0}
     if sweep.evaluate:
@@ -187,7 +183,7 @@ def execute(sweep: Sweep, run: dict[str, Any], python: str = sys.executable) -> 
                 "--checkpoints", str(RunDir(out).checkpoints)]
         if sweep.include_base:
             args.append("--include-base")
-        if _call(args, log) != 0:
+        if _call(args, folder, name) != 0:
             return {"run": name, "status": "failed", "error": "evaluation: " + _tail(log),
                     "seconds": time.time() - t0}
     return {"run": name, "status": "finished", "error": "", "seconds": time.time() - t0}
@@ -270,9 +266,6 @@ def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | N
     key = best_by or ("best_fid" if df.best_fid.notna().any() else "final_val_loss")
     best = df[key].idxmin() if df[key].notna().any() else None
     df["best"] = [i == best for i in df.index]
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "results.csv") as tmp:
-        df.to_csv(tmp, index=False, lineterminator="\n")
     lines = ["| run | rank | lr | batch | status | train loss | val loss | best FID (epoch) | "
              "best KID (epoch) | selected: CLIP / type, colour, gender top-1 (CLIP) / colour / cut off | paper FID | "
              "trainable | seconds |",
@@ -297,13 +290,11 @@ def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | N
     notes.append("The paper's FIDs come from 3 test vs 3 generated images: context, not targets.")
     failed = df[df.status == "failed"]
     notes += [f"- {r.run} failed: {r.error}" for _, r in failed.iterrows()]
-    atomic_write_text(out / "results.md", "# Sweep results\n\n" + "\n".join(lines) + "\n\n"
-                      + "\n\n".join(notes) + "\n")
-    plots.sweep_figures(df, out, label)
+    folder = SweepDir(out)
     histories = {r.run: h for _, r in df.iterrows()
-                 if (h := RunDir(out / r.run).read_history()) is not None}
-    if histories:
-        plots.all_loss_curves(histories, out / "loss_curves.png", label)
+                 if (h := folder.run(r.run).read_history()) is not None}
+    folder.write_results(df, "# Sweep results\n\n" + "\n".join(lines) + "\n\n"
+                         + "\n\n".join(notes) + "\n", label, histories)
     return df
 
 
@@ -334,7 +325,6 @@ def _label(rows: list[dict]) -> str:
 # worker processes over gRPC (docs/distributed-sweeps.md).
 
 TUNER_ENV = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
-OUTCOME = "sweep_outcome.json"  # execute()'s outcome, in the trial's KerasTuner folder
 WATCH_SECONDS = 600.0  # how often a distributed chief names the trials it is waiting for
 SERVE_POLL = 0.5  # seconds between a chief's checks for a stop signal or the last worker gone
 

@@ -10,7 +10,6 @@ sweep runs; :mod:`fashion_sd.training.sweep` (grids, the table, ``--help``) stay
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -18,7 +17,6 @@ import socket
 import threading
 import time
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,13 +27,12 @@ from keras_tuner.src.distribute import oracle_chief
 from keras_tuner.src.distribute import utils as dist_utils
 from keras_tuner.src.engine import oracle as oracle_module
 
-from fashion_sd.files import atomic_write_text
 from fashion_sd.interrupt import SIGNALS, Stopped
+from fashion_sd.rundir import SweepDir
 from fashion_sd.training import (
     sweep as sweeps,  # sweeps.execute: tests replace it there
 )
 from fashion_sd.training.sweep import (
-    OUTCOME,
     SERVE_POLL,
     WATCH_SECONDS,
     Sweep,
@@ -135,12 +132,13 @@ def _tuner(sweep: Sweep, kind: str, max_trials: int, seed: int = 1,
         def run_trial(self, trial, *args, **kwargs):
             run = _trial_run(sweep, kind, trial.hyperparameters.values)
             self.current = run_name(run)
-            done = Path(self.get_trial_dir(trial.trial_id)) / OUTCOME
-            done.unlink(missing_ok=True)  # a rerun trial that dies again must not read as done
+            folder = SweepDir(sweep.output)
+            # a rerun trial that dies again must not read as done
+            folder.outcome(kind, trial.trial_id).unlink(missing_ok=True)
             outcome = sweeps.execute(sweep, run)
             # The table is written from the run folders and this file (a Trial sent over gRPC
             # carries no message): serial and distributed tables are built the same way.
-            atomic_write_text(done, json.dumps(outcome, default=str))
+            folder.write_outcome(kind, trial.trial_id, outcome)
             self.current = None
             value = row_for(sweep, run, outcome).get(column)
             finite = value is not None and math.isfinite(value)
@@ -155,19 +153,19 @@ def _tuner(sweep: Sweep, kind: str, max_trials: int, seed: int = 1,
             if not dist_utils.has_chief_oracle():  # serial: a partial table after every trial
                 trials_table(sweep, kind, self.oracle, names)
 
-    return SweepTuner(oracle, directory=str(sweep.output), project_name=f"tuner_{kind}",
+    return SweepTuner(oracle, directory=str(sweep.output), project_name=SweepDir(sweep.output).project(kind).name,
                       overwrite=False)
 
 
-def _outcome(project: Path, trial, holders: dict[str, str]) -> dict:
-    try:
-        return json.loads((project / f"trial_{trial.trial_id}" / OUTCOME).read_text())
-    except (OSError, ValueError):
+def _outcome(folder: SweepDir, kind: str, trial, holders: dict[str, str]) -> dict:
+    outcome = folder.read_outcome(kind, trial.trial_id)
+    if outcome is None:
         where = f" on {holders[trial.trial_id]}" if trial.trial_id in holders else ""
         return {"status": "failed",
                 "error": f"unfinished: trial {trial.trial_id}{where} ({trial.status}) never "
                          "reported (its worker or the chief stopped); run the sweep again to "
                          "resume it"}
+    return outcome
 
 
 def trials_table(sweep: Sweep, kind: str, oracle, names: list[str] | None = None) -> pd.DataFrame:
@@ -177,7 +175,7 @@ def trials_table(sweep: Sweep, kind: str, oracle, names: list[str] | None = None
     whose trial never reported is ``failed`` (``unfinished: ...``), one never handed out is ``not
     run``. Search: one row per trial, in trial order, with a ``trial`` column.
     """
-    project = sweep.output / f"tuner_{kind}"
+    folder = SweepDir(sweep.output)
     trials = sorted(oracle.trials.values(), key=lambda t: int(t.trial_id))
     holders = {t.trial_id: tuner_id for tuner_id, t in list(oracle.ongoing_trials.items())}
     rows = []
@@ -187,11 +185,11 @@ def trials_table(sweep: Sweep, kind: str, oracle, names: list[str] | None = None
         for name in names:
             run = _trial_run(sweep, kind, {"run": name})
             trial = latest.get(name)
-            rows.append(row_for(sweep, run, _outcome(project, trial, holders) if trial else None))
+            rows.append(row_for(sweep, run, _outcome(folder, kind, trial, holders) if trial else None))
         return write_results(rows, sweep.output, _label(rows))
     for trial in trials:
         run = _trial_run(sweep, kind, trial.hyperparameters.values)
-        row = row_for(sweep, run, _outcome(project, trial, holders))
+        row = row_for(sweep, run, _outcome(folder, kind, trial, holders))
         row["trial"] = f"{kind} {trial.trial_id}"
         rows.append(row)
     return write_results(rows, sweep.output, _label(rows), _objective_column(sweep))
@@ -338,7 +336,7 @@ def _watch(oracle, stop: threading.Event, sweep: Sweep, kind: str) -> None:
     Started again with the same KERASTUNER_TUNER_ID it gets that trial back
     (``Oracle.create_trial``: ``if tuner_id in self.ongoing_trials: return ...``).
     """
-    project = sweep.output / f"tuner_{kind}"
+    project = SweepDir(sweep.output).project(kind)
     while not stop.wait(WATCH_SECONDS):
         try:
             ongoing = list(oracle.ongoing_trials.items())

@@ -17,7 +17,7 @@ from test_run import build, config, train  # noqa: F401 - build is a fixture
 from fashion_sd import files, runlock
 from fashion_sd.rundir import RunDir
 from fashion_sd.sd import lora_file
-from fashion_sd.training import callbacks, run
+from fashion_sd.training import callbacks, run, writer
 from fashion_sd.training.shards import CacheSpaceError
 
 
@@ -66,8 +66,8 @@ def test_the_train_state_every_n_steps_and_step_checkpoints_are_listed(
     from fashion_sd.serving import assistant
 
     saved = []
-    real = callbacks.save_train_state
-    monkeypatch.setattr(callbacks, "save_train_state",
+    real = writer.save_train_state
+    monkeypatch.setattr(writer, "save_train_state",
                         lambda path, model, layers, info: saved.append(info["step"])
                         or real(path, model, layers, info))
     cfg = config(tmp_path, demo_captions, encoder_cache, "train.save_every_steps=3",
@@ -200,14 +200,14 @@ def test_a_crash_before_the_epochs_train_state_keeps_its_history_row(tmp_path, d
     import pandas as pd
 
     cfg = config(tmp_path, demo_captions, encoder_cache)  # 2 epochs of 8 steps
-    real = callbacks.save_train_state
+    real = writer.save_train_state
 
     def power_cut_at_step_16(path, model, layers, info):
         if info["optimizer_step"] == 16:
             raise OSError("power cut")
         return real(path, model, layers, info)
 
-    monkeypatch.setattr(callbacks, "save_train_state", power_cut_at_step_16)
+    monkeypatch.setattr(writer, "save_train_state", power_cut_at_step_16)
     with pytest.raises(OSError, match="power cut"):
         train(cfg, build)
     monkeypatch.undo()

@@ -169,7 +169,7 @@ def test_finished_runs_are_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(sw, "_call", lambda *a, **k: pytest.fail("a finished run was retrained"))
     assert sw.execute(s, {"lora.rank": 2})["status"] == "finished"
     calls = []
-    monkeypatch.setattr(sw, "_call", lambda args, log: calls.append(args) or 0)
+    monkeypatch.setattr(sw, "_call", lambda args, folder, name: calls.append(args) or 0)
     fake_run(s.output, "r4", [1.0], [5.0], [0.1], status="stopped")
     (s.output / "r4/checkpoints").mkdir()
     (s.output / "r4/checkpoints/train_state.safetensors").write_bytes(b"x")
