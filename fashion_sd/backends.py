@@ -16,11 +16,32 @@ each is refused before any model on another backend.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from pathlib import Path
+
 from fashion_sd.errors import BackendError
 
 TENSORFLOW_ONLY = {
     "evaluate": "FID through TF-Hub's Inception and KerasCV's CLIP",
 }
+
+
+def name() -> str:
+    """The backend Keras runs (or will run) on, by Keras' own rule (``KERAS_BACKEND``, else
+    ``keras.json``'s, else tensorflow), without importing Keras: checks that depend on it answer
+    before TensorFlow or JAX loads. ``fashion_sd/__init__`` has already set ``KERAS_BACKEND``
+    where it picks JAX."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].config.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    try:
+        return json.loads((home / "keras.json").read_text()).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
 
 
 def require_tensorflow(command: str) -> None:

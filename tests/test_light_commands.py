@@ -60,3 +60,26 @@ def test_importing_every_command_loads_neither():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+# A run's input checks need no model: the train command answers them before Keras loads.
+BAD_RUNS = {
+    "a lora.targets typo": (["--set", "lora.targets=[to_qq]"], "'to_qq' match no attention"),
+    "grad_accum past the run": (["--set", "train.grad_accum=4096"], "fewer than one optimizer"),
+    "missing weights folder": (["--set", "model.weights=local:{t}/none"], "folder not found"),
+    "nothing to resume": (["--resume"], "nothing to resume"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUNS))
+def test_a_run_s_bad_input_is_refused_before_keras_loads(case, tmp_path, demo_captions):
+    extra, message = BAD_RUNS[case]
+    out = tmp_path / "run"
+    if "--resume" in extra:  # a run folder with a config and no train state
+        out.mkdir()
+        (out / "config.yaml").write_text((ROOT / "configs/demo.yaml").read_text().replace(
+            "runs/demo/captions.csv", str(demo_captions)).replace("runs/demo", str(out)))
+    result, err = _run(["train", "--config", "configs/demo.yaml", "--set", f"output.dir={out}",
+                        "--set", f"data.captions={demo_captions}", *extra], tmp_path)
+    assert result["rc"] == 2 and message in err and "Traceback" not in err, err
+    assert result["heavy"] == [], f"train loaded {result['heavy']} to refuse {case}"

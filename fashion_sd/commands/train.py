@@ -37,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         lora_file.check(cfg.lora.init_from, "lora.init_from", unet_only=True)
     # TensorFlow loads only once the config is known to be good. A run that stops exits 1
     # (TrainingStopped), one stopped by a signal 128 + the signal (TrainingInterrupted).
+    from fashion_sd.training.inputs import early_checks
+
+    inputs = early_checks(cfg, args.resume, args.fresh)  # before Keras: answers in ~1 s
     from fashion_sd.training.run import summary_line, train
 
-    summary = train(cfg, resume=args.resume, fresh=args.fresh)
+    summary = train(cfg, resume=args.resume, fresh=args.fresh, inputs=inputs)
     if "status" in summary and "step" in summary:
         print(summary_line(summary, cfg.output.dir))
     return 0

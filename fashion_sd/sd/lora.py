@@ -31,11 +31,10 @@ import numpy as np
 from fashion_sd.config import LoraConfig
 from fashion_sd.sd import lora_file
 from fashion_sd.sd.attention import use_lora_form
-from fashion_sd.sd.lora_file import LoraError, is_text_encoder_layer, layer_scale
+from fashion_sd.sd.lora_file import PROJECTIONS, LoraError, is_text_encoder_layer, layer_scale
 from fashion_sd.sd.text_encoder import CLIPEncoderLayer
 from fashion_sd.sd.unet import SpatialTransformer
 
-PROJECTIONS = ("to_q", "to_k", "to_v", "out_proj")
 
 
 def attention_projections(model: keras.Model) -> dict[str, keras.layers.Dense]:
@@ -55,15 +54,8 @@ def attention_projections(model: keras.Model) -> dict[str, keras.layers.Dense]:
 def select(projections: dict[str, keras.layers.Dense], targets: Iterable[str]):
     """The projections whose names end with one of ``targets`` (matched at a dot boundary)."""
     targets = list(targets)
-    chosen = {k: v for k, v in projections.items()
-              if any(k == t or k.endswith("." + t) for t in targets)}
-    unmatched = [t for t in targets
-                 if not any(k == t or k.endswith("." + t) for k in projections)]
-    if unmatched:
-        examples = ", ".join(list(PROJECTIONS) + ["attn1.to_q", "attn2.to_k", "st00.attn1.to_v"])
-        raise LoraError(f"lora.targets: {', '.join(map(repr, unmatched))} match no attention "
-                        f"projection; use names such as {examples}")
-    return chosen
+    lora_file.check_targets(projections, targets)
+    return {k: v for k, v in projections.items() if any(lora_file.matches(k, t) for t in targets)}
 
 
 def lora_parameter_count(layers: dict[str, keras.layers.Dense], rank: int) -> int:

@@ -78,6 +78,29 @@ def is_text_encoder_layer(key: str) -> bool:
     return key.startswith("te")
 
 
+PROJECTIONS = ("to_q", "to_k", "to_v", "out_proj")  # the U-Net attention's
+
+
+def matches(name: str, target: str) -> bool:
+    """``lora.targets`` entry ``target`` names layer ``name`` (matched at a dot boundary)."""
+    return name == target or name.endswith("." + target)
+
+
+def check_targets(names, targets) -> None:
+    """Every ``lora.targets`` entry names one of ``names``; the static table of SD 1.x's U-Net
+    projections by default, so a typo is named before any model is built (or Keras loaded)."""
+    names = list(names)
+    unmatched = [t for t in targets if not any(matches(k, t) for k in names)]
+    if unmatched:
+        examples = ", ".join(list(PROJECTIONS) + ["attn1.to_q", "attn2.to_k", "st00.attn1.to_v"])
+        raise LoraError(f"lora.targets: {', '.join(map(repr, unmatched))} match no attention "
+                        f"projection; use names such as {examples}")
+
+
+def unet_layer_names() -> list[str]:
+    return [k for k in expected_kernel_shapes() if not is_text_encoder_layer(k)]
+
+
 # --------------------------------------------------------------------------------------------
 # A LoRA checkpoint
 

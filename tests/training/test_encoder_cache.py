@@ -5,9 +5,10 @@ re-encoding, float16 moments and what they do to the loss."""
 import numpy as np
 import pytest
 
+from fashion_sd.catalogue.captions import read_captions
 from fashion_sd.config import DataConfig
 from fashion_sd.sd import models
-from fashion_sd.training import data, run
+from fashion_sd.training import data
 from fashion_sd.sd.diffusion import (
     add_noise,
     alphas_cumprod,
@@ -25,7 +26,7 @@ def comps(small_parts):
 
 @pytest.fixture(scope="module")
 def table(demo_captions):
-    return run.read_captions(demo_captions)
+    return read_captions(demo_captions)
 
 
 @pytest.fixture(scope="module")

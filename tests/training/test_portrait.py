@@ -13,6 +13,7 @@ from test_evaluate import SmallExtractor
 from tiny import tiny_unet
 
 from fashion_sd import images
+from fashion_sd.catalogue.captions import read_captions
 from fashion_sd.config import ConfigError, load_config
 from fashion_sd.evaluation import evaluate as ev
 from fashion_sd.sd import models
@@ -88,7 +89,7 @@ def test_portrait_run_samples_generation_app_and_fid(tmp_path, demo_captions, en
     summary = run.train(cfg, progress=None, verbose=0, build=build)
     assert summary["status"] == "finished"
     comps = build(models.WeightsSource("random", "random", id="random-init(seed=42)"), SIZE)
-    enc = data.encode_dataset(run.read_captions(cfg.data.captions), comps, cfg.data)
+    enc = data.encode_dataset(read_captions(cfg.data.captions), comps, cfg.data)
     assert enc.moments.shape[2:] == (32, 24, 8)  # latents 3:4 (height 32, width 24)
     assert (tmp_path / "run/samples/epoch_001.png").is_file()
     # generation: 3:4 PNGs whose settings say so

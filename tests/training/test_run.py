@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from tiny import tiny_unet
 
 from fashion_sd.config import load_config
-from fashion_sd.sd import models
+from fashion_sd.sd import lora_file, models
 from fashion_sd.training import data, run
 from fashion_sd.training.run import TrainingError
 
@@ -68,7 +68,7 @@ def test_a_run_leaves_everything_behind(tmp_path, demo_captions, encoder_cache, 
     assert (record["attention"], record["lora_form"], record["loss_scaling"]) == ("fused", "separate", False)
     assert set(record["versions"]) >= {"tensorflow", "keras", "keras-cv"}
     assert load_config(out / "config.yaml") == cfg
-    meta = run.lora_file.read(ck / "last.lora.safetensors")[1]
+    meta = lora_file.read(ck / "last.lora.safetensors")[1]
     assert meta["base_weights"] == "random-init(seed=42)" and meta["random_init"] == "true"
     assert meta["caption_template"] == cfg.captions.template and meta["step"] == "16"
     # every output has the permissions any new file gets (safetensors' writer once left the
@@ -87,7 +87,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, demo_captions, e
     assert first["status"] == "stopped" and first["stop_reason"] == "max_steps"
     assert first["step"] == 5
     out = tmp_path / "resumed"
-    assert run.lora_file.read(out / "checkpoints/last.lora.safetensors")[1]["step"] == "5"
+    assert lora_file.read(out / "checkpoints/last.lora.safetensors")[1]["step"] == "5"
     assert not list((out / "checkpoints").glob("epoch_*"))  # no epoch finished yet
     second = train(config(tmp_path, demo_captions, encoder_cache, name="resumed"), build,
                    resume=True)
