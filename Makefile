@@ -33,6 +33,8 @@ $(TEST_STAMP): $(STAMP) requirements-interop.txt
 # The FID protocol tests compare our resizes with clean-fid's own (cleanfid.resize needs only
 # torch, numpy and PIL): --no-deps keeps torchvision, which nothing here uses, out.
 	$(BIN)/python -m pip install --quiet --no-deps clean-fid==0.1.35
+# CMMD's reference (clip_mmd.calculation needs only torch and numpy): --no-deps, as clean-fid.
+	$(BIN)/python -m pip install --quiet --no-deps clip-mmd==0.0.2
 	touch $(TEST_STAMP)
 
 # Debian's Chromium and its WebDriver (root, or sudo, installs them once).
