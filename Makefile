@@ -7,6 +7,10 @@ TEST_STAMP := $(VENV)/.installed-test
 
 JAX_VENV ?= .venv-jax
 JAX_STAMP := $(JAX_VENV)/.installed
+# keras-hub (DINOv2, CLIP) without its dependencies: they pin tensorflow-text, which only its
+# text presets use, and a kagglesdk that would downgrade kagglehub; its runtime needs are in the
+# requirements files.
+KERAS_HUB := keras-hub==0.32.0
 
 .PHONY: setup setup-test setup-jax browser demo app test test-heavy clean
 
@@ -25,6 +29,7 @@ setup-jax: $(JAX_STAMP)
 $(JAX_STAMP): requirements-jax.txt pyproject.toml
 	$(PYTHON) -m venv $(JAX_VENV)
 	$(JAX_VENV)/bin/python -m pip install --quiet -r requirements-jax.txt
+	$(JAX_VENV)/bin/python -m pip install --quiet --no-deps $(KERAS_HUB)
 	$(JAX_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(JAX_STAMP)
 
@@ -48,6 +53,7 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 # The FID tests compare with pytorch-fid's function, read from its source: --no-deps, torch is never needed.
 	$(BIN)/python -m pip install --quiet --no-deps pytorch-fid==0.3.0
+	$(BIN)/python -m pip install --quiet --no-deps $(KERAS_HUB)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
