@@ -225,9 +225,23 @@ def prdc(real_features, fake_features, nearest_k: int = PRDC_NEAREST_K) -> dict[
 
 def frechet_distance_of_features(real_features, generated_features) -> float:
     """FID (Inception features) or FD-DINOv2 (DINOv2 features) straight from two feature sets,
-    the form :func:`bootstrap_interval` resamples."""
+    the form :func:`bootstrap_interval` resamples.
+
+    With fewer images than dimensions (a few hundred photos against Inception's 2,048) the
+    covariances have rank below d, and the trace term comes from the images instead of two
+    d x d eigendecompositions: with S1 = A A^T and S2 = B B^T (A = centred features^T /
+    sqrt(n - 1)), the non-zero eigenvalues of S1 S2 are those of (A^T B)(A^T B)^T, so
+    tr((S1 S2)^{1/2}) is the sum of A^T B's singular values, an n1 x n2 matrix. The same number
+    as :func:`fashion_sd.evaluation.fid.frechet_distance` (tested), 10-50x faster there, which
+    makes a bootstrap of FID affordable on a CPU."""
     real, generated = _feature_pair(real_features, generated_features)
-    return frechet_distance(*feature_stats(real), *feature_stats(generated))
+    if min(len(real), len(generated)) >= real.shape[1]:
+        return frechet_distance(*feature_stats(real), *feature_stats(generated))
+    a = (real - real.mean(axis=0)) / np.sqrt(len(real) - 1)
+    b = (generated - generated.mean(axis=0)) / np.sqrt(len(generated) - 1)
+    diff = real.mean(axis=0) - generated.mean(axis=0)
+    nuclear = float(np.linalg.svd(a @ b.T, compute_uv=False).sum())
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2.0 * nuclear)
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,16 @@ def test_frechet_distance_of_features_is_fid_from_stats():
         frechet_distance(*feature_stats(real), *feature_stats(generated)), rel=1e-12)
 
 
+@pytest.mark.parametrize("n_real, n_generated, d", [(40, 60, 256), (60, 40, 256), (30, 30, 31)])
+def test_with_fewer_images_than_dimensions_the_distance_is_the_same(n_real, n_generated, d):
+    """The few-images path (singular values of an n1 x n2 matrix) against the d x d one."""
+    rng = np.random.default_rng(d)
+    real = rng.standard_normal((n_real, d)) @ rng.standard_normal((d, d)) * 0.1
+    generated = 0.3 + rng.standard_normal((n_generated, d))
+    assert frechet_distance_of_features(real, generated) == pytest.approx(
+        frechet_distance(*feature_stats(real), *feature_stats(generated)), rel=1e-9)
+
+
 def test_bootstrap_is_seeded():
     real, generated = shifted_gaussians(np.random.default_rng(13), 300)
     first = bootstrap_interval(frechet_distance_of_features, real, generated, n_boot=30, seed=1)
