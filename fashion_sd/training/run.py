@@ -1,10 +1,13 @@
 """A training run from a config, read as its phases: resolve, prepare, build, restore, fit, finish.
 
 :func:`train` is the table of contents; :class:`TrainingRun` holds one method per phase, each
-with one job, in the order they run:
+with one job, in the order they run. The phases hand each other what they make: ``resolve``
+returns a :class:`Setting`, ``build`` a :class:`Built`, and every later phase takes them; the
+run object itself holds only the config and how to report.
 
 1. ``resolve``: the machine (precision, replicas, XLA), the run folder (its writer and remote
-   mirror) and every input check that needs no model. Nothing heavy runs, nothing is deleted.
+   mirror) and every input check that needs no model (``training/inputs.py``, done before
+   Keras loaded when the command could). Nothing heavy runs, nothing is deleted.
 2. ``prepare``: under the folder's lock, ``--fresh`` clears an earlier run, the config is saved.
 3. ``build``: components in the strategy's scope, the frozen encoders through the cache, LoRA
    (U-Net, and the text encoder as a variant), the trainer with its optimizer *built*, because
@@ -83,18 +86,18 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, progress=tqdm_
     ``build(source, resolution)`` makes the components (tests pass small ones). ``inputs``: what
     :func:`~fashion_sd.training.inputs.early_checks` found before Keras loaded (else checked here).
     """
-    run = TrainingRun(cfg, resume, fresh, progress, verbose, build, inputs)
-    run.resolve()
-    with run.writer.lock(), keras_state(cfg, run.machine), stop_requests() as stop:
-        run.prepare()
-        run.build()
-        run.restore()
-        if run.state.step >= run.end:  # before run.json is touched: it keeps the run's summary
-            print(f"nothing to do: the run already reached step {run.state.optimizer_step}")
-            return run.run.read_record() or run.record("finished", step=run.state.optimizer_step)
-        run.writer.write_record(run.record("running"))
-        run.fit(stop)
-        return run.finish()
+    run = TrainingRun(cfg, resume, fresh, progress, verbose, build)
+    s = run.resolve(inputs)
+    with s.writer.lock(), keras_state(cfg, s.machine), stop_requests() as stop:
+        run.prepare(s)
+        b = run.build(s)
+        run.restore(s, b)
+        if b.state.step >= b.state.end_step:  # before run.json is touched: it keeps the summary
+            print(f"nothing to do: the run already reached step {b.state.optimizer_step}")
+            return s.run.read_record() or run.record(s, b, "finished", step=b.state.optimizer_step)
+        s.writer.write_record(run.record(s, b, "running"))
+        run.fit(s, b, stop)
+        return run.finish(s, b)
 
 
 def on_tensorflow() -> bool:
@@ -159,6 +162,33 @@ class Machine:
     kind: str = "one_device"  # train.strategy as resolved
     workers: int = 1
     chief: bool = True  # the process that writes the run's files (every one but multi_worker's)
+
+
+@dataclass
+class Setting:
+    """What ``resolve`` finds, before anything heavy: the machine, the run folder and its one
+    writer, the checked inputs and how the run draws its noise."""
+
+    machine: Machine
+    mirrors: dict  # local mirrors of URLs (output.dir, data.cache_dir), by config key
+    run: RunDir
+    inputs: Inputs
+    draws: str
+    writer: RunWriter
+
+
+@dataclass
+class Built:
+    """What ``build`` makes and the later phases use: the components, the encoded data, the LoRA
+    layers, the trainer with its optimizer built, and the run's position and bookkeeping."""
+
+    comps: models.Components
+    encoded: object  # data.encode_dataset's arrays
+    layers: dict  # every LoRA layer by checkpoint key (U-Net and text encoder)
+    trainer: LoraTrainer
+    te_lora: bool
+    trainable: int  # LoRA parameters
+    state: cb.RunState
 
 
 def _mirrors(cfg: Config) -> dict[str, remote.Mirror]:
@@ -237,39 +267,39 @@ def fit_segments(step: int, steps_per_epoch: int, end: int) -> list[tuple[int, i
 
 
 class TrainingRun:
-    """One run of :func:`train`; each public method is one phase (see the module docstring)."""
+    """One run of :func:`train`; each public method is one phase (see the module docstring). It
+    holds the config, the command's options and the session's start; each phase's products
+    are passed on, never stored here."""
 
-    def __init__(self, cfg: Config, resume: bool, fresh: bool, progress, verbose: int, build,
-                 inputs: Inputs | None = None):
-        self.cfg, self.resume, self.fresh, self.inputs = cfg, resume, fresh, inputs
+    def __init__(self, cfg: Config, resume: bool, fresh: bool, progress, verbose: int, build):
+        self.cfg, self.resume, self.fresh = cfg, resume, fresh
         self.progress, self.verbose, self._build = progress, verbose, build
         self.t_start = time.time()
 
     # ---- 1. resolve
-    def resolve(self) -> None:
-        self.machine = resolve_machine(self.cfg)
-        self.mirrors = _mirrors(self.cfg)
-        out = self.mirrors.get("output.dir")
-        self.run = RunDir(out.local if out else self.cfg.output.dir)
-        if self.inputs is None:
-            self.inputs = check_inputs(self.cfg, self.run, self.resume, self.fresh,
-                                       self.machine.chief)
-        self.draws = (resume_draws(self.run.train_state, keras.config.backend()) if self.resume
-                      else DRAWS)
-        self.writer = RunWriter(self.run, self.machine.chief, out)
+    def resolve(self, inputs: Inputs | None = None) -> Setting:
+        machine = resolve_machine(self.cfg)
+        mirrors = _mirrors(self.cfg)
+        out = mirrors.get("output.dir")
+        run = RunDir(out.local if out else self.cfg.output.dir)
+        if inputs is None:
+            inputs = check_inputs(self.cfg, run, self.resume, self.fresh, machine.chief)
+        draws = (resume_draws(run.train_state, keras.config.backend()) if self.resume
+                 else DRAWS)
+        return Setting(machine, mirrors, run, inputs, draws, RunWriter(run, machine.chief, out))
 
     # ---- 2. prepare
-    def prepare(self) -> None:
-        cfg, machine, t = self.cfg, self.machine, self.cfg.train
+    def prepare(self, s: Setting) -> None:
+        cfg, machine, t = self.cfg, s.machine, self.cfg.train
         if self.fresh:
-            self.writer.clear()
-        if self.inputs.n_val == 0:
+            s.writer.clear()
+        if s.inputs.n_val == 0:
             log.warning("%s: the val split is empty, so best.lora.safetensors is chosen by train "
                         "loss (recorded in run.json as best_by); give captions.split.val > 0 for "
                         "a held-out choice", cfg.data.captions)
         if not self.resume:
-            self.writer.save_config(cfg)
-        print(f"weights: {self.inputs.source.label}\nprecision: {machine.precision}, XLA: "
+            s.writer.save_config(cfg)
+        print(f"weights: {s.inputs.source.label}\nprecision: {machine.precision}, XLA: "
               f"{machine.jit} ({machine.jit_reason}), replicas: {machine.replicas}")
         if machine.replicas > 1 or machine.kind != "one_device":
             # The learning rate is never rescaled for the replica count: say what runs.
@@ -280,48 +310,48 @@ class TrainingRun:
                      "the run's files"))
 
     # ---- 3. build
-    def build(self) -> None:
+    def build(self, s: Setting) -> Built:
         cfg, t = self.cfg, self.cfg.train
-        with self.machine.strategy.scope():
-            self.comps = self._build(self.inputs.source, cfg.data.resolution)
-        attention.set_attention(self.comps.diffusion_model, cfg.model.attention)
-        self.encoded = self._encode()
-        self.comps.image_encoder = None  # not needed past the cache
-        self.spe = self.inputs.n_train // t.batch_size
-        self.total = t.epochs * self.spe
-        self.end = min(self.total, t.max_steps * t.grad_accum) if t.max_steps else self.total
-        with self.machine.strategy.scope():
-            self.layers, te_layers = self._lora()
-            self.trainer = LoraTrainer(self.comps.diffusion_model, snr_gamma=t.snr_gamma,
-                                       text_encoder=self.comps.text_encoder if te_layers else None)
+        with s.machine.strategy.scope():
+            comps = self._build(s.inputs.source, cfg.data.resolution)
+        attention.set_attention(comps.diffusion_model, cfg.model.attention)
+        encoded = self._encode(s, comps)
+        comps.image_encoder = None  # not needed past the cache
+        spe = s.inputs.n_train // t.batch_size
+        total = t.epochs * spe
+        end = min(total, t.max_steps * t.grad_accum) if t.max_steps else total
+        with s.machine.strategy.scope():
+            layers, te_layers, trainable = self._lora(s, comps)
+            trainer = LoraTrainer(comps.diffusion_model, snr_gamma=t.snr_gamma,
+                                  text_encoder=comps.text_encoder if te_layers else None)
             te_vars = [v for d in te_layers.values() for v in (d.lora_kernel_a, d.lora_kernel_b)]
-            self.trainer.compile(optimizer=make_optimizer(
-                t, max(1, self.total // t.grad_accum), self.machine.precision,
-                self.machine.replicas, te_vars), jit_compile=self.machine.jit)
-            self.trainer.optimizer.build(self.trainer.trainable_variables)
-        self.te_lora = bool(te_layers)
-        self.state = cb.RunState(self.run.root, self.spe, t.grad_accum, self.end, self.total,
-                                 monitor="val_loss" if self.inputs.n_val else "loss",
-                                 draws=self.draws)
+            trainer.compile(optimizer=make_optimizer(
+                t, max(1, total // t.grad_accum), s.machine.precision,
+                s.machine.replicas, te_vars), jit_compile=s.machine.jit)
+            trainer.optimizer.build(trainer.trainable_variables)
+        state = cb.RunState(s.run.root, spe, t.grad_accum, end, total,
+                            monitor="val_loss" if s.inputs.n_val else "loss", draws=s.draws)
+        return Built(comps, encoded, layers, trainer, bool(te_layers), trainable, state)
 
-    def _encode(self):
+    def _encode(self, s: Setting, comps):
         """The frozen encoders' outputs, once, through the cache."""
         cfg = self.cfg
         if cfg.lora.text_encoder:
             print("lora.text_encoder: the text encoder trains, so captions are encoded at every "
                   "step (no text cache for this run); the VAE cache is kept")
-        cache = self.mirrors.get("data.cache_dir")
+        cache = s.mirrors.get("data.cache_dir")
         where = dataclasses.replace(cfg.data, cache_dir=str(cache.local)) if cache else cfg.data
-        return data.encode_dataset(self.inputs.table, self.comps, where, self.progress,
+        return data.encode_dataset(s.inputs.table, comps, where, self.progress,
                                    text_cache=not cfg.lora.text_encoder,
-                                   on_write=cache.push if cache and self.machine.chief else None)
+                                   on_write=cache.push if cache and s.machine.chief else None)
 
-    def _lora(self) -> tuple[dict, dict]:
+    def _lora(self, s: Setting, comps) -> tuple[dict, dict, int]:
         """LoRA on the U-Net (from lora.init_from when set) and, as a variant, on the text
-        encoder; returns (every LoRA layer by checkpoint key, the text encoder's)."""
+        encoder; returns (every LoRA layer by checkpoint key, the text encoder's, the number of
+        trainable parameters)."""
         cfg, t = self.cfg, self.cfg.train
-        layers = lora.apply_lora(self.comps.diffusion_model, cfg.lora)
-        if self.inputs.init_meta is not None:
+        layers = lora.apply_lora(comps.diffusion_model, cfg.lora)
+        if s.inputs.init_meta is not None:
             try:
                 lora.init_from(cfg.lora.init_from, layers, cfg.lora)
             except lora.LoraError as exc:
@@ -329,31 +359,31 @@ class TrainingRun:
             print(f"LoRA starts from {cfg.lora.init_from}")
         te_layers = {}
         if cfg.lora.text_encoder:
-            te_layers = lora.apply_text_encoder_lora(self.comps.text_encoder, cfg.lora)
+            te_layers = lora.apply_text_encoder_lora(comps.text_encoder, cfg.lora)
             print(f"text-encoder LoRA: {len(te_layers)} projections, learning rate "
                   f"{t.text_encoder_lr or t.learning_rate:g}")
         layers = {**layers, **te_layers}  # one checkpoint holds both (te00.q_proj, ...)
         if t.ema_decay:
             print(f"EMA of the LoRA weights (diffusers' EMAModel: decay min({t.ema_decay:g}, "
                   "(1 + k) / (10 + k)) after optimizer step k): "
-                  f"checkpoints hold it, their raw weights go to {self.run.checkpoints / 'raw'}")
-        self.trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
-        print(f"trainable LoRA parameters: {self.trainable:,} "
+                  f"checkpoints hold it, their raw weights go to {s.run.checkpoints / 'raw'}")
+        trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
+        print(f"trainable LoRA parameters: {trainable:,} "
               f"({len(layers)} projections, rank {cfg.lora.rank})")
-        return layers, te_layers
+        return layers, te_layers, trainable
 
     # ---- 4. restore
-    def restore(self) -> None:
+    def restore(self, s: Setting, b: Built) -> None:
         if not self.resume:
             return
-        state, run = self.state, self.run
-        info = load_train_state(run.train_state, self.trainer, self.layers)
+        state, run = b.state, s.run
+        info = load_train_state(run.train_state, b.trainer, b.layers)
         state.step, state.best_val = info["step"], info["best_val"]
         state.elapsed = info["elapsed"]
         history = run.read_history(state.optimizer_step)
         state.history = history.to_dict("records") if history is not None else []
         print(f"resuming at step {state.optimizer_step} (epoch {state.epoch_progress:g})")
-        if self.draws == LEGACY:
+        if s.draws == LEGACY:
             print(f"{run.train_state} records no draws: the run began before {DRAWS!r} and "
                   "continues with its TensorFlow draws")
         if info.get("schedule") != cb.SCHEDULE:
@@ -362,74 +392,77 @@ class TrainingRun:
                         "the first warm-up step had rate 0); the rest of this run follows the "
                         "new schedule, and its val loss draws other noise", run.train_state)
 
-    def record(self, status: str, **extra) -> dict:
+    def record(self, s: Setting, b: Built, status: str, **extra) -> dict:
         """The run record's content: the config, the weights, the machine, what runs, ``status``."""
-        cfg, m, t, source = self.cfg, self.machine, self.cfg.train, self.inputs.source
-        jit_used = bool(self.trainer.jit_compile)  # Keras may still turn XLA off
+        cfg, m, t, source = self.cfg, s.machine, self.cfg.train, s.inputs.source
+        jit_used = bool(b.trainer.jit_compile)  # Keras may still turn XLA off
         return {"config": cfg.to_dict(), "weights": source.to_dict(),
                 "random_init": source.is_random, "backend": keras.config.backend(),
                 "versions": machine_module().versions(),
                 "machine": machine_module().describe(), "status": status,
-                "trainable_parameters": self.trainable, "precision": m.precision,
+                "trainable_parameters": b.trainable, "precision": m.precision,
                 "jit_compile": jit_used, "jit_reason": m.jit_reason if jit_used == m.jit
                 else f"{m.jit_reason}; Keras turned it off",
                 "attention": cfg.model.attention, "lora_form": cfg.lora.form,
                 "loss_scaling": m.precision == "mixed_float16", "replicas": m.replicas,
-                "strategy": m.kind, "workers": m.workers, "steps_per_epoch": self.spe,
-                "train_images": self.inputs.n_train, "val_images": self.inputs.n_val,
-                "best_by": "val_loss" if self.inputs.n_val else "train_loss",
-                "distinct_captions": int(self.inputs.table.caption.nunique()),
+                "strategy": m.kind, "workers": m.workers,
+                "steps_per_epoch": b.state.steps_per_epoch,
+                "train_images": s.inputs.n_train, "val_images": s.inputs.n_val,
+                "best_by": "val_loss" if s.inputs.n_val else "train_loss",
+                "distinct_captions": int(s.inputs.table.caption.nunique()),
                 "options": {k: getattr(t, k) for k in ("snr_gamma", "noise_offset",
                                                         "caption_dropout", "ema_decay")},
-                "text_encoder_lora": self.te_lora, "draws": self.draws, **extra}
+                "text_encoder_lora": b.te_lora, "draws": s.draws, **extra}
 
     # ---- 5. fit
-    def fit(self, stop) -> None:
+    def fit(self, s: Setting, b: Built, stop) -> None:
         """The fit segments; a stop request, a full disk or a lost worker ends them early."""
-        cfg, t, state = self.cfg, self.cfg.train, self.state
-        callbacks = self._callbacks(stop)
-        val = data.val_dataset(self.encoded, t.batch_size, cfg.seed, t.val_repeats, self.draws)
+        cfg, t, state = self.cfg, self.cfg.train, b.state
+        callbacks = self._callbacks(s, b, stop)
+        val = data.val_dataset(b.encoded, t.batch_size, cfg.seed, t.val_repeats, s.draws)
         try:
-            for initial, epochs, steps in fit_segments(state.step, self.spe, self.end):
+            for initial, epochs, steps in fit_segments(state.step, state.steps_per_epoch,
+                                                       state.end_step):
                 if state.stop_reason:
                     break
-                ds = data.train_dataset(self.encoded, data.Batches.of(cfg, self.draws),
+                ds = data.train_dataset(b.encoded, data.Batches.of(cfg, s.draws),
                                         state.step,
-                                        min(self.end, state.step + (epochs - initial) * steps))
-                self._fit_segment(ds, val, initial, epochs, steps, callbacks)
+                                        min(state.end_step, state.step + (epochs - initial) * steps))
+                self._fit_segment(s, b, ds, val, (initial, epochs, steps), callbacks)
         except cb.StopRequested:
-            self._interrupted(stop)
+            self._interrupted(s, b, stop)
         except DiskFull as exc:
-            self.writer.push()
-            raise TrainingStopped(f"{exc}. {self._intact()} Free some space, then continue with "
+            s.writer.push()
+            raise TrainingStopped(f"{exc}. {self._intact(s)} Free some space, then continue with "
                                   f"--resume.") from None
 
-    def _fit_segment(self, ds, val, initial, epochs, steps, callbacks) -> None:
-        if self.machine.kind != "multi_worker":
-            self.trainer.fit(ds, epochs=epochs, initial_epoch=initial, steps_per_epoch=steps,
+    def _fit_segment(self, s: Setting, b: Built, ds, val, segment, callbacks) -> None:
+        initial, epochs, steps = segment
+        if s.machine.kind != "multi_worker":
+            b.trainer.fit(ds, epochs=epochs, initial_epoch=initial, steps_per_epoch=steps,
                              validation_data=val, callbacks=callbacks, verbose=self.verbose,
                              shuffle=False)
             return
         from fashion_sd.training import multiworker  # tf.distribute's, TensorFlow only
 
         try:  # Keras' fit cannot (see fashion_sd.training.multiworker)
-            multiworker.fit(self.trainer, self.machine.strategy, ds, epochs=epochs,
+            multiworker.fit(b.trainer, s.machine.strategy, ds, epochs=epochs,
                             initial_epoch=initial, steps_per_epoch=steps, validation_data=val,
-                            callbacks=callbacks, verbose=self.verbose, chief=self.machine.chief)
+                            callbacks=callbacks, verbose=self.verbose, chief=s.machine.chief)
         except multiworker.LOST_WORKER as exc:
-            self.writer.push()
-            saved = load_train_state_step(self.run.train_state)
+            s.writer.push()
+            saved = load_train_state_step(s.run.train_state)
             raise TrainingStopped(
-                f"a worker of the cluster was lost at step {self.state.optimizer_step} "
+                f"a worker of the cluster was lost at step {b.state.optimizer_step} "
                 f"({str(exc).strip().splitlines()[0][:200]}). "
-                + (f"The train state in {self.run.train_state} (step {saved}) is intact: "
+                + (f"The train state in {s.run.train_state} (step {saved}) is intact: "
                    if saved is not None else "No train state was written yet: ")
                 + "restart every worker with the same command and --resume"
                 + ("" if saved is not None else " removed")) from None
 
-    def _callbacks(self, stop) -> list:
+    def _callbacks(self, s: Setting, b: Built, stop) -> list:
         """Every worker counts steps and stops alike; only the chief writes (the writers)."""
-        cfg, t, state, source = self.cfg, self.cfg.train, self.state, self.inputs.source
+        cfg, t, state, source = self.cfg, self.cfg.train, b.state, s.inputs.source
         metadata = {"base_weights": source.id, "random_init": str(source.is_random).lower(),
                     "caption_template": cfg.captions.template,
                     "resolution": str(cfg.data.resolution)}
@@ -437,87 +470,87 @@ class TrainingRun:
             metadata["init_from"] = str(cfg.lora.init_from)
         else:  # how A started (B = 0): the config's lora.init, so a checkpoint says how to repeat it
             metadata["lora_init"] = cfg.lora.init
-        if self.machine.jit:
-            self.comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predicts
-        sampler = Sampler(self.comps, local=self.machine.kind == "multi_worker")
+        if s.machine.jit:
+            b.comps.diffusion_model.compile(jit_compile=True)  # XLA for the sampler's predicts
+        sampler = Sampler(b.comps, local=s.machine.kind == "multi_worker")
         writers = [
-            cb.Checkpointer(state, self.writer, self.layers, cfg, metadata, source.label),
-            cb.SampleGrids(state, self.writer, sampler, t, source.label),
-            *self._scoring(sampler),
+            cb.Checkpointer(state, s.writer, b.layers, cfg, metadata, source.label),
+            cb.SampleGrids(state, s.writer, sampler, t, source.label),
+            *self._scoring(s, b, sampler),
             # EMA: val loss of the EMA weights, raw weights kept across fit segments.
             *([cb.EmaValidation(), cb.KeepRawWeights()] if t.ema_decay else []),
-            *self.writer.tensorboard(),
-            *([cb.AfterWrites(self.writer.push)] if self.writer.mirror else []),  # after writes
+            *s.writer.tensorboard(),
+            *([cb.AfterWrites(s.writer.push)] if s.writer.mirror else []),  # after writes
         ]
         return [cb.StepGuard(state, t.max_nonfinite, t.min_loss_scale, stop),
-                *(writers if self.machine.chief else []), cb.StopWhenRequested(state)]
+                *(writers if s.machine.chief else []), cb.StopWhenRequested(state)]
 
-    def _scoring(self, sampler) -> list:
+    def _scoring(self, s: Setting, b: Built, sampler) -> list:
         """``train.eval_every``: the chief scores; the other workers wait for it."""
         cfg, t = self.cfg, self.cfg.train
-        if not t.eval_every or not self.machine.chief:
+        if not t.eval_every or not s.machine.chief:
             return []
 
         print(f"evaluating every {t.eval_every} epoch(s) on {t.eval_images} {cfg.eval.split} "
-              f"prompts -> {self.run.eval}")
-        scorer = Scorer(cfg, Scope(num_images=t.eval_images, out=self.run.eval),
+              f"prompts -> {s.run.eval}")
+        scorer = Scorer(cfg, Scope(num_images=t.eval_images, out=s.run.eval),
                         Parts(progress=self.progress))
         scorer.judge  # noqa: B018 - CLIP now: a missing download fails before the first step
-        return [cb.EvalDuringTraining(self.state, scorer, sampler, t, self.inputs.source.id,
-                                      self.inputs.source.label)]
+        return [cb.EvalDuringTraining(b.state, scorer, sampler, t, s.inputs.source.id,
+                                      s.inputs.source.label)]
 
-    def _intact(self) -> str:
-        saved = load_train_state_step(self.run.train_state)
+    def _intact(self, s: Setting) -> str:
+        saved = load_train_state_step(s.run.train_state)
         if saved is None:
             return "No train state was written yet."
-        return (f"The last train state ({self.run.train_state}, step {saved}) and checkpoint "
-                f"({self.run.last}) are intact.")
+        return (f"The last train state ({s.run.train_state}, step {saved}) and checkpoint "
+                f"({s.run.last}) are intact.")
 
-    def _interrupted(self, stop) -> None:
+    def _interrupted(self, s: Setting, b: Built, stop) -> None:
         """After a stop request: the train state of this step is written (by the chief's
         Checkpointer); record it and say how to resume."""
-        self.writer.write_record(self.record("interrupted", step=self.state.optimizer_step,
-                                             epoch=self.state.epoch_progress,
+        s.writer.write_record(self.record(s, b, "interrupted", step=b.state.optimizer_step,
+                                             epoch=b.state.epoch_progress,
                                              stop_reason=stop.name))
-        self.writer.push()
-        where = (f"The train state of step {self.state.optimizer_step} is in "
-                 f"{self.run.train_state}" if self.machine.chief else "The chief saved the train "
+        s.writer.push()
+        where = (f"The train state of step {b.state.optimizer_step} is in "
+                 f"{s.run.train_state}" if s.machine.chief else "The chief saved the train "
                  "state")
         raise TrainingInterrupted(
-            f"{stop.name} at step {self.state.optimizer_step} (epoch "
-            f"{self.state.epoch_progress:g}): stopped cleanly. {where}; continue with: fashion-sd "
-            f"train --config {self.run.config} --resume", stop.exit_code)
+            f"{stop.name} at step {b.state.optimizer_step} (epoch "
+            f"{b.state.epoch_progress:g}): stopped cleanly. {where}; continue with: fashion-sd "
+            f"train --config {s.run.config} --resume", stop.exit_code)
 
     # ---- 6. finish
-    def finish(self) -> dict:
-        t, state, trainer = self.cfg.train, self.state, self.trainer
+    def finish(self, s: Setting, b: Built) -> dict:
+        t, state, trainer = self.cfg.train, b.state, b.trainer
         last = state.history[-1] if state.history else {}
         best = state.best_val if math.isfinite(state.best_val) else None
-        summary = self.record(
-            "finished" if state.step >= self.total else "stopped",
+        summary = self.record(s, b, 
+            "finished" if state.step >= b.state.total_steps else "stopped",
             stop_reason=state.stop_reason, step=state.optimizer_step, epoch=state.epoch_progress,
             final_loss=last.get("loss"), final_val_loss=last.get("val_loss"),
-            best_val_loss=best if self.inputs.n_val else None,
-            best_train_loss=None if self.inputs.n_val else best,
+            best_val_loss=best if s.inputs.n_val else None,
+            best_train_loss=None if s.inputs.n_val else best,
             skipped_steps=int(trainer.skipped_steps.numpy()),
             overflow_steps=int(trainer.overflow_steps.numpy()),
             seconds_this_session=round(time.time() - self.t_start, 1))
-        self.writer.write_record(summary)
-        if self.machine.kind == "multi_worker":
+        s.writer.write_record(summary)
+        if s.machine.kind == "multi_worker":
             from fashion_sd.training import multiworker
 
-            multiworker.barrier(self.machine.strategy)
+            multiworker.barrier(s.machine.strategy)
         if state.stop_reason is cb.StopReason.NONFINITE:
             raise TrainingStopped(
                 f"stopped at step {state.optimizer_step}: {t.max_nonfinite} non-finite losses "
-                f"in a row. The last checkpoint ({self.run.last}) is intact. Lower "
+                f"in a row. The last checkpoint ({s.run.last}) is intact. Lower "
                 "train.learning_rate, or use train.precision: float32.")
         if state.stop_reason is cb.StopReason.LOSS_SCALE:
             raise TrainingStopped(
                 f"stopped at step {state.optimizer_step}: the float16 loss scale fell below "
                 f"train.min_loss_scale={t.min_loss_scale:g} ({summary['overflow_steps']} "
                 "overflow steps): gradients overflow float16 even unscaled, and smaller scales "
-                f"would let them underflow silently. The last checkpoint ({self.run.last}) is "
+                f"would let them underflow silently. The last checkpoint ({s.run.last}) is "
                 "intact. Use train.precision: mixed_bfloat16 (Ampere or newer) or float32, or "
                 "lower train.learning_rate.")
         return summary
