@@ -201,7 +201,15 @@ class EvalConfig:
     clip: str = "auto"
     clip_preset: str = "clip-vit-large-patch14"
     # The column that marks a run's best checkpoint in fid.md, the grid and the sweep table.
-    select: Literal["kid", "fid", "clip", "type_accuracy", "colour_top1", "gender_top1"] = "kid"
+    select: Literal["kid", "fid", "clip", "type_accuracy", "colour_top1", "gender_top1",
+                    "cmmd", "fd_dinov2", "coverage", "density"] = "kid"
+    # DINOv2 ViT for FD-DINOv2 and precision/recall/density/coverage (evaluation/dinov2.py):
+    # auto (facebook/dinov2-large when cached or downloadable, else those columns are marked off
+    # with the reason), none, hf:DIR (a transformers Dinov2Model folder) or hf:OWNER/NAME.
+    dinov2: str = "auto"
+    # Bootstrap resamples of the images for FID's, FD-DINOv2's and CMMD's standard errors and
+    # 95% intervals (evaluation/distances.py); 0: none.
+    bootstrap: int = 20
 
 
 @dataclass
@@ -677,9 +685,19 @@ def _check_eval(c: _Checks, cfg: Config) -> None:
 
     c.need(cfg.eval.clip_preset in ARCHITECTURES or cfg.eval.clip.startswith(("local:", "hf:")),
          "eval.clip_preset", f"must be one of {', '.join(ARCHITECTURES)}")
-    c.need(cfg.eval.select in ("kid", "fid") or cfg.eval.clip != "none",
+    c.need(cfg.eval.select in ("kid", "fid", "fd_dinov2", "coverage", "density")
+         or cfg.eval.clip != "none",
          "eval.select", f"{cfg.eval.select} needs CLIP: set eval.clip to auto, pretrained, "
          "local:DIR or hf:DIR, or eval.select: kid")
+    c.need(cfg.eval.select not in ("fd_dinov2", "coverage", "density") or cfg.eval.dinov2 != "none",
+         "eval.select", f"{cfg.eval.select} needs DINOv2: set eval.dinov2 to auto or hf:DIR, or "
+         "eval.select: kid")
+    c.need(cfg.eval.dinov2 in ("auto", "none")
+         or (cfg.eval.dinov2.startswith("hf:") and len(cfg.eval.dinov2) > 3),
+         "eval.dinov2", "must be auto, none, hf:DIR (a transformers Dinov2Model folder) or "
+         "hf:OWNER/NAME")
+    c.need(0 <= cfg.eval.bootstrap <= 10_000, "eval.bootstrap",
+         "must be from 0 (none) to 10000 resamples")
     c.need(bool(cfg.output.dir), "output.dir", "must not be empty")
     c.need(len(set(cfg.output.export)) == len(cfg.output.export), "output.export",
          "must not repeat a format")

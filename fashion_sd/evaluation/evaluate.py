@@ -40,6 +40,7 @@ from fashion_sd.evaluation.fid import (
     stats_key,
     warn_if_biased,
 )
+from fashion_sd.evaluation.distance_columns import DistanceColumns, RealSet, load_dinov2
 from fashion_sd.evaluation.judge import SUMMARY, load_judge, summarise
 from fashion_sd.images import load_image
 from fashion_sd.rundir import SCORES_GRID as GRID
@@ -48,11 +49,13 @@ from fashion_sd.sd import lora_file
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["checkpoint", "epoch", "step", "fid", "kid_mean", "kid_std", "kid_subset_size",
-           "clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1", "on_model_rate",
+COLUMNS = ["checkpoint", "epoch", "step", "fid", "fid_se", "kid_mean", "kid_std", "kid_subset_size",
+           "cmmd", "cmmd_se", "fd_dinov2", "fd_dinov2_se", "precision", "recall", "density",
+           "coverage", "inception_precision", "inception_recall", "inception_density",
+           "inception_coverage", "clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1", "on_model_rate",
            "colour_accuracy", "colour_judged_share", "cut_off_rate", "cut_off_judged_share",
            "cut_off_low", "cut_off_high", "type_chance", "colour_chance", "gender_chance", "n_real", "n_generated", "backend", "protocol", "comparable",
-           "clip_model", "weights_source", "settings", "selected"]
+           "clip_model", "dinov2_model", "weights_source", "settings", "notes", "selected"]
 BASE = "base"
 # The real split's photos, judged as the models' images are: each judged column's ceiling.
 REAL = "real"
@@ -65,7 +68,9 @@ CHANCE = {"type_top1": "type_chance", "colour_top1": "colour_chance",
 # eval.select -> (column, lower is better)
 SELECT = {"kid": ("kid_mean", True), "fid": ("fid", True), "clip": ("clip_score", False),
           "type_accuracy": ("type_top1", False), "colour_top1": ("colour_top1", False),
-          "gender_top1": ("gender_top1", False)}
+          "gender_top1": ("gender_top1", False), "cmmd": ("cmmd", True),
+          "fd_dinov2": ("fd_dinov2", True), "coverage": ("coverage", False),
+          "density": ("density", False)}
 
 
 class EvaluationError(FashionSDError, ValueError):
@@ -224,6 +229,44 @@ def _judged(row, rate: str) -> str:
     return _num(row.get(rate), "{:.2f}") + (f" ({_num(share, '{:.0%}')}{bounds})" if _num(share) else "")
 
 
+def _plus_minus(r, column: str, fmt: str = "{:.4g}") -> str:
+    """``12.3 ± 0.4``: a distance and its bootstrap standard error, where there is one."""
+    value, se = _num(r.get(column), fmt), _num(r.get(f"{column}_se"), "{:.2g}")
+    return f"{value} ± {se}" if value and se else value
+
+
+def _distance_lines(df: pd.DataFrame) -> list[str]:
+    """The distances beside FID, one row per model (the real photos have none)."""
+    lines = ["| checkpoint | FID ± se | CMMD ± se | FD-DINOv2 ± se | precision / recall / density "
+             "/ coverage (DINOv2) | the same (Inception) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for _, r in df[df.checkpoint != REAL].iterrows():
+        prdc = [" / ".join(_num(r.get(prefix + c), "{:.2f}") for c in
+                           ("precision", "recall", "density", "coverage"))
+                if _num(r.get(prefix + "precision")) else "" for prefix in ("", "inception_")]
+        lines.append(f"| {r.checkpoint} | {_plus_minus(r, 'fid')} | {_plus_minus(r, 'cmmd', '{:.3f}')} | "
+                     f"{_plus_minus(r, 'fd_dinov2')} | {prdc[0]} | {prdc[1]} |")
+    return lines
+
+
+def _distance_notes(df: pd.DataFrame, first) -> list[str]:
+    """Which networks the distances beside FID used, and what their sample sizes allow."""
+    rows = df[df.checkpoint != REAL]
+    notes = [n for n in dict.fromkeys(
+        part for text in rows.get("notes", pd.Series(dtype=str)).dropna().astype(str)
+        for part in text.split("; ") if part)]
+    clip = first.get("clip_model")
+    dino = first.get("dinov2_model")
+    made = [f"CMMD on the image embeddings of {clip} (the paper's: CLIP ViT-L/14@336)"
+            if isinstance(clip, str) and _num(first.get("cmmd")) else "",
+            f"FD-DINOv2 and PRDC on {dino}" if isinstance(dino, str) else ""]
+    text = "; ".join(m for m in made if m)
+    out = [f"{text}. ± is the bootstrap standard error over resampled images (eval.bootstrap); "
+           "two checkpoints whose difference is within about twice it do not differ at this "
+           "size." if text else "± is the bootstrap standard error (eval.bootstrap)."]
+    return out + ([f"Notes: {'; '.join(notes)}."] if notes else [])
+
+
 def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
                  clip_note: str = "") -> pd.DataFrame:
     """The scores table (the best row per ``select`` marked ``selected``), its one-screen
@@ -248,6 +291,7 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
                      f"{_num(r.get('colour_top1'), '{:.2f}')} | {_num(r.get('gender_top1'), '{:.2f}')} | "
                      f"{_num(r.on_model_rate, '{:.2f}')} | {_judged(r, 'colour_accuracy')} | "
                      f"{_judged(r, 'cut_off_rate')} |")
+    lines += ["", *_distance_lines(df)]
     first = df[df.checkpoint != REAL].iloc[-1] if (df.checkpoint != REAL).any() else df.iloc[-1]
     notes = [f"Best by {column} (eval.select: {select}). {int(first.n_generated)} generated "
              f"images against {int(first.n_real)} real ones (the {'same' if df.n_real.nunique() == 1 else 'varying'} "
@@ -267,6 +311,7 @@ def write_tables(df: pd.DataFrame, out: Path, label: str, select: str = "kid",
         if low:
             notes.append(f"Near chance on the real photos (never used to select): "
                          f"{', '.join(low)}.")
+    notes += _distance_notes(df, first)
     if not comparable:
         notes.append("**NOT COMPARABLE**: FID/KID from Inception weights other than the published "
                      "FID network (eval.backend: tfhub); they compare checkpoints of this table, "
@@ -316,13 +361,14 @@ class Scope:
 @dataclass
 class Parts:
     """What a caller may put in place of the real pieces: the Inception network, the Stable
-    Diffusion builder ``build(source, resolution)``, the CLIP judge (tests pass small ones),
-    and a progress bar."""
+    Diffusion builder ``build(source, resolution)``, the CLIP judge, the DINOv2 network (tests
+    pass small ones), and a progress bar."""
 
     extractor: object = None
     build: object = None
     judge: object = None
     progress: object = None
+    dinov2: object = None  # a DinoV2 (evaluation/dinov2.py) in place of eval.dinov2's
 
 
 class Scorer:
@@ -354,7 +400,7 @@ class Scorer:
             extractor, self.plan.real_paths, cfg.data.resolution, progress=progress))
         warn_if_biased(len(self.plan.real_paths), len(self.plan.prompts))
         self.clip_note = ""
-        self._judge = parts.judge
+        self._judge, self._dino, self._distances = parts.judge, parts.dinov2, None
 
     @property
     def judge(self):
@@ -367,6 +413,21 @@ class Scorer:
                                                          self.plan.colour_names)
         return self._judge
 
+    @property
+    def distances(self) -> DistanceColumns:
+        """CMMD (the judge's CLIP), FD-DINOv2 and PRDC (``eval.dinov2``), standard errors:
+        prepared on first use, as the judge is."""
+        if self._distances is None:
+            cfg, judge = self.cfg, self.judge
+            with dtype_policy("float32"):  # as Inception: see __init__
+                dino, dino_note = (self._dino, "") if self._dino is not None else \
+                    load_dinov2(cfg.eval.dinov2)
+            real = RealSet(self.plan.real_paths, lambda p: load_image(p, cfg.data.resolution),
+                           Path(cfg.data.cache_dir), cfg.data.resolution, self.real["features"])
+            self._distances = DistanceColumns(real, judge.clip, self.clip_note, dino, dino_note,
+                                              cfg.eval.bootstrap, cfg.seed)
+        return self._distances
+
     def score(self, sampler, name: str, meta: dict, weights_id: str) -> dict:
         """Generate the plan's images with ``sampler`` as it stands and score them: one row."""
         plan = self.plan
@@ -374,10 +435,13 @@ class Scorer:
         images = generate_for(sampler, plan, self.cfg.eval.batch_size,
                               lambda i, img: self.dir.write_image(name, i, plan.seeds[i], img),
                               self.progress)
+        features = self.extractor(images)
+        with dtype_policy("float32"):
+            distances = self.distances.row(images, features)
         return {"checkpoint": name,
                 "epoch": float(meta["epoch"]) if "epoch" in meta else math.nan,
                 "step": float(meta["step"]) if "step" in meta else math.nan,
-                **score(self.extractor(images), self.real, self.cfg),
+                **score(features, self.real, self.cfg), **distances,
                 **judge_images(self.judge, images, plan, self.dir, name),
                 **self._provenance(len(images), weights_id)}
 
@@ -416,7 +480,9 @@ class Scorer:
                     for c, s in zip(table.checkpoint, table.settings)]
             table = _ordered(pd.concat([table[keep], pd.DataFrame([row], columns=COLUMNS)],
                                        ignore_index=True))
-            return write_tables(table, self.out, label, self.cfg.eval.select, self.clip_note)
+            write_tables(table, self.out, label, self.cfg.eval.select, self.clip_note)
+            # as a reader of fid.csv gets it (one dtype per column, whichever rows came first)
+            return self.previous()
 
 
 def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, force: bool = False,

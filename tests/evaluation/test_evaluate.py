@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT
+from PIL import Image
 from tiny import FakeClip, tiny_unet
 
 from fashion_sd.config import load_config
@@ -45,7 +46,7 @@ def trained(tmp_path, demo_captions, encoder_cache, build):
         f"data.captions={demo_captions}", f"data.cache_dir={encoder_cache}",
         f"output.dir={tmp_path / 'run'}", "model.weights=random", "train.batch_size=8",
         "train.sample_every=0", "train.epochs=2", "eval.num_images=4", "eval.steps=2",
-        "eval.clip=none"])
+        "eval.clip=none", "eval.dinov2=none"])
     run.train(cfg, progress=None, verbose=0, build=build)
     return cfg
 
@@ -225,3 +226,43 @@ def test_scoring_networks_are_float32_under_a_mixed_precision_run(tmp_path, demo
     dtypes = {layer.compute_dtype for layer in judge.clip.model._flatten_layers()
               if hasattr(layer, "compute_dtype")}
     assert dtypes == {"float32"}, dtypes
+
+
+def test_the_distances_beside_fid_use_the_same_images(trained, build, tmp_path):
+    """CMMD on the judge's CLIP embeddings, FD-DINOv2 on a small random DINOv2 (transformers'
+    folder, converted), each equal to its function on the images the table's row was made from,
+    with bootstrap standard errors; PRDC is off at 4 images, with the reason in the notes."""
+    transformers = pytest.importorskip("transformers")
+    from fashion_sd.evaluation import dinov2
+    from fashion_sd.evaluation import distances as d
+
+    folder = tmp_path / "dinov2"
+    transformers.Dinov2Model(transformers.Dinov2Config(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, layerscale_value=0.5)).save_pretrained(folder)
+    dino = dinov2.load(f"hf:{folder}", size=28)
+    out = tmp_path / "eval"
+    table = ev.evaluate(trained, f"{trained.output.dir}/checkpoints/epoch_002.lora.safetensors",
+                        scope=ev.Scope(out=out),
+                        parts=ev.Parts(SmallExtractor(), build, fake_judge(trained), dinov2=dino))
+    row = table.set_index("checkpoint").loc["epoch_002"]
+    generated = [np.asarray(Image.open(p).convert("RGB"))
+                 for p in sorted((out / "images" / "epoch_002").glob("*.png"))]
+    plan = ev.make_plan(trained, "test", None)
+    real = [load_image(p, trained.data.resolution) for p in plan.real_paths]
+    clip = fake_judge(trained).clip
+    assert row.cmmd == pytest.approx(d.cmmd(clip.embed_images(real), clip.embed_images(generated)))
+    assert row.fd_dinov2 == pytest.approx(d.frechet_distance_of_features(
+        dinov2.features(real, dino), dinov2.features(generated, dino)), rel=1e-6)
+    assert row.fid == pytest.approx(d.frechet_distance_of_features(
+        SmallExtractor()(real), SmallExtractor()(generated)), rel=1e-9)
+    for column in ("fid_se", "cmmd_se", "fd_dinov2_se"):
+        assert np.isfinite(row[column]) and row[column] > 0, column
+    assert pd.isna(row.precision) and pd.isna(row.inception_coverage)  # k = 5 needs 6 images
+    assert "PRDC: not computable" in row.notes and "CMMD:" in row.notes
+    assert row.dinov2_model.startswith("DINOv2 hf:dinov2")
+    md = (out / "fid.md").read_text()
+    assert "FD-DINOv2 ± se" in md and f"FD-DINOv2 and PRDC on {row.dinov2_model}" in md
+    assert "bootstrap standard error" in md and "PRDC: not computable" in md
+    # the real row has no distance of its own
+    assert table.set_index("checkpoint").loc["real", ["cmmd", "fd_dinov2"]].isna().all()
