@@ -8,7 +8,7 @@ installed; on a machine with JAX and no TensorFlow, JAX (``fashion_sd/__init__.p
 On JAX: the networks (``sd/unet.py``, ``text_encoder.py``, ``vae.py``), the tokenizer, filling
 the encoder caches, training (``training/step_jax.py``, the numpy batches, several devices
 through Keras' ``DataParallel``) and generation (``sd/ddim.py``, ``serving/generate.py``).
-TensorFlow only: evaluation (FID through TF-Hub's Inception, KerasCV's CLIP), also during
+TensorFlow only: evaluation (FID through TF-Hub's Inception), also during
 training (``train.eval_every``), the text encoder's LoRA (``lora.text_encoder``: its JAX step
 is not compared with TensorFlow's yet), and tf.distribute's ``multi_worker`` and ``tpu`` strategies;
 each is refused before any model on another backend.
@@ -24,7 +24,7 @@ from pathlib import Path
 from fashion_sd.errors import BackendError
 
 TENSORFLOW_ONLY = {
-    "evaluate": "FID through TF-Hub's Inception and KerasCV's CLIP",
+    "evaluate": "FID through TF-Hub's Inception",
 }
 
 

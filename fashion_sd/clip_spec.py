@@ -43,7 +43,7 @@ def check_spec(spec: str, key: str = "eval.clip") -> None:
     if spec.startswith("local:"):
         folder = _folder(spec)
         if not (folder / "config.json").is_file():
-            raise ClipUnavailable(f"{key}: {spec}: no config.json in {folder}; give a KerasCV CLIP "
+            raise ClipUnavailable(f"{key}: {spec}: no config.json in {folder}; give a keras-hub CLIP "
                                   "preset folder (config.json + model.weights.h5), or set "
                                   f"{key}: auto or none")
     elif spec.startswith("hf:"):

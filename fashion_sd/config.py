@@ -680,7 +680,7 @@ def _check_eval(c: _Checks, cfg: Config) -> None:
                 if key not in ("seed", "train.sample_seeds") and abs(value) >= 2**31)
     c.need(cfg.eval.clip in ("auto", "pretrained", "random", "none")
          or (cfg.eval.clip.startswith(("local:", "hf:")) and len(cfg.eval.clip.split(":", 1)[1]) > 0),
-         "eval.clip", "must be auto, pretrained, random, none, local:DIR (a KerasCV CLIP preset "
+         "eval.clip", "must be auto, pretrained, random, none, local:DIR (a keras-hub CLIP preset "
          "folder) or hf:DIR (a transformers CLIP folder)")
 
     c.need(cfg.eval.clip_preset in ARCHITECTURES or cfg.eval.clip.startswith(("local:", "hf:")),

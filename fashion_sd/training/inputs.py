@@ -168,7 +168,7 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
     if cfg.train.eval_every:
         if backend != "tensorflow":
             raise BackendError(f"train.eval_every: {cfg.train.eval_every}: evaluation (FID through "
-                               "TF-Hub's Inception, KerasCV's CLIP) needs Keras' tensorflow "
+                               "TF-Hub's Inception) needs Keras' tensorflow "
                                "backend; set train.eval_every: 0 on "
                                f"{backend} and run fashion-sd evaluate on "
                                "TensorFlow afterwards")

@@ -1,6 +1,6 @@
-"""KerasCV's CLIP as the evaluation's judge: a random-init model saved as a preset folder by the
-test loads back through eval.clip: local:DIR and judges real images; offline errors say what to
-download; random init only when asked, and labelled."""
+"""keras-hub's CLIP as the evaluation's judge: a random-init model saved as a keras-hub preset folder
+by the test loads back through eval.clip: local:DIR and judges real images; offline errors say what
+to download; random init only when asked, and labelled."""
 
 import numpy as np
 import pandas as pd
@@ -9,7 +9,7 @@ from conftest import DEMO
 from PIL import Image
 
 from fashion_sd.evaluation import clip as C
-from fashion_sd.sd.kerascv_clip import save_clip
+from fashion_sd.sd import hub_clip
 
 TINY = dict(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
             vision_patch_size=16, transformer_width=32, transformer_heads=2, transformer_layers=1)
@@ -18,12 +18,12 @@ TINY = dict(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64,
 @pytest.fixture(scope="module")
 def tiny_preset(tmp_path_factory):
     model = C.random_clip("clip-vit-base-patch32", seed=3, **TINY)
-    return model, save_clip(model, tmp_path_factory.mktemp("clip") / "tiny-clip")
+    return model, hub_clip.save(model, tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 @pytest.fixture
 def offline(monkeypatch):
-    from keras_cv.src.utils import preset_utils
+    from keras_hub.src.utils import preset_utils
 
     def refuse(handle, path=None):
         raise ConnectionError(f"Failed to resolve 'api.kaggle.com' for {handle}")
@@ -39,7 +39,7 @@ def test_local_preset_loads_back_the_same_model(tiny_preset):
               for p in sorted((DEMO / "images").glob("*.jpg"))[:3]]
     x = C.preprocess(images, 32)
     np.testing.assert_allclose(loaded.embed_images(images),
-                               np.asarray(model.image_encoder(x)), rtol=1e-5, atol=1e-6)
+                               np.asarray(model.get_vision_embeddings(x)), rtol=1e-5, atol=1e-6)
     texts = ["an image of a 2011 Casual Fall White Men's Sweater", "a photo of a watch"]
     emb = loaded.embed_texts(texts)
     assert emb.shape == (2, 16) and np.isfinite(emb).all()
@@ -57,6 +57,45 @@ def test_text_features_are_read_at_the_end_token(tiny_preset):
     np.testing.assert_allclose(alone[0], batched[0], rtol=1e-5, atol=1e-6)
 
 
+def test_keras_hub_settings_hold_after_building_and_loading(tiny_preset):
+    """What keras-hub leaves as transformers would not (fashion_sd/sd/hub_clip.py): a fresh
+    encoder's final text LayerNorm has epsilon 1e-6 and its vision position ids are all 0. Ours
+    have 1e-5 and 0..n-1, built and loaded back from a preset alike; if keras-hub changes its
+    defaults, the first assertions say so."""
+    import keras_hub
+
+    fresh = keras_hub.models.CLIPTextEncoder(vocabulary_size=49408, embedding_dim=32, hidden_dim=32,
+                                             num_layers=1, num_heads=2, intermediate_dim=64)
+    assert fresh.layer_norm.epsilon == 1e-6
+    vision = keras_hub.models.CLIPVisionEncoder(patch_size=16, hidden_dim=64, num_layers=1,
+                                                num_heads=2, intermediate_dim=64,
+                                                image_shape=(32, 32, 3))
+    assert not np.asarray(vision.embedding.position_ids).any()
+    model, folder = tiny_preset
+    loaded, _ = C.load_clip(f"local:{folder}", "clip-vit-large-patch14")
+    for backbone in (model, loaded.model):
+        assert backbone.text_encoder.layer_norm.epsilon == 1e-5
+        ids = backbone.vision_encoder.embedding.position_ids
+        np.testing.assert_array_equal(ids, [range(5)])
+        assert {w.dtype for w in backbone.weights if w is not ids} == {"float32"}
+
+
+def test_openai_padding_leaves_one_end_token():
+    ids = np.array([[49406, 320, 49407, 49407, 49407], [49406, 1, 2, 3, 49407]], np.int32)
+    np.testing.assert_array_equal(hub_clip.openai_padding(ids),
+                                  [[49406, 320, 49407, 0, 0], [49406, 1, 2, 3, 49407]])
+
+
+def test_a_kerascv_preset_is_refused_saying_so(tmp_path):
+    """local:DIR named a KerasCV CLIP preset before keras-hub; one is refused, never misread."""
+    (tmp_path / "config.json").write_text(
+        '{"module": "keras_cv.src.models.feature_extractor.clip.clip_model", "class_name": "CLIP", '
+        '"config": {"embed_dim": 16}, "registered_name": "keras_cv>CLIP", '
+        '"weights": "model.weights.h5"}')
+    with pytest.raises(C.ClipUnavailable, match="KerasCV CLIP preset, which the judge no longer"):
+        C.load_clip(f"local:{tmp_path}", "clip-vit-large-patch14")
+
+
 def test_preprocess_is_openai_clips_centre_crop():
     image = np.zeros((80, 60, 3), np.uint8)
     image[:, :, 0] = 255
@@ -67,7 +106,7 @@ def test_preprocess_is_openai_clips_centre_crop():
 
 
 def test_offline_pretrained_names_what_to_download(offline):
-    with pytest.raises(C.ClipUnavailable, match="keras/clip/keras/clip-vit-large-patch14") as info:
+    with pytest.raises(C.ClipUnavailable, match="keras/clip/keras/clip_vit_large_patch14/") as info:
         C.load_clip("pretrained", "clip-vit-large-patch14")
     assert "local:DIR" in str(info.value) and "ConnectionError" in str(info.value)
 

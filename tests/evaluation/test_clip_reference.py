@@ -13,6 +13,7 @@ from PIL import Image
 
 from fashion_sd.evaluation import adherence
 from fashion_sd.evaluation import clip as C
+from fashion_sd.sd import hub_clip
 from fashion_sd.sd.tokenizer import BPE_PATH, END_TOKEN, clip_tokenizer, tokenize
 
 torch = pytest.importorskip("torch")
@@ -57,9 +58,12 @@ def reference(tmp_path_factory):
         model.logit_scale.fill_(2.0)
     model.save_pretrained(folder)
     _openai_tokenizer_files(folder)
+    # OpenAI's _transform resizes the PIL image with PIL's bicubic, as transformers' PIL backend
+    # does; transformers 5 made CLIPImageProcessor its torchvision backend, whose antialiased
+    # tensor resize lands one grey level away on some pixels, so the PIL one is the reference.
+    pil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
     processor = transformers.CLIPProcessor(
-        image_processor=transformers.CLIPImageProcessor(
-            size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}),
+        image_processor=pil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(folder))
     return folder, model, processor
 
@@ -85,7 +89,7 @@ def _photos():
 
 def test_the_conversion_is_cached_beside_the_folder(reference, ours):
     folder, _, _ = reference
-    cache = folder / "kerascv-clip"
+    cache = folder / "keras-hub-clip"
     assert (cache / "config.json").is_file() and (cache / "source.json").is_file()
     stamp = (cache / "source.json").stat().st_mtime_ns
     again, _ = C.load_clip(f"hf:{folder}", "clip-vit-large-patch14")  # from the cache
@@ -130,32 +134,70 @@ def test_text_features_and_logits_equal_transformers(reference, ours, captions):
 
 
 def test_text_feature_is_the_first_end_tokens_whatever_the_padding(ours, captions):
-    """A tie for KerasCV's argmax pooling: our ids hold the end token at every padded position.
-    The feature is read at the first one, and nothing after it (causal) changes it."""
+    """keras-hub pools at argmax(ids); our ids hold the end token at every padded position, a tie
+    that openai_padding removes (0 after the first end token, OpenAI's padding). The causal mask
+    keeps whatever follows that token from reaching it: noise there changes nothing."""
     ids, _ = tokenize(captions[:2], clip_tokenizer())
     assert (ids == END_TOKEN).sum(axis=1).min() > 1  # the tie
-    model = ours.model.text_encoder
-    padded = np.asarray(model(ids))
-    zeros = np.where(np.cumsum(ids == END_TOKEN, axis=1) > 1, 0, ids)  # OpenAI's zero padding
-    np.testing.assert_allclose(np.asarray(model(zeros)), padded, rtol=1e-6, atol=1e-6)
+    model = ours.model
+    embedded = ours.embed_texts(captions[:2])
+    zeros = hub_clip.openai_padding(ids)
+    assert ((zeros == END_TOKEN).sum(axis=1) == 1).all()
+    np.testing.assert_allclose(np.asarray(model.get_text_embeddings(zeros)), embedded,
+                               rtol=1e-6, atol=1e-6)
     noise = np.where(np.cumsum(ids == END_TOKEN, axis=1) > 1, 1234, ids)
-    np.testing.assert_allclose(np.asarray(model(noise)), padded, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model.get_text_embeddings(noise)), embedded,
+                               rtol=1e-6, atol=1e-6)
 
 
-def test_kerascv_text_encoder_alone_is_not_causal(ours, captions):
-    """Why the repair exists: KerasCV's own call lets a token see the ones after it."""
-    from keras_cv.src.models.feature_extractor.clip.clip_text_model import (
-        CLIPTextEncoder,
-    )
+def _tiny_transformers_clip(folder, **config):
+    """A small random transformers CLIPModel saved in ``folder``, weights scaled as above."""
+    torch.manual_seed(1)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.mul_(4.0)
+    model.save_pretrained(folder)
+    return model
 
-    model = ours.model.text_encoder
-    ids, _ = tokenize(captions[:1], clip_tokenizer())
-    first_end = int(np.argmax(ids[0] == END_TOKEN))
-    later = ids.copy()
-    later[0, first_end + 1:] = 1234
-    mask = np.ones_like(ids)
-    stock = [np.asarray(CLIPTextEncoder.call(model, x, attention_mask=mask)) for x in (ids, later)]
-    assert np.abs(stock[0] - stock[1]).max() > 1e-4
+
+def test_widths_heads_and_gelu_keras_hub_takes_equal_transformers(tmp_path, captions):
+    """What KerasCV's CLIP fixed and keras-hub's takes as arguments: exact GELU (LAION's CLIPs),
+    MLPs not 4x wide, vision heads not of 64 channels."""
+    layers = dict(hidden_act="gelu", num_hidden_layers=2)
+    model = _tiny_transformers_clip(
+        tmp_path / "gelu-clip", projection_dim=24,
+        text_config=dict(hidden_size=48, intermediate_size=100, num_attention_heads=3, **layers),
+        vision_config=dict(hidden_size=96, intermediate_size=200, num_attention_heads=4,
+                           image_size=SIZE, patch_size=16, **layers))
+    ours, _ = C.load_clip(f"hf:{tmp_path / 'gelu-clip'}", "clip-vit-large-patch14")
+    photos = _photos()[:3]
+    pixels = torch.from_numpy(C.preprocess(photos, SIZE)).permute(0, 3, 1, 2)
+    ids, _ = tokenize(captions, clip_tokenizer())
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
+        text = model.get_text_features(input_ids=torch.from_numpy(ids).long()).pooler_output.numpy()
+    np.testing.assert_allclose(ours.embed_images(photos), image, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.embed_texts(captions), text, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kerascv_cache_is_never_read_and_goes(reference, ours, tmp_path):
+    """Before keras-hub the conversion was cached as a KerasCV preset in DIR/kerascv-clip; such a
+    folder is neither loaded nor kept once the keras-hub cache replaces it."""
+    source, _, _ = reference
+    folder = tmp_path / "copied-clip"
+    folder.mkdir()
+    for f in source.iterdir():
+        if f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    old = folder / "kerascv-clip"
+    old.mkdir()
+    (old / "config.json").write_text('{"registered_name": "keras_cv>CLIP"}')
+    (old / "source.json").write_text('{"converter": 1}')
+    again, _ = C.load_clip(f"hf:{folder}", "clip-vit-large-patch14")
+    assert not old.exists() and (folder / "keras-hub-clip" / "source.json").is_file()
+    np.testing.assert_array_equal(again.embed_texts(["a shoe"]), ours.embed_texts(["a shoe"]))
 
 
 class _Features(torch.nn.Module):
