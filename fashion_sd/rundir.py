@@ -34,6 +34,7 @@ SCORES_CSV, SCORES_MD, SCORES_PLOT = "fid.csv", "fid.md", "fid.png"
 SCORES_GRID = "real_vs_generated.png"  # one row per prompt: real, base, best, last
 JUDGED_CSV = "scores.csv"  # per image, beside each model's images in eval/images/NAME/
 GARMENT_CSV, GARMENT_MD = "garment.csv", "garment.md"  # evaluate --images's --out folder
+DISTANCES_CSV, DISTANCES_MD = "distances.csv", "distances.md"  # evaluate --images --real
 SWEEP_LOG = "sweep.log"  # a sweep run's training and evaluation output, in its run folder
 OUTCOME = "sweep_outcome.json"  # a sweep run's outcome, in its trial's KerasTuner folder
 GALLERY = "assistant"  # the app's generated images, under output.dir
@@ -319,6 +320,11 @@ class EvalDir:
         """``evaluate --images``: the per-image judgements and their summary."""
         _write_csv(self.root / GARMENT_CSV, table)
         atomic_write_text(self.root / GARMENT_MD, summary)
+
+    def write_distances(self, table, summary: str) -> None:
+        """``evaluate --images ... --real``: each folder's distances to the real one."""
+        _write_csv(self.root / DISTANCES_CSV, table)
+        atomic_write_text(self.root / DISTANCES_MD, summary)
 
     def write_summary(self, text: str) -> None:
         atomic_write_text(self.summary, text)

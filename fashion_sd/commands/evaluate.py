@@ -13,6 +13,12 @@ Any folder of images with a captions CSV (a catalogue, a folder of generated ima
 writes garment.csv (one row per image: colour judged against its baseColour, cut off or not, and
 with CLIP weights (eval.clip) its CLIP score against the caption, its zero-shot garment type and
 whether it is worn) and garment.md (the summary); no Stable Diffusion model is loaded.
+
+Folders of generated images (from this project, diffusers or anything else) against a folder of
+real ones, as clean-fid's compute_fid(dir1, dir2):
+  python scripts/evaluate_fid.py --images GEN_DIR [GEN_DIR ...] --real REAL_DIR --out DIR
+writes distances.csv and distances.md: FID, KID, CMMD, FD-DINOv2, precision/recall/density/
+coverage and the standard errors, one row per folder; no Stable Diffusion model is loaded.
 """
 
 from __future__ import annotations
@@ -42,8 +48,28 @@ from fashion_sd.evaluation.evaluate import (
 from fashion_sd.evaluation.judge import load_judge, summarise
 from fashion_sd.images import header_problem
 from fashion_sd.progress import tqdm_progress
-from fashion_sd.rundir import SCORES_MD, EvalDir, RunDir
+from fashion_sd.rundir import DISTANCES_MD, SCORES_MD, EvalDir, RunDir
 from fashion_sd.sd import lora_file
+
+
+def compare(args) -> int:
+    """Each ``--images`` folder against the ``--real`` one (evaluation/folders.py)."""
+    if args.captions or not args.out:
+        raise preflight.InputError("--real compares folders: --images DIR [DIR ...] --real DIR "
+                                   "--out DIR (no --captions: that judges garments)")
+    cfg = config_from_args(args)
+    check_spec(cfg.eval.clip)
+    real = preflight.input_folder("--real", args.real, "image folder")
+    generated = [preflight.input_folder("--images", f, "image folder") for f in args.images]
+    out = preflight.output_folder("--out", args.out)
+    from fashion_sd.evaluation import folders  # noqa: PLC0415 - the heavy part, after the checks
+
+    for folder in [real, *generated]:  # headers only, before any network loads
+        folders.image_files(folder, "--real" if folder == real else "--images")
+    require_tensorflow("evaluate")
+    folders.compare_folders(cfg, generated, real, out, folders.load_networks(cfg), tqdm_progress)
+    print((out / DISTANCES_MD).read_text())
+    return 0
 
 
 def judge_folder(args) -> int:
@@ -71,12 +97,13 @@ def judge_folder(args) -> int:
 def _folder_inputs(args):
     """(config, image folder, captions table, output folder), every check before any image."""
 
-    if not (args.images and args.captions and args.out):
+    if not (args.images and args.captions and args.out) or len(args.images) != 1:
         raise preflight.InputError("--images, --captions and --out go together: "
-                                   "--images DIR --captions CSV --out DIR")
+                                   "--images DIR --captions CSV --out DIR (one folder; several "
+                                   "folders are compared with --real DIR)")
     cfg = config_from_args(args)
     check_spec(cfg.eval.clip)
-    folder = preflight.input_folder("--images", args.images, "image folder")
+    folder = preflight.input_folder("--images", args.images[0], "image folder")
     table = pd.read_csv(preflight.text_file("--captions", args.captions, "captions CSV"),
                         dtype=str, keep_default_na=False)
     if "image_path" not in table.columns and "id" not in table.columns:
@@ -156,10 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=["train", "val", "test"], help="default: eval.split")
     parser.add_argument("--out", help="output folder (default: OUTPUT.DIR/eval)")
     parser.add_argument("--force", action="store_true", help="recompute scored checkpoints")
-    parser.add_argument("--images", help="a folder of images to judge (with --captions, --out)")
+    parser.add_argument("--images", nargs="+", metavar="DIR",
+                        help="a folder of images to judge (with --captions, --out), or folders "
+                             "to compare with --real (with --out)")
+    parser.add_argument("--real", metavar="DIR", help="with --images: the folder of real images "
+                                                      "every distance is measured to")
     parser.add_argument("--captions", help="with --images: a CSV with image_path (or id) and "
                                            "baseColour columns")
     args = parser.parse_args(argv)
+    if args.real:
+        return compare(args)
     if args.images or args.captions:
         return judge_folder(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
