@@ -72,18 +72,23 @@ RATES = {"type_top1": "type top-1", "type_top3": "type top-3", "colour_top1": "c
 
 
 def metric_curves(table, path: str | Path, label: str) -> Path:
-    """FID and KID against epoch for the checkpoints (the base model as a dashed line), then the
-    CLIP score and the garment rates where they were measured."""
+    """FID and KID against epoch for the checkpoints (the base model as a dashed line), CMMD and
+    FD-DINOv2 where measured (error bars: bootstrap standard errors), then the CLIP score and the
+    garment rates where they were measured."""
     base = table[table.checkpoint == "base"]
     runs = table[~table.checkpoint.isin(["base", "real"])].sort_values("epoch")
     x = runs.epoch.where(runs.epoch.notna(), other=np.arange(len(runs)))
     panels = [("fid", "FID (lower is better)"), ("kid_mean", "KID (lower is better)")]
+    panels += [(c, f"{name} (lower is better)") for c, name in
+               (("cmmd", "CMMD"), ("fd_dinov2", "FD-DINOv2")) if c in table and
+               pd.to_numeric(table[c], errors="coerce").notna().any()]
     if "clip_score" in table and table.clip_score.notna().any():
         panels.append(("clip_score", "CLIP score (higher is better)"))
     rates = [c for c in RATES if c in table and table[c].notna().any()]
     fig, axes = plt.subplots(1, len(panels) + bool(rates), figsize=(4.2 * (len(panels) + bool(rates)), 3.8))
     for ax, (col, name) in zip(axes, panels):
-        err = runs["kid_std"] if col == "kid_mean" else None
+        spread = "kid_std" if col == "kid_mean" else f"{col}_se"
+        err = runs[spread].astype(float) if spread in runs else None
         if len(runs):
             ax.errorbar(x, runs[col].astype(float), yerr=err, fmt="o-", capsize=3,
                         label="LoRA checkpoints")

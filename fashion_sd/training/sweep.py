@@ -226,6 +226,11 @@ def row_for(sweep: Sweep, run: dict[str, Any], outcome: dict | None = None) -> d
             row.update(best_fid=best.fid, best_fid_epoch=best.epoch, best_kid=best_kid.kid_mean,
                        best_kid_epoch=best_kid.epoch, comparable=bool(fid.comparable.all()),
                        n_generated=int(best.n_generated))
+            for column in ("cmmd", "fd_dinov2"):  # empty where the run's evaluation had them off
+                values = pd.to_numeric(fid.get(column, pd.Series(dtype=float)), errors="coerce")
+                if values.notna().any():
+                    row.update({f"best_{column}": values.min(),
+                                f"best_{column}_epoch": fid.epoch[values.idxmin()]})
             # the checkpoint the run's eval.select chose, with its garment metrics
             chosen = fid[fid.selected.astype(str).isin(["True", "true"])] if "selected" in fid else fid.iloc[:0]
             if len(chosen):
@@ -236,11 +241,12 @@ def row_for(sweep: Sweep, run: dict[str, Any], outcome: dict | None = None) -> d
     return row
 
 
-SELECTED_METRICS = ["clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1",
+SELECTED_METRICS = ["cmmd", "fd_dinov2", "coverage", "clip_score", "type_top1", "type_top3", "colour_top1", "gender_top1",
                     "on_model_rate", "colour_accuracy", "colour_judged_share", "cut_off_rate",
                     "cut_off_judged_share", "cut_off_low", "cut_off_high"]
 RESULT_COLUMNS = ["run", "rank", "learning_rate", "batch_size", "status", "final_loss",
                   "final_val_loss", "best_fid", "best_fid_epoch", "best_kid", "best_kid_epoch",
+                  "best_cmmd", "best_cmmd_epoch", "best_fd_dinov2", "best_fd_dinov2_epoch",
                   "selected", *SELECTED_METRICS, "paper_fid", "trainable_parameters",
                   "train_seconds", "comparable", "weights", "error"]
 
@@ -251,6 +257,12 @@ def _selected(r, num) -> str:
     return (f"{r.selected}: {num(r.clip_score, '{:.1f}') or '-'} / {num(r.type_top1, '{:.2f}') or '-'}"
             f" / {num(r.get('colour_top1'), '{:.2f}') or '-'} / {num(r.get('gender_top1'), '{:.2f}') or '-'}"
             f" / {num(r.colour_accuracy, '{:.2f}') or '-'} / {num(r.cut_off_rate, '{:.2f}') or '-'}")
+
+
+def _best(r, column: str, num) -> str:
+    """``0.123 (3)``: a run's best value of a distance and its epoch, or ``-``."""
+    value = num(r.get(column))
+    return f"{value} ({num(r.get(column + '_epoch'), '{:g}')})" if value else "-"
 
 
 def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | None = None) -> pd.DataFrame:
@@ -267,9 +279,9 @@ def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | N
     best = df[key].idxmin() if df[key].notna().any() else None
     df["best"] = [i == best for i in df.index]
     lines = ["| run | rank | lr | batch | status | train loss | val loss | best FID (epoch) | "
-             "best KID (epoch) | selected: CLIP / type, colour, gender top-1 (CLIP) / colour / cut off | paper FID | "
+             "best KID (epoch) | best CMMD / FD-DINOv2 (epoch) | selected: CLIP / type, colour, gender top-1 (CLIP) / colour / cut off | paper FID | "
              "trainable | seconds |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
 
     def num(v, fmt="{:.4g}"):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
@@ -281,6 +293,7 @@ def write_results(rows: list[dict], out: Path, label: str = "", best_by: str | N
             f"{num(r.final_loss)} | {num(r.final_val_loss)} | "
             f"{num(r.best_fid)}{' (' + num(r.best_fid_epoch, '{:g}') + ')' if num(r.best_fid) else ''} | "
             f"{num(r.best_kid)}{' (' + num(r.best_kid_epoch, '{:g}') + ')' if num(r.best_kid) else ''} | "
+            f"{_best(r, 'best_cmmd', num)} / {_best(r, 'best_fd_dinov2', num)} | "
             f"{_selected(r, num)} | "
             f"{r.paper_fid if isinstance(r.paper_fid, str) else ''} | "
             f"{num(r.trainable_parameters, '{:,.0f}')} | {num(r.train_seconds, '{:.0f}')} |")

@@ -79,7 +79,7 @@ def test_bad_sweep_files(tmp_path, text, expected):
         sw.load_sweep(write(tmp_path, text))
 
 
-def fake_run(out, name, losses, fids, kids, status="finished", trainable=1000):
+def fake_run(out, name, losses, fids, kids, status="finished", trainable=1000, cmmds=None):
     d = out / name
     (d / "eval").mkdir(parents=True)
     pd.DataFrame({"epoch": range(1, len(losses) + 1), "step": range(1, len(losses) + 1),
@@ -91,13 +91,14 @@ def fake_run(out, name, losses, fids, kids, status="finished", trainable=1000):
     pd.DataFrame({"checkpoint": ["base"] + [f"epoch_{i:03d}" for i in range(1, len(fids) + 1)],
                   "epoch": [float("nan")] + list(range(1, len(fids) + 1)),
                   "fid": [999.0] + fids, "kid_mean": [9.0] + kids, "kid_std": 0.1,
-                  "n_real": 4, "n_generated": 4, "comparable": False}).to_csv(d / "eval/fid.csv", index=False)
+                  "n_real": 4, "n_generated": 4, "comparable": False,
+                  **({"cmmd": [9.0] + cmmds} if cmmds else {})}).to_csv(d / "eval/fid.csv", index=False)
 
 
 def test_results_table_and_figures(tmp_path):
     s = sw.Sweep(tmp_path / "s.yaml", ROOT / "configs/demo.yaml", tmp_path / "out",
                  runs=[{"lora.rank": 2}, {"lora.rank": 4}, {"lora.rank": 8}])
-    fake_run(s.output, "r2", [1.0, 0.8], [50.0, 40.0], [0.5, 0.3])
+    fake_run(s.output, "r2", [1.0, 0.8], [50.0, 40.0], [0.5, 0.3], cmmds=[0.25, 0.5])
     fake_run(s.output, "r4", [1.0, 0.7], [45.0, 42.0], [0.2, 0.4])
     rows = [sw.row_for(s, r) for r in s.runs[:2]]
     rows.append(sw.row_for(s, s.runs[2], {"status": "failed", "error": "error: out of memory"}))
@@ -106,10 +107,13 @@ def test_results_table_and_figures(tmp_path):
     assert df.best_fid.tolist()[:2] == [40.0, 42.0] and df.best_fid_epoch.tolist()[:2] == [2, 2]
     assert df.best_kid.tolist()[:2] == [0.3, 0.2] and df.best_kid_epoch.tolist()[:2] == [2, 1]
     assert df.final_val_loss.tolist()[:2] == pytest.approx([0.9, 0.8])
+    # CMMD where the run's evaluation had it (its base row is never the best), empty elsewhere
+    assert (df.best_cmmd[0], df.best_cmmd_epoch[0]) == (0.25, 1) and df.best_cmmd[1:].isna().all()
     assert df.best.tolist() == [True, False, False] and df.status.tolist()[2] == "failed"
     assert df.trainable_parameters.tolist()[:2] == [1000, 1000]
     md = (s.output / "results.md").read_text()
     assert md.count("**best**") == 1 and "r8 failed: error: out of memory" in md
+    assert "| 0.25 (1) / - |" in md and "| - / - |" in md
     assert "NOT COMPARABLE" in md
     assert pd.read_csv(s.output / "results.csv").run.tolist() == ["r2", "r4", "r8"]
     assert (s.output / "fid_by_rank.png").stat().st_size > 1000
