@@ -241,6 +241,25 @@ def load_image(path: str | Path, resolution: int | list[int] | None) -> np.ndarr
 ORIENTATION = 0x0112  # the EXIF tag
 
 
+def load_mask(path: str | Path, resolution, alpha: bool = False) -> np.ndarray | None:
+    """A mask laid out as :func:`load_image` lays out its image: float32 HW in [0, 1] of
+    ``image_size(resolution)``, EXIF-turned, padded with 0 (background) where the image is
+    padded. ``path`` is a mask image (its luminance: white is the garment, as kohya reads
+    masks), or with ``alpha`` an image whose alpha channel is the mask (None when it has none)."""
+    with remote.open_file(path) as fh, Image.open(fh) as im:
+        if reason := too_large(*im.size):
+            raise ValueError(f"{path}: {reason}")
+        im = ImageOps.exif_transpose(im)
+        if alpha:
+            if im.mode not in ("RGBA", "LA") and not (im.mode == "P" and "transparency" in im.info):
+                return None
+            grey = im.convert("RGBA").getchannel("A")
+        else:
+            grey = im.convert("L")
+    padded = ImageOps.pad(grey, image_size(resolution), method=Image.Resampling.BILINEAR, color=0)
+    return np.asarray(padded, dtype=np.float32) / np.float32(255)
+
+
 def _sixteen_bit_grey(im: Image.Image) -> Image.Image:
     """A 16-bit greyscale PNG (Pillow's modes I;16 and I) as 8-bit RGB, 0-65535 scaled to
     0-255 and rounded. Pillow's own convert clips it instead, which made every such photo white."""

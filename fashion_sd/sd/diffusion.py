@@ -57,17 +57,34 @@ def add_noise(latents, noise, timesteps, alphas_cumprod_table):
     return ops.sqrt(a) * ops.cast(latents, "float32") + ops.sqrt(1.0 - a) * ops.cast(noise, "float32")
 
 
-def epsilon_loss(pred, noise, weights=None):
+def epsilon_loss(pred, noise, weights=None, mask=None, background: float = 0.0,
+                 normalize: bool = False):
     """The "simple" loss of Ho et al. 2020: mean squared error to the noise, in float32.
 
     ``weights`` (one per sample) scale each sample's mean squared error before the batch mean,
     as diffusers' training scripts do for min-SNR weighting.
+
+    ``mask`` (b, h, w, 1), 1 on the garment and 0 on the background at the latent grid, weighs
+    each latent pixel by ``background + (1 - background) mask``: ``background`` 0 is kohya's
+    ``--masked_loss`` (the error times the mask, then the mean over every pixel and channel),
+    between 0 and 1 OneTrainer's "unmasked weight". ``normalize`` divides each sample's mean by
+    its mean pixel weight (OneTrainer's "normalize masked area loss"), so a small garment
+    weighs as much as a large one.
     """
     err = ops.square(ops.cast(pred, "float32") - ops.cast(noise, "float32"))
-    if weights is None:
+    if weights is None and mask is None:
         return ops.mean(err)
-    per_sample = ops.mean(ops.reshape(err, (ops.shape(err)[0], -1)), axis=1)
-    return ops.mean(per_sample * ops.cast(weights, "float32"))
+    n = ops.shape(err)[0]
+    if mask is not None:
+        w = background + (1.0 - background) * ops.cast(mask, "float32")
+        err = err * w
+        if normalize:  # each sample's weights average to 1 (an empty mask keeps weight 1)
+            mean_w = ops.mean(ops.reshape(w, (n, -1)), axis=1)
+            err = err / ops.reshape(ops.where(mean_w > 0, mean_w, 1.0), (n, 1, 1, 1))
+    per_sample = ops.mean(ops.reshape(err, (n, -1)), axis=1)
+    if weights is not None:
+        per_sample = per_sample * ops.cast(weights, "float32")
+    return ops.mean(per_sample)
 
 
 def snr(timesteps, alphas_cumprod_table):

@@ -128,6 +128,10 @@ class EncodedData:
     # With lora.text_encoder the text encoder trains, so no contexts are cached: token ids
     # (n_captions + 1, 77) take their place and the step encodes them.
     tokens: np.ndarray | None = None
+    # With train.mask_background_weight: (n_images, 2, h, w) each image's mask and its mirror's
+    # at the latent grid (fashion_sd.training.masks)
+    masks: np.ndarray | None = None
+    mask_summary: dict | None = None  # masks.describe: photos masked, unmasked, garment share
 
     @property
     def text(self) -> tuple[str, np.ndarray]:
@@ -139,7 +143,7 @@ ENCODE_BATCH = 8  # images or captions per encoder call while filling the cache
 
 
 def encode_dataset(table, comps, cfg: DataConfig, progress=None, text_cache: bool = True,
-                   on_write=None) -> EncodedData:
+                   on_write=None, masks: bool = False) -> EncodedData:
     """Encode (or load from cache) the images and distinct captions of a captions table, at
     ``cfg.resolution``, in ``cfg.cache_dir``.
 
@@ -147,7 +151,8 @@ def encode_dataset(table, comps, cfg: DataConfig, progress=None, text_cache: boo
     ``cfg.shard_rows`` rows at a time, resumed after an interruption, read memory-mapped. VAE
     moments are stored in ``cfg.cache_dtype``; text encodings in float32. ``text_cache=False``
     (the text encoder trains): captions are kept as token ids instead. ``on_write()`` follows
-    every shard written.
+    every shard written. ``masks``: each image's loss mask too (:mod:`~fashion_sd.training.masks`),
+    cached beside the moments in float16 (a latent cell's share of garment, k / 64, is exact).
     """
     cache_dir, resolution, batch_size = cfg.cache_dir, cfg.resolution, ENCODE_BATCH
     shard_rows, cache_dtype = cfg.shard_rows, cfg.cache_dtype
@@ -189,9 +194,41 @@ def encode_dataset(table, comps, cfg: DataConfig, progress=None, text_cache: boo
                       len(paths), images, cache_dtype, shard_rows,
                       progress if n_shards > 1 else None, on_write,
                       row_shape=(2, image_size(resolution)[1] // 8, image_size(resolution)[0] // 8, 8))
+    mask_cache = _masks(table, cfg, on_write, progress if n_shards > 1 else None) if masks else None
     splits = {name: np.flatnonzero((table.split == name).to_numpy()) for name in ("train", "val", "test")}
     return EncodedData(moments, contexts, np.array([index[c] for c in table.caption]), splits,
-                       index[""], tokens)
+                       index[""], tokens, mask_cache, _describe(mask_cache))
+
+
+def _describe(mask_cache) -> dict | None:
+    if mask_cache is None:
+        return None
+    from fashion_sd.training import masks  # noqa: PLC0415
+
+    return masks.describe(mask_cache)
+
+
+def _masks(table, cfg: DataConfig, on_write, progress):
+    """The loss masks' shard folder, keyed by the images, their mask files and how masks are made."""
+    from fashion_sd.training import masks  # noqa: PLC0415 - scipy's morphology, only with masks
+
+    paths = table.image_path.tolist()
+    mask_paths = (table["mask"].replace("", None).tolist() if "mask" in table.columns
+                  else [None] * len(paths))
+    w, h = image_size(cfg.resolution)
+    # No weights make a mask: the "weights" slot names how masks are made instead.
+    key = cache_key("masks", f"masks-v{masks.MASK_VERSION}",
+                    [[file_id(p), file_id(m) if m else None] for p, m in zip(paths, mask_paths)],
+                    cfg.resolution)
+
+    def compute(start, stop):
+        made, sources = masks.latent_masks(paths[start:stop], cfg.resolution,
+                                           mask_paths[start:stop])
+        log.info("loss masks %d-%d: %s", start, stop, dict(sources))
+        return made
+
+    return sharded(cfg.cache_dir, key, len(paths), compute, "float16", cfg.shard_rows, progress,
+                   on_write, row_shape=(2, h // 8, w // 8))
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,8 +387,11 @@ class TrainBatches(_Source):
         d, r = self.data, self.rows[i]
         key, text = d.text
         caption = np.where(self.drops[i], d.uncond_index, d.caption_index[r])
-        return {"moments": np.asarray(d.moments[r, self.flips[i]], np.float32),
-                key: np.asarray(text[caption])}
+        out = {"moments": np.asarray(d.moments[r, self.flips[i]], np.float32),
+               key: np.asarray(text[caption])}
+        if d.masks is not None:  # the flipped image's mask for a flipped step
+            out["mask"] = np.asarray(d.masks[r, self.flips[i]], np.float32)[..., None]
+        return out
 
     def draws(self, i: int) -> dict:
         """Step ``start + i``'s VAE noise, diffusion noise and timesteps."""
@@ -363,8 +403,11 @@ class TrainBatches(_Source):
     def spec(self) -> dict[str, tuple[tuple, np.dtype]]:
         key, text = self.data.text
         n, latent = self.batches.batch_size, self.latent_shape
+        masks = self.data.masks
         return {"moments": ((n, *self.data.moments.shape[2:]), np.dtype(np.float32)),
                 key: ((n, *text.shape[1:]), np.dtype(text.dtype)),
+                **({"mask": ((n, *masks.shape[2:], 1), np.dtype(np.float32))}
+                   if masks is not None else {}),
                 "vae_eps": ((n, *latent), np.dtype(np.float32)),
                 "noise": ((n, *latent), np.dtype(np.float32)),
                 "timesteps": ((n,), np.dtype(np.int32))}
@@ -507,7 +550,8 @@ def _legacy_noise(seed: int, stream: int, step, batch: int, latent_shape, offset
 def _legacy_train(source: TrainBatches) -> tf.data.Dataset:
     """LEGACY train batches: :class:`TrainBatches`' moments and text, TensorFlow's draws."""
     b = source.batches
-    spec = {k: v for k, v in source.spec().items() if k in ("moments", "context", "tokens")}
+    spec = {k: v for k, v in source.spec().items()
+            if k in ("moments", "context", "tokens", "mask")}
     inputs = _numpy_map(source.inputs, spec)
 
     def make(i):

@@ -119,6 +119,15 @@ def _check_images(cfg: Config, table) -> None:
             raise TrainingError(f"{cfg.data.captions}: {len(bad)} image(s) cannot be used, e.g. "
                                 f"{bad[0][0]}: {bad[0][1]}; replace or drop them and rebuild "
                                 "the captions")
+    if cfg.train.mask_background_weight is not None and "mask" in table.columns:
+        given = [(i, m) for i, m in enumerate(table["mask"].tolist()) if m]
+        bad = [(i, m, why) for i, m in given if (why := "not found" if not remote.is_file(m)
+                                                 else images.header_problem(m))]
+        if bad:
+            i, m, why = bad[0]
+            raise TrainingError(f"{cfg.data.captions}: {len(bad)} mask image(s) of the mask "
+                                f"column cannot be used, e.g. line {i + 2}: {m}: {why}; fix the "
+                                "paths (white: the garment), or leave a row's mask empty")
     if warning := images.upscale_warning(images.upscale_factors(table.image_path,
                                                                  cfg.data.resolution),
                                          cfg.data.resolution):

@@ -254,12 +254,16 @@ class LoraTrainer(_backend_step(), keras.Model):
     """
 
     def __init__(self, unet: keras.Model, snr_gamma: float | None = None,
-                 text_encoder: keras.Model | None = None, **kwargs):
+                 text_encoder: keras.Model | None = None, mask_background: float | None = None,
+                 mask_normalize: bool = False, **kwargs):
         super().__init__(dtype="float32", **kwargs)
         self.unet = unet
         # With lora.text_encoder, batches carry token ids and captions are encoded here.
         self.text_encoder = text_encoder
         self.snr_gamma = snr_gamma  # min-SNR weighting of the training loss (not of val loss)
+        # train.mask_background_weight: the loss weight off the garment (None: no masks), and
+        # train.mask_normalize; the training loss only, as min-SNR
+        self.mask_background, self.mask_normalize = mask_background, mask_normalize
         self.alphas_cumprod = np.asarray(diffusion.alphas_cumprod(), np.float32)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         # Counters that survive epochs (Keras resets metrics each epoch); saved in the train state.
@@ -298,15 +302,19 @@ class LoraTrainer(_backend_step(), keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The epsilon MSE of :meth:`call`'s output for batch ``x`` (``y`` is unused: the target
-        is in the batch), min-SNR weighted in training when ``snr_gamma`` is set."""
+        is in the batch), in training min-SNR weighted when ``snr_gamma`` is set and weighted by
+        the garment's mask (the batch's ``mask``) when ``mask_background`` is."""
         if y_pred is None:
             y_pred = self(x, training=training)
-        weights = None
+        weights = mask = None
         if training and self.snr_gamma:
             # Val loss stays the plain epsilon MSE, so runs with and without it compare.
             weights = diffusion.min_snr_weights(x["timesteps"], self.alphas_cumprod,
                                                 self.snr_gamma)
-        return diffusion.epsilon_loss(y_pred["pred"], y_pred["target"], weights)
+        if training and self.mask_background is not None:
+            mask = x["mask"]
+        return diffusion.epsilon_loss(y_pred["pred"], y_pred["target"], weights, mask,
+                                      self.mask_background or 0.0, self.mask_normalize)
 
     def _loss(self, batch, training: bool):
         return self.compute_loss(x=batch, y_pred=self(batch, training=training), training=training)

@@ -203,13 +203,19 @@ def test_ema_moves_once_per_optimizer_step_under_accumulation():
 
 
 OPTIONS = ["train.snr_gamma=5", "train.noise_offset=0.05", "train.caption_dropout=0.2",
-           "train.ema_decay=0.999", "lora.init=gaussian"]
+           "train.ema_decay=0.999", "lora.init=gaussian", "train.mask_background_weight=0.1",
+           "train.mask_normalize=true"]
 
 
 def test_all_options_on_resume_bit_exact(tmp_path, demo_captions, encoder_cache, build):  # noqa: F811
     straight = train(config(tmp_path, demo_captions, encoder_cache, *OPTIONS, name="straight"), build)
     assert straight["options"] == {"snr_gamma": 5.0, "noise_offset": 0.05, "caption_dropout": 0.2,
-                                   "ema_decay": 0.999}
+                                   "ema_decay": 0.999, "mask_background_weight": 0.1,
+                                   "mask_normalize": True}
+    # the bundled photos: a garment on a plain background, masked; counted in run.json
+    rows = len(pd.read_csv(demo_captions))
+    assert straight["masks"]["photos"] == rows and straight["masks"]["masked"] >= rows - 8
+    assert 0.1 < straight["masks"]["garment_share"] < 0.9
     train(config(tmp_path, demo_captions, encoder_cache, *OPTIONS, "train.max_steps=5",
                  name="resumed"), build)
     train(config(tmp_path, demo_captions, encoder_cache, *OPTIONS, name="resumed"), build, resume=True)
