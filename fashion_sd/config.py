@@ -165,6 +165,10 @@ class TrainConfig:
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (Hang et al. 2023); 5 usual
     noise_offset: float = 0.0  # + offset * N(0,1) per sample and channel; 0.05 usual
     caption_dropout: float = 0.0  # share of samples trained on the empty prompt (CFG's branch)
+    # Masked loss (training/masks.py): the loss weight off the garment, 1 on it; 0 is kohya's
+    # --masked_loss, null: no masks. mask_normalize divides by the masked area (OneTrainer's).
+    mask_background_weight: float | None = None
+    mask_normalize: bool = False
     ema_decay: float | None = None  # EMA of the LoRA weights per optimizer step, e.g. 0.999
     text_encoder_lr: float | None = None  # with lora.text_encoder; null: train.learning_rate
     val_repeats: int = 4  # fixed timesteps per val image, so val loss compares across epochs
@@ -645,6 +649,11 @@ def _check_train(c: _Checks, cfg: Config) -> None:
          "train.snr_gamma", "must be above 0 and at most 1000 (5 is usual) or null (off)")
     c.need(0 <= t.noise_offset <= 1, "train.noise_offset", "must be from 0 (off) to 1; 0.05 is usual")
     c.need(0 <= t.caption_dropout < 1, "train.caption_dropout", "must be from 0 (off) to below 1")
+    c.need(t.mask_background_weight is None or 0 <= t.mask_background_weight <= 1,
+         "train.mask_background_weight", "must be from 0 (the garment only) to 1, or null (no "
+         "masks)")
+    c.need(not t.mask_normalize or t.mask_background_weight is not None, "train.mask_normalize",
+         "needs train.mask_background_weight (the masks it normalises by)")
     c.need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay",
          "must be between 0 and 1 (0.999 is usual) or null (off)")
     c.need(t.text_encoder_lr is None or 0 < t.text_encoder_lr <= 1, "train.text_encoder_lr",

@@ -323,7 +323,9 @@ class TrainingRun:
         with s.machine.strategy.scope():
             layers, te_layers, trainable = self._lora(s, comps)
             trainer = LoraTrainer(comps.diffusion_model, snr_gamma=t.snr_gamma,
-                                  text_encoder=comps.text_encoder if te_layers else None)
+                                  text_encoder=comps.text_encoder if te_layers else None,
+                                  mask_background=t.mask_background_weight,
+                                  mask_normalize=t.mask_normalize)
             te_vars = [v for d in te_layers.values() for v in (d.lora_kernel_a, d.lora_kernel_b)]
             trainer.compile(optimizer=make_optimizer(
                 t, max(1, total // t.grad_accum), s.machine.precision,
@@ -341,9 +343,16 @@ class TrainingRun:
                   "step (no text cache for this run); the VAE cache is kept")
         cache = s.mirrors.get("data.cache_dir")
         where = dataclasses.replace(cfg.data, cache_dir=str(cache.local)) if cache else cfg.data
-        return data.encode_dataset(s.inputs.table, comps, where, self.progress,
-                                   text_cache=not cfg.lora.text_encoder,
-                                   on_write=cache.push if cache and s.machine.chief else None)
+        encoded = data.encode_dataset(s.inputs.table, comps, where, self.progress,
+                                      text_cache=not cfg.lora.text_encoder,
+                                      on_write=cache.push if cache and s.machine.chief else None,
+                                      masks=cfg.train.mask_background_weight is not None)
+        if (m := encoded.mask_summary) is not None:
+            print(f"loss masks (train.mask_background_weight="
+                  f"{cfg.train.mask_background_weight:g}): {m['masked']} of {m['photos']} photos "
+                  f"masked, the garment {m['garment_share']:.0%} of their frame on average; "
+                  f"{m['unmasked']} unmasked (no plain background: weight 1 everywhere)")
+        return encoded
 
     def _lora(self, s: Setting, comps) -> tuple[dict, dict, int]:
         """LoRA on the U-Net (from lora.init_from when set) and, as a variant, on the text
@@ -411,7 +420,10 @@ class TrainingRun:
                 "best_by": "val_loss" if s.inputs.n_val else "train_loss",
                 "distinct_captions": int(s.inputs.table.caption.nunique()),
                 "options": {k: getattr(t, k) for k in ("snr_gamma", "noise_offset",
-                                                        "caption_dropout", "ema_decay")},
+                                                        "caption_dropout", "ema_decay",
+                                                        "mask_background_weight",
+                                                        "mask_normalize")},
+                **({"masks": b.encoded.mask_summary} if b.encoded.mask_summary else {}),
                 "text_encoder_lora": b.te_lora, "draws": s.draws, **extra}
 
     # ---- 5. fit
