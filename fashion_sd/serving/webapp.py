@@ -68,6 +68,87 @@ def _thumbnails(columns: int, height: int) -> dict:
             "fit_columns": False, "buttons": ["download", "download_all", "fullscreen"]}
 
 
+def _header(random_init: bool) -> None:
+    gr.Markdown("# fashion-sd · fashion synthesis assistant\n"
+                "Pick a garment, or type a prompt, and get images to take ideas from.")
+    if random_init:
+        gr.Markdown(f"⚠️ {UNTRAINED_NOTE}", elem_id="untrained-note")
+
+
+def _pickers(choices: dict) -> list[gr.Dropdown]:
+    # Side by side across the page: stacked, the six menus alone took a laptop's first screen.
+    with gr.Row():
+        pickers = [gr.Dropdown(choices=choices[a], value="", label=LABELS[a],
+                               elem_id=f"pick-{a}", min_width=140) for a in ATTRIBUTES]
+    return pickers
+
+
+def _prompt_fields():
+    # One row, the columns as wide as those below: the prompt reads on one line.
+    with gr.Row():
+        with gr.Column(scale=2):
+            with gr.Group():
+                free_text = gr.Textbox(label="Your words",
+                                       placeholder="added to the prompt, e.g. with a floral print")
+                replace = gr.Checkbox(label="Use only my words as the prompt")
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt the model sees", interactive=False,
+                                elem_id="prompt")
+            prompt_note = gr.Markdown(elem_id="prompt-note")
+    return free_text, replace, prompt, prompt_note
+
+
+def _variations():
+    with gr.Row():
+        num_images = gr.Slider(*LIMITS["num_images"], value=4, step=1, label="Variations",
+                               elem_id="variations", min_width=160)
+        seed = gr.Number(value=0, precision=0, label="Seed (variations use seed, seed+1, …)",
+                         elem_id="seed", min_width=160)
+    return num_images, seed
+
+
+def _buttons():
+    # Gradio's default min_width (160 px) puts "New seeds" on a second line in this column.
+    with gr.Row():
+        go = gr.Button("Generate", variant="primary", elem_id="generate", min_width=100)
+        same = gr.Button("Same seed", elem_id="same-seed", min_width=100)
+        new = gr.Button("New seeds", elem_id="new-seeds", min_width=100)
+    return go, same, new
+
+
+def _model(ckpt_choices, ckpt_default):
+    """The model picker, with the comparison of its checkpoint against the base model."""
+    with gr.Row():
+        # Custom values pass Gradio so that checkpoints written after start can be asked
+        # for; Assistant.find_checkpoint accepts only names of listed files.
+        checkpoint = gr.Dropdown(choices=ckpt_choices, value=ckpt_default, label="Model",
+                                 elem_id="checkpoint", scale=4, allow_custom_value=True)
+        rescan_button = gr.Button("↻", scale=0, min_width=40)
+    compare_button = gr.Button("Compare with the base model", elem_id="compare")
+    return checkpoint, rescan_button, compare_button
+
+
+def _advanced(cfg):
+    """The settings a designer rarely changes, folded."""
+    with gr.Accordion("Advanced: negative prompt, LoRA strength, steps, guidance", open=False):
+        negative = gr.Textbox(label="Negative prompt", placeholder="what to avoid")
+        strength = gr.Slider(*LIMITS["strength"], value=1.0, step=0.05,
+                             label="LoRA strength (no effect on the base model)")
+        steps = gr.Slider(*LIMITS["steps"], value=cfg.train.sample_steps, step=1,
+                          label="Sampling steps")
+        guidance = gr.Slider(*LIMITS["guidance"], value=cfg.train.sample_guidance, step=0.5,
+                             label="Guidance scale")
+    return negative, strength, steps, guidance
+
+
+def _image_area():
+    status = gr.Markdown(elem_id="status")
+    results = gr.Gallery(label="Images", elem_id="results", **_thumbnails(4, 420))
+    comparison = gr.Gallery(label="Base model | chosen checkpoint", elem_id="comparison",
+                            **_thumbnails(2, 260))
+    return status, results, comparison
+
+
 def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
     cfg = assistant.cfg
     template = cfg.captions.template
@@ -149,50 +230,21 @@ def build_app(assistant: Assistant, queue_size: int = 16) -> gr.Blocks:
         return gr.Dropdown(choices=rows, value=best)
 
     with gr.Blocks(title="fashion-sd assistant") as app:
-        gr.Markdown("# fashion-sd · fashion synthesis assistant\n"
-                    "Pick a garment, or type a prompt, and get images to take ideas from.")
-        if assistant.random_init:
-            gr.Markdown(f"⚠️ {UNTRAINED_NOTE}", elem_id="untrained-note")
+        _header(assistant.random_init)
+        pickers = _pickers(choices)
+        free_text, replace, prompt, prompt_note = _prompt_fields()
+        # Controls left, images right, the model picker and the folded settings under Generate:
+        # at 1366x768 Generate and the image area are in the first screen (issue 31; the
+        # browser test checks it).
         with gr.Row():
             with gr.Column(scale=2):
-                with gr.Group():
-                    pickers = [gr.Dropdown(choices=choices[a], value="", label=LABELS[a],
-                                           elem_id=f"pick-{a}") for a in ATTRIBUTES]
-                free_text = gr.Textbox(label="Your words",
-                                       placeholder="added to the prompt, e.g. with a floral print")
-                replace = gr.Checkbox(label="Use only my words as the prompt")
-                prompt = gr.Textbox(label="Prompt the model sees", interactive=False,
-                                    elem_id="prompt")
-                prompt_note = gr.Markdown(elem_id="prompt-note")
-                negative = gr.Textbox(label="Negative prompt", placeholder="what to avoid")
-                with gr.Row():
-                    # Custom values pass Gradio so that checkpoints written after start can be
-                    # asked for; Assistant.find_checkpoint accepts only names of listed files.
-                    checkpoint = gr.Dropdown(choices=ckpt_choices, value=ckpt_default,
-                                             label="Model", elem_id="checkpoint", scale=4,
-                                             allow_custom_value=True)
-                    rescan_button = gr.Button("↻", scale=0, min_width=40)
-                strength = gr.Slider(*LIMITS["strength"], value=1.0, step=0.05,
-                                     label="LoRA strength (no effect on the base model)")
-                num_images = gr.Slider(*LIMITS["num_images"], value=4, step=1, label="Variations",
-                                       elem_id="variations")
-                seed = gr.Number(value=0, precision=0, label="Seed (variations use seed, seed+1, …)",
-                                 elem_id="seed")
-                with gr.Accordion("Advanced", open=False):
-                    steps = gr.Slider(*LIMITS["steps"], value=cfg.train.sample_steps, step=1,
-                                      label="Sampling steps")
-                    guidance = gr.Slider(*LIMITS["guidance"], value=cfg.train.sample_guidance,
-                                         step=0.5, label="Guidance scale")
-                with gr.Row():
-                    go = gr.Button("Generate", variant="primary", elem_id="generate")
-                    same = gr.Button("Same seed", elem_id="same-seed")
-                    new = gr.Button("New seeds", elem_id="new-seeds")
-                compare_button = gr.Button("Compare with the base model", elem_id="compare")
+                num_images, seed = _variations()
+                go, same, new = _buttons()
+                checkpoint, rescan_button, compare_button = _model(ckpt_choices,
+                                                                   ckpt_default)
+                negative, strength, steps, guidance = _advanced(cfg)
             with gr.Column(scale=3):
-                status = gr.Markdown(elem_id="status")
-                results = gr.Gallery(label="Images", elem_id="results", **_thumbnails(4, 420))
-                comparison = gr.Gallery(label="Base model | chosen checkpoint",
-                                        elem_id="comparison", **_thumbnails(2, 260))
+                status, results, comparison = _image_area()
         with gr.Accordion("Gallery: every image made here (kept across restarts)", open=True):
             past = gr.Gallery(elem_id="history", **_thumbnails(8, 240))
 
