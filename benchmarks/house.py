@@ -30,7 +30,7 @@ WRITE_CALLS = {"atomic_path", "atomic_write_text", "save_file", "save_weights", 
 WRITERS = {"rundir.py", "writer.py", "files.py", "lora_file.py", "lora.py", "trainer.py",
            "plots.py", "image_settings.py", "cache.py", "shards.py", "weights.py", "clip.py",
            "hub_clip.py", "lora_formats.py", "models.py", "captions.py", "config.py",
-           "runlock.py", "remote.py"}
+           "runlock.py", "remote.py", "model_card.py"}
 # Folders that are no run's or evaluation's, each with the one function or class that writes
 # it: (module, scope) -> the folder.
 OWNERS = {("generate.py", "generate_to_folder"): "generate's --out folder",

@@ -4,6 +4,7 @@
       config.yaml  run.json  history.csv  loss.png
       checkpoints/  epoch_XXX.lora.safetensors  best.lora.safetensors  last.lora.safetensors
                     train_state.safetensors  (+ exports: best.kohya.safetensors, ...)
+                    best.README.md  best.samples.png  (a model card for the Hub, and last's)
                     raw/  (with train.ema_decay: the raw weights of each checkpoint)
       samples/  tensorboard/  eval/fid.csv (fid.md, fid.png)
       .fashion-sd.lock  (held by the live run: one run per folder, fashion_sd.runlock)
@@ -40,6 +41,9 @@ OUTCOME = "sweep_outcome.json"  # a sweep run's outcome, in its trial's KerasTun
 GALLERY = "assistant"  # the app's generated images, under output.dir
 STEP_PREFIX = "step_"  # step checkpoints (train.checkpoint_every_steps): step_000500.lora...
 LOCK = ".fashion-sd.lock"
+# A LoRA file's model card and the sample grid it shows, beside it (best.README.md,
+# best.samples.png): a Hub repository has one README.md, and a folder holds several LoRAs.
+CARD_SUFFIX, CARD_IMAGE_SUFFIX = ".README.md", ".samples.png"
 SCORES_LOCK = ".scores.lock"  # an eval folder's, see EvalDir.scores_locked
 # history.csv's columns. skipped_steps: non-finite losses or gradients (never applied);
 # overflow_steps: float16 steps the loss-scale optimizer skipped; loss_scale: its scale (empty
@@ -72,6 +76,21 @@ def export_path(checkpoint: str | Path, fmt: str) -> Path:
     checkpoint = Path(checkpoint)
     stem = checkpoint_name(checkpoint) if is_checkpoint(checkpoint) else checkpoint.stem
     return checkpoint.with_name(f"{stem}.{fmt}.safetensors")
+
+
+def card_path(lora: str | Path) -> Path:
+    """A LoRA file's model card, beside it: ``best.lora.safetensors`` -> ``best.README.md``,
+    an export ``mine.safetensors`` -> ``mine.README.md``. Uploaded as a Hub repository's
+    ``README.md``."""
+    lora = Path(lora)
+    return lora.with_name(checkpoint_name(lora) + CARD_SUFFIX)
+
+
+def card_image_path(card: str | Path) -> Path:
+    """The sample grid a card shows, copied beside it (``best.README.md`` ->
+    ``best.samples.png``): a card and what it names upload as one flat folder."""
+    card = Path(card)
+    return card.with_name(card.name.removesuffix(CARD_SUFFIX) + CARD_IMAGE_SUFFIX)
 
 
 def scored_in(folder: str | Path) -> list[Path]:
@@ -189,6 +208,10 @@ class RunDir:
     def epoch_checkpoints(self) -> list[Path]:
         """The epoch checkpoints on disk, oldest first."""
         return sorted(self.checkpoints.glob(f"{EPOCH_PREFIX}*{CHECKPOINT_SUFFIX}"))
+
+    def card(self, name: str) -> Path:
+        """``checkpoints/<name>.README.md``: the model card of checkpoint ``name``."""
+        return card_path(self.checkpoint(name))
 
     def exports(self, checkpoint: str | Path, formats) -> list[Path]:
         """The export files of ``checkpoint`` in ``formats`` (whether or not they exist)."""

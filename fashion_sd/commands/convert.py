@@ -10,7 +10,8 @@
 
 import-model writes KerasCV's four weight files (use them with --set model.weights=local:DIR);
 import-lora writes a fashion-sd LoRA checkpoint (generate.py --lora, the app, lora.init_from);
-export-lora writes kohya (A1111, ComfyUI) or diffusers (load_lora_weights) files.
+export-lora writes kohya (A1111, ComfyUI) or diffusers (load_lora_weights) files, each with a
+model card beside it (NAME.README.md: the Hub's README.md; from the run folder the LoRA sits in).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import logging
 from pathlib import Path
 
-from fashion_sd import preflight
+from fashion_sd import model_card, preflight
 from fashion_sd.errors import reported
 from fashion_sd.interop.lora_formats import export_lora, import_lora
 from fashion_sd.sd import lora_file
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
 
         export_lora(args.lora, args.format, args.out)
         print(f"wrote {args.format} LoRA {args.out}")
+        card = model_card.write_export_card(args.lora, args.format, args.out)
+        print(f"wrote its model card {card} (upload it to the Hub as README.md)")
     else:
         from fashion_sd.interop.weights import merge_model
 

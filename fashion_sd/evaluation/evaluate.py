@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fashion_sd import rundir
+from fashion_sd import model_card, rundir
 from fashion_sd.precision import dtype_policy
 from fashion_sd.catalogue.article_types import singular
 from fashion_sd.catalogue.captions import read_captions
@@ -517,6 +517,7 @@ def evaluate(cfg: Config, checkpoints=None, include_base: bool = False, force: b
     if (REAL, settings) not in done:
         table = scorer.record(scorer.score_real(), source.label)
     write_grid(scorer.plan, table, scorer.out, source.label)
+    model_card.refresh_cards(scorer.out)  # a run's eval/: its cards now show these scores
     return table
 
 

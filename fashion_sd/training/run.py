@@ -565,6 +565,7 @@ class TrainingRun:
                 f"would let them underflow silently. The last checkpoint ({s.run.last}) is "
                 "intact. Use train.precision: mixed_bfloat16 (Ampere or newer) or float32, or "
                 "lower train.learning_rate.")
+        s.writer.write_cards()
         return summary
 
 

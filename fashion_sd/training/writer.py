@@ -1,6 +1,7 @@
 """The one writer of a training run's folder (:class:`RunWriter`): the run's record and config,
 its LoRA checkpoints (with their raw EMA twins and exports) and their pruning, the train state,
-the history and its plot, the sample grids and TensorBoard's folder. The callbacks decide when
+the history and its plot, the sample grids, TensorBoard's folder and, at the run's end, the model
+cards of ``best`` and ``last`` (:mod:`fashion_sd.model_card`). The callbacks decide when
 something is written; how, in what order and by which process is decided here.
 
 Two rules live here and nowhere else:
@@ -17,19 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import keras
 import pandas as pd
 
-from fashion_sd import plots
+from fashion_sd import model_card, plots
 from fashion_sd.files import atomic_path, atomic_write_text
 from fashion_sd.interop.lora_formats import FORMATS, export_lora
 from fashion_sd.rundir import HISTORY_COLUMNS, RunDir, checkpoint_name
 from fashion_sd.runlock import RunLock
 from fashion_sd.sd import lora
 from fashion_sd.training.trainer import ema_weights, save_train_state, uses_ema
+
+log = logging.getLogger(__name__)
 
 
 class RunWriter:
@@ -127,6 +131,21 @@ class RunWriter:
         """A sample grid (one row per prompt, a column per seed) at ``path`` under samples/."""
         if self.chief:
             plots.sample_grid(rows, path, label, title, [f"seed {s}" for s in seeds])
+
+    def write_cards(self, formats=FORMATS) -> list[Path]:
+        """The model cards of ``best`` and ``last`` (``checkpoints/best.README.md``, the sample
+        grid copied beside it), naming their exports in ``formats``: what a user uploads to the
+        Hub with the LoRA. Written at the run's end, when every figure they show is on disk."""
+        if not self.chief:
+            return []
+        try:
+            written = model_card.write_cards(self.run, formats)
+        except Exception as exc:  # noqa: BLE001 - a card describes a saved run: never fail it
+            log.warning("the model cards of %s were not written: %s: %s", self.run.checkpoints,
+                        type(exc).__name__, exc)
+            return []
+        self.push()
+        return written
 
     def tensorboard(self) -> list:
         """Keras' TensorBoard callback into ``tensorboard/``, on TensorFlow and the chief only:

@@ -284,7 +284,8 @@ def test_a_run_exports_its_checkpoints_and_starts_from_an_imported_lora(tmp_path
     run.train(cfg("a", "output.export=[kohya, diffusers]"), progress=None, verbose=0, build=build)
     ck = tmp_path / "a" / "checkpoints"
     assert {p.name for p in ck.glob("last.*")} == {
-        "last.lora.safetensors", "last.kohya.safetensors", "last.diffusers.safetensors"}
+        "last.lora.safetensors", "last.kohya.safetensors", "last.diffusers.safetensors",
+        "last.README.md"}  # no grid to copy beside the card: train.sample_every=0
     kohya = load_file(str(ck / "last.kohya.safetensors"))
     assert kohya["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"] == 8.0
     # the kohya file, imported, starts a new run exactly where the first one stopped

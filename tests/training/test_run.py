@@ -47,8 +47,9 @@ def test_a_run_leaves_everything_behind(tmp_path, demo_captions, encoder_cache, 
     assert summary["status"] == "finished" and summary["step"] == 16 and summary["epoch"] == 2
     ck = out / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == [
-        "best.lora.safetensors", "epoch_002.lora.safetensors", "last.lora.safetensors",
-        "train_state.safetensors"]
+        "best.README.md", "best.lora.safetensors", "best.samples.png",
+        "epoch_002.lora.safetensors", "last.README.md", "last.lora.safetensors",
+        "last.samples.png", "train_state.safetensors"]  # with each one's model card and grid
     hist = pd.read_csv(out / "history.csv")
     assert list(hist.columns) == ["epoch", "step", "loss", "val_loss", "lr", "skipped_steps",
                                   "overflow_steps", "loss_scale", "seconds"]
