@@ -84,7 +84,7 @@ def _jax_peak_gb() -> float | None:
 
 
 def measure(resolution: int, cached: bool, batch: int, steps: int, precision: str = "float32",
-            attention: str = "fused", lora_form: str = "separate") -> dict:
+            attention: str = "fused", lora_form: str = "separate", lora_type: str = "lora") -> dict:
     import keras
     import numpy as np
 
@@ -107,7 +107,8 @@ def measure(resolution: int, cached: bool, batch: int, steps: int, precision: st
     which = ("diffusion_model",) if cached else ("diffusion_model", "text_encoder", "image_encoder")
     comps = models.build_components(source, resolution, which)
     set_attention(comps.diffusion_model, attention)
-    layers = lora.apply_lora(comps.diffusion_model, LoraConfig(rank=RANK, alpha=ALPHA, form=lora_form))
+    layers = lora.apply_lora(comps.diffusion_model, LoraConfig(rank=RANK, alpha=ALPHA, form=lora_form,
+                                                               type=lora_type))
     rng = np.random.default_rng(0)
     h = resolution // 8
     noise = dict(vae_eps=rng.standard_normal((batch, h, h, 4)).astype("float32"),
@@ -162,7 +163,8 @@ def measure(resolution: int, cached: bool, batch: int, steps: int, precision: st
     return {"resolution": resolution, "cached": cached, "batch": batch, "precision": precision,
             "attention": attention, "lora": lora_form, "backend": backend,
             **_summary(durations[1:], durations[0], batch, resolution, device_peak),
-            "xla": jit, "trainable": lora.lora_parameter_count(layers, RANK)}
+            "xla": jit, "trainable": lora.lora_parameter_count(layers, RANK,
+                                                               dora=lora_type == "dora")}
 
 
 def sd14_unet(sample_size: int):
@@ -177,7 +179,7 @@ def sd14_unet(sample_size: int):
 
 
 def measure_diffusers(resolution: int, batch: int, steps: int, precision: str = "float32",
-                      compiled: bool = False) -> dict:
+                      compiled: bool = False, lora_type: str = "lora") -> dict:
     """One step of diffusers' train_text_to_image_lora.py (cached latents and encodings), on the
     GPU when torch has one; ``compiled``: the U-Net under ``torch.compile``."""
     import contextlib
@@ -192,7 +194,8 @@ def measure_diffusers(resolution: int, batch: int, steps: int, precision: str = 
     unet = sd14_unet(h)
     unet.requires_grad_(False)
     unet.add_adapter(PeftLoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights=True,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    use_dora=lora_type == "dora"))
     unet.train()
     unet.to(device)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -231,9 +234,9 @@ def measure_diffusers(resolution: int, batch: int, steps: int, precision: str = 
 def label(cfg: dict) -> str:
     if cfg.get("diffusers"):
         how = "torch.compile" if cfg.get("compiled") else "eager"
-        return f"{cfg['precision']:<14} diffusers+PEFT (torch, {how})"
+        return f"{cfg['precision']:<14} diffusers+PEFT (torch, {how}, {cfg.get('type', 'lora')})"
     return (f"{cfg['precision']:<14} {cfg.get('backend', 'tensorflow'):<10} {cfg['attention']:<7} "
-            f"LoRA {cfg['lora']:<8} {'cached' if cfg['cached'] else 'uncached'}")
+            f"{cfg.get('type', 'lora'):<4} {cfg['lora']:<8} {'cached' if cfg['cached'] else 'uncached'}")
 
 
 def python_for(cfg: dict, jax_python: str | None) -> str:
@@ -261,6 +264,8 @@ def main() -> None:
     ap.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"])
     ap.add_argument("--attention", default="fused", choices=["fused", "kerascv"])
     ap.add_argument("--lora", default="separate", choices=["separate", "merged"])
+    ap.add_argument("--lora-type", default="lora", choices=["lora", "dora"],
+                    help="the baseline's lora.type (the variants swap it)")
     ap.add_argument("--encoders", action="store_true",
                     help="also time the encoders run in every step (the paper's code)")
     ap.add_argument("--variants", default="all", choices=["all", "none"],
@@ -278,10 +283,10 @@ def main() -> None:
         cfg = json.loads(args.one)
         if cfg.get("diffusers"):
             out = measure_diffusers(cfg["resolution"], args.batch, args.steps, cfg["precision"],
-                                    cfg.get("compiled", False))
+                                    cfg.get("compiled", False), cfg.get("type", "lora"))
         else:
             out = measure(cfg["resolution"], cfg["cached"], args.batch, args.steps,
-                          cfg["precision"], cfg["attention"], cfg["lora"])
+                          cfg["precision"], cfg["attention"], cfg["lora"], cfg.get("type", "lora"))
         print(json.dumps(out))
         return
     import os
@@ -289,10 +294,11 @@ def main() -> None:
     from benchmarks._machine import describe, gpus
 
     base = {"precision": args.precision, "attention": args.attention, "lora": args.lora,
-            "cached": True, "backend": args.backend[0]}
+            "cached": True, "backend": args.backend[0], "type": args.lora_type}
     other = {"precision": {"float32": "mixed_bfloat16", "mixed_bfloat16": "float32"},
              "attention": {"fused": "kerascv", "kerascv": "fused"},
-             "lora": {"separate": "merged", "merged": "separate"}}
+             "lora": {"separate": "merged", "merged": "separate"},
+             "type": {"lora": "dora", "dora": "lora"}}
     variants = [{**base, "backend": b} for b in args.backend[1:]]
     if args.variants == "all":
         variants += [{**base, axis: other[axis][base[axis]]} for axis in other]
@@ -302,7 +308,7 @@ def main() -> None:
         if args.encoders:
             variants.append({**base, "cached": False})
     if not args.no_diffusers:
-        variants.append({"diffusers": True, "precision": args.precision})
+        variants.append({"diffusers": True, "precision": args.precision, "type": args.lora_type})
         if args.torch_compile:
             variants.append({"diffusers": True, "precision": args.precision, "compiled": True})
     print(f"machine: {describe()}")

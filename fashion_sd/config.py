@@ -118,17 +118,22 @@ class LoraConfig:
     # gaussian = PEFT's and diffusers' init_lora_weights="gaussian" (std 1/rank); keras = Keras'
     # enable_lora (he_uniform, 2.45x kaiming's spread; what runs before this key used).
     init: Literal["kaiming", "gaussian", "keras"] = "kaiming"
+    # lora: W + s B A. dora (Liu et al. 2024, PEFT's use_dora): m * (W + s B A) / ||W + s B A||,
+    # the norm per output channel and held constant in the gradient, m (one number per output
+    # channel, starting at W's norms) trained beside A and B; the same targets, rank and alpha.
+    type: Literal["lora", "dora"] = "lora"
 
     def to_meta(self) -> dict[str, str]:
         """What a LoRA file's metadata says of this section (safetensors metadata are strings)."""
         return {"rank": str(self.rank), "alpha": repr(float(self.alpha)),
-                "targets": json.dumps(list(self.targets))}
+                "targets": json.dumps(list(self.targets)), "type": self.type}
 
     @classmethod
     def from_meta(cls, meta: dict[str, str]) -> LoraConfig:
-        """The rank, alpha and targets a LoRA file was made with (:meth:`to_meta`'s inverse)."""
+        """The rank, alpha, targets and type a LoRA file was made with (:meth:`to_meta`'s
+        inverse); files written before DoRA have no type and are plain LoRA."""
         return cls(rank=int(meta["rank"]), alpha=float(meta["alpha"]),
-                   targets=json.loads(meta["targets"]))
+                   targets=json.loads(meta["targets"]), type=meta.get("type", "lora"))
 
 
 @dataclass

@@ -47,6 +47,45 @@ def lora_dense(x, kernel, a, b, scale: float, bias=None):
     return y
 
 
+def column_norm(kernel):
+    """The L2 norm of each output channel of a Keras kernel (in, out): over axis 0, in float32.
+
+    PEFT's DoRA takes ``torch.linalg.norm(W, dim=1)`` of torch's (out, in) weight: the same
+    numbers, one per output channel. Float32 whatever the compute dtype: the ratio m / norm is
+    near 1, and its difference from 1 is what DoRA learns.
+    """
+    w = ops.cast(kernel, "float32")
+    return ops.sqrt(ops.sum(ops.square(w), axis=0))
+
+
+def lora_kernel(kernel, a, b, scale: float):
+    """``W + scale A B`` in float32: the kernel whose column norms DoRA divides by."""
+    return ops.cast(kernel, "float32") + ops.cast(scale, "float32") * ops.matmul(
+        ops.cast(a, "float32"), ops.cast(b, "float32"))
+
+
+def dora_dense(x, kernel, a, b, scale: float, magnitude, bias=None, merged: bool = False):
+    """DoRA (Liu et al. 2024) as PEFT's ``DoraLinearLayer`` computes it:
+    ``m / ||W + s A B|| * (x W + s (x A) B) + b``, the norm per output channel and held constant
+    in the gradient (PEFT's ``weight_norm.detach()``, the paper's section 4.3), so A and B get
+    LoRA's gradient scaled by m / norm and m gets the gradient of that scale.
+
+    ``merged``: ``x (m / norm * (W + s A B)) + b``, the same function through one merged kernel
+    (Keras' ``enable_lora`` form). Either way ``W + s A B`` is formed for the norm, under
+    ``stop_gradient``, so no weight gradient of W is taken in the separate form.
+    """
+    dtype = x.dtype
+    full = lora_kernel(kernel, a, b, scale)
+    factor = ops.cast(magnitude, "float32") / ops.stop_gradient(column_norm(full))
+    if merged:
+        y = ops.matmul(x, ops.cast(full * factor, dtype))
+    else:
+        y = lora_dense(x, kernel, a, b, scale) * ops.cast(factor, dtype)
+    if bias is not None:
+        y = y + ops.cast(bias, dtype)
+    return y
+
+
 def multi_head_attention(q, k, v, num_heads: int, head_size: int, scale: float):
     """softmax(q k^T * scale) v per head, for (batch, tokens, heads * head_size) inputs.
 
@@ -83,6 +122,57 @@ def use_lora_form(dense, form: str = "separate") -> None:
         dense.call = types.MethodType(_lora_branch_call, dense)
     else:
         dense.__dict__.pop("call", None)
+
+
+def _dora_call(self, inputs, training=None):
+    x = dora_dense(inputs, self._kernel, self.lora_kernel_a, self.lora_kernel_b,
+                   self.lora_alpha / self.lora_rank, self.dora_magnitude, self.bias,
+                   merged=self.dora_form == "merged")
+    return x if self.activation is None else self.activation(x)
+
+
+def enable_dora(dense, form: str = "separate") -> None:
+    """Turn an ``enable_lora``'d Dense into DoRA: add its magnitude ``dora_magnitude`` (one
+    trainable float32 number per output channel, starting at the column norms of
+    ``W + s A B``, as PEFT starts it: W's norms while B is zero) and compute it as
+    :func:`dora_dense` in ``form``.
+
+    Keras has no DoRA; A and B stay ``enable_lora``'s (names, initialisers, float32, W frozen),
+    only the magnitude and the forward computation are ours. The magnitude is added as
+    ``enable_lora`` adds A and B (unlocking the built layer's tracker for it). It starts as
+    the very norm the forward pass divides by, so enabling DoRA leaves the output as it was.
+    """
+    if form not in LORA_FORMS:
+        raise ValueError(f"DoRA form {form!r}: use one of {', '.join(LORA_FORMS)}")
+    if not getattr(dense, "lora_enabled", False):
+        raise ValueError(f"{dense.name}: enable LoRA on it first (Dense.enable_lora)")
+    if getattr(dense, "quantization_mode", None):
+        raise ValueError(f"{dense.name}: DoRA is for float kernels, not quantized ones")
+    if hasattr(dense, "dora_magnitude"):
+        raise ValueError(f"{dense.name}: DoRA is already enabled")
+    dense._tracker.unlock()
+    try:
+        dense.dora_magnitude = dense.add_weight(
+            name="dora_magnitude", shape=(int(dense._kernel.shape[1]),), initializer="ones",
+            dtype="float32", autocast=False)
+    finally:
+        dense._tracker.lock()
+    reset_dora_magnitude(dense)
+    dense.dora_form = form
+    dense.call = types.MethodType(_dora_call, dense)
+
+
+def reset_dora_magnitude(dense) -> None:
+    """Set the magnitude to the column norms of ``W + s A B`` now: the DoRA that computes
+    exactly the plain LoRA of its A and B (at the start, and for a DoRA run started from a
+    LoRA checkpoint)."""
+    dense.dora_magnitude.assign(column_norm(lora_kernel(
+        dense._kernel, dense.lora_kernel_a, dense.lora_kernel_b,
+        dense.lora_alpha / dense.lora_rank)))
+
+
+def is_dora(dense) -> bool:
+    return hasattr(dense, "dora_magnitude")
 
 
 def use_attention(layer, mode: str = "fused") -> None:

@@ -17,6 +17,11 @@ A checkpoint imported from kohya or diffusers (``scripts/convert.py import-lora`
 text-encoder layers, ``te{i:02d}.{q_proj,k_proj,v_proj,out_proj,fc1,fc2}`` for the i-th layer of
 KerasCV's ``TextEncoder``, and per-layer alphas (metadata ``layer_alpha``); generation and merging
 apply those too, training does not train them.
+
+DoRA (``lora.type: dora``, PEFT's ``use_dora``) is LoRA plus one magnitude per output channel
+(:func:`fashion_sd.sd.attention.enable_dora`): the checkpoint then also holds
+``<layer>.dora_m`` (out,) and says ``type: dora`` in its metadata; merging folds
+``m * (W + s A B) / ||W + s A B||`` (per output channel) into the kernel.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 
 from fashion_sd.config import LoraConfig
 from fashion_sd.sd import lora_file
-from fashion_sd.sd.attention import use_lora_form
+from fashion_sd.sd.attention import enable_dora, is_dora, reset_dora_magnitude, use_lora_form
 from fashion_sd.sd.lora_file import PROJECTIONS, LoraError, is_text_encoder_layer, layer_scale
 from fashion_sd.sd.text_encoder import CLIPEncoderLayer
 from fashion_sd.sd.unet import SpatialTransformer
@@ -58,9 +63,18 @@ def select(projections: dict[str, keras.layers.Dense], targets: Iterable[str]):
     return {k: v for k, v in projections.items() if any(lora_file.matches(k, t) for t in targets)}
 
 
-def lora_parameter_count(layers: dict[str, keras.layers.Dense], rank: int) -> int:
-    """rank * (fan_in + fan_out) per projection: the size of A (in x r) plus B (r x out)."""
-    return sum(rank * (int(d.kernel.shape[0]) + int(d.kernel.shape[1])) for d in layers.values())
+def lora_parameter_count(layers: dict[str, keras.layers.Dense], rank: int,
+                         dora: bool = False) -> int:
+    """rank * (fan_in + fan_out) per projection: the size of A (in x r) plus B (r x out); with
+    ``dora``, plus DoRA's magnitude (fan_out)."""
+    return sum(rank * (int(d.kernel.shape[0]) + int(d.kernel.shape[1]))
+               + (int(d.kernel.shape[1]) if dora else 0) for d in layers.values())
+
+
+def lora_variables(layers: dict[str, keras.layers.Dense]) -> list:
+    """Every trained variable of these layers, in checkpoint order: A, B (and DoRA's m) each."""
+    return [v for layer in layers.values() for v in (
+        layer.lora_kernel_a, layer.lora_kernel_b, *([layer.dora_magnitude] if is_dora(layer) else []))]
 
 
 LORA_INITS = ("kaiming", "gaussian", "keras")
@@ -94,6 +108,7 @@ def apply_lora(model: keras.Model, spec: LoraConfig):
 
     ``spec.form``: ``separate`` computes ``x W + s (x A) B`` (no weight gradient for the frozen
     W), ``merged`` Keras' ``x (W + s A B)``; the same variables and the same function.
+    ``spec.type: dora`` adds DoRA's magnitude per layer (:func:`enable_dora`), in that form.
     Load base weights before this: Keras' legacy .h5 loading counts variables per layer.
     Returns the LoRA layers by name. Raises if anything else would train (checked by count).
     """
@@ -106,8 +121,11 @@ def apply_lora(model: keras.Model, spec: LoraConfig):
     for layer in layers.values():
         layer.enable_lora(spec.rank, lora_alpha=spec.alpha,
                           a_initializer=a_initializer(spec.init, spec.rank))
-        use_lora_form(layer, spec.form)
-    expected = lora_parameter_count(layers, spec.rank)
+        if spec.type == "dora":
+            enable_dora(layer, spec.form)
+        else:
+            use_lora_form(layer, spec.form)
+    expected = lora_parameter_count(layers, spec.rank, dora=spec.type == "dora")
     got = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
     if got != expected:  # would mean Keras changed what enable_lora freezes
         raise RuntimeError(f"{got} trainable parameters after enabling LoRA, expected {expected}")
@@ -115,17 +133,55 @@ def apply_lora(model: keras.Model, spec: LoraConfig):
 
 
 def lora_state(layers: dict[str, keras.layers.Dense]) -> dict[str, np.ndarray]:
+    """``{layer}.lora_a``, ``.lora_b`` (and DoRA's ``.dora_m``) of every layer, as float32."""
     state = {}
     for key, layer in layers.items():
         state[f"{key}.lora_a"] = np.asarray(layer.lora_kernel_a.numpy(), np.float32)
         state[f"{key}.lora_b"] = np.asarray(layer.lora_kernel_b.numpy(), np.float32)
+        if is_dora(layer):
+            state[f"{key}.dora_m"] = np.asarray(layer.dora_magnitude.numpy(), np.float32)
     return state
+
+
+def set_lora_state(layers: dict[str, keras.layers.Dense], tensors: dict[str, np.ndarray],
+                   prefix: str = "", name: str = "LoRA", magnitude: bool = True) -> None:
+    """Assign what :func:`lora_state` returned (keys under ``prefix``, e.g. a train state's
+    ``lora/``) to ``layers``: every tensor checked against its variable's shape first, so a
+    mismatch assigns nothing. ``magnitude=False``: A and B only (DoRA's m left as it is)."""
+    pairs = []
+    for key, layer in layers.items():
+        variables = {"lora_a": layer.lora_kernel_a, "lora_b": layer.lora_kernel_b}
+        if is_dora(layer) and magnitude:
+            variables["dora_m"] = layer.dora_magnitude
+        for suffix, var in variables.items():
+            value = tensors.get(f"{prefix}{key}.{suffix}")
+            if value is None:
+                raise LoraError(f"{name}: {key}.{suffix} is missing"
+                                + (" (a LoRA file for a DoRA model? set lora.type: lora)"
+                                   if suffix == "dora_m" else ""))
+            if tuple(value.shape) != tuple(var.shape):
+                raise LoraError(f"{name}: {key}.{suffix} has shape {value.shape}, the model "
+                                f"expects {tuple(var.shape)} (another base model?)")
+            pairs.append((var, value))
+    for var, value in pairs:
+        var.assign(value)
+
+
+def layers_type(layers: dict[str, keras.layers.Dense]) -> str:
+    """``dora`` when every layer is DoRA, ``lora`` when none is (a mix is an error)."""
+    kinds = {is_dora(layer) for layer in layers.values()}
+    if len(kinds) > 1:
+        raise LoraError("some LoRA layers are DoRA and some are not; use one lora.type")
+    return "dora" if kinds == {True} else "lora"
 
 
 def save_lora(path: str | Path, layers: dict[str, keras.layers.Dense], spec: LoraConfig,
               **metadata) -> Path:
-    """Write the LoRA matrices and their metadata (``spec``'s rank, alpha, targets and
-    ``metadata``) to a safetensors file, atomically."""
+    """Write the LoRA matrices and their metadata (``spec``'s rank, alpha, targets, type and
+    ``metadata``) to a safetensors file, atomically. The type is the layers' own."""
+    kind = layers_type(layers)
+    if spec.type != kind:
+        raise LoraError(f"lora.type is {spec.type}, the layers are {kind}")
     meta = {**spec.to_meta(), "layers": json.dumps(sorted(layers))}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     return lora_file.write(path, lora_state(layers), meta)
@@ -134,11 +190,22 @@ def save_lora(path: str | Path, layers: dict[str, keras.layers.Dense], spec: Lor
 def load_lora(path: str | Path, layers: dict[str, keras.layers.Dense]) -> dict[str, str]:
     """Set the LoRA matrices of ``layers`` (LoRA enabled) from a checkpoint; returns its metadata.
 
-    The checkpoint's rank and layer set must equal the model's: a mismatch is an error that
-    names both, never a partial load.
+    The checkpoint's rank, type (LoRA or DoRA) and layer set must equal the model's: a mismatch
+    is an error that names both, never a partial load.
     """
     tensors, meta = lora_file.read(path, fits_model=False)
     spec = LoraConfig.from_meta(meta)
+    kind = layers_type(layers)
+    if spec.type != kind:
+        raise LoraError(f"{path}: a {spec.type.upper()} checkpoint, the model's layers are "
+                        f"{kind.upper()}; set lora.type: {spec.type}")
+    _check_fits(path, spec, tensors, layers)
+    set_lora_state(layers, tensors, name=str(path))
+    return meta
+
+
+def _check_fits(path, spec: LoraConfig, tensors: dict, layers: dict) -> None:
+    """The checkpoint's rank and layer set are the model's, or a LoraError naming both."""
     rank, targets = spec.rank, spec.targets
     model_ranks = {layer.lora_rank for layer in layers.values()}
     if model_ranks != {rank}:
@@ -153,14 +220,6 @@ def load_lora(path: str | Path, layers: dict[str, keras.layers.Dense]) -> dict[s
             f"{len(layers)} LoRA layers; set lora.targets: {json.dumps(targets)}"
             + (f"; only in the file: {', '.join(extra[:4])}" if extra else "")
             + (f"; only in the model: {', '.join(missing[:4])}" if missing else ""))
-    for key, layer in layers.items():
-        for name, var in (("lora_a", layer.lora_kernel_a), ("lora_b", layer.lora_kernel_b)):
-            value = tensors[f"{key}.{name}"]
-            if tuple(value.shape) != tuple(var.shape):
-                raise LoraError(f"{path}: {key}.{name} has shape {value.shape}, the model "
-                                f"expects {tuple(var.shape)} (another base model?)")
-            var.assign(value)
-    return meta
 
 
 TEXT_ENCODER_PROJECTIONS = {"q_proj": ("clip_attn", "q_proj"), "k_proj": ("clip_attn", "k_proj"),
@@ -184,7 +243,7 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 def apply_text_encoder_lora(text_encoder: keras.Model, spec: LoraConfig):
     """Freeze the text encoder and train LoRA on its attention's q/k/v/out (``lora.text_encoder``),
-    at ``spec``'s rank, alpha and init, as :func:`apply_lora` does for the U-Net. Returns the layers by
+    at ``spec``'s rank, alpha, init and type, as :func:`apply_lora` does for the U-Net. Returns the layers by
     name (``te{i:02d}.q_proj``, ...): the names imported LoRAs use, so checkpoints, merging, the
     app and export handle them as they are.
 
@@ -202,7 +261,9 @@ def apply_text_encoder_lora(text_encoder: keras.Model, spec: LoraConfig):
     for layer in layers.values():
         layer.enable_lora(spec.rank, lora_alpha=spec.alpha,
                           a_initializer=a_initializer(spec.init, spec.rank))
-    expected = lora_parameter_count(layers, spec.rank)
+        if spec.type == "dora":
+            enable_dora(layer, "merged")
+    expected = lora_parameter_count(layers, spec.rank, dora=spec.type == "dora")
     got = sum(int(np.prod(v.shape)) for v in text_encoder.trainable_weights)
     if got != expected:
         raise RuntimeError(f"{got} trainable text-encoder parameters, expected {expected}")
@@ -215,6 +276,8 @@ def lora_deltas(path: str | Path, model: keras.Model, text_encoder: keras.Model 
     Returns ``[(kernel variable, alpha / rank * A @ B)]`` and the checkpoint's metadata, after
     checking every layer and shape, so a caller can apply them at any strength and undo them.
     Text-encoder layers (imported LoRAs) change ``text_encoder``, which must then be given.
+    A DoRA's change depends on the kernel (:func:`dora_delta`); it is taken from the base
+    kernel, also while a :class:`LoraSwap` has changed it.
     """
     tensors, meta = lora_file.read(path, fits_model=False)
     keys = sorted({k.rsplit(".", 1)[0] for k in tensors})
@@ -233,12 +296,23 @@ def lora_deltas(path: str | Path, model: keras.Model, text_encoder: keras.Model 
         if layer.lora_enabled:
             raise LoraError("merging folds into plain kernels; build the model without LoRA")
         a, b = tensors[f"{key}.lora_a"], tensors[f"{key}.lora_b"]
-        delta = a.astype(np.float64) @ b
+        delta = layer_scale(meta, key, a.shape[1]) * (a.astype(np.float64) @ b)
         if delta.shape != tuple(layer.kernel.shape):
             raise LoraError(f"{path}: {key} is {delta.shape[0]}x{delta.shape[1]}, the model's "
                             f"kernel is {tuple(layer.kernel.shape)} (made for another base model?)")
-        out.append((layer.kernel, layer_scale(meta, key, a.shape[1]) * delta))
+        if f"{key}.dora_m" in tensors:
+            delta = dora_delta(_base_value(layer.kernel), delta, tensors[f"{key}.dora_m"])
+        out.append((layer.kernel, delta))
     return out, meta
+
+
+def dora_delta(base: np.ndarray, lora_delta: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    """``m * (W + D) / ||W + D|| - W`` in float64, the norm per output channel (axis 0 of a
+    Keras kernel): what a DoRA adds to the kernel W whose LoRA change is D, so that it folds
+    (:func:`folded`) as a LoRA does. At strength t the kernel is ``W + t * this``, as ComfyUI
+    applies a DoRA at a strength."""
+    full = base.astype(np.float64) + lora_delta
+    return full * (magnitude.astype(np.float64) / np.linalg.norm(full, axis=0)) - base
 
 
 def folded(base: np.ndarray, delta: np.ndarray, strength: float = 1.0) -> np.ndarray:
@@ -263,12 +337,34 @@ def merge_lora(model: keras.Model, path: str | Path, strength: float = 1.0,
 
 def init_from(path: str | Path, layers: dict[str, keras.layers.Dense],
               spec: LoraConfig) -> dict[str, str]:
-    """Start training from a LoRA checkpoint (``lora.init_from``): its A and B become the start."""
-    lora_file.check_init_from(path, spec.rank, spec.alpha)
+    """Start training from a LoRA checkpoint (``lora.init_from``): its A and B (and a DoRA's m)
+    become the start. A DoRA run may start from a plain LoRA: its A and B, and m the column
+    norms of ``W + s A B``, so it starts computing exactly that LoRA (as PEFT would start
+    DoRA on those weights). A LoRA run cannot start from a DoRA (m has no LoRA form)."""
+    meta = lora_file.check_init_from(path, spec.rank, spec.alpha, spec.type)
+    kind = LoraConfig.from_meta(meta).type
     try:
+        if kind == "lora" and layers_type(layers) == "dora":
+            tensors, meta = lora_file.read(path, fits_model=False)
+            _check_fits(path, LoraConfig.from_meta(meta), tensors, layers)
+            set_lora_state(layers, tensors, name=str(path), magnitude=False)
+            for layer in layers.values():
+                reset_dora_magnitude(layer)
+            return meta
         return load_lora(path, layers)
     except LoraError as exc:
         raise LoraError(f"lora.init_from: {exc}") from None
+
+
+# The base value of every kernel a LoraSwap has changed now, by id(variable): a DoRA's change
+# depends on the kernel it is folded into (dora_delta), and the app computes the next file's
+# changes while the previous file is applied.
+_SWAPPED: dict[int, np.ndarray] = {}
+
+
+def _base_value(var) -> np.ndarray:
+    """A kernel's value without the LoRA a :class:`LoraSwap` may have folded into it."""
+    return _SWAPPED[id(var)] if id(var) in _SWAPPED else var.numpy()
 
 
 class LoraSwap:
@@ -286,9 +382,11 @@ class LoraSwap:
         for var, delta in deltas:
             base = var.numpy()
             self._base[id(var)] = (var, base)
+            _SWAPPED[id(var)] = base
             var.assign(folded(base, delta, strength))
 
     def reset(self) -> None:
-        for var, base in self._base.values():
+        for key, (var, base) in self._base.items():
             var.assign(base)
+            _SWAPPED.pop(key, None)
         self._base.clear()

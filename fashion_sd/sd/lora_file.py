@@ -7,6 +7,10 @@ checks, training, inference and interop (the safetensors format under it is
   built) and its values (a NaN would turn every image black);
 - :func:`read` / :func:`write`: its tensors and metadata as numpy arrays and strings.
 
+Per layer: ``LAYER.lora_a`` (in, r) and ``LAYER.lora_b`` (r, out); a DoRA (metadata ``type:
+dora``) also ``LAYER.dora_m`` (out,), its magnitude per output channel. Metadata: ``rank``,
+``alpha``, ``targets``, ``type`` (absent in files from before DoRA: ``lora``).
+
 numpy and the standard library only: a bad LoRA flag costs milliseconds, never TensorFlow.
 Layer names follow :mod:`fashion_sd.sd.lora`: ``st{i:02d}.attn{1,2}.{to_q,to_k,to_v,out_proj}`` for
 the i-th SpatialTransformer of KerasCV's ``DiffusionModel`` (in its layer order) and
@@ -38,6 +42,7 @@ from fashion_sd.safetensors_file import (
 
 FORMAT = "fashion-sd-lora"
 FORMAT_VERSION = "1"
+TYPES = ("lora", "dora")
 
 
 class LoraError(FashionSDError, ValueError):
@@ -125,11 +130,16 @@ def check(path, name: str = "LoRA", *, unet_only: bool = False, fits_model: bool
     layers = sorted({k.rsplit(".", 1)[0] for k in tensors})
     if not layers:
         raise LoraError(f"{name} {p}: holds no LoRA layers")
+    dora = lora_type(name, p, meta) == "dora"
+    suffixes = (".lora_a", ".lora_b", ".dora_m") if dora else (".lora_a", ".lora_b")
     for key, entry in sorted(tensors.items()):
-        if not key.endswith((".lora_a", ".lora_b")):
+        if key.endswith(".dora_m") and not dora:
+            raise LoraError(f"{name} {p}: holds DoRA's magnitude {key!r} but its metadata says "
+                            f"type {meta.get('type', 'lora')!r}, not 'dora' (corrupt file)")
+        if not key.endswith(suffixes):
             raise LoraError(f"{name} {p}: holds tensor {key!r}; a fashion-sd LoRA holds only "
-                            "LAYER.lora_a and LAYER.lora_b (corrupt, or another format: import "
-                            "it with `fashion-sd convert import-lora`)")
+                            "LAYER.lora_a and LAYER.lora_b (and a DoRA LAYER.dora_m; corrupt, "
+                            "or another format: import it with `fashion-sd convert import-lora`)")
         if entry["dtype"] not in FLOAT_DTYPES:
             raise LoraError(f"{name} {p}: {key} holds {entry['dtype']} numbers; a LoRA's "
                             f"matrices are floats ({', '.join(FLOAT_DTYPES)})")
@@ -156,6 +166,10 @@ def check(path, name: str = "LoRA", *, unet_only: bool = False, fits_model: bool
                 f"needs A ({fan_in}, r) and B (r, {fan_out}) (made for another model, e.g. "
                 "SDXL or SD 2.x?); use a LoRA trained on SD 1.x")
         ranks.add(a_shape[1])
+        m = tensors.get(f"{layer}.dora_m")
+        if dora and (m is None or tuple(m["shape"]) != (fan_out,)):
+            raise LoraError(f"{name} {p}: DoRA layer {layer} needs dora_m of shape ({fan_out},), "
+                            f"it has {'none' if m is None else tuple(m['shape'])} (corrupt file)")
     rank = _lora_meta(name, p, meta)
     if rank != ranks and "layer_alpha" not in meta:
         raise LoraError(f"{name} {p}: metadata says rank {meta['rank']}, its tensors have rank "
@@ -166,6 +180,15 @@ def check(path, name: str = "LoRA", *, unet_only: bool = False, fits_model: bool
                          "would come out black. The training diverged before this checkpoint "
                          "was written; use an earlier one")
     return meta
+
+
+def lora_type(name: str, p: Path, meta: dict[str, str]) -> str:
+    """The file's ``type``: ``lora`` (also when absent: files from before DoRA) or ``dora``."""
+    kind = meta.get("type", "lora")
+    if kind not in TYPES:
+        raise LoraError(f"{name} {p}: metadata type {kind[:40]!r} is neither of "
+                        f"{', '.join(TYPES)} (corrupt file, or a newer fashion-sd's)")
+    return kind
 
 
 def _lora_meta(name: str, p: Path, meta: dict[str, str]) -> set[int]:
@@ -256,11 +279,16 @@ def layer_alpha(meta: dict[str, str], key: str) -> float:
     return float(per_layer.get(key, meta["alpha"]))
 
 
-def check_init_from(path, rank: int, alpha: float) -> dict[str, str]:
-    """Why ``lora.init_from`` cannot start a run of ``rank`` and ``alpha``, as a LoraError;
-    else the file's metadata. Rank and alpha must be the run's own, or training would continue
-    a different function than the file describes; text-encoder layers cannot be trained here."""
+def check_init_from(path, rank: int, alpha: float, lora_type: str | None = None) -> dict[str, str]:
+    """Why ``lora.init_from`` cannot start a run of ``rank`` and ``alpha`` (and ``lora_type``,
+    when given), as a LoraError; else the file's metadata. Rank and alpha must be the run's own,
+    or training would continue a different function than the file describes; text-encoder
+    layers cannot be trained here. A DoRA run may start from a plain LoRA (its magnitude then
+    starts where that LoRA is), a LoRA run not from a DoRA."""
     meta = check(path, "lora.init_from", unet_only=True, fits_model=False)
+    if lora_type == "lora" and meta.get("type") == "dora":
+        raise LoraError(f"lora.init_from: {path} is a DoRA, the run has lora.type lora; set "
+                        "lora.type: dora")
     tensors, _ = safetensors_header(path)
     ranks = {int(v["shape"][1]) for k, v in tensors.items() if k.endswith(".lora_a")}
     if ranks != {rank}:

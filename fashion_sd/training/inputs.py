@@ -171,7 +171,8 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
     init_meta = None
     if cfg.lora.init_from and not resume:  # checked now; loaded once the LoRA layers exist
         try:
-            init_meta = lora_file.check_init_from(cfg.lora.init_from, cfg.lora.rank, cfg.lora.alpha)
+            init_meta = lora_file.check_init_from(cfg.lora.init_from, cfg.lora.rank, cfg.lora.alpha,
+                                                  cfg.lora.type)
         except lora_file.LoraError as exc:
             raise TrainingError(str(exc)) from None
     if cfg.train.eval_every:

@@ -326,7 +326,7 @@ class TrainingRun:
                                   text_encoder=comps.text_encoder if te_layers else None,
                                   mask_background=t.mask_background_weight,
                                   mask_normalize=t.mask_normalize)
-            te_vars = [v for d in te_layers.values() for v in (d.lora_kernel_a, d.lora_kernel_b)]
+            te_vars = lora.lora_variables(te_layers)  # A, B (and DoRA's m) at text_encoder_lr
             trainer.compile(optimizer=make_optimizer(
                 t, max(1, total // t.grad_accum), s.machine.precision,
                 s.machine.replicas, te_vars), jit_compile=s.machine.jit)
@@ -376,7 +376,8 @@ class TrainingRun:
             print(f"EMA of the LoRA weights (diffusers' EMAModel: decay min({t.ema_decay:g}, "
                   "(1 + k) / (10 + k)) after optimizer step k): "
                   f"checkpoints hold it, their raw weights go to {s.run.checkpoints / 'raw'}")
-        trainable = lora.lora_parameter_count(layers, cfg.lora.rank)
+        trainable = lora.lora_parameter_count(layers, cfg.lora.rank,
+                                              dora=cfg.lora.type == "dora")
         print(f"trainable LoRA parameters: {trainable:,} "
               f"({len(layers)} projections, rank {cfg.lora.rank})")
         return layers, te_layers, trainable

@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from fashion_sd.config import TrainConfig
 from fashion_sd.errors import BackendError
 from fashion_sd.files import atomic_path
-from fashion_sd.sd.lora import lora_state
+from fashion_sd.sd.lora import lora_state, set_lora_state
 from fashion_sd.safetensors_file import safetensors_header
 from fashion_sd.sd import diffusion
 
@@ -365,14 +365,12 @@ def load_train_state(path: str | Path, trainer: LoraTrainer, lora_layers: dict) 
     with safe_open(str(path), "numpy") as fh:
         info = json.loads(fh.metadata()["info"])
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    for key, layer in lora_layers.items():
-        layer.lora_kernel_a.assign(tensors[f"lora/{key}.lora_a"])
-        layer.lora_kernel_b.assign(tensors[f"lora/{key}.lora_b"])
+    set_lora_state(lora_layers, tensors, prefix="lora/", name=str(path))  # DoRA's m too
     store = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("optimizer/")}
     if len(store) != len(trainer.optimizer.variables):
         raise ValueError(f"{path}: the saved optimizer has {len(store)} variables, this one has "
                          f"{len(trainer.optimizer.variables)}: different LoRA targets, rank, "
-                         "train.grad_accum, train.ema_decay or precision than the run that wrote it")
+                         "train.grad_accum, train.ema_decay, lora.type or precision than the run that wrote it")
     trainer.optimizer.load_own_variables(store)
     trainer.skipped_steps.assign(tensors["trainer/skipped_steps"])
     # train states written before overflow counting began have no such counter

@@ -216,7 +216,7 @@ def test_missing_alpha_means_alpha_equals_rank(tmp_path):
       "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": np.zeros((320, 2, 1, 1), np.float32)},
      r"convolution LoRA \(LoCon\) on lora_unet_down_blocks_0_resnets_0_conv1"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": np.zeros((2, 2), np.float32)},
-     r"LyCORIS/DoRA tensors \(lora_unet_down_blocks_0_attentions_0_proj_in\.hada_w1_a"),
+     r"LyCORIS tensors \(lora_unet_down_blocks_0_attentions_0_proj_in\.hada_w1_a"),
     ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2.lora_down.weight": np.zeros((2, 1280), np.float32),
       "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2.lora_up.weight": np.zeros((320, 2), np.float32)},
      r"1 LoRA modules fashion-sd cannot apply: lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2"),

@@ -204,7 +204,7 @@ def test_ema_moves_once_per_optimizer_step_under_accumulation():
 
 OPTIONS = ["train.snr_gamma=5", "train.noise_offset=0.05", "train.caption_dropout=0.2",
            "train.ema_decay=0.999", "lora.init=gaussian", "train.mask_background_weight=0.1",
-           "train.mask_normalize=true"]
+           "train.mask_normalize=true", "lora.type=dora"]
 
 
 def test_all_options_on_resume_bit_exact(tmp_path, demo_captions, encoder_cache, build):  # noqa: F811
@@ -212,6 +212,9 @@ def test_all_options_on_resume_bit_exact(tmp_path, demo_captions, encoder_cache,
     assert straight["options"] == {"snr_gamma": 5.0, "noise_offset": 0.05, "caption_dropout": 0.2,
                                    "ema_decay": 0.999, "mask_background_weight": 0.1,
                                    "mask_normalize": True}
+    # DoRA: a magnitude per output channel beside A and B, in the checkpoint and the train state
+    last = load_file(str(tmp_path / "straight/checkpoints/last.lora.safetensors"))
+    assert any(k.endswith(".dora_m") for k in last)
     # the bundled photos: a garment on a plain background, masked; counted in run.json
     rows = len(pd.read_csv(demo_captions))
     assert straight["masks"]["photos"] == rows and straight["masks"]["masked"] >= rows - 8
