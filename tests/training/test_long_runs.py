@@ -179,7 +179,8 @@ def test_the_cache_checks_free_space_before_encoding(tmp_path, monkeypatch):
     assert computed == []  # refused before encoding anything
 
 
-def test_the_train_command_exits_with_the_signals_code(monkeypatch, capsys):
+def test_the_train_command_exits_with_the_signals_code(monkeypatch, capsys, tmp_path,
+                                                       demo_captions):
     from fashion_sd.commands import train as command
 
     def interrupted(cfg, **kw):
@@ -187,7 +188,10 @@ def test_the_train_command_exits_with_the_signals_code(monkeypatch, capsys):
                                       "continue with: fashion-sd train --config X --resume", 130)
 
     monkeypatch.setattr(run, "train", interrupted)
-    assert command.main(["--config", str(ROOT / "configs/demo.yaml")]) == 130
+    # inputs that pass the checks made before Keras loads (a fresh clone has no runs/demo)
+    assert command.main(["--config", str(ROOT / "configs/demo.yaml"), "--set",
+                         f"data.captions={demo_captions}", "--set",
+                         f"output.dir={tmp_path / 'run'}"]) == 130
     assert "continue with: fashion-sd train" in capsys.readouterr().err
 
 
