@@ -109,15 +109,20 @@ def _lora_branch_call(self, inputs, training=None):
     return x if self.activation is None else self.activation(x)
 
 
-def use_lora_form(dense, form: str = "separate") -> None:
-    """Compute an ``enable_lora``'d Dense as a separate branch (``separate``) or as Keras' merged
-    kernel (``merged``)."""
+def _check_lora_dense(dense, form: str, what: str) -> None:
+    """A float Dense with Keras' LoRA enabled, and a known form: what both computations need."""
     if form not in LORA_FORMS:
-        raise ValueError(f"LoRA form {form!r}: use one of {', '.join(LORA_FORMS)}")
+        raise ValueError(f"{what} form {form!r}: use one of {', '.join(LORA_FORMS)}")
     if not getattr(dense, "lora_enabled", False):
         raise ValueError(f"{dense.name}: enable LoRA on it first (Dense.enable_lora)")
     if getattr(dense, "quantization_mode", None):
-        raise ValueError(f"{dense.name}: the LoRA branch is for float kernels, not quantized ones")
+        raise ValueError(f"{dense.name}: {what} is for float kernels, not quantized ones")
+
+
+def use_lora_form(dense, form: str = "separate") -> None:
+    """Compute an ``enable_lora``'d Dense as a separate branch (``separate``) or as Keras' merged
+    kernel (``merged``)."""
+    _check_lora_dense(dense, form, "LoRA")
     if form == "separate":
         dense.call = types.MethodType(_lora_branch_call, dense)
     else:
@@ -142,12 +147,7 @@ def enable_dora(dense, form: str = "separate") -> None:
     ``enable_lora`` adds A and B (unlocking the built layer's tracker for it). It starts as
     the very norm the forward pass divides by, so enabling DoRA leaves the output as it was.
     """
-    if form not in LORA_FORMS:
-        raise ValueError(f"DoRA form {form!r}: use one of {', '.join(LORA_FORMS)}")
-    if not getattr(dense, "lora_enabled", False):
-        raise ValueError(f"{dense.name}: enable LoRA on it first (Dense.enable_lora)")
-    if getattr(dense, "quantization_mode", None):
-        raise ValueError(f"{dense.name}: DoRA is for float kernels, not quantized ones")
+    _check_lora_dense(dense, form, "DoRA")
     if hasattr(dense, "dora_magnitude"):
         raise ValueError(f"{dense.name}: DoRA is already enabled")
     dense._tracker.unlock()
