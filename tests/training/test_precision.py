@@ -313,3 +313,24 @@ def test_sampler_loop_gets_float32_from_a_bf16_unet():
     got = ddim.denoise(predict, noise, contexts, steps=3, on_step=lambda *a: steps.append(a))
     assert np.dtype("float32") not in set(outputs)  # what the loop was handed
     assert np.asarray(got).dtype == np.float32 and steps == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_the_masked_loss_trains_under_float16_loss_scaling_as_in_float32():
+    """One step with train.mask_background_weight=0 under mixed_float16's loss scaling moves the
+    LoRA as the float32 step does, and not as the unmasked step does."""
+    rng = np.random.default_rng(7)
+    plain = next(iter(batches(n=4, batch=4)))
+    masked = {**plain, "mask": tf.constant((rng.random((4, 8, 8, 1)) > 0.5).astype("float32"))}
+
+    def step(precision, data, background):
+        with policy(precision):
+            t, layers = make(precision=precision)
+            t.mask_background = background
+            before = snapshot(layers)
+            t.fit(tf.data.Dataset.from_tensors(data), epochs=1, steps_per_epoch=1, verbose=0)
+            return np.concatenate([(v - before[k]).ravel() for k, v in snapshot(layers).items()])
+
+    cos = lambda a, b: float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))  # noqa: E731
+    f32, f16 = step("float32", masked, 0.0), step("mixed_float16", masked, 0.0)
+    unmasked = step("float32", plain, None)
+    assert cos(f32, f16) > 0.99 and cos(f32, unmasked) < cos(f32, f16)
