@@ -2,8 +2,9 @@
 numerics on features of the real sizes (CLIP ViT-L/14: 768, DINOv2 ViT-L/14: 1,024, Inception:
 2,048), with eval.bootstrap's resamples, and with ``--networks`` the forward passes that make
 the features (random-init ViT-L/14s at their real size, timed on a few images and scaled to N:
-said so in the output). Wall time and peak traced memory (tracemalloc: numpy's buffers) of each,
-measured in one run on this machine.
+said so in the output). Wall time and peak traced memory (tracemalloc: numpy's buffers) of
+each numeric step, and for the networks the process's peak RSS, measured in one run on this
+machine.
 
     python benchmarks/distances.py [--images 1000] [--bootstrap 20] [--networks]
 """
@@ -36,6 +37,14 @@ def measure(fn) -> tuple[float, float]:
     return seconds, peak
 
 
+def rss_mb() -> float:
+    """The process's peak resident memory so far (TensorFlow's and JAX's buffers are not
+    traced): for the networks, each row includes the ones before it."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def numerics(n: int, n_boot: int, rng) -> list[tuple[str, float, float]]:
     clip = [rng.standard_normal((n, 768)) for _ in range(2)]
     dino = [rng.standard_normal((n, 1024)) + s for s in (0.0, 0.1)]
@@ -66,18 +75,18 @@ def networks(n: int, sample: int = 8) -> list[tuple[str, float, float]]:
     keras.utils.set_random_seed(0)
     judge = clip.ClipModel("random", clip.random_clip("clip-vit-large-patch14"), True)
     judge.embed_images(images[:2])  # traced once, as a scoring does before its first model
-    seconds, peak = measure(lambda: judge.embed_images(images))
+    seconds, _ = measure(lambda: judge.embed_images(images))
     rows.append((f"CLIP ViT-L/14 image embeddings (x{n / sample:g} of {sample})",
-                 seconds * n / sample, peak))
+                 seconds * n / sample, rss_mb()))
     backbone = dinov2._keras_hub().models.DINOV2Backbone(
         patch_size=14, num_layers=24, hidden_dim=1024, num_heads=16, intermediate_dim=4096,
         image_shape=(224, 224, 3), position_embedding_shape=(518, 518, 3))
     model = dinov2.DinoV2("random", backbone, dinov2.class_token_model(backbone), 224,
                           "dgm-eval", "dinov2")
     dinov2.features(images[:2], model)
-    seconds, peak = measure(lambda: dinov2.features(images, model))
+    seconds, _ = measure(lambda: dinov2.features(images, model))
     rows.append((f"DINOv2 ViT-L/14 features (x{n / sample:g} of {sample})",
-                 seconds * n / sample, peak))
+                 seconds * n / sample, rss_mb()))
     return rows
 
 
@@ -93,7 +102,7 @@ def main() -> int:
     rows = numerics(args.images, args.bootstrap, np.random.default_rng(0))
     if args.networks:
         rows += networks(args.images)
-    print(f"{'what':48s} {'seconds':>9s} {'peak MB':>9s}")
+    print(f"{'what':48s} {'seconds':>9s} {'peak MB':>9s}  (networks: process peak RSS)")
     for name, seconds, peak in rows:
         print(f"{name:48s} {seconds:9.2f} {peak:9.0f}")
     return 0
