@@ -49,6 +49,18 @@ def load_dinov2(spec: str):
 
 
 @dataclass
+class Networks:
+    """What the images go through: Inception, CLIP for CMMD, DINOv2 for FD-DINOv2 and PRDC, each
+    with why it is off where it is (tests pass small ones)."""
+
+    extractor: object  # Inception (evaluation/inception.py)
+    clip: object = None  # a ClipModel (evaluation/clip.py)
+    clip_note: str = ""
+    dinov2: object = None  # a DinoV2 (evaluation/dinov2.py)
+    dinov2_note: str = ""
+
+
+@dataclass
 class RealSet:
     """The real images a scoring compares with: their paths (the cache key), how to load them
     (the same loader as the generated images' size), where caches go, and their Inception
@@ -75,11 +87,12 @@ class RealSet:
 class DistanceColumns:
     """One scoring's distances beside FID and KID, against one real set."""
 
-    def __init__(self, real: RealSet, clip=None, clip_note: str = "", dino=None,
-                 dino_note: str = "", n_boot: int = 20, seed: int = 0):
+    def __init__(self, real: RealSet, networks: Networks, n_boot: int = 20, seed: int = 0):
+        clip, dino = networks.clip, networks.dinov2
         self.real, self.clip, self.dino = real, clip, dino
-        self.off = {"cmmd": f"CMMD off: {clip_note or 'no CLIP judge'}" if clip is None else "",
-                    "dinov2": f"FD-DINOv2 off: {dino_note}" if dino is None else ""}
+        self.off = {"cmmd": f"CMMD off: {networks.clip_note or 'no CLIP judge'}"
+                    if clip is None else "",
+                    "dinov2": f"FD-DINOv2 off: {networks.dinov2_note}" if dino is None else ""}
         self.n_boot, self.seed = n_boot, seed
         self._real_clip = self._real_dino = None
 

@@ -40,7 +40,12 @@ from fashion_sd.evaluation.fid import (
     stats_key,
     warn_if_biased,
 )
-from fashion_sd.evaluation.distance_columns import DistanceColumns, RealSet, load_dinov2
+from fashion_sd.evaluation.distance_columns import (
+    DistanceColumns,
+    Networks,
+    RealSet,
+    load_dinov2,
+)
 from fashion_sd.evaluation.judge import SUMMARY, load_judge, summarise
 from fashion_sd.images import load_image
 from fashion_sd.rundir import SCORES_GRID as GRID
@@ -424,8 +429,8 @@ class Scorer:
                     load_dinov2(cfg.eval.dinov2)
             real = RealSet(self.plan.real_paths, lambda p: load_image(p, cfg.data.resolution),
                            Path(cfg.data.cache_dir), cfg.data.resolution, self.real["features"])
-            self._distances = DistanceColumns(real, judge.clip, self.clip_note, dino, dino_note,
-                                              cfg.eval.bootstrap, cfg.seed)
+            networks = Networks(self.extractor, judge.clip, self.clip_note, dino, dino_note)
+            self._distances = DistanceColumns(real, networks, cfg.eval.bootstrap, cfg.seed)
         return self._distances
 
     def score(self, sampler, name: str, meta: dict, weights_id: str) -> dict:

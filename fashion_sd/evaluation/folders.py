@@ -14,13 +14,12 @@ compared with itself scores 0 whatever its sizes. One row per generated folder i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fashion_sd.evaluation.distance_columns import DistanceColumns, RealSet, load_dinov2
+from fashion_sd.evaluation.distance_columns import DistanceColumns, Networks, RealSet, load_dinov2
 from fashion_sd.evaluation.distances import frechet_distance_of_features
 from fashion_sd.evaluation.fid import cached_stats, kid, kid_subset_size, stats_key
 from fashion_sd.images import EXTENSIONS, header_problem, load_image
@@ -47,17 +46,6 @@ def image_files(folder: Path, flag: str) -> list[Path]:
         raise InputError(f"{flag} {folder}: {len(files)} image(s) (.jpg, .jpeg, .png); "
                          "a distance needs at least 2 in each folder")
     return files
-
-
-@dataclass
-class Networks:
-    """What a comparison runs the images through (tests pass small ones)."""
-
-    extractor: object  # Inception (evaluation/inception.py)
-    clip: object = None  # a ClipModel, for CMMD
-    clip_note: str = ""
-    dinov2: object = None  # a DinoV2, for FD-DINOv2 and PRDC
-    dinov2_note: str = ""
 
 
 def load_networks(cfg) -> Networks:
@@ -92,8 +80,7 @@ def compare_folders(cfg, generated: list[Path], real: Path, out: Path, networks:
                                   lambda: _features(ex, real_files, load, progress))
         real_set = RealSet(real_files, load, Path(cfg.data.cache_dir), size,
                            real_stats["features"])
-        columns = DistanceColumns(real_set, networks.clip, networks.clip_note, networks.dinov2,
-                                  networks.dinov2_note, cfg.eval.bootstrap, cfg.seed)
+        columns = DistanceColumns(real_set, networks, cfg.eval.bootstrap, cfg.seed)
         rows = [_row(cfg, folder, files, real_stats, columns, networks, load, progress)
                 for folder, files in sets.items()]
     table = pd.DataFrame(rows, columns=COLUMNS)
