@@ -57,3 +57,21 @@ def check_spec(spec: str, key: str = "eval.clip") -> None:
             raise ClipUnavailable(f"{key}: {spec}: no .safetensors weights in {folder} (a "
                                   "pytorch_model.bin is not read: it needs torch); download "
                                   "model.safetensors too")
+
+
+def check_dinov2_spec(spec: str, key: str = "eval.dinov2") -> None:
+    """``eval.dinov2`` before any work: auto, none, a transformers folder that holds a
+    config.json, or a Hub name (OWNER/NAME, fetched when used)."""
+    if spec in ("auto", "none"):
+        return
+    target = spec.split(":", 1)[1] if spec.startswith("hf:") else ""
+    folder = Path(target).expanduser()
+    looks_like_path = target.startswith(("/", ".", "~")) or target.count("/") != 1
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ClipUnavailable(f"{key}: {spec}: no config.json in {folder}; give the folder "
+                                  "transformers' Dinov2Model.save_pretrained wrote")
+    elif folder.exists() or (target and looks_like_path) or not target:
+        raise ClipUnavailable(f"{key}: {spec}: no such folder; give hf:DIR (a transformers "
+                              "Dinov2Model folder), hf:OWNER/NAME, auto or none")
+

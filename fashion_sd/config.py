@@ -682,8 +682,8 @@ def _check_train(c: _Checks, cfg: Config) -> None:
 
 def _check_eval(c: _Checks, cfg: Config) -> None:
     """The eval and output sections, and integer ranges over the whole config."""
-    c.need(cfg.eval.num_images is None or cfg.eval.num_images > 0, "eval.num_images",
-         "must be > 0 or null")
+    c.need(cfg.eval.num_images is None or cfg.eval.num_images >= 2, "eval.num_images",
+         "must be >= 2 (a distance compares sets) or null")
     for key in ("steps", "batch_size", "kid_subsets", "kid_subset_size"):
         c.need(getattr(cfg.eval, key) >= 1, f"eval.{key}", "must be >= 1")
     c.need(cfg.eval.steps <= 1000, "eval.steps", "must be from 1 to 1000 (50 is the paper's)")
@@ -710,8 +710,8 @@ def _check_eval(c: _Checks, cfg: Config) -> None:
          or (cfg.eval.dinov2.startswith("hf:") and len(cfg.eval.dinov2) > 3),
          "eval.dinov2", "must be auto, none, hf:DIR (a transformers Dinov2Model folder) or "
          "hf:OWNER/NAME")
-    c.need(0 <= cfg.eval.bootstrap <= 10_000, "eval.bootstrap",
-         "must be from 0 (none) to 10000 resamples")
+    c.need(cfg.eval.bootstrap == 0 or 2 <= cfg.eval.bootstrap <= 10_000, "eval.bootstrap",
+         "must be 0 (none) or from 2 to 10000 resamples")
     c.need(bool(cfg.output.dir), "output.dir", "must not be empty")
     c.need(len(set(cfg.output.export)) == len(cfg.output.export), "output.export",
          "must not repeat a format")

@@ -254,6 +254,8 @@ def load_mask(path: str | Path, resolution, alpha: bool = False) -> np.ndarray |
             if im.mode not in ("RGBA", "LA") and not (im.mode == "P" and "transparency" in im.info):
                 return None
             grey = im.convert("RGBA").getchannel("A")
+            if grey.getextrema()[0] == 255:  # opaque everywhere: an export tool's, not a mask
+                return None
         else:
             grey = im.convert("L")
     padded = ImageOps.pad(grey, image_size(resolution), method=Image.Resampling.BILINEAR, color=0)

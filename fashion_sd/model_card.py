@@ -45,6 +45,7 @@ from fashion_sd.rundir import (
     checkpoint_name,
     export_path,
 )
+from fashion_sd.runlock import RunFolderBusy, RunLock
 from fashion_sd.safetensors_file import safetensors_header
 
 log = logging.getLogger(__name__)
@@ -483,7 +484,8 @@ def _training(facts: Facts) -> str:
               f"{train.get('batch_size', '?')} / {train.get('epochs', '?')}"),
              ("precision, backend", f"{r.get('precision', '?')}, {r.get('backend', '?')}"),
              ("options", ", ".join(f"{k}: {v}" for k, v in (r.get("options") or {}).items()
-                                   if v not in (None, 0, 0.0, False)) or "none"),
+                                   if v is not None and v is not False
+                                   and (v != 0 or k == "mask_background_weight")) or "none"),
              ("trainable parameters", _show(r.get("trainable_parameters"))),
              ("skipped steps", _show(r.get("skipped_steps")))]
     return head + "From the run's `run.json` and `config.yaml`.\n\n" + "\n".join(
@@ -601,7 +603,13 @@ def refresh_cards(eval_folder: str | Path) -> list[Path]:
     if eval_folder.name != run.eval.name or run_of(run.best) is None:
         return []
     try:
-        return write_cards(run)
+        # A run still training holds the folder's lock; its RunWriter writes the cards at its
+        # end (with these scores): the folder stays its writer's.
+        with RunLock(run.lock_file, run.root):
+            return write_cards(run)
+    except RunFolderBusy:
+        log.info("%s is in use by a live run: its cards are written when it ends", run.root)
+        return []
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.warning("the model cards of %s were not written: %s: %s", run.checkpoints,
                     type(exc).__name__, exc)

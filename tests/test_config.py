@@ -1,5 +1,6 @@
 import pytest
 import yaml
+from conftest import ROOT
 
 from fashion_sd.config import (
     Config,
@@ -206,3 +207,21 @@ def test_the_edges_of_each_range_are_accepted():
                              "train.sample_guidance=100", "eval.guidance=0", "lora.rank=1024",
                              "lora.alpha=65536", "train.min_loss_scale=32768", "eval.steps=1000"])
     assert cfg.seed == 2**32 - 1 and cfg.lora.alpha == 65536
+
+
+def test_a_run_begun_before_a_key_existed_resumes_with_its_default(tmp_path):
+    """config.yaml of a run from before lora.type, the masks, eval.dinov2 and eval.bootstrap:
+    those keys ran as their defaults, so --resume with today's defaults is the same run."""
+    import yaml
+
+    from fashion_sd.training.inputs import TrainingError, check_resume_config
+
+    cfg = load_config(ROOT / "configs/demo.yaml")
+    old = cfg.to_dict()
+    del old["lora"]["type"], old["train"]["mask_normalize"], old["eval"]["dinov2"]
+    del old["eval"]["bootstrap"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_resume_config(tmp_path / "config.yaml", cfg)
+    with pytest.raises(TrainingError, match="lora.type: was 'lora', now 'dora'"):
+        check_resume_config(tmp_path / "config.yaml", load_config(
+            ROOT / "configs/demo.yaml", ["lora.type=dora"]))

@@ -356,9 +356,14 @@ def read_captions(path: str | Path) -> pd.DataFrame:
     if len(empty):
         raise CaptionError(f"{path}: line {int(empty[0]) + 2}: empty caption ({len(empty)} such "
                            "row(s)); fix it or rebuild the file with scripts/build_captions.py")
-    if url:  # relative image paths are relative to the CSV's folder there too
-        df["image_path"] = [p if not p or remote.is_remote(p)
-                            else remote.join(posixpath.dirname(url), p) for p in df.image_path]
-    else:
-        df["image_path"] = [str((path.parent / p).resolve()) if p else "" for p in df.image_path]
+    # relative image paths (and masks, train.mask_background_weight) are the CSV's folder's
+    for column in ("image_path", "mask"):
+        if column not in df.columns:
+            continue
+        values = [p if isinstance(p, str) else "" for p in df[column]]
+        if url:
+            df[column] = [p if not p or remote.is_remote(p)
+                          else remote.join(posixpath.dirname(url), p) for p in values]
+        else:
+            df[column] = [str((path.parent / p).resolve()) if p else "" for p in values]
     return df

@@ -35,7 +35,7 @@ from fashion_sd import preflight
 from fashion_sd.backends import require_tensorflow
 from fashion_sd.config import ConfigError, add_config_arguments, config_from_args
 from fashion_sd.errors import reported
-from fashion_sd.clip_spec import check_spec
+from fashion_sd.clip_spec import check_dinov2_spec, check_spec
 from fashion_sd.evaluation.evaluate import (
     Parts,
     Scope,
@@ -54,11 +54,12 @@ from fashion_sd.sd import lora_file
 
 def compare(args) -> int:
     """Each ``--images`` folder against the ``--real`` one (evaluation/folders.py)."""
-    if args.captions or not args.out:
+    if args.captions or not args.out or not args.images:
         raise preflight.InputError("--real compares folders: --images DIR [DIR ...] --real DIR "
                                    "--out DIR (no --captions: that judges garments)")
     cfg = config_from_args(args)
     check_spec(cfg.eval.clip)
+    check_dinov2_spec(cfg.eval.dinov2)
     real = preflight.input_folder("--real", args.real, "image folder")
     generated = [preflight.input_folder("--images", f, "image folder") for f in args.images]
     out = preflight.output_folder("--out", args.out)
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     require_tensorflow("evaluate")
     make_plan(cfg, args.split or cfg.eval.split, args.num_images)
     check_spec(cfg.eval.clip)
+    check_dinov2_spec(cfg.eval.dinov2)
     table = evaluate(cfg, args.checkpoints, args.include_base, args.force,
                      Scope(args.split, args.num_images, args.out), Parts(progress=tqdm_progress))
     out = Path(args.out) if args.out else RunDir(cfg.output.dir).eval

@@ -12,6 +12,7 @@ preprocessing).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -29,6 +30,20 @@ COLUMNS = ["fid_se", "cmmd", "cmmd_se", "fd_dinov2", "fd_dinov2_se", "precision"
            "inception_density", "inception_coverage", "dinov2_model", "notes"]
 PRDC = ("precision", "recall", "density", "coverage")
 LABELS = {"fid": "FID", "cmmd": "CMMD", "fd_dinov2": "FD-DINOv2"}
+
+
+def weights_digest(model) -> str:
+    """A short id of a network's weights (its first and last arrays): a model's name is its
+    folder's, which two folders, or new weights in one, may share; the real set's cached
+    embeddings must not be reused for other weights."""
+    if model is None or not getattr(model, "weights", None):
+        return "-"
+    import keras  # noqa: PLC0415 - the networks are Keras models
+
+    h = hashlib.sha256()
+    for w in (model.weights[0], model.weights[-1]):
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    return h.hexdigest()[:12]
 
 
 def load_dinov2(spec: str):
@@ -99,7 +114,8 @@ class DistanceColumns:
     @property
     def real_clip(self) -> np.ndarray:
         if self._real_clip is None:
-            self._real_clip = self.real.embed(f"clip:{self.clip.label}", "clip-image-embeddings",
+            name = f"clip:{self.clip.label}:{weights_digest(getattr(self.clip, 'model', None))}"
+            self._real_clip = self.real.embed(name, "clip-image-embeddings",
                                               self.clip.embed_images)
         return self._real_clip
 
@@ -108,8 +124,9 @@ class DistanceColumns:
         if self._real_dino is None:
             from fashion_sd.evaluation import dinov2  # noqa: PLC0415
 
+            name = f"dinov2:{self.dino.name}:{weights_digest(self.dino.backbone)}"
             self._real_dino = self.real.embed(
-                f"dinov2:{self.dino.name}", self.dino.preprocessing,
+                name, self.dino.preprocessing,
                 lambda images: dinov2.features(images, self.dino))
         return self._real_dino
 

@@ -135,12 +135,14 @@ def summary(table: pd.DataFrame, real: Path) -> str:
                      f"{_num(r.kid_mean * 1e3, '{:.4g}')} | {pm('cmmd', '{:.3f}')} | "
                      f"{pm('fd_dinov2')} | {prdc[0]} | {prdc[1]} |")
     first = table.iloc[0]
-    notes = [f"{int(first.n_real)} real images; every image loaded at {first.size} px (padded "
+    dino = first.dinov2_model if isinstance(first.dinov2_model, str) else "off"
+    notes = [f"{int(first.n_real)} real images; every image loaded at {first['size']} px (padded "
              f"to a square on its own background). Inception: {first.backend}, protocol "
              f"{first.protocol}"
              + ("" if str(first.comparable) in ("True", "true") else
                 " (NOT the published FID network: these FIDs compare only with each other)")
-             + f". CMMD: {first.clip_model or 'off'}. DINOv2: {first.dinov2_model or 'off'}.",
+             + f". CMMD: {first.clip_model if isinstance(first.clip_model, str) else 'off'}. "
+             f"DINOv2: {dino}.",
              "± is the bootstrap standard error over resampled images (eval.bootstrap)."]
     notes += sorted({part for text in table.notes.dropna().astype(str)
                      for part in text.split("; ") if part})

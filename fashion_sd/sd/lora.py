@@ -359,12 +359,14 @@ def init_from(path: str | Path, layers: dict[str, keras.layers.Dense],
 # The base value of every kernel a LoraSwap has changed now, by id(variable): a DoRA's change
 # depends on the kernel it is folded into (dora_delta), and the app computes the next file's
 # changes while the previous file is applied.
-_SWAPPED: dict[int, np.ndarray] = {}
+_SWAPPED: dict[int, tuple] = {}  # id -> (the variable, its base value)
 
 
 def _base_value(var) -> np.ndarray:
     """A kernel's value without the LoRA a :class:`LoraSwap` may have folded into it."""
-    return _SWAPPED[id(var)] if id(var) in _SWAPPED else var.numpy()
+    entry = _SWAPPED.get(id(var))
+    # the variable itself is kept and compared: an id may be reused by a later model's kernel
+    return entry[1] if entry is not None and entry[0] is var else var.numpy()
 
 
 class LoraSwap:
@@ -382,7 +384,7 @@ class LoraSwap:
         for var, delta in deltas:
             base = var.numpy()
             self._base[id(var)] = (var, base)
-            _SWAPPED[id(var)] = base
+            _SWAPPED[id(var)] = (var, base)
             var.assign(folded(base, delta, strength))
 
     def reset(self) -> None:

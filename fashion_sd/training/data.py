@@ -197,15 +197,15 @@ def encode_dataset(table, comps, cfg: DataConfig, progress=None, text_cache: boo
     mask_cache = _masks(table, cfg, on_write, progress if n_shards > 1 else None) if masks else None
     splits = {name: np.flatnonzero((table.split == name).to_numpy()) for name in ("train", "val", "test")}
     return EncodedData(moments, contexts, np.array([index[c] for c in table.caption]), splits,
-                       index[""], tokens, mask_cache, _describe(mask_cache))
+                       index[""], tokens, mask_cache, _describe(mask_cache, splits["train"]))
 
 
-def _describe(mask_cache) -> dict | None:
+def _describe(mask_cache, train_rows) -> dict | None:
     if mask_cache is None:
         return None
     from fashion_sd.training import masks  # noqa: PLC0415
 
-    return masks.describe(mask_cache)
+    return masks.describe(mask_cache, train_rows)
 
 
 def _masks(table, cfg: DataConfig, on_write, progress):
@@ -213,8 +213,8 @@ def _masks(table, cfg: DataConfig, on_write, progress):
     from fashion_sd.training import masks  # noqa: PLC0415 - scipy's morphology, only with masks
 
     paths = table.image_path.tolist()
-    mask_paths = (table["mask"].replace("", None).tolist() if "mask" in table.columns
-                  else [None] * len(paths))
+    mask_paths = ([m if isinstance(m, str) and m else None for m in table["mask"]]
+                  if "mask" in table.columns else [None] * len(paths))
     w, h = image_size(cfg.resolution)
     # No weights make a mask: the "weights" slot names how masks are made instead.
     key = cache_key("masks", f"masks-v{masks.MASK_VERSION}",

@@ -18,7 +18,7 @@ import yaml
 
 from fashion_sd import backends, images, preflight, remote
 from fashion_sd.catalogue.captions import read_captions
-from fashion_sd.clip_spec import check_spec
+from fashion_sd.clip_spec import check_dinov2_spec, check_spec
 from fashion_sd.config import Config
 from fashion_sd.errors import BackendError, FashionSDError
 from fashion_sd.evaluation.evaluate import make_plan
@@ -56,6 +56,10 @@ def check_resume_config(saved: Path, cfg: Config) -> None:
     old = _flat(_load_yaml(saved))
     # Runs written before lora.init existed drew A as Keras does (he_uniform).
     old.setdefault("lora.init", "keras")
+    # A key added since the run began (lora.type, the masks, eval.dinov2, ...) ran as its
+    # default, which leaves the run as it was.
+    for key, value in _flat(Config().to_dict()).items():
+        old.setdefault(key, value)
     new = _flat(cfg.to_dict())
     diffs = [f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
@@ -184,6 +188,7 @@ def check_inputs(cfg: Config, run: RunDir, resume: bool, fresh: bool = False,
                                "TensorFlow afterwards")
         make_plan(cfg, cfg.eval.split, cfg.train.eval_images)  # the split it scores is not empty
         check_spec(cfg.eval.clip)
+        check_dinov2_spec(cfg.eval.dinov2)
     source = weight_files.resolve_weights(cfg.model.weights, cache_dir=cfg.model.cache_dir, seed=cfg.seed)
     return Inputs(table, n_train, int((table.split == "val").sum()), source, init_meta)
 

@@ -84,15 +84,17 @@ def latent_masks(paths: list[str], resolution, mask_paths=None) -> tuple[np.ndar
     return np.stack(out) if out else np.zeros((0, 2, 0, 0), np.float32), sources
 
 
-def describe(masks: np.ndarray) -> dict:
-    """What a run's masks hold, for run.json and the log: photos masked (some weight below 1),
-    unmasked (weight 1 everywhere), and the garment's mean share of the frame where masked."""
-    n, masked, share = len(masks), 0, 0.0
+def describe(masks: np.ndarray, rows=None) -> dict:
+    """What a run's masks hold, for run.json and the log: of ``rows`` (the train split; all by
+    default), photos masked (some weight below 1), unmasked (weight 1 everywhere), and the
+    garment's mean share of the frame where masked (None when none is)."""
+    rows_all = np.arange(len(masks)) if rows is None else np.asarray(rows)
+    n, masked, share = len(rows_all), 0, 0.0
     for start in range(0, n, 4096):  # a memory-mapped cache, a chunk of rows at a time
-        rows = np.arange(start, min(n, start + 4096))
+        rows = rows_all[start: start + 4096]
         flat = np.asarray(masks[rows, np.zeros_like(rows)], np.float32).reshape(len(rows), -1)
         some = flat.min(axis=1) < 1
         masked += int(some.sum())
         share += float(flat[some].mean(axis=1).sum())
     return {"photos": int(n), "masked": masked, "unmasked": int(n - masked),
-            "garment_share": round(share / masked, 4) if masked else float("nan")}
+            "garment_share": round(share / masked, 4) if masked else None}

@@ -348,10 +348,12 @@ class TrainingRun:
                                       on_write=cache.push if cache and s.machine.chief else None,
                                       masks=cfg.train.mask_background_weight is not None)
         if (m := encoded.mask_summary) is not None:
+            share = (f", the garment {m['garment_share']:.0%} of their frame on average"
+                     if m["garment_share"] is not None else "")
             print(f"loss masks (train.mask_background_weight="
-                  f"{cfg.train.mask_background_weight:g}): {m['masked']} of {m['photos']} photos "
-                  f"masked, the garment {m['garment_share']:.0%} of their frame on average; "
-                  f"{m['unmasked']} unmasked (no plain background: weight 1 everywhere)")
+                  f"{cfg.train.mask_background_weight:g}): {m['masked']} of {m['photos']} "
+                  f"training photos masked{share}; {m['unmasked']} unmasked (weight 1 "
+                  "everywhere: no plain background, or a mask of all garment)")
         return encoded
 
     def _lora(self, s: Setting, comps) -> tuple[dict, dict, int]:

@@ -92,3 +92,28 @@ def test_the_latent_grid_averages_each_cell():
     m = np.zeros((16, 16), np.float32)
     m[:8, :4] = 1
     np.testing.assert_array_equal(masks.to_latent_grid(m), [[0.5, 0], [0, 0]])
+
+
+def test_an_opaque_alpha_channel_is_no_mask(tmp_path):
+    photo = next(DEMO.glob("*.jpg"))
+    rgb = load_image(photo, None)
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]), "RGBA").save(
+        tmp_path / "opaque.png")
+    _, source = masks.photo_mask(str(tmp_path / "opaque.png"), 64)
+    assert source == "auto"  # the plain background, not an all-garment alpha
+
+
+def test_a_mask_column_with_empty_cells_masks_the_rest_automatically(tmp_path):
+    import pandas as pd
+
+    from fashion_sd.config import DataConfig
+    from fashion_sd.training import data
+
+    photos = [str(p) for p in sorted(DEMO.glob("*.jpg"))[:2]]
+    Image.fromarray(np.full((80, 60), 255, np.uint8)).save(tmp_path / "all.png")
+    table = pd.DataFrame({"image_path": photos, "mask": [str(tmp_path / "all.png"), ""]})
+    made = data._masks(table, DataConfig(cache_dir=str(tmp_path / "cache"), resolution=64),
+                       None, None)
+    first, second = np.asarray(made[np.array([0, 1]), np.array([0, 0])])
+    assert first.min() > 0.99 or first[:, 1:-1].min() > 0.99  # the file's (padding at the sides)
+    np.testing.assert_array_equal(second, masks.latent_masks(photos[1:], 64)[0][0, 0])

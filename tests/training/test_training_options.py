@@ -216,7 +216,7 @@ def test_all_options_on_resume_bit_exact(tmp_path, demo_captions, encoder_cache,
     last = load_file(str(tmp_path / "straight/checkpoints/last.lora.safetensors"))
     assert any(k.endswith(".dora_m") for k in last)
     # the bundled photos: a garment on a plain background, masked; counted in run.json
-    rows = len(pd.read_csv(demo_captions))
+    rows = straight["train_images"]  # the training photos'
     assert straight["masks"]["photos"] == rows and straight["masks"]["masked"] >= rows - 8
     assert 0.1 < straight["masks"]["garment_share"] < 0.9
     train(config(tmp_path, demo_captions, encoder_cache, *OPTIONS, "train.max_steps=5",
