@@ -24,7 +24,8 @@ def test_a_worker_that_is_not_the_chief_writes_nothing(tmp_path):
              "save_checkpoint": ("last", None, {}, None, {}, ("kohya",)),
              "prune": ([run.epoch_checkpoint(1)], 0), "save_train_state": (None, {}, {}),
              "end_epoch": ([{"epoch": 1}], "label", None, {}, {}),
-             "write_samples": (run.samples_at_epoch(1), [], "label", "title", [0])}
+             "write_samples": (run.samples_at_epoch(1), [], "label", "title", [0]),
+             "write_cards": ()}
     writing = {name for name, fn in inspect.getmembers(RunWriter, inspect.isfunction)
                if not name.startswith("_")} - {"push", "lock", "tensorboard"}
     assert writing == set(calls)  # a new writing method is added here too
