@@ -64,9 +64,9 @@ def photo_mask(path: str, resolution, mask_path: str | None = None) -> tuple[np.
     alpha = load_mask(path, resolution, alpha=True)
     if alpha is not None:
         return alpha, "alpha"
-    found = garment_mask(load_image(path, resolution))
+    image = load_image(path, resolution)  # decoded once, whichever way the mask is made
+    found = garment_mask(image)
     if found is None:
-        image = load_image(path, resolution)
         return np.ones(image.shape[:2], np.float32), "none"
     return found.astype(np.float32), "auto"
 
